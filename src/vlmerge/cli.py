@@ -115,6 +115,15 @@ def _results(cfg: Config, args: argparse.Namespace) -> None:
         print(f"results compact: {name}: {files} file(s) -> 1, {rows} rows")
 
 
+def _analyze(cfg: Config, args: argparse.Namespace) -> None:
+    from analysis import analyze
+
+    results = [Path(r) for r in args.results] or [cfg.results_dir]
+    out = Path(args.out) if args.out else cfg.report_dir
+    report = analyze(results, out, cfg.analysis, runs=[Path(r) for r in args.runs] if args.runs else None)
+    print(f"analyze: report {report}")
+
+
 def _merge(args: argparse.Namespace) -> None:
     from vlmerge.merge.core import merge_to_disk
 
@@ -213,6 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     stage("pipeline", _pipeline, "every stage in order on this machine (the demo world first if the config uses it)")
     stage("results", _results, "consolidate the sweep's result files, without duplicates", actions=("compact",))
+
+    p = stage("analyze", _analyze, "offline: results → tables, correlations, figures and one HTML report (no torch)")
+    p.add_argument("--results", action="append", default=[], metavar="DIR",
+                   help="results/<experiment> or a folder of them (repeatable; default: the config's)")
+    p.add_argument("--out", help="folder for the report (default: reports/<experiment> under the output root)")
+    p.add_argument("--runs", action="append", default=[], metavar="DIR",
+                   help="runs/<experiment> for the training curves (default: the one beside each results folder)")
 
     p = sub.add_parser("merge", help="merge a text and a multimodal model at one or more alphas (streamed)")
     p.add_argument("--text", required=True, help="the text-only model (HF directory with safetensors)")

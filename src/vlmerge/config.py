@@ -188,6 +188,21 @@ class EvalConfig(_Section):
     batch_size: int = Field(64, ge=1)
 
 
+class AnalysisConfig(_Section):
+    """Offline analysis: the metric that scores each task, and what "keeps grounding" means."""
+
+    text_tasks: dict[str, str] = Field(
+        {"blimp": "accuracy", "blimp_supplement": "accuracy", "ewok": "accuracy", "perplexity": "logprob_per_token"},
+        description="language tasks (the text twin's strength) -> the metric that scores them")
+    multimodal_tasks: dict[str, str] = Field(
+        {"winoground": "unpaired_accuracy", "vqa": "accuracy"},
+        description="grounding tasks (the multimodal twin's strength) -> the metric that scores them")
+    tolerance: float = Field(0.02, ge=0, description="best alpha: the largest multimodal drop allowed (score units)")
+    alpha: float = Field(0.5, description="the alpha of the distance-against-drop figures")
+    bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of the per-item scores (0: no intervals)")
+    seed: int = 0
+
+
 class Config(_Section):
     experiment: str = "demo"
     paths: PathsConfig = PathsConfig()
@@ -202,6 +217,7 @@ class Config(_Section):
     runs: RunsConfig = RunsConfig()
     sweep: SweepConfig = SweepConfig()
     eval: EvalConfig = EvalConfig()
+    analysis: AnalysisConfig = AnalysisConfig()
 
     @property
     def root(self) -> Path:
@@ -210,6 +226,16 @@ class Config(_Section):
     def run_dir(self, name: str) -> Path:
         """`runs/<experiment>/<name>` under the output root."""
         return self.root / "runs" / self.experiment / name
+
+    @property
+    def results_dir(self) -> Path:
+        """`results/<experiment>`: the sweep's metrics/, items/ and distances/ datasets."""
+        return self.root / "results" / self.experiment
+
+    @property
+    def report_dir(self) -> Path:
+        """`reports/<experiment>`: the analysis's tables, figures and report."""
+        return self.root / "reports" / self.experiment
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -28,6 +28,11 @@ RESULTS_SCHEMA = pa.schema(MODEL_FIELDS + [
 ITEMS_SCHEMA = pa.schema(MODEL_FIELDS + [
     ("task", pa.string()), ("subtask", pa.string()), ("example_id", pa.string()), ("value", pa.float64()),
 ])
+DISTANCES_SCHEMA = pa.schema([
+    ("experiment", pa.string()), ("text_run", pa.string()), ("mm_run", pa.string()), ("text_words", pa.int64()),
+    ("mm_words", pa.int64()), ("space", pa.string()), ("scope", pa.string()), ("metric", pa.string()),
+    ("value", pa.float64()),
+])
 
 
 def checkpoint_run(path: Path) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 
 from vlmerge.io import atomic_path
 from vlmerge.merge.io import ModelDir, check_compatible
-from vlmerge.results import checkpoint_run
+from vlmerge.results import DISTANCES_SCHEMA, checkpoint_run
 
 METRICS = ("l2", "cosine", "ssd", "tssd")
 TSSD_K = 0.5
@@ -165,4 +165,4 @@ def distance_rows(text: ModelDir, mm: ModelDir, base: ModelDir | None, *, per_la
 
 def write_parquet(frame: pd.DataFrame, path: Path) -> None:
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+        pq.write_table(pa.Table.from_pandas(frame, schema=DISTANCES_SCHEMA, preserve_index=False), tmp)

@@ -1,0 +1,136 @@
+"""Read the sweep's datasets (metrics, items, distances) and the runs' training logs.
+
+One results folder is `results/<experiment>` with `metrics/`, `items/` and `distances/` inside
+(DESIGN.md, "Results"); a folder that holds several such folders (`results/`) stands for all of
+them. Files that are not results (a foreign or empty Parquet) are left out with a note; a folder
+without any Parquet file is an error. Rows are deduplicated on their key (the newest wins), as
+`vlmerge.results.read_results` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vlmerge.errors import VlmergeError
+from vlmerge.results import DISTANCES_SCHEMA, ITEMS_SCHEMA, KEY, RESULTS_SCHEMA
+
+# A model is named by these columns; a merged pair by the same without alpha.
+MODEL = ["experiment", "method", "method_params", "text_run", "mm_run", "text_words", "mm_words", "alpha"]
+PAIR = MODEL[:-1]
+CHECKPOINT_PAIR = ["experiment", "text_run", "mm_run", "text_words", "mm_words"]
+NO_WORDS = -1  # words seen of the side a twin's row does not have (null in the Parquet)
+
+DATASETS = {"metrics": RESULTS_SCHEMA, "items": ITEMS_SCHEMA, "distances": DISTANCES_SCHEMA}
+DEDUPE = {"metrics": [c for c in KEY if c != "item_id"], "items": [*PAIR, "alpha", "task", "example_id"],
+          "distances": [*CHECKPOINT_PAIR, "space", "scope", "metric"]}
+
+
+@dataclasses.dataclass
+class Results:
+    """The datasets of one or more experiments, and notes on what was left out."""
+
+    metrics: pd.DataFrame
+    items: pd.DataFrame
+    distances: pd.DataFrame
+    training: pd.DataFrame  # run, experiment, words, loss (one row per logged step)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+def experiment_folders(path: Path) -> list[Path]:
+    """`path` itself when it holds a `metrics/` folder, else its subfolders that do."""
+    if not path.is_dir():
+        raise VlmergeError(f"--results {path}: not a folder")
+    if (path / "metrics").is_dir():
+        return [path]
+    found = sorted(p for p in path.iterdir() if (p / "metrics").is_dir())
+    if not found:
+        raise VlmergeError(f"--results {path}: expected a results folder with metrics/ inside "
+                           "(results/<experiment>), or a folder of such folders")
+    return found
+
+
+def read_dataset(files: Sequence[Path], name: str, notes: list[str]) -> pd.DataFrame:
+    """Every readable file of one dataset as one frame; foreign and unreadable files become notes."""
+    schema = DATASETS[name]
+    frames = []
+    for f in files:
+        try:
+            columns = set(pq.read_schema(f).names)
+            missing = [c for c in schema.names if c not in columns and c != "item_id"]
+            if missing:
+                notes.append(f"{f}: not a {name} file (missing columns: {', '.join(missing)}); left out")
+                continue
+            table = pq.read_table(f, columns=[c for c in schema.names if c in columns])
+        except (pa.ArrowInvalid, OSError) as e:
+            notes.append(f"{f}: not a readable Parquet file ({str(e).splitlines()[0]}); left out")
+            continue
+        if table.num_rows == 0:
+            notes.append(f"{f}: empty; left out")
+            continue
+        frames.append(table.to_pandas())
+    if not frames:
+        return _normalise(schema.empty_table().to_pandas())
+    frame = _normalise(pd.concat(frames, ignore_index=True))
+    if "created_at" in frame:
+        frame = frame.sort_values("created_at", kind="stable")
+    return frame.drop_duplicates(DEDUPE[name], keep="last").reset_index(drop=True)
+
+
+def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
+    """Plain key columns: null runs → '', null words → NO_WORDS, so that keys compare and index."""
+    for col in ("text_run", "mm_run", "method_params", "subtask"):
+        if col in frame:
+            frame[col] = frame[col].fillna("").astype(str)
+    for col in ("text_words", "mm_words"):
+        if col in frame:
+            frame[col] = pd.to_numeric(frame[col]).fillna(NO_WORDS).astype("int64")
+    if "method_params" in frame:
+        frame["method_params"] = frame["method_params"].replace("", "{}")
+    return frame
+
+
+TRAINING_COLUMNS = ["experiment", "run", "words", "loss"]
+
+
+def read_training(runs: Path, notes: list[str]) -> pd.DataFrame:
+    """The loss curve of every run under `runs/<experiment>` (each run's metrics.jsonl)."""
+    rows = []
+    for log in sorted(runs.glob("*/metrics.jsonl")):
+        bad = 0
+        for line in log.read_text(encoding="utf-8").splitlines():
+            try:
+                rec = json.loads(line)
+                rows.append({"experiment": runs.name, "run": log.parent.name, "words": int(rec["words"]),
+                             "loss": float(rec["loss"])})
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+        if bad:
+            notes.append(f"{log}: {bad} malformed line(s) left out")
+    return pd.DataFrame(rows, columns=TRAINING_COLUMNS)
+
+
+def runs_folder(results: Path) -> Path:
+    """`<root>/runs/<experiment>` beside `<root>/results/<experiment>`."""
+    return results.parent.parent / "runs" / results.name
+
+
+def load(results: Sequence[Path], runs: Sequence[Path] | None = None) -> Results:
+    """The datasets of every experiment folder under `results`; training logs from `runs`
+    (default: the runs folder beside each results folder, when there is one)."""
+    notes: list[str] = []
+    folders = [f for path in results for f in experiment_folders(Path(path))]
+    files = {name: [f for folder in folders for f in sorted((folder / name).glob("*.parquet"))] for name in DATASETS}
+    if not any(files.values()):
+        raise VlmergeError(f"--results {', '.join(map(str, results))}: no Parquet files in metrics/, items/ or distances/")
+    frames = {name: read_dataset(files[name], name, notes) for name in DATASETS}
+    runs = [Path(r) for r in runs] if runs is not None else [r for r in map(runs_folder, folders) if r.is_dir()]
+    logs = [read_training(r, notes) for r in runs]
+    training = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=TRAINING_COLUMNS)
+    return Results(frames["metrics"], frames["items"], frames["distances"], training, notes)

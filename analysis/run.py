@@ -1,0 +1,175 @@
+"""`vlmerge analyze`: results → tables (CSV, Markdown), correlations, figures, report.html, summary.md."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from analysis import plots
+from analysis.correlations import correlations, too_few_points
+from analysis.load import PAIR, Results, load
+from analysis.report import Section, html_report, markdown_summary, markdown_table
+from analysis.scores import task_metrics, task_scores
+from analysis.tables import Merges, best_alpha, merges, multimodal_drop
+from vlmerge.config import AnalysisConfig
+from vlmerge.io import write_text
+
+SETTING = ["experiment", "method", "method_params"]  # one merge setting of one experiment
+
+
+@dataclasses.dataclass
+class Analysis:
+    """Everything computed from the results, before it is drawn or written."""
+
+    results: Results
+    merges: list[Merges]
+    scores: pd.DataFrame  # Merges.table() of every task
+    best: pd.DataFrame
+    correlations: pd.DataFrame
+    alpha: float  # the α of the distance figures (the one nearest analysis.alpha)
+
+    @property
+    def notes(self) -> list[str]:
+        return self.results.notes
+
+
+def compute(results: Results, options: AnalysisConfig) -> Analysis:
+    """Scores with bootstrap replicates, drops, retention, best α and correlations."""
+    rng = np.random.default_rng(options.seed)
+    tasks = task_metrics(results.metrics, options.text_tasks, options.multimodal_tasks, results.notes)
+    all_merges = [merges(task_scores(results, tm, options.bootstrap, rng), tm) for tm in tasks]
+    all_merges = [m for m in all_merges if len(m.keys)]
+    if not all_merges:
+        results.notes.append("no merged models in the results: nothing to compare")
+    scores = pd.concat([m.table() for m in all_merges]) if all_merges else pd.DataFrame()
+    mm_drop = multimodal_drop(all_merges)
+    if all_merges and mm_drop.empty:
+        results.notes.append("no multimodal task in the results: the best α ignores grounding")
+    texts = [m for m in all_merges if m.task.kind == "text"]
+    best = pd.concat([best_alpha(m, mm_drop, options.tolerance) for m in texts]) if texts else pd.DataFrame()
+    if len(best) and best.best_alpha.isna().any():
+        results.notes.append(f"{int(best.best_alpha.isna().sum())} checkpoint pair(s) have no α within the "
+                             f"multimodal tolerance {options.tolerance:g}")
+    corr = pd.concat([correlations(m, results.distances) for m in all_merges]) if all_merges else pd.DataFrame()
+    if results.distances.empty and all_merges:
+        results.notes.append("no distances in the results (sweep.distances off?): no correlations")
+    results.notes.extend(too_few_points(corr) if len(corr) else [])
+    for task, rows in scores.groupby("task") if len(scores) else []:
+        if rows.alpha.nunique() < 2:
+            results.notes.append(f"task {task}: a single α ({rows.alpha.iloc[0]:g}); no curve across α")
+    alphas = np.sort(scores.alpha.unique()) if len(scores) else np.array([options.alpha])
+    alpha = float(alphas[np.argmin(np.abs(alphas - options.alpha))])
+    return Analysis(results, all_merges, scores, best, corr, alpha)
+
+
+def by_setting_and_task(scores: pd.DataFrame) -> Iterator[tuple[tuple[str, str, str], str, pd.DataFrame]]:
+    """The scores table in parts: one merge setting of one experiment, one task."""
+    for key, rows in scores.groupby([*SETTING, "task"], sort=True):
+        yield key[:3], key[3], rows
+
+
+def setting_label(experiment: str, method: str, params: str) -> str:
+    return f"{experiment}: {method}" + ("" if params == "{}" else f" {params}")
+
+
+def _slug(*parts: object) -> str:
+    return re.sub(r"[^A-Za-z0-9.=-]+", "_", "-".join(map(str, parts))).strip("_")
+
+
+def draw(a: Analysis, folder: Path) -> list[Section]:
+    """Every figure as a PNG under `folder`, grouped in report sections."""
+    curves, maps, fits = Section("Score by words seen"), Section("Score by checkpoint and α"), \
+        Section("Distance against drop")
+    fits = dataclasses.replace(fits, lead=f"Checkpoint pairs at α = {a.alpha:g}, whole-model distances between "
+                                          "the twins' weights; each panel's line is the least-squares fit.")
+    for setting, task, rows in by_setting_and_task(a.scores):
+        label = setting_label(*setting)
+        name = _slug(*setting[:2], task)
+        curves.figures.append((f"{task}: {label}", plots.save(
+            plots.score_vs_words(rows, f"{task} by words seen ({label})"), folder / f"score_vs_words-{name}.png")))
+        maps.figures.append((f"{task}: {label}", plots.save(
+            plots.heatmap(rows, f"{task} ({label})"), folder / f"heatmap-{name}.png")))
+        points = distance_points(rows, a.results.distances, a.alpha)
+        if len(points):
+            fits.figures.append((f"{task}: {label}", plots.save(plots.distance_vs_drop(
+                points, f"{task}, α = {a.alpha:g} ({label})", f"drop in {task} {rows.metric.iloc[0]}"),
+                folder / f"distance_vs_drop-{name}.png")))
+    sections = [s for s in (curves, maps, fits) if s.figures]
+    if len(a.results.training):
+        sections.append(Section("Training", figures=[("loss of every run", plots.save(
+            plots.training_curves(a.results.training), folder / "training_curves.png"))]))
+    return sections
+
+
+def distance_points(rows: pd.DataFrame, distances: pd.DataFrame, alpha: float) -> pd.DataFrame:
+    """Whole-model weight distances beside the drop at α, one row per checkpoint pair and metric."""
+    at = rows[rows.alpha == alpha]
+    model = distances[(distances.scope == "model") & (distances.space == "weights")]
+    joined = at.merge(model.rename(columns={"value": "distance", "metric": "distance_metric"}),
+                      on=["experiment", "text_run", "mm_run", "text_words", "mm_words"])
+    return joined[["distance_metric", "distance", "drop"]].rename(columns={"distance_metric": "metric"})
+
+
+def score_grid(rows: pd.DataFrame) -> pd.DataFrame:
+    """Checkpoint pairs × α of one setting and task, with the twins' scores beside."""
+    grid = rows.pivot_table(index=["text_words", "mm_words"], columns="alpha", values="score")
+    grid.columns = [f"α={a:g}" for a in grid.columns]
+    twins = rows.groupby(["text_words", "mm_words"])[["text_twin", "mm_twin"]].first()
+    return grid.join(twins).reset_index()
+
+
+def write_tables(a: Analysis, out: Path) -> dict[str, pd.DataFrame]:
+    """scores, best_alpha and correlations as CSV and Markdown; returns the report's tables."""
+    write_text(out / "scores.csv", a.scores.to_csv(index=False))
+    write_text(out / "best_alpha.csv", a.best.to_csv(index=False))
+    write_text(out / "correlations.csv", a.correlations.to_csv(index=False))
+    grids = {f"{task}: {setting_label(*setting)}": score_grid(rows) for setting, task, rows in by_setting_and_task(a.scores)}
+    write_text(out / "scores.md", "\n\n".join(f"## {k}\n\n{markdown_table(v)}" for k, v in grids.items()) + "\n")
+    best = a.best
+    if len(best):
+        best = best.assign(setting=[setting_label(*k) for k in best[SETTING].itertuples(index=False)])
+        best = best[["setting", *best.columns.drop(["setting", *SETTING, "text_run", "mm_run"])]]
+    write_text(out / "best_alpha.md", markdown_table(best) + "\n")
+    headline = a.correlations
+    if len(headline):
+        headline = headline[(headline.scope == "model") & (headline.alpha == a.alpha)]
+        headline = headline.drop(columns=["scope", "alpha"]).sort_values(["task", "space", "metric"])
+    write_text(out / "correlations.md", markdown_table(headline) + "\n")
+    return {"best": best, "headline": headline, **{f"grid:{k}": v for k, v in grids.items()}}
+
+
+def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: Sequence[Path] | None = None) -> Path:
+    """Read, compute, draw and write everything into `out`; returns the report's path."""
+    a = compute(load(results, runs), options)
+    out.mkdir(parents=True, exist_ok=True)
+    tables = write_tables(a, out)
+    figures = draw(a, out / "figures")
+    experiments = sorted(a.results.metrics.experiment.unique())
+    pairs = len(a.scores[PAIR].drop_duplicates()) if len(a.scores) else 0
+    intro = (f"Experiment(s) {', '.join(experiments) or '(none)'}: {pairs} merged checkpoint pair setting(s), "
+             f"{len(a.merges)} task(s); multimodal tolerance {options.tolerance:g}, {options.bootstrap} bootstrap "
+             f"resamples; generated {time.strftime('%Y-%m-%d %H:%M')}.")
+    grids = [(k.removeprefix("grid:"), v) for k, v in tables.items() if k.startswith("grid:")]
+    sections = [
+        Section("Best α per checkpoint", "The α with the highest text-task score whose largest multimodal drop "
+                "stays within the tolerance; retention is the share of the text twin's advantage kept.",
+                [("best α", tables["best"])]),
+        Section("Scores by α", "Each merge's score; the twins' own scores on the right.", grids),
+        Section("Correlations", f"Distance against drop across checkpoint pairs at α = {a.alpha:g}, whole model "
+                "(every scope and α: correlations.csv); the interval is Pearson's 95% bootstrap interval.",
+                [("distance vs drop", tables["headline"])]),
+        *figures,
+    ]
+    title = "vlmerge report: " + (", ".join(experiments) or "no results")
+    report = out / "report.html"
+    write_text(report, html_report(title, intro, a.notes, sections))
+    write_text(out / "summary.md", markdown_summary(title, intro, a.notes, [
+        ("Best α per checkpoint", tables["best"]), (f"Correlations at α = {a.alpha:g} (whole model)",
+                                                    tables["headline"])]))
+    return report

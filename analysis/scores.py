@@ -1,0 +1,126 @@
+"""Each model's score on a task, with bootstrap replicates recomputed from the per-item scores.
+
+A task is scored by one metric (`analysis.text_tasks` / `analysis.multimodal_tasks`). A score
+frame has one row per model (index: load.MODEL) and columns 0..B: column 0 is the reported
+value, columns 1..B the same statistic on resamples of the task's items. The resamples are
+paired (every model sees the same draw), so drops and correlations computed column by column
+carry the items' sampling noise into their intervals.
+
+The items are aggregated the way the task did: BLiMP-style tasks average their subtasks'
+accuracies (items resampled within each subtask), others average all items. Which one is
+checked against the reported values; when neither reproduces them, no intervals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from analysis.load import MODEL, Results
+from analysis.stats import resample_counts
+
+LOWER_IS_BETTER = {"perplexity", "loss"}
+CHUNK = 128  # replicates drawn at a time: bounds the counts matrix to CHUNK × items
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskMetric:
+    """A task, the metric that scores it, and which twin it favours."""
+
+    task: str
+    metric: str
+    kind: str  # "text" or "multimodal"
+
+    @property
+    def sign(self) -> int:
+        """+1 when higher is better, -1 when lower is (perplexity)."""
+        return -1 if self.metric in LOWER_IS_BETTER else 1
+
+    @property
+    def label(self) -> str:
+        return f"{self.task} {self.metric}"
+
+
+def task_metrics(metrics: pd.DataFrame, text: dict[str, str], multimodal: dict[str, str],
+                 notes: list[str]) -> list[TaskMetric]:
+    """The scored tasks present in the results, text tasks first; the others become notes."""
+    overall = metrics[metrics.subtask == ""]
+    present = overall.groupby("task", sort=True)["metric"].unique()
+    out = []
+    for task, have in present.items():
+        kind, table = ("text", text) if task in text else ("multimodal", multimodal)
+        metric = table.get(task)
+        if metric is None:
+            notes.append(f"task {task}: in neither analysis.text_tasks nor analysis.multimodal_tasks; left out")
+        elif metric not in have:
+            notes.append(f"task {task}: no {metric!r} rows (it has {', '.join(sorted(have))}); left out")
+        else:
+            out.append(TaskMetric(task, metric, kind))
+    return sorted(out, key=lambda t: (t.kind != "text", t.task))
+
+
+def reported(metrics: pd.DataFrame, tm: TaskMetric) -> pd.Series:
+    """The reported value of every model (index: MODEL)."""
+    rows = metrics[(metrics.task == tm.task) & (metrics.metric == tm.metric) & (metrics.subtask == "")]
+    return rows.set_index(MODEL)["value"].sort_index()
+
+
+def metric_items(items: pd.DataFrame, tm: TaskMetric) -> pd.DataFrame:
+    """The task's per-item scores of this metric: ids that name a metric (Winoground's
+    `<item>/image_score`) are kept only for theirs; ids that name none belong to every metric."""
+    rows = items[items.task == tm.task]
+    segments = rows.example_id.str.split("/")
+    names_metric = segments.map(lambda parts: tm.metric in parts)
+    return rows[names_metric] if names_metric.any() else rows
+
+
+def aggregate(values: np.ndarray, strata: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """Per model [M] and draw [R]: the mean over strata of the count-weighted item mean in each."""
+    out = np.zeros((values.shape[0], counts.shape[0]))
+    labels = np.unique(strata)
+    for s in labels:
+        members = strata == s
+        out += values[:, members] @ counts[:, members].T / members.sum()
+    return out / labels.size
+
+
+def task_scores(results: Results, tm: TaskMetric, replicates: int, rng: np.random.Generator) -> pd.DataFrame:
+    """The score frame of one task (see the module docstring); notes go to results.notes."""
+    value = reported(results.metrics, tm)
+    frame = pd.DataFrame(np.nan, index=value.index, columns=range(replicates + 1))
+    frame[0] = value
+    if replicates == 0:
+        return frame
+    rows = metric_items(results.items, tm)
+    if rows.empty:
+        results.notes.append(f"{tm.label}: no per-item scores; no bootstrap intervals")
+        return frame
+    ids, columns = pd.factorize(rows.example_id)
+    model_rows = value.index.get_indexer(pd.MultiIndex.from_frame(rows[MODEL]))
+    keep = model_rows >= 0
+    values = np.full((len(value), len(columns)), np.nan)
+    values[model_rows[keep], ids[keep]] = rows.value.to_numpy()[keep]
+    complete = ~np.isnan(values).any(axis=1)
+    if not complete.all():
+        results.notes.append(f"{tm.label}: {int((~complete).sum())} model(s) lack per-item scores; no intervals for them")
+    subtask = rows.drop_duplicates("example_id").set_index("example_id").subtask.reindex(columns).to_numpy()
+    strata = _strata(values[complete], subtask, value.to_numpy()[complete])
+    if strata is None:
+        results.notes.append(f"{tm.label}: the per-item scores do not reproduce the reported values; no intervals")
+        return frame
+    for start in range(1, replicates + 1, CHUNK):
+        stop = min(start + CHUNK, replicates + 1)
+        draws = aggregate(values[complete], strata, resample_counts(strata, stop - start, rng))
+        frame.loc[complete, list(range(start, stop))] = draws
+    return frame
+
+
+def _strata(values: np.ndarray, subtask: np.ndarray, reported_values: np.ndarray) -> np.ndarray | None:
+    """Per subtask (a macro mean) or one stratum (a plain mean): whichever reproduces the reports."""
+    for strata in (pd.factorize(subtask)[0], np.zeros(subtask.size, dtype=np.int64)):
+        full = aggregate(values, strata, np.ones((1, subtask.size)))[:, 0]
+        if np.allclose(full, reported_values, rtol=0, atol=1e-9):
+            return strata
+    return None
