@@ -89,32 +89,34 @@ def aggregate(values: np.ndarray, strata: np.ndarray, counts: np.ndarray) -> np.
 def task_scores(results: Results, tm: TaskMetric, replicates: int, rng: np.random.Generator) -> pd.DataFrame:
     """The score frame of one task (see the module docstring); notes go to results.notes."""
     value = reported(results.metrics, tm)
-    frame = pd.DataFrame(np.nan, index=value.index, columns=range(replicates + 1))
-    frame[0] = value
-    if replicates == 0:
-        return frame
-    rows = metric_items(results.items, tm)
+    data = np.full((len(value), replicates + 1), np.nan)
+    data[:, 0] = value.to_numpy()
+    if replicates:
+        note = _bootstrap(metric_items(results.items, tm), value.index, data, rng)
+        if note:
+            results.notes.append(f"{tm.label}: {note}")
+    return pd.DataFrame(data, index=value.index)
+
+
+def _bootstrap(rows: pd.DataFrame, models: pd.MultiIndex, data: np.ndarray, rng: np.random.Generator) -> str:
+    """Fill data[:, 1:] with the resampled scores of the models that have every item; a note when not all do."""
     if rows.empty:
-        results.notes.append(f"{tm.label}: no per-item scores; no bootstrap intervals")
-        return frame
+        return "no per-item scores; no bootstrap intervals"
     ids, columns = pd.factorize(rows.example_id)
-    model_rows = value.index.get_indexer(pd.MultiIndex.from_frame(rows[MODEL]))
+    model_rows = models.get_indexer(pd.MultiIndex.from_frame(rows[MODEL]))
     keep = model_rows >= 0
-    values = np.full((len(value), len(columns)), np.nan)
+    values = np.full((len(models), len(columns)), np.nan)
     values[model_rows[keep], ids[keep]] = rows.value.to_numpy()[keep]
     complete = ~np.isnan(values).any(axis=1)
-    if not complete.all():
-        results.notes.append(f"{tm.label}: {int((~complete).sum())} model(s) lack per-item scores; no intervals for them")
     subtask = rows.drop_duplicates("example_id").set_index("example_id").subtask.reindex(columns).to_numpy()
-    strata = _strata(values[complete], subtask, value.to_numpy()[complete])
+    strata = _strata(values[complete], subtask, data[complete, 0])
     if strata is None:
-        results.notes.append(f"{tm.label}: the per-item scores do not reproduce the reported values; no intervals")
-        return frame
+        return "the per-item scores do not reproduce the reported values; no bootstrap intervals"
+    replicates = data.shape[1] - 1
     for start in range(1, replicates + 1, CHUNK):
         stop = min(start + CHUNK, replicates + 1)
-        draws = aggregate(values[complete], strata, resample_counts(strata, stop - start, rng))
-        frame.loc[complete, list(range(start, stop))] = draws
-    return frame
+        data[complete, start:stop] = aggregate(values[complete], strata, resample_counts(strata, stop - start, rng))
+    return "" if complete.all() else f"{int((~complete).sum())} model(s) lack per-item scores; no intervals for them"
 
 
 def _strata(values: np.ndarray, subtask: np.ndarray, reported_values: np.ndarray) -> np.ndarray | None:

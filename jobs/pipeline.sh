@@ -6,10 +6,11 @@
 #   demo-data (if the config reads the demo world) → tokenizer → corpus ─┐
 #   precompute array (features.num_shards) → link ───────────────────────┴→ [seed run] →
 #   text run ∥ multimodal run → sweep submitter → sweep array (%sweep.array_throttle) → results
+#   compact → analyze (the report in reports/<experiment>/report.html)
 #
 # The sweep's size depends on the checkpoints, so a small job after training plans it and
 # submits the array (`--submit-sweep`). Every job skips work that is already complete: the
-# same command resumes a broken DAG. `squeue -n vlmerge-results` shows when the end is near.
+# same command resumes a broken DAG. `squeue -n vlmerge-analyze` shows when the end is near.
 # Cluster options for every job (partition, account, GPUs…) go in VLMERGE_SBATCH_ARGS, e.g.
 #   VLMERGE_SBATCH_ARGS="--partition=gpu --gpus-per-node=1 --cpus-per-task=8" bash jobs/pipeline.sh …
 set -euo pipefail
@@ -48,7 +49,9 @@ if [ "$mode" = sweep ]; then
     echo "pipeline: sweep of $tasks array task(s), $per_task item(s) each"
     sweep=$(sbatch --parsable --array="0-$((tasks - 1))%${throttle}" --output="$logs/%x-%A_%a.out" jobs/sweep.sbatch "$config" \
         --per-task "$per_task" "${overrides[@]}" | cut -d';' -f1)
-    job results "$sweep" results compact
+    results=$(job results "$sweep" results compact)
+    analysis=$(job analyze "$results" analyze --quiet)
+    echo "pipeline: analysis job $analysis writes the report after the sweep"
     exit 0
 fi
 

@@ -47,6 +47,7 @@ def test_pipeline_sh_runs_the_dag_to_the_end(slurm_cluster, tmp_path):
     compacted = list((root / "results/demo/metrics").glob("*.parquet"))
     assert len(compacted) == 1 and compacted[0].name.startswith("compact-"), logs
     assert_complete(root, SWEEP)
+    assert (root / "reports/demo/report.html").is_file(), logs  # the DAG's last job
 
 
 def test_submitit_runs_the_sweep_as_a_slurm_array(slurm_cluster, twins, tmp_path):

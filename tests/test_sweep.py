@@ -9,7 +9,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import FAST_TRAIN, SMALL_WORLD, vlmerge_cli
+from conftest import FAST_TRAIN, REPO, SMALL_WORLD, vlmerge_cli
 from vlmerge.config import load_config
 from vlmerge.results import KEY, RESULTS_SCHEMA, read_results
 from vlmerge.sweep.commands import array_layout
@@ -90,6 +90,18 @@ def test_linear_alpha_zero_equals_the_unmerged_multimodal_model(swept):
     txt = frame[(frame.method == "none") & (frame.alpha == 1.0)]
     k1 = ["text_words", "task", "subtask", "metric"]
     assert lin1.set_index(k1).value.sort_index().equals(txt.set_index(k1).value.sort_index().loc[lin1.set_index(k1).index.sort_values()])
+
+
+def test_analyze_reports_on_the_sweep_without_importing_torch(swept, tmp_path):
+    code = ("import sys; from vlmerge.cli import main; "
+            f"rc = main(['analyze', '--quiet', 'paths.root={swept}', *{SWEEP!r}, '--out', {str(tmp_path)!r}]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    corr = pd.read_csv(tmp_path / "correlations.csv")
+    assert set(corr.method) == {"linear", "task_arithmetic"} and set(corr.task) == {"blimp", "winoground"}
+    assert (corr.n == 3).all() and corr.pearson.notna().any()  # three checkpoint pairs
+    assert len(list((tmp_path / "figures").glob("training_curves.png"))) == 1
 
 
 def test_killed_item_leaves_no_file_and_a_rerun_completes_only_the_missing(swept, tmp_path):

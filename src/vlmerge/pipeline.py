@@ -6,7 +6,7 @@ from pathlib import Path
 
 from vlmerge.config import Config
 from vlmerge.sweep.commands import current_plan
-from vlmerge.sweep.run import results_dir, run_items
+from vlmerge.sweep.run import run_items
 
 
 def reads_demo_world(cfg: Config) -> bool:
@@ -35,9 +35,13 @@ def run_pipeline_until_sweep(cfg: Config, *, progress: bool = False) -> None:
 
 
 def run_pipeline(cfg: Config, *, progress: bool = False) -> Path:
+    """Every stage, the sweep, then the analysis; returns the report's path."""
+    from analysis import analyze
+
     run_pipeline_until_sweep(cfg, progress=progress)
     items = current_plan(cfg)
     run_items(cfg, items, progress=progress)
-    out = results_dir(cfg)
-    print(f"pipeline: {len(items)} work items; results in {out}")
-    return out
+    print(f"pipeline: {len(items)} work items; results in {cfg.results_dir}")
+    report = analyze([cfg.results_dir], cfg.report_dir, cfg.analysis)
+    print(f"pipeline: report {report}")
+    return report

@@ -1,0 +1,267 @@
+"""The offline analysis on a results dataset with planted ground truth: best α, retention,
+correlations (against scipy), bootstrap intervals, the figures' data, bad input, no torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+from scipy import stats
+
+from analysis import analyze
+from analysis import plots
+from analysis.load import load
+from analysis.run import compute, distance_points
+from analysis.scores import TaskMetric, task_scores
+from analysis.tables import merges
+from conftest import REPO
+from vlmerge.config import AnalysisConfig
+from vlmerge.errors import VlmergeError
+from vlmerge.results import DISTANCES_SCHEMA, ITEMS_SCHEMA, RESULTS_SCHEMA, write_rows
+
+WORDS = [1000, 2000, 4000, 8000, 16000, 32000]
+ALPHAS = [0.0, 0.25, 0.5, 0.75, 1.0]
+# BLiMP-like text task: two paradigms of 20 items, the score their macro mean (steps of 0.025).
+# The merge at α = 0.5 loses DROP[i] against the text twin (0.8); the multimodal twin scores 0.6.
+DROP = [0.025, 0.075, 0.05, 0.1, 0.075, 0.125]
+TEXT_SCORE = {0.0: 0.6, 0.25: 0.65, 0.75: 0.8, 1.0: 0.8}
+# Winoground-like multimodal task, 40 items: the twins 0.3 (text) and 0.5 (multimodal); at α = 0.5
+# the drop is 0.025 except for the first pair (0.05), beyond the tolerance of 0.03.
+MM_SCORE = {0.0: 0.5, 0.25: 0.5, 0.75: 0.4, 1.0: 0.3}
+TOLERANCE = 0.03
+PLANTED_BEST = [0.25, 0.5, 0.5, 0.5, 0.5, 0.5]
+OPTIONS = AnalysisConfig(text_tasks={"blimp": "accuracy"}, multimodal_tasks={"winoground": "image_score"},
+                         tolerance=TOLERANCE, alpha=0.5, bootstrap=200, seed=0)
+
+
+def text_score(i: int, alpha: float) -> float:
+    return 0.8 - DROP[i] if alpha == 0.5 else TEXT_SCORE[alpha]
+
+
+def mm_score(i: int, alpha: float) -> float:
+    return (0.45 if i == 0 else 0.475) if alpha == 0.5 else MM_SCORE[alpha]
+
+
+def correct_items(k: int, n: int, shift: int) -> np.ndarray:
+    """n items of which k are correct, the correct ones rotated by `shift`."""
+    return np.roll(np.arange(n) < k, shift).astype(float)
+
+
+def model_rows(model: dict, blimp: float, wino: float, shift: int) -> tuple[list[dict], list[dict]]:
+    """Metric rows and item rows of one model with the given scores."""
+    k = round(blimp * 40)  # correct pairs in all: the paradigms share them (macro mean = k / 40)
+    p1, p2 = correct_items((k + 1) // 2, 20, shift), correct_items(k // 2, 20, 3 * shift)
+    w = correct_items(round(wino * 40), 40, shift)
+    base = {"item_id": "x", "code_version": "t", "config_hash": "", "slurm_job_id": "", "created_at": "t"}
+    metrics = [{**model, **base, "task": "blimp", "subtask": s, "metric": "accuracy", "value": v.mean(), "n": 20}
+               for s, v in (("p1", p1), ("p2", p2))]
+    metrics += [{**model, **base, "task": "blimp", "subtask": "", "metric": "accuracy",
+                 "value": (p1.mean() + p2.mean()) / 2, "n": 40},
+                {**model, **base, "task": "winoground", "subtask": "", "metric": "image_score", "value": w.mean(), "n": 40},
+                {**model, **base, "task": "winoground", "subtask": "", "metric": "text_score", "value": 0.1, "n": 40}]
+    items = [{**model, "item_id": "x", "task": "blimp", "subtask": s, "example_id": f"{s}/{k}", "value": ok}
+             for s, v in (("p1", p1), ("p2", p2)) for k, ok in enumerate(v)]
+    items += [{**model, "item_id": "x", "task": "winoground", "subtask": "", "example_id": f"{k}/{name}", "value": ok}
+              for name, v in (("image_score", w), ("text_score", 1 - w)) for k, ok in enumerate(v)]
+    return metrics, items
+
+
+def pair_model(i: int, alpha: float) -> dict:
+    return {"experiment": "synth", "text_run": "text", "mm_run": "multimodal", "text_words": WORDS[i],
+            "mm_words": WORDS[i], "method": "linear", "alpha": alpha, "method_params": "{}"}
+
+
+def twin_model(i: int, run: str) -> dict:
+    text = run == "text"
+    return {"experiment": "synth", "text_run": "text" if text else None, "mm_run": None if text else "multimodal",
+            "text_words": WORDS[i] if text else None, "mm_words": None if text else WORDS[i], "method": "none",
+            "alpha": 1.0 if text else 0.0, "method_params": "{}"}
+
+
+def tssd(i: int) -> float:
+    return 2 * DROP[i] + 0.01 * np.sin(7 * i)
+
+
+def write_results(root, pairs=range(len(WORDS)), alphas=ALPHAS) -> None:
+    """results/synth/{metrics,items,distances} and runs/synth/<run>/metrics.jsonl under root."""
+    out = root / "results" / "synth"
+    for i in pairs:
+        metrics, items = [], []
+        for model, blimp, wino in [(twin_model(i, "text"), 0.8, 0.3), (twin_model(i, "mm"), 0.6, 0.5),
+                                   *((pair_model(i, a), text_score(i, a), mm_score(i, a)) for a in alphas)]:
+            m, it = model_rows(model, blimp, wino, shift=i)
+            metrics += m
+            items += it
+        write_rows(metrics, RESULTS_SCHEMA, out / "metrics" / f"pair{i}.parquet")
+        write_rows(items, ITEMS_SCHEMA, out / "items" / f"pair{i}.parquet")
+        distances = [{"experiment": "synth", "text_run": "text", "mm_run": "multimodal", "text_words": WORDS[i],
+                      "mm_words": WORDS[i], "space": "weights", "scope": scope, "metric": metric,
+                      "value": tssd(i) * (2 if scope == "layer.0" else 1) if metric == "tssd" else 1 + np.cos(i + k)}
+                     for scope in ("model", "layer.0") for k, metric in enumerate(("l2", "cosine", "ssd", "tssd"))]
+        write_rows(distances, DISTANCES_SCHEMA, out / "distances" / f"pair{i}.parquet")
+    for run, losses in (("text", [5.0, 3.0, 2.0]), ("multimodal", [5.5, 3.5, 2.5])):
+        log = root / "runs" / "synth" / run / "metrics.jsonl"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        log.write_text("".join(json.dumps({"step": k, "words": 100 * (k + 1), "loss": v}) + "\n"
+                               for k, v in enumerate(losses)) + "not json\n")
+
+
+@pytest.fixture
+def synth(tmp_path):
+    write_results(tmp_path)
+    return tmp_path
+
+
+def test_best_alpha_and_retention_are_the_planted_ones(synth):
+    a = compute(load([synth / "results/synth"]), OPTIONS)
+    best = a.best.sort_values("text_words")
+    assert best.best_alpha.tolist() == PLANTED_BEST
+    planted_score = [text_score(i, b) for i, b in enumerate(PLANTED_BEST)]
+    assert np.allclose(best.score, planted_score)
+    assert np.allclose(best.retention, [(s - 0.6) / (0.8 - 0.6) for s in planted_score])
+    assert np.allclose(best.mm_drop, [0.0, 0.025, 0.025, 0.025, 0.025, 0.025])
+    drops = a.scores[(a.scores.task == "blimp") & (a.scores.alpha == 0.5)].sort_values("text_words")["drop"]
+    assert np.allclose(drops, DROP)
+
+
+def test_correlations_equal_scipys_with_bootstrap_intervals(synth):
+    a = compute(load([synth / "results/synth"]), OPTIONS)
+    corr = a.correlations
+    assert {"metric", "scope", "task", "alpha", "pearson", "spearman", "ci_low", "ci_high", "n"} <= set(corr.columns)
+    assert len(corr) == 2 * 5 * 8  # tasks × α × (4 metrics × 2 scopes)
+    for scope, factor in (("model", 1), ("layer.0", 2)):
+        row = corr[(corr.task == "blimp") & (corr.alpha == 0.5) & (corr.metric == "tssd") & (corr.scope == scope)]
+        x = [factor * tssd(i) for i in range(len(WORDS))]
+        assert row.pearson.item() == pytest.approx(stats.pearsonr(x, DROP).statistic, abs=1e-12)
+        assert row.spearman.item() == pytest.approx(stats.spearmanr(x, DROP).statistic, abs=1e-12)
+        assert row.n.item() == len(WORDS)
+        # 20 items per paradigm make each drop uncertain by about ±0.05: a wide interval
+        assert -1 <= row.ci_low.item() < 0.6 < row.ci_high.item() <= 1
+    l2 = corr[(corr.task == "winoground") & (corr.alpha == 0.75) & (corr.metric == "l2") & (corr.scope == "model")]
+    # a constant drop (0.1 everywhere at α = 0.75) has no correlation: NaN, as scipy's
+    assert np.isnan(l2.pearson.item())
+
+
+def test_bootstrap_scores_resample_items_within_paradigms(synth):
+    results = load([synth / "results/synth"])
+    tm = TaskMetric("blimp", "accuracy", "text")
+    scores = task_scores(results, tm, 4000, np.random.default_rng(1))
+    twin = scores.loc[("synth", "none", "{}", "text", "", 1000, -1, 1.0)]
+    assert twin[0] == pytest.approx(0.8)
+    # macro mean of two paradigms of 20 items at p = 0.8: sd = sqrt(2 · p(1 - p) / 20) / 2
+    assert twin[1:].mean() == pytest.approx(0.8, abs=0.005)
+    assert twin[1:].std() == pytest.approx(np.sqrt(2 * 0.8 * 0.2 / 20) / 2, rel=0.06)
+
+
+def test_lower_is_better_metrics_drop_when_they_rise(synth):
+    scores = pd.DataFrame({0: [10.0, 12.0, 11.0, 15.0]}, index=pd.MultiIndex.from_tuples([
+        ("e", "none", "{}", "text", "", 5, -1, 1.0), ("e", "none", "{}", "", "mm", -1, 5, 0.0),
+        ("e", "linear", "{}", "text", "mm", 5, 5, 0.5), ("e", "linear", "{}", "text", "mm", 5, 5, 0.7)],
+        names=["experiment", "method", "method_params", "text_run", "mm_run", "text_words", "mm_words", "alpha"]))
+    m = merges(scores, TaskMetric("perplexity", "perplexity", "text"))
+    assert m.drop[:, 0].tolist() == [1.0, 5.0]  # the better twin is the text one (10)
+    assert m.retention[:, 0].tolist() == [0.5, -1.5]
+
+
+def test_figures_hold_the_expected_series(synth):
+    a = compute(load([synth / "results/synth"]), OPTIONS)
+    blimp = a.scores[a.scores.task == "blimp"]
+    ax = plots.score_vs_words(blimp, "t").axes[0]
+    assert [line.get_label() for line in ax.lines] == [f"α = {x:g}" for x in ALPHAS]
+    half = ax.lines[ALPHAS.index(0.5)]
+    assert half.get_xdata().tolist() == WORDS
+    assert np.allclose(half.get_ydata(), [0.8 - d for d in DROP])
+    assert ax.get_xlabel() and ax.get_ylabel() == "blimp accuracy"
+
+    ax = plots.heatmap(blimp, "t").axes[0]
+    grid = ax.images[0].get_array()
+    assert grid.shape == (len(WORDS), len(ALPHAS))
+    assert np.allclose(grid[:, ALPHAS.index(1.0)], 0.8) and np.allclose(grid[:, ALPHAS.index(0.5)], 0.8 - np.array(DROP))
+
+    points = distance_points(blimp, a.results.distances, 0.5)
+    fig = plots.distance_vs_drop(points, "t", "drop")
+    panel = fig.axes[sorted(points.metric.unique()).index("tssd")]
+    xy = panel.collections[0].get_offsets()
+    assert np.allclose(xy[:, 0], [tssd(i) for i in range(len(WORDS))]) and np.allclose(xy[:, 1], DROP)
+    fit = panel.lines[0]
+    slope = np.diff(fit.get_ydata()) / np.diff(fit.get_xdata())
+    assert slope[0] == pytest.approx(np.polyfit([tssd(i) for i in range(len(WORDS))], DROP, 1)[0])
+    assert panel.get_xlabel() == "tssd distance" and panel.get_ylabel() == "drop"
+
+    ax = plots.training_curves(a.results.training).axes[0]
+    assert {line.get_label(): line.get_ydata().tolist() for line in ax.lines} == \
+        {"multimodal": [5.5, 3.5, 2.5], "text": [5.0, 3.0, 2.0]}
+
+
+def test_analyze_writes_tables_figures_and_one_self_contained_report(synth):
+    out = synth / "report"
+    report = analyze([synth / "results/synth"], out, OPTIONS)
+    html = report.read_text()
+    figures = sorted((out / "figures").glob("*.png"))
+    assert len(figures) == 2 * 3 + 1  # (curve, heatmap, distance fit) per task + training
+    assert html.count('<img src="data:image/png;base64,') == len(figures) and "src=\"figures/" not in html
+    best = pd.read_csv(out / "best_alpha.csv").sort_values("text_words")
+    assert best.best_alpha.tolist() == PLANTED_BEST
+    assert (out / "correlations.csv").is_file() and (out / "scores.csv").is_file()
+    summary = (out / "summary.md").read_text()
+    assert "| synth: linear | 1000 | 1000 | blimp | accuracy | 0.25 |" in summary
+    assert "1 malformed line(s)" in summary  # the runs' logs end with a bad line
+
+
+def test_bad_input_becomes_notes_not_a_crash(tmp_path):
+    write_results(tmp_path, pairs=[0, 1], alphas=[0.5])
+    metrics = tmp_path / "results/synth/metrics"
+    pq.write_table(RESULTS_SCHEMA.empty_table(), metrics / "empty.parquet")
+    pd.DataFrame({"a": [1]}).to_parquet(metrics / "foreign.parquet")
+    (metrics / "broken.parquet").write_bytes(b"not parquet")
+    out = tmp_path / "report"
+    notes = (analyze([tmp_path / "results/synth"], out, OPTIONS).parent / "summary.md").read_text()
+    assert "empty.parquet: empty; left out" in notes
+    assert "foreign.parquet: not a metrics file (missing columns: experiment" in notes
+    assert "broken.parquet: not a readable Parquet file" in notes
+    assert "a single α (0.5)" in notes
+    assert "correlations of blimp (linear): 2 checkpoint pair(s), fewer than 3; left empty" in notes
+    corr = pd.read_csv(out / "correlations.csv")
+    assert len(corr) and corr.pearson.isna().all()
+
+
+def test_a_folder_without_results_is_a_one_line_error(tmp_path):
+    (tmp_path / "metrics").mkdir()
+    with pytest.raises(VlmergeError, match="no Parquet files"):
+        load([tmp_path])
+    r = subprocess.run([sys.executable, "-m", "analysis", "--results", str(tmp_path / "nowhere"), "--out",
+                        str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1
+    assert "nowhere: not a folder" in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_python_m_analysis_never_imports_torch(synth):
+    code = ("import sys; from vlmerge.cli import main; "
+            f"rc = main(['analyze', '--results', {str(synth / 'results/synth')!r}, '--out', {str(synth / 'r')!r}]); "
+            "assert 'torch' not in sys.modules, 'torch imported'; sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == f"analyze: report {synth / 'r' / 'report.html'}"
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+def test_the_report_renders_in_headless_chromium(synth, tmp_path):
+    report = analyze([synth / "results/synth"], synth / "report", OPTIONS)
+    shot = tmp_path / "shot.png"
+    r = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--window-size=1200,8000", f"--screenshot={shot}", report.as_uri()],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    page = np.asarray(Image.open(shot).convert("RGB"))
+    # the embedded PNGs were decoded: the viridis lines and magma heatmaps bring hundreds of colours,
+    # and content runs far down the page (tables, then seven figures)
+    assert len(np.unique(page.reshape(-1, 3), axis=0)) > 5000  # text and tables alone: ~600
+    inked_rows = np.flatnonzero((page < 200).any(axis=(1, 2)))
+    assert inked_rows.max() > 5000
