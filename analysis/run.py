@@ -12,11 +12,12 @@ import numpy as np
 import pandas as pd
 
 from analysis import plots
+from analysis.correlations import COLUMNS as CORRELATION_COLUMNS
 from analysis.correlations import correlations, too_few_points
-from analysis.load import PAIR, Results, load
+from analysis.load import CHECKPOINT_PAIR, Results, load
 from analysis.report import Section, html_report, markdown_summary, markdown_table
 from analysis.scores import task_metrics, task_scores
-from analysis.tables import Merges, best_alpha, merges, multimodal_drop
+from analysis.tables import BEST_COLUMNS, SCORE_COLUMNS, Merges, best_alpha, merges, multimodal_drop
 from vlmerge.config import AnalysisConfig
 from vlmerge.io import write_text
 
@@ -42,30 +43,35 @@ class Analysis:
 def compute(results: Results, options: AnalysisConfig) -> Analysis:
     """Scores with bootstrap replicates, drops, retention, best α and correlations."""
     rng = np.random.default_rng(options.seed)
-    tasks = task_metrics(results.metrics, options.text_tasks, options.multimodal_tasks, results.notes)
+    notes = results.notes
+    tasks = task_metrics(results.metrics, options.text_tasks, options.multimodal_tasks, notes)
     all_merges = [merges(task_scores(results, tm, options.bootstrap, rng), tm) for tm in tasks]
     all_merges = [m for m in all_merges if len(m.keys)]
-    if not all_merges:
-        results.notes.append("no merged models in the results: nothing to compare")
-    scores = pd.concat([m.table() for m in all_merges]) if all_merges else pd.DataFrame()
+    scores = concat([m.table() for m in all_merges], SCORE_COLUMNS)
     mm_drop = multimodal_drop(all_merges)
-    if all_merges and mm_drop.empty:
-        results.notes.append("no multimodal task in the results: the best α ignores grounding")
-    texts = [m for m in all_merges if m.task.kind == "text"]
-    best = pd.concat([best_alpha(m, mm_drop, options.tolerance) for m in texts]) if texts else pd.DataFrame()
-    if len(best) and best.best_alpha.isna().any():
-        results.notes.append(f"{int(best.best_alpha.isna().sum())} checkpoint pair(s) have no α within the "
-                             f"multimodal tolerance {options.tolerance:g}")
-    corr = pd.concat([correlations(m, results.distances) for m in all_merges]) if all_merges else pd.DataFrame()
-    if results.distances.empty and all_merges:
-        results.notes.append("no distances in the results (sweep.distances off?): no correlations")
-    results.notes.extend(too_few_points(corr) if len(corr) else [])
-    for task, rows in scores.groupby("task") if len(scores) else []:
-        if rows.alpha.nunique() < 2:
-            results.notes.append(f"task {task}: a single α ({rows.alpha.iloc[0]:g}); no curve across α")
+    best = concat([best_alpha(m, mm_drop, options.tolerance) for m in all_merges if m.task.kind == "text"],
+                  BEST_COLUMNS)
+    corr = concat([correlations(m, results.distances) for m in all_merges], CORRELATION_COLUMNS)
+    if not all_merges:
+        notes.append("no merged models in the results: nothing to compare")
+    elif mm_drop.empty:
+        notes.append("no multimodal task in the results: the best α ignores grounding")
+    if best.best_alpha.isna().any():
+        notes.append(f"{int(best.best_alpha.isna().sum())} checkpoint pair(s) have no α within the multimodal "
+                     f"tolerance {options.tolerance:g}")
+    if all_merges and results.distances.empty:
+        notes.append("no distances in the results (sweep.distances off?): no correlations")
+    notes += too_few_points(corr)
+    notes += [f"task {task}: a single α ({rows.alpha.iloc[0]:g}); no curve across α"
+              for task, rows in scores.groupby("task") if rows.alpha.nunique() < 2]
     alphas = np.sort(scores.alpha.unique()) if len(scores) else np.array([options.alpha])
     alpha = float(alphas[np.argmin(np.abs(alphas - options.alpha))])
     return Analysis(results, all_merges, scores, best, corr, alpha)
+
+
+def concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    """The frames one below the other; no frames: an empty table with these columns."""
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=columns)
 
 
 def by_setting_and_task(scores: pd.DataFrame) -> Iterator[tuple[tuple[str, str, str], str, pd.DataFrame]]:
@@ -131,15 +137,11 @@ def write_tables(a: Analysis, out: Path) -> dict[str, pd.DataFrame]:
     write_text(out / "correlations.csv", a.correlations.to_csv(index=False))
     grids = {f"{task}: {setting_label(*setting)}": score_grid(rows) for setting, task, rows in by_setting_and_task(a.scores)}
     write_text(out / "scores.md", "\n\n".join(f"## {k}\n\n{markdown_table(v)}" for k, v in grids.items()) + "\n")
-    best = a.best
-    if len(best):
-        best = best.assign(setting=[setting_label(*k) for k in best[SETTING].itertuples(index=False)])
-        best = best[["setting", *best.columns.drop(["setting", *SETTING, "text_run", "mm_run"])]]
+    best = a.best.assign(setting=[setting_label(*k) for k in a.best[SETTING].itertuples(index=False)])
+    best = best[["setting", *best.columns.drop(["setting", *SETTING, "text_run", "mm_run"])]]
     write_text(out / "best_alpha.md", markdown_table(best) + "\n")
-    headline = a.correlations
-    if len(headline):
-        headline = headline[(headline.scope == "model") & (headline.alpha == a.alpha)]
-        headline = headline.drop(columns=["scope", "alpha"]).sort_values(["task", "space", "metric"])
+    headline = a.correlations[(a.correlations.scope == "model") & (a.correlations.alpha == a.alpha)]
+    headline = headline.drop(columns=["scope", "alpha"]).sort_values(["task", "space", "metric"])
     write_text(out / "correlations.md", markdown_table(headline) + "\n")
     return {"best": best, "headline": headline, **{f"grid:{k}": v for k, v in grids.items()}}
 
@@ -151,10 +153,10 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
     tables = write_tables(a, out)
     figures = draw(a, out / "figures")
     experiments = sorted(a.results.metrics.experiment.unique())
-    pairs = len(a.scores[PAIR].drop_duplicates()) if len(a.scores) else 0
-    intro = (f"Experiment(s) {', '.join(experiments) or '(none)'}: {pairs} merged checkpoint pair setting(s), "
-             f"{len(a.merges)} task(s); multimodal tolerance {options.tolerance:g}, {options.bootstrap} bootstrap "
-             f"resamples; generated {time.strftime('%Y-%m-%d %H:%M')}.")
+    pairs, settings = (len(a.scores[cols].drop_duplicates()) for cols in (CHECKPOINT_PAIR, SETTING))
+    intro = (f"Experiment(s) {', '.join(experiments) or '(none)'}: {pairs} checkpoint pair(s), {settings} merge "
+             f"setting(s), {len(a.merges)} task(s); multimodal tolerance {options.tolerance:g}, {options.bootstrap} "
+             f"bootstrap resamples; generated {time.strftime('%Y-%m-%d %H:%M')}.")
     grids = [(k.removeprefix("grid:"), v) for k, v in tables.items() if k.startswith("grid:")]
     sections = [
         Section("Best α per checkpoint", "The α with the highest text-task score whose largest multimodal drop "

@@ -18,6 +18,8 @@ from analysis.load import MODEL, NO_WORDS, PAIR
 from analysis.scores import TaskMetric
 
 MIN_ADVANTAGE = 1e-12  # a text twin this close to the multimodal one has no advantage to retain
+SCORE_COLUMNS = [*PAIR, "alpha", "task", "metric", "score", "text_twin", "mm_twin", "drop", "retention"]
+BEST_COLUMNS = [*PAIR, "task", "metric", "best_alpha", "score", "retention", "mm_drop", "text_twin", "mm_twin"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,4 +96,4 @@ def best_alpha(text: Merges, mm_drop: pd.Series, tolerance: float) -> pd.DataFra
     best = ok.drop_duplicates(PAIR).drop(columns="oriented").rename(columns={"alpha": "best_alpha"})
     pairs = table[PAIR].drop_duplicates()
     out = pairs.merge(best, on=PAIR, how="left").assign(task=text.task.task, metric=text.task.metric)
-    return out[[*PAIR, "task", "metric", "best_alpha", "score", "retention", "mm_drop", "text_twin", "mm_twin"]]
+    return out[BEST_COLUMNS]
