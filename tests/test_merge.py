@@ -16,7 +16,7 @@ from vlmerge.hf import quiet_transformers
 from vlmerge.merge.core import Pair, PairMerger, merge_to_disk
 from vlmerge.merge.distance import cosine, distances, l2, scopes_of, ssd, tssd
 from vlmerge.merge.grams import compute_grams
-from vlmerge.merge.io import ModelDir
+from vlmerge.merge.io import ModelDir, SafetensorsWriter
 from vlmerge.merge.methods import METHODS, TensorInputs, get_method
 from vlmerge.merge.methods.regmean import regmean_weight
 
@@ -156,6 +156,19 @@ def test_linear_merge_to_disk_endpoints_are_the_inputs_bitwise(trio, tmp_path):
     for out, src in ((zero, mm), (one, text)):
         a, b = load_file(out / "model.safetensors"), load_file(src / "model.safetensors")
         assert all(torch.equal(a[k], b[k]) for k in b)
+
+
+def test_copied_endpoints_are_the_bytes_a_merged_output_would_have(trio, tmp_path):
+    text, mm, _ = trio
+    zero, one = merge_to_disk(text, mm, tmp_path / "m", "linear", [0.0, 1.0])
+    for out, src in ((zero, mm), (one, text)):
+        model = ModelDir(src)  # what the merging path writes: our header, then each tensor's bytes
+        writer = SafetensorsWriter(tmp_path / "expected.safetensors", model.specs, {"format": "pt"})
+        for name in model.names():
+            writer.write(name, model.get(name))
+        writer.close()
+        assert (out / "model.safetensors").read_bytes() == (tmp_path / "expected.safetensors").read_bytes()
+        assert not (out / "model.safetensors").samefile(src / "model.safetensors")
 
 
 def test_rerun_skips_and_a_foreign_output_is_never_overwritten(trio, tmp_path):

@@ -12,7 +12,11 @@ measured on it in this one run.
    both include interpreter start-up. Goal: ours >= 10x faster. mergekit runs with its defaults
    (CPU, torch's threads, one output shard: --out-shard-size 5B > 63M) plus --no-copy-tokenizer
    (the pair has none), --async-write (writes overlap merging) and --quiet (no progress bars,
-   as ours); --lazy-unpickle only concerns pickled checkpoints, not safetensors.
+   as ours); --lazy-unpickle only concerns pickled checkpoints, not safetensors. Ours writes
+   with two threads beside the merging one, and its alpha 0 and 1 outputs, which equal an input
+   bitwise, are copied kernel-side (os.copy_file_range, tensor by tensor after our own header):
+   complete, independent files, byte for byte what merging them writes (a test checks this),
+   with the same merge.json; every input tensor is still read and checked for NaN/Inf.
 2. One alpha in-process (`merge_to_disk(..., [0.3])`) against the I/O floor: read both input
    files completely and write one file of the same size, in 16 MiB blocks. Best of --repeats,
    interleaved. Goal: ours <= 2x the floor.

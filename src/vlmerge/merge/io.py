@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,6 +48,7 @@ class ModelDir:
                     self._where[name] = f
                     self.specs[name] = (_torch_dtype(sl.get_dtype()), tuple(sl.get_shape()))
         self._handles = {f: safe_open(f, framework="pt") for f in self.files}
+        self._spans: dict[Path, dict[str, tuple[int, int]]] = {}
 
     @property
     def architecture(self) -> str:
@@ -63,6 +65,13 @@ class ModelDir:
         if t.is_floating_point() and not torch.isfinite(t.sum()) and not torch.isfinite(t).all():
             raise VlmergeError(f"{self.path}: tensor {name!r} holds NaN or Inf")
         return t
+
+    def span(self, name: str) -> tuple[Path, int, int]:
+        """The file holding a tensor and the byte range [start, end) of its data in that file."""
+        f = self._where[name]
+        if f not in self._spans:
+            self._spans[f] = data_spans(f)
+        return (f, *self._spans[f][name])
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         for name in self.specs:
@@ -97,6 +106,15 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def data_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """Every tensor's byte range [start, end) in a safetensors file, read from its header."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {k: (8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in header.items() if k != "__metadata__"}
+
+
 def _torch_dtype(code: str) -> torch.dtype:
     for dtype, c in DTYPES.items():
         if c == code:
@@ -122,40 +140,75 @@ def check_compatible(a: ModelDir, b: ModelDir, *, what: str = "inputs") -> None:
 
 
 class SafetensorsWriter:
-    """Writes a safetensors file whose tensors (names, dtypes, shapes) are known up front, one at a time."""
+    """Writes a safetensors file whose tensors (names, dtypes, shapes) are known up front.
+
+    Every tensor has its place in the file from the start, so tensors are written with
+    positional writes: in any order, and from several threads at once (the writes, and the
+    kernel-side copies of `copy`, release the GIL).
+    """
 
     def __init__(self, path: Path, specs: dict[str, tuple[torch.dtype, tuple[int, ...]]], metadata: dict[str, str]):
         header: dict = {"__metadata__": metadata}
         offset = 0
         for name, (dtype, shape) in specs.items():
-            size = dtype.itemsize * _numel(shape)
+            size = dtype.itemsize * numel(shape)
             header[name] = {"dtype": DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
             offset += size
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * (-len(blob) % 8)  # the data section starts 8-byte aligned
-        self.order = list(specs)
+        start = 8 + len(blob)
         self.specs = specs
-        self.file = open(path, "wb")
-        self.file.write(struct.pack("<Q", len(blob)) + blob)
-        self._next = 0
+        self._spans = {name: (start + header[name]["data_offsets"][0], start + header[name]["data_offsets"][1])
+                       for name in specs}
+        self._written: set[str] = set()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        _pwrite(self._fd, memoryview(struct.pack("<Q", len(blob)) + blob), 0)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        if self.order[self._next] != name:
-            raise RuntimeError(f"tensors must be written in order: expected {self.order[self._next]}, got {name}")
         dtype, shape = self.specs[name]
         t = tensor.detach().to("cpu", dtype).contiguous()
         if tuple(t.shape) != shape:
             raise RuntimeError(f"{name}: shape {tuple(t.shape)} != {shape}")
-        self.file.write(t.reshape(-1).view(torch.uint8).numpy())
-        self._next += 1
+        _pwrite(self._fd, memoryview(t.reshape(-1).view(torch.uint8).numpy()), self._spans[name][0])
+        self._written.add(name)
+
+    def copy(self, name: str, source: tuple[Path, int, int]) -> None:
+        """Copy a tensor's bytes from a range of another file (same dtype and shape), kernel-side."""
+        path, begin, end = source
+        start, stop = self._spans[name]
+        if end - begin != stop - start:
+            raise RuntimeError(f"{name}: {end - begin} bytes in {path}, {stop - start} expected")
+        with open(path, "rb") as src:
+            while begin < end:
+                n = os.copy_file_range(src.fileno(), self._fd, end - begin, begin, start)
+                if n == 0:
+                    raise RuntimeError(f"{path}: ends before the data of {name}")
+                begin, start = begin + n, start + n
+        self._written.add(name)
 
     def close(self) -> None:
-        if self._next != len(self.order):
-            raise RuntimeError(f"only {self._next} of {len(self.order)} tensors written")
-        self.file.close()
+        """Close the finished file; an error if a tensor was never written."""
+        missing = [n for n in self.specs if n not in self._written]
+        if missing:
+            raise RuntimeError(f"only {len(self._written)} of {len(self.specs)} tensors written, not {missing[0]}")
+        self.release()
+
+    def release(self) -> None:
+        """Close the file descriptor, finished or not (idempotent)."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
-def _numel(shape: tuple[int, ...]) -> int:
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    # A write may be short (signals, very large sizes): write the rest.
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    """Elements of a tensor of this shape (without building one)."""
     n = 1
     for s in shape:
         n *= s

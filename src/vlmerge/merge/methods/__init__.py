@@ -42,6 +42,16 @@ class Method:
     # prepare(all tensors' inputs, params) -> extra keyword arguments of fn, for methods that
     # need a statistic of the whole model first (e.g. TIES with one threshold for all tensors).
     prepare: Callable[..., dict[str, Any]] | None = None
+    # same_as(alpha, params) -> "text", "mm" or None: the input whose every floating tensor the
+    # merge equals bitwise at this α (linear at α = 1 and 0), so that a file can be copied.
+    same_as: Callable[[float, dict[str, Any]], str | None] | None = None
+    # fn accepts out= (a float32 tensor of the result's shape) and writes the result there: the
+    # streamed merge then reuses a few buffers instead of allocating every output afresh.
+    takes_out: bool = False
+
+    def copies(self, alpha: float, params: dict[str, Any]) -> str | None:
+        """The input role the merge at α equals bitwise, or None."""
+        return self.same_as(alpha, params) if self.same_as else None
 
     def params(self, given: dict[str, Any]) -> dict[str, Any]:
         """The method's defaults overridden by `given`; an unknown parameter is an error."""
@@ -57,11 +67,13 @@ get_method = METHODS.lookup
 
 
 def register(name: str, *, needs_base: bool = False, needs_grams: bool = False,
-             prepare: Callable[..., dict[str, Any]] | None = None, **defaults: Any):
+             prepare: Callable[..., dict[str, Any]] | None = None,
+             same_as: Callable[[float, dict[str, Any]], str | None] | None = None, takes_out: bool = False,
+             **defaults: Any):
     """Decorator: make `fn` the merge method `name`, with these parameter defaults."""
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        METHODS[name] = Method(name, fn, defaults, needs_base, needs_grams, prepare)
+        METHODS[name] = Method(name, fn, defaults, needs_base, needs_grams, prepare, same_as, takes_out)
         return fn
 
     return wrap

@@ -5,9 +5,16 @@ import torch
 from vlmerge.merge.methods import TensorInputs, register
 
 
-@register("linear")
-def linear(x: TensorInputs, alpha: float) -> torch.Tensor:
-    # lerp is exact at the endpoints: α = 0 returns θ_mm and α = 1 returns θ_text, bitwise.
-    if alpha == 1.0:
-        return x.text.clone()
-    return torch.lerp(x.mm, x.text, alpha)
+def endpoint(alpha: float, params: dict) -> str | None:
+    """α = 1 is the text model and α = 0 the multimodal one, bitwise (see `linear`)."""
+    return {1.0: "text", 0.0: "mm"}.get(alpha)
+
+
+@register("linear", same_as=endpoint, takes_out=True)
+def linear(x: TensorInputs, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    # The endpoints are the inputs themselves, bitwise (lerp at α = 0 would turn a -0.0 of θ_mm
+    # into +0.0 where θ_text is positive).
+    if alpha in (0.0, 1.0):
+        same = x.text if alpha == 1.0 else x.mm
+        return same.clone() if out is None else out.copy_(same)
+    return torch.lerp(x.mm, x.text, alpha, out=out)
