@@ -1,6 +1,7 @@
 """The batched scorer against a one-sentence-at-a-time fp32 reference, on real BLiMP."""
 
 import json
+from copy import deepcopy
 
 import pytest
 import torch
@@ -80,7 +81,9 @@ def test_bf16_decisions_mostly_agree_with_fp32(setup, real_blimp):
     sentences = blimp_sentences(real_blimp)
     reqs = [Request(s, group=i // 2) for i, s in enumerate(sentences)]
     fp32 = Scorer(model, tokenizer, features=features).score(reqs).logprob
-    bf16 = Scorer(model, tokenizer, features=features, dtype="bf16").score(reqs).logprob
+    copy = deepcopy(model)  # a bf16 scorer casts the model's weights in place
+    bf16 = Scorer(copy, tokenizer, features=features, dtype="bf16").score(reqs).logprob
+    assert all(p.dtype == torch.bfloat16 for p in copy.parameters())
     agree = ((fp32[0::2] > fp32[1::2]) == (bf16[0::2] > bf16[1::2])).mean()
     assert agree >= 0.9 and abs(bf16 - fp32).max() < 1.0
 

@@ -17,7 +17,9 @@ reads the sentences from a JSON file and writes its scores and times to another)
 `IncrementalLMScorer(dir, "cpu")` (fp32), then `sequence_score(32 sentences,
 reduction=sum, bos_token=True)` per batch: the summed log-probability of every token of the
 sentence after BOS, as ours. Ours is `vlmerge.evaluate.scoring.Scorer.score` on the same
-directory's model, in fp32 and in bf16. Each side is timed around its scoring loop only
+directory's model, in fp32 and in bf16 (its own copy, the weights cast to bf16 once; no autocast);
+both compute logits only at the scored positions, the log-softmax in fp32, with SDPA's math
+kernel (minicons: the model's defaults, SDPA's flash kernel, logits at every position). Each side is timed around its scoring loop only
 (tokenisation included, model load excluded) after one warm-up batch, with the same torch
 thread count; the three runs are interleaved, best of --repeats. Goals: ours >= 3x minicons
 in bf16 and >= 1.3x in fp32; the decision (good > bad) of ours-fp32 the same as minicons' on
@@ -170,13 +172,15 @@ def main() -> None:
         model_dir = tmp / "model"
         built = build_model(model_dir, every, every[0::2], args.train_steps, args.intermediate_size)
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            # One model per dtype: a bf16 Scorer casts its model's weights to bf16 in place.
+            models = {dtype: AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+                      for dtype in ("fp32", "bf16")}
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         runs: dict[str, list[tuple[np.ndarray, float]]] = {"minicons": [], "fp32": [], "bf16": []}
         for _ in range(args.repeats):  # interleaved, best of each
             runs["minicons"].append(peer(tmp, model_dir, sentences, threads))
             for dtype in ("fp32", "bf16"):
-                runs[dtype].append(ours(model, tokenizer, requests, dtype, args.batch_size))
+                runs[dtype].append(ours(models[dtype], tokenizer, requests, dtype, args.batch_size))
 
     n = len(pairs)
     rate = {k: n / min(seconds for _, seconds in v) for k, v in runs.items()}

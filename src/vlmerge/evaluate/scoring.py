@@ -4,35 +4,49 @@ Requests are tokenised once, grouped (the two sides of a minimal pair stay toget
 by length and packed into batches, so that padding is small and every forward is full. The
 image token carries the request's image feature from the store, or the null (black image)
 feature for text-only tasks, as in Takmaz et al.; `image_prefix=False` drops it (and a plain
-causal LM directory gets BOS alone). bf16 runs the model under autocast and keeps the
-log-softmax in fp32.
+causal LM directory gets BOS alone). bf16 runs the model with bf16 weights and keeps the
+log-softmax in fp32. Logits are computed only at the positions whose next token is scored
+(not at the prefix, the context or padding).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections import defaultdict
 from collections.abc import Sequence
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlmerge.data import FeatureTable
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.tasks import Request, Scores
 
 
-def target_logprobs(logits: torch.Tensor, ids: torch.Tensor, scored: torch.Tensor) -> torch.Tensor:
-    """Σ over scored positions of log p(ids[t] | ids[<t]); `scored[b, t]` marks target tokens.
+# Rows of logits per log-softmax call: a chunk (64 × a 16k vocabulary in fp32, 4 MiB) stays in
+# cache between the max, exp-sum and gather passes; the whole batch's logits would not.
+_CHUNK = 64
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
-    logits[b, t] predicts ids[b, t + 1]. Computed as gathered logit − logsumexp in fp32,
-    without materialising the full log-softmax.
-    """
-    logits = logits[:, :-1].float()
-    nxt = ids[:, 1:]
-    lp = logits.gather(-1, nxt.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return (lp * scored[:, 1:]).sum(dim=1, dtype=torch.float64)
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[i]) under logits[i] (`[N, V]`, any float dtype), computed in fp32."""
+    out = torch.empty(len(targets), dtype=torch.float32, device=logits.device)
+    for i in range(0, len(targets), _CHUNK):
+        lp = torch.log_softmax(logits[i : i + _CHUNK], dim=-1, dtype=torch.float32)
+        out[i : i + _CHUNK] = lp.gather(-1, targets[i : i + _CHUNK, None]).squeeze(-1)
+    return out
+
+
+def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the model's floating parameters to `dtype` in place (buffers such as rotary
+    frequencies stay as they are). Weights written later with `copy_` (the sweep's merges,
+    computed in fp32) are cast on the way in."""
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +60,10 @@ class Prepared:
 
 
 class Scorer:
-    """Scores requests with one model; the model may be rewritten in place between calls (sweep)."""
+    """Scores requests with one model; the model may be rewritten in place between calls (sweep).
+
+    The model runs in `dtype`: its floating parameters are cast in place, once, here (a bf16 scorer leaves the caller's model in bf16; score an fp32 copy for fp32).
+    """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, features: FeatureTable | None = None,
                  image_prefix: bool = True, dtype: str = "fp32", batch_size: int = 64):
@@ -59,9 +76,10 @@ class Scorer:
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.prefix = [bos, image_token] if self.use_image else [bos]
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
-        if dtype not in ("fp32", "bf16"):
+        if dtype not in DTYPES:
             raise VlmergeError(f"--dtype {dtype!r}: expected fp32 or bf16")
         self.dtype = dtype
+        cast_parameters(model, DTYPES[dtype])
         self.device = next(model.parameters()).device
         self._memo: dict[int, tuple[list[Request], Prepared]] = {}
 
@@ -105,25 +123,34 @@ class Scorer:
         requests, seqs = p.requests, p.seqs
         logprob = np.zeros(len(requests))
         tokens = np.array(p.target_lengths, dtype=np.int64)
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.dtype == "bf16" else \
-            contextlib.nullcontext()
-        with torch.inference_mode(), autocast:
+        # The scored sequences are short (tens of tokens): there SDPA's math kernel (in fp32 for
+        # bf16 inputs on CPU) is faster than its flash kernel, whose tiling is made for long ones.
+        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
             for batch in p.batches:
-                width = max(len(seqs[i]) for i in batch)
-                ids = torch.full((len(batch), width), self.pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                scored = torch.zeros((len(batch), width), dtype=torch.float32)
-                for row, i in enumerate(batch):
-                    n = len(seqs[i])
-                    ids[row, :n] = torch.tensor(seqs[i])
-                    mask[row, :n] = 1
-                    scored[row, n - p.target_lengths[i] : n] = 1
+                ids, mask, predicts = self._batch([seqs[i] for i in batch], [p.target_lengths[i] for i in batch])
                 inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
                 if self.use_image:
                     inputs["pixel_values"] = self._features([requests[i].image for i in batch]).to(self.device)
-                logits = self.model(**inputs).logits
-                logprob[batch] = target_logprobs(logits, inputs["input_ids"], scored.to(self.device)).cpu().numpy()
+                predicts = predicts.to(self.device)
+                # A boolean logits_to_keep gives the logits of the True positions only, flattened.
+                logits = self.model(**inputs, logits_to_keep=predicts).logits
+                lp = target_logprobs(logits, inputs["input_ids"][:, 1:][predicts[:, :-1]])
+                rows = predicts.nonzero()[:, 0]  # the batch row of each scored token, in the same order
+                sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device).index_add_(0, rows, lp.double())
+                logprob[batch] = sums.cpu().numpy()
         return Scores(logprob, tokens)
+
+    def _batch(self, seqs: list[list[int]], target_lengths: list[int]) -> tuple[torch.Tensor, ...]:
+        """Right-padded ids, attention mask, and `predicts[b, t]`: whether ids[b, t + 1] is a target token."""
+        lengths = np.array([len(s) for s in seqs])
+        width = int(lengths.max())
+        cols = np.arange(width)
+        mask = cols < lengths[:, None]
+        ids = np.full((len(seqs), width), self.pad, dtype=np.int64)
+        ids[mask] = np.concatenate(seqs)
+        first = lengths - np.array(target_lengths)  # index of each row's first target token
+        predicts = (cols + 1 >= first[:, None]) & (cols + 1 < lengths[:, None])
+        return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(predicts)
 
     def _features(self, images: list[str | None]) -> torch.Tensor:
         out = self.features.null.expand(len(images), -1).clone()
