@@ -62,7 +62,8 @@ class Prepared:
 class Scorer:
     """Scores requests with one model; the model may be rewritten in place between calls (sweep).
 
-    The model runs in `dtype`: its floating parameters are cast in place, once, here (a bf16 scorer leaves the caller's model in bf16; score an fp32 copy for fp32).
+    The model runs in `dtype`: its floating parameters are cast in place, once, here (a bf16
+    scorer leaves the caller's model in bf16; score an fp32 copy for fp32).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, features: FeatureTable | None = None,
