@@ -20,7 +20,7 @@ import yaml
 from vlmerge.config import Config, load_config
 from vlmerge.errors import VlmergeError
 from vlmerge.sweep.commands import array_layout, current_plan, max_array_size
-from vlmerge.sweep.run import is_done, results_dir, run_items
+from vlmerge.sweep.run import is_done, run_items
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
 
@@ -43,7 +43,7 @@ def submit(cfg: Config, config: str | None, overrides: list[str], executor_kind:
         print("sweep: every item is done")
         return []
     groups = chunks(todo, max_array_size() if executor_kind == "slurm" else len(todo))
-    executor = submitit.AutoExecutor(folder=results_dir(cfg) / "submitit" / "%j", cluster=executor_kind)
+    executor = submitit.AutoExecutor(folder=cfg.results_dir / "submitit" / "%j", cluster=executor_kind)
     executor.update_parameters(name=f"vlmerge-sweep-{cfg.experiment}", **profile)
     jobs = executor.map_array(run_chunk, [config] * len(groups), [overrides] * len(groups), groups)
     note = f", {len(groups[0])} items per task (MaxArraySize)" if len(groups[0]) > 1 else ""

@@ -108,10 +108,9 @@ def _pipeline(cfg: Config, args: argparse.Namespace) -> None:
 
 def _results(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, compact
-    from vlmerge.sweep.run import results_dir
 
     for name, schema in (("metrics", RESULTS_SCHEMA), ("items", ITEMS_SCHEMA)):
-        files, rows = compact(results_dir(cfg) / name, schema)
+        files, rows = compact(cfg.results_dir / name, schema)
         print(f"results compact: {name}: {files} file(s) -> 1, {rows} rows")
 
 

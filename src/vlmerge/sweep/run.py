@@ -32,16 +32,12 @@ from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelInfo, checkpoint_
 from vlmerge.sweep.plan import WorkItem, eval_salt, run_checkpoints, sweep_tasks
 
 
-def results_dir(cfg: Config) -> Path:
-    return cfg.root / "results" / cfg.experiment
-
-
 def metrics_path(cfg: Config, name: str) -> Path:
-    return results_dir(cfg) / "metrics" / f"{name}.parquet"
+    return cfg.results_dir / "metrics" / f"{name}.parquet"
 
 
 def items_path(cfg: Config, name: str) -> Path:
-    return results_dir(cfg) / "items" / f"{name}.parquet"
+    return cfg.results_dir / "items" / f"{name}.parquet"
 
 
 def finished(cfg: Config, name: str) -> bool:
@@ -132,7 +128,7 @@ class ItemRunner:
     def _distances(self, item: WorkItem, pair: Pair) -> None:
         if not self.cfg.sweep.distances:
             return
-        out = results_dir(self.cfg) / "distances" / f"{fingerprint([item.text, item.mm, item.base])[:12]}.parquet"
+        out = self.cfg.results_dir / "distances" / f"{fingerprint([item.text, item.mm, item.base])[:12]}.parquet"
         if not out.is_file():
             write_parquet(distance_rows(pair.text, pair.mm, pair.base), out)
 
@@ -153,7 +149,7 @@ def run_items(cfg: Config, items: list[WorkItem], *, progress: bool = False) -> 
 def best_text_pairing(cfg: Config) -> dict[Path, Path]:
     """Every multimodal checkpoint -> the text checkpoint with the best mean accuracy on
     sweep.best_text_task (the paper's pairing); the scores are kept in results/<exp>/best_text.json."""
-    cache = results_dir(cfg) / "best_text.json"
+    cache = cfg.results_dir / "best_text.json"
     task = cfg.sweep.best_text_task
     salt = eval_salt(cfg, [task])
     scores = read_json(cache) if cache.is_file() else {}
