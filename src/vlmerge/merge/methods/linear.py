@@ -14,7 +14,8 @@ def endpoint(alpha: float, params: dict) -> str | None:
 def linear(x: TensorInputs, alpha: float, out: torch.Tensor | None = None) -> torch.Tensor:
     # The endpoints are the inputs themselves, bitwise (lerp at α = 0 would turn a -0.0 of θ_mm
     # into +0.0 where θ_text is positive).
-    if alpha in (0.0, 1.0):
-        same = x.text if alpha == 1.0 else x.mm
+    role = endpoint(alpha, {})
+    if role:
+        same = getattr(x, role)
         return same.clone() if out is None else out.copy_(same)
     return torch.lerp(x.mm, x.text, alpha, out=out)
