@@ -1,7 +1,7 @@
-"""`python -m analysis ARGS` is `vlmerge analyze ARGS`."""
+"""`python -m vlmerge.analysis ARGS` is `vlmerge analyze ARGS`, without importing the rest of vlmerge."""
 
 import sys
 
-from vlmerge.cli import main
+from vlmerge.analysis.cli import main
 
-sys.exit(main(["analyze", *sys.argv[1:]]))
+sys.exit(main())

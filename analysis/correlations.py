@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from analysis.load import CHECKPOINT_PAIR
-from analysis.stats import MIN_POINTS, pearson, percentile_interval, spearman
-from analysis.tables import Merges
+from vlmerge.analysis.load import CHECKPOINT_PAIR
+from vlmerge.analysis.stats import MIN_POINTS, pearson, percentile_interval, spearman
+from vlmerge.analysis.tables import Merges
 
 COLUMNS = ["metric", "space", "scope", "task", "task_metric", "method", "method_params", "alpha", "pearson",
            "spearman", "ci_low", "ci_high", "n"]

@@ -4,7 +4,7 @@ One results folder is `results/<experiment>` with `metrics/`, `items/` and `dist
 (DESIGN.md, "Results"); a folder that holds several such folders (`results/`) stands for all of
 them. Files that are not results (a foreign or empty Parquet) are left out with a note; a folder
 without any Parquet file is an error. Rows are deduplicated on their key (the newest wins), as
-`vlmerge.results.read_results` does.
+`vlmerge.results` defines (`DEDUPE`, the same key the writer's compaction uses).
 """
 
 from __future__ import annotations
@@ -18,18 +18,12 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from vlmerge import layout
 from vlmerge.errors import VlmergeError
-from vlmerge.results import DISTANCES_SCHEMA, ITEMS_SCHEMA, KEY, RESULTS_SCHEMA
+from vlmerge.results import CHECKPOINT_PAIR, MODEL, PAIR, SCHEMAS, newest_rows
 
-# A model is named by these columns; a merged pair by the same without alpha.
-MODEL = ["experiment", "method", "method_params", "text_run", "mm_run", "text_words", "mm_words", "alpha"]
-PAIR = MODEL[:-1]
-CHECKPOINT_PAIR = ["experiment", "text_run", "mm_run", "text_words", "mm_words"]
+__all__ = ["CHECKPOINT_PAIR", "MODEL", "PAIR", "NO_WORDS", "Results", "load"]
 NO_WORDS = -1  # words seen of the side a twin's row does not have (null in the Parquet)
-
-DATASETS = {"metrics": RESULTS_SCHEMA, "items": ITEMS_SCHEMA, "distances": DISTANCES_SCHEMA}
-DEDUPE = {"metrics": [c for c in KEY if c != "item_id"], "items": [*PAIR, "alpha", "task", "example_id"],
-          "distances": [*CHECKPOINT_PAIR, "space", "scope", "metric"]}
 
 
 @dataclasses.dataclass
@@ -47,9 +41,7 @@ def experiment_folders(path: Path) -> list[Path]:
     """`path` itself when it holds a `metrics/` folder, else its subfolders that do."""
     if not path.is_dir():
         raise VlmergeError(f"--results {path}: not a folder")
-    if (path / "metrics").is_dir():
-        return [path]
-    found = sorted(p for p in path.iterdir() if (p / "metrics").is_dir())
+    found = layout.experiment_results_dirs(path)
     if not found:
         raise VlmergeError(f"--results {path}: expected a results folder with metrics/ inside "
                            "(results/<experiment>), or a folder of such folders")
@@ -58,7 +50,7 @@ def experiment_folders(path: Path) -> list[Path]:
 
 def read_dataset(files: Sequence[Path], name: str, notes: list[str]) -> pd.DataFrame:
     """Every readable file of one dataset as one frame; foreign and unreadable files become notes."""
-    schema = DATASETS[name]
+    schema = SCHEMAS[name]
     frames = []
     for f in files:
         try:
@@ -77,10 +69,7 @@ def read_dataset(files: Sequence[Path], name: str, notes: list[str]) -> pd.DataF
         frames.append(table.to_pandas())
     if not frames:
         return _normalise(schema.empty_table().to_pandas())
-    frame = _normalise(pd.concat(frames, ignore_index=True))
-    if "created_at" in frame:
-        frame = frame.sort_values("created_at", kind="stable")
-    return frame.drop_duplicates(DEDUPE[name], keep="last").reset_index(drop=True)
+    return newest_rows(_normalise(pd.concat(frames, ignore_index=True)), name)
 
 
 def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
@@ -102,7 +91,8 @@ TRAINING_COLUMNS = ["experiment", "run", "words", "loss"]
 def read_training(runs: Path, notes: list[str]) -> pd.DataFrame:
     """The loss curve of every run under `runs/<experiment>` (each run's metrics.jsonl)."""
     rows = []
-    for log in sorted(runs.glob("*/metrics.jsonl")):
+    logs = (layout.run_metrics_log(run) for run in sorted(runs.iterdir()) if run.is_dir())
+    for log in (log for log in logs if log.is_file()):
         bad = 0
         for line in log.read_text(encoding="utf-8").splitlines():
             try:
@@ -116,21 +106,16 @@ def read_training(runs: Path, notes: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=TRAINING_COLUMNS)
 
 
-def runs_folder(results: Path) -> Path:
-    """`<root>/runs/<experiment>` beside `<root>/results/<experiment>`."""
-    return results.parent.parent / "runs" / results.name
-
-
 def load(results: Sequence[Path], runs: Sequence[Path] | None = None) -> Results:
     """The datasets of every experiment folder under `results`; training logs from `runs`
     (default: the runs folder beside each results folder, when there is one)."""
     notes: list[str] = []
     folders = [f for path in results for f in experiment_folders(Path(path))]
-    files = {name: [f for folder in folders for f in sorted((folder / name).glob("*.parquet"))] for name in DATASETS}
+    files = {name: [f for folder in folders for f in layout.result_files(folder, name)] for name in layout.RESULT_DATASETS}
     if not any(files.values()):
         raise VlmergeError(f"--results {', '.join(map(str, results))}: no Parquet files in metrics/, items/ or distances/")
-    frames = {name: read_dataset(files[name], name, notes) for name in DATASETS}
-    runs = [Path(r) for r in runs] if runs is not None else [r for r in map(runs_folder, folders) if r.is_dir()]
+    frames = {name: read_dataset(files[name], name, notes) for name in layout.RESULT_DATASETS}
+    runs = [Path(r) for r in runs] if runs is not None else [r for r in map(layout.runs_dir_of_results, folders) if r.is_dir()]
     logs = [read_training(r, notes) for r in runs]
     training = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=TRAINING_COLUMNS)
     return Results(frames["metrics"], frames["items"], frames["distances"], training, notes)

@@ -12,7 +12,7 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 
-from analysis.stats import line_fit, pearson
+from vlmerge.analysis.stats import line_fit, pearson
 from vlmerge.io import atomic_path
 
 DPI = 110

@@ -11,13 +11,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis import plots
-from analysis.correlations import COLUMNS as CORRELATION_COLUMNS
-from analysis.correlations import correlations, too_few_points
-from analysis.load import CHECKPOINT_PAIR, Results, load
-from analysis.report import Section, html_report, markdown_summary, markdown_table
-from analysis.scores import task_metrics, task_scores
-from analysis.tables import BEST_COLUMNS, SCORE_COLUMNS, Merges, best_alpha, merges, multimodal_drop
+from vlmerge.analysis import plots
+from vlmerge.analysis.correlations import COLUMNS as CORRELATION_COLUMNS
+from vlmerge.analysis.correlations import correlations, too_few_points
+from vlmerge.analysis.load import CHECKPOINT_PAIR, Results, load
+from vlmerge.analysis.report import Section, html_report, markdown_summary, markdown_table
+from vlmerge.analysis.scores import task_metrics, task_scores
+from vlmerge.analysis.tables import BEST_COLUMNS, SCORE_COLUMNS, Merges, best_alpha, merges, multimodal_drop
 from vlmerge.config import AnalysisConfig
 from vlmerge.io import write_text
 

@@ -18,8 +18,8 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from analysis.load import MODEL, Results
-from analysis.stats import resample_counts
+from vlmerge.analysis.load import MODEL, Results
+from vlmerge.analysis.stats import resample_counts
 
 LOWER_IS_BETTER = {"perplexity", "loss"}
 CHUNK = 128  # replicates drawn at a time: bounds the counts matrix to CHUNK × items

@@ -14,8 +14,9 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from analysis.load import MODEL, NO_WORDS, PAIR
-from analysis.scores import TaskMetric
+from vlmerge.analysis.load import MODEL, NO_WORDS, PAIR
+from vlmerge.results import MM_ALPHA, TEXT_ALPHA, UNMERGED
+from vlmerge.analysis.scores import TaskMetric
 
 MIN_ADVANTAGE = 1e-12  # a text twin this close to the multimodal one has no advantage to retain
 SCORE_COLUMNS = [*PAIR, "alpha", "task", "metric", "score", "text_twin", "mm_twin", "drop", "retention"]
@@ -51,20 +52,20 @@ class Merges:
 
 
 def twin_keys(keys: pd.DataFrame, run: str) -> pd.MultiIndex:
-    """The unmerged twin of each merged row: method 'none', α = 1 (text) or 0 (multimodal)."""
+    """The unmerged twin of each merged row (ModelKey.twin: method 'none', the twin's α)."""
     n = len(keys)
     text = run == "text"
     return pd.MultiIndex.from_arrays([
-        keys.experiment, ["none"] * n, ["{}"] * n,
+        keys.experiment, [UNMERGED] * n, ["{}"] * n,
         keys.text_run if text else [""] * n, [""] * n if text else keys.mm_run,
         keys.text_words if text else [NO_WORDS] * n, [NO_WORDS] * n if text else keys.mm_words,
-        [1.0 if text else 0.0] * n,
+        [TEXT_ALPHA if text else MM_ALPHA] * n,
     ], names=MODEL)
 
 
 def merges(scores: pd.DataFrame, task: TaskMetric) -> Merges:
     """The merged rows of a score frame beside their twins (NaN where a twin was not evaluated)."""
-    merged = scores[scores.index.get_level_values("method") != "none"]
+    merged = scores[scores.index.get_level_values("method") != UNMERGED]
     keys = merged.index.to_frame(index=False)
     return Merges(task, keys, merged.to_numpy(),
                   scores.reindex(twin_keys(keys, "text")).to_numpy(),

@@ -14,18 +14,15 @@ from pathlib import Path
 
 import numpy as np
 
-from precompute.manifests import expand_paths
-from precompute.tokenizer import ENCODE_BATCH, batched, iter_captions, iter_text_lines, load_tokenizer, tokenizer_dir
+from vlmerge.precompute.manifests import expand_paths
+from vlmerge.precompute.tokenizer import ENCODE_BATCH, batched, iter_captions, iter_text_lines, load_tokenizer
+from vlmerge import layout
 from vlmerge.config import Config, save_resolved
 from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path, check_writable, fingerprint, read_json, write_json
 from vlmerge.problems import ProblemLog
 
 SOURCES = ("text", "captions")
-
-
-def corpus_dir(cfg: Config) -> Path:
-    return cfg.run_dir("corpus")
 
 
 @dataclasses.dataclass
@@ -40,11 +37,11 @@ class _ShardBuffer:
         lengths = np.fromiter((len(t) for t in self.tokens), dtype=np.int64, count=len(self.tokens))
         offsets = np.concatenate([[0], np.cumsum(lengths)])
         flat = np.concatenate(self.tokens).astype(dtype) if self.tokens else np.zeros(0, dtype)
-        np.save(folder / f"tokens-{k:05d}.npy", flat)
-        np.save(folder / f"offsets-{k:05d}.npy", offsets)
-        np.save(folder / f"words-{k:05d}.npy", np.array(self.words, dtype=np.int32))
+        np.save(layout.corpus_array(folder, "tokens", k), flat)
+        np.save(layout.corpus_array(folder, "offsets", k), offsets)
+        np.save(layout.corpus_array(folder, "words", k), np.array(self.words, dtype=np.int32))
         if self.images:
-            np.save(folder / f"images-{k:05d}.npy", np.array(self.images, dtype=str))
+            np.save(layout.corpus_array(folder, "images", k), np.array(self.images, dtype=str))
         return {"shard": k, "samples": len(self.words), "tokens": int(offsets[-1]), "words": int(sum(self.words))}
 
 
@@ -90,11 +87,11 @@ class TokenShards:
         self._shards = []
         for s in self.index["shards"]:
             k = s["shard"]
-            images = folder / f"images-{k:05d}.npy"
+            images = layout.corpus_array(folder, "images", k)
             self._shards.append((
-                np.load(folder / f"tokens-{k:05d}.npy", mmap_mode="r"),
-                np.load(folder / f"offsets-{k:05d}.npy", mmap_mode="r"),
-                np.load(folder / f"words-{k:05d}.npy", mmap_mode="r"),
+                np.load(layout.corpus_array(folder, "tokens", k), mmap_mode="r"),
+                np.load(layout.corpus_array(folder, "offsets", k), mmap_mode="r"),
+                np.load(layout.corpus_array(folder, "words", k), mmap_mode="r"),
                 np.load(images, mmap_mode="r") if images.exists() else None,
             ))
         self._starts = np.cumsum([0] + [s["samples"] for s in self.index["shards"]])
@@ -129,9 +126,9 @@ def _source_samples(cfg: Config, source: str, problems: ProblemLog) -> Iterator[
 
 def run(cfg: Config) -> Path:
     """Write the token shards of every configured source; sources already written are skipped."""
-    out = corpus_dir(cfg)
+    out = cfg.layout.corpus_dir
     check_writable(cfg.root)
-    tok_dir = tokenizer_dir(cfg)
+    tok_dir = cfg.layout.tokenizer_dir
     tokenizer = load_tokenizer(tok_dir, cfg.tokenizer)
     tok_fp = read_json(tok_dir / "stats.json")["fingerprint"]
     for source in SOURCES:
@@ -139,7 +136,7 @@ def run(cfg: Config) -> Path:
         if not files:
             continue
         fp = fingerprint([source, files, tok_fp, cfg.corpus.shard_samples])
-        folder = out / source
+        folder = cfg.layout.corpus_source_dir(source)
         if (folder / "index.json").is_file():
             if read_json(folder / "index.json")["fingerprint"] == fp:
                 print(f"corpus: {folder} is up to date")

@@ -16,30 +16,22 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from precompute import store
-from precompute.encoder import PooledEncoder, crop_size, load_encoder
-from precompute.manifests import ImageItem, read_image_source, unique_images
-from vlmerge import code_version
+from vlmerge.precompute import store
+from vlmerge.precompute.encoder import PooledEncoder, crop_size, load_encoder
+from vlmerge.precompute.manifests import ImageItem, read_image_source, unique_images
+from vlmerge import code_version, layout
 from vlmerge.config import Config, FeaturesConfig, NpyImport, save_resolved
 from vlmerge.errors import VlmergeError
 from vlmerge.io import check_writable, fingerprint, write_jsonl
 from vlmerge.problems import ProblemLog
 
 
-def store_path(cfg: Config) -> Path:
-    return cfg.root / "features" / f"{cfg.features.name}.h5"
-
-
-def shard_dir(cfg: Config) -> Path:
-    return cfg.root / "features" / f"{cfg.features.name}.shards"
-
-
 def shard_path(cfg: Config, index: int, count: int) -> Path:
-    return shard_dir(cfg) / f"{cfg.features.name}-{index:05d}-of-{count:05d}.h5"
+    return layout.store_shard(cfg.store_path, index, count)
 
 
 def import_shard_path(cfg: Config, imp: NpyImport) -> Path:
-    return shard_dir(cfg) / f"{cfg.features.name}-import-{imp.prefix}.h5"
+    return layout.store_import_shard(cfg.store_path, imp.prefix)
 
 
 def shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
@@ -246,7 +238,7 @@ def import_npy(cfg: Config, imp: NpyImport, dim: int, attrs: dict) -> list[str]:
     if rows != len(captions):
         raise VlmergeError(f"{imp.captions}: {len(captions)} captions but the .npy parts hold {rows} rows")
     ids = [f"{imp.prefix}-{i:08d}" for i in range(rows)]
-    write_jsonl(cfg.root / "features" / f"{imp.prefix}.captions.jsonl",
+    write_jsonl(cfg.layout.import_captions(imp.prefix),
                 ({"image_id": i, "caption": c} for i, c in zip(ids, captions, strict=True)))
     path = import_shard_path(cfg, imp)
     if path.exists():
@@ -266,29 +258,17 @@ def import_npy(cfg: Config, imp: NpyImport, dim: int, attrs: dict) -> list[str]:
     return ids
 
 
-def _shard_from_env(shard: int | None, num_shards: int) -> int | None:
-    if shard is not None:
-        return shard
-    task = os.environ.get("SLURM_ARRAY_TASK_ID")
-    count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
-    if task is None:
-        return None
-    if count is not None and int(count) != num_shards:
-        raise VlmergeError(f"SLURM array has {count} tasks but features.num_shards is {num_shards}")
-    return int(task)
-
-
 def precompute(
     cfg: Config, *, shard: int | None = None, num_shards: int | None = None, link_only: bool = False,
     retry_failures: bool = False, progress: bool = True,
 ) -> Path | None:
-    """Run one shard (`shard` given or from SLURM_ARRAY_TASK_ID), or all shards then link.
+    """Run one shard (`shard`: an array task's, `vlmerge.launch.array_shard`), or all shards then link.
 
     Returns the store's path once linked, None after a single shard.
     """
     fc = cfg.features
     count = num_shards or fc.num_shards
-    index = _shard_from_env(shard, count)
+    index = shard
     if index is not None and not 0 <= index < count:
         raise VlmergeError(f"--shard {index}: expected 0..{count - 1} (num_shards={count})")
     check_writable(cfg.root)
@@ -299,7 +279,7 @@ def precompute(
     rt = Runtime.create(fc)
     ids_fp = fingerprint([[it.image_id for it in items], [i.model_dump() for i in fc.imports]])
     attrs = store_attrs(cfg, ids_fp, rt)
-    out = store_path(cfg)
+    out = cfg.store_path
     if out.exists():
         with h5py.File(out, "r") as f:
             if f.attrs.get("fingerprint") == attrs["fingerprint"]:
@@ -321,6 +301,6 @@ def precompute(
         expected += import_npy(cfg, imp, rt.encoder.dim, attrs)
         shards.append(import_shard_path(cfg, imp))
     n, n_failed = store.link(shards, out, expected, rt.null_feature(), attrs)
-    save_resolved(cfg, out.with_suffix(".config.yaml"))
+    save_resolved(cfg, layout.store_config(out))
     print(f"precompute: {out}: {n} images, {n_failed} failed")
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from vlmerge.config import ImageSource
 from vlmerge.errors import VlmergeError
-from vlmerge.problems import ProblemLog
+from vlmerge.problems import ProblemLog, read_jsonl
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,29 +36,10 @@ def _require_file(path: Path, what: str) -> None:
         raise VlmergeError(f"{path}: {what} not found")
 
 
-def read_jsonl(path: Path, problems: ProblemLog) -> Iterator[tuple[str, dict]]:
-    """(file:line, object) for each JSON-object line; malformed lines go to `problems`."""
-    _require_file(path, "manifest")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                problems.add(where, f"malformed line: {e.msg}")
-                continue
-            if not isinstance(obj, dict):
-                problems.add(where, "malformed line: expected a JSON object")
-                continue
-            yield where, obj
-
-
 def read_jsonl_manifest(path: Path, problems: ProblemLog, *, need_path: bool = True) -> list[ImageItem]:
     """A JSONL manifest; relative image paths are relative to the manifest's folder."""
     items = []
-    for where, obj in read_jsonl(path, problems):
+    for where, obj in read_jsonl(path, problems, "manifest"):
         image_id, rel, caption = obj.get("image_id"), obj.get("path"), obj.get("caption")
         if not isinstance(image_id, str) or not image_id:
             problems.add(where, "malformed line: 'image_id' must be a non-empty string")

@@ -8,17 +8,13 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from precompute.manifests import expand_paths, read_jsonl
+from vlmerge.precompute.manifests import expand_paths
 from vlmerge.config import Config, TokenizerConfig, save_resolved
 from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path, check_writable, fingerprint, read_json, write_json
-from vlmerge.problems import ProblemLog
+from vlmerge.problems import ProblemLog, read_jsonl
 
 ENCODE_BATCH = 10_000  # lines per call into the (parallel, Rust) batch encoder
-
-
-def tokenizer_dir(cfg: Config) -> Path:
-    return cfg.run_dir("tokenizer")
 
 
 def normalize(text: str) -> str:
@@ -38,7 +34,7 @@ def iter_text_lines(paths: Iterable[Path]) -> Iterator[str]:
 def iter_captions(paths: Iterable[Path], problems: ProblemLog) -> Iterator[tuple[str, str]]:
     """(image_id, caption) of caption manifests; lines without both are problems."""
     for path in paths:
-        for where, obj in read_jsonl(path, problems):
+        for where, obj in read_jsonl(path, problems, "manifest"):
             image_id, caption = obj.get("image_id"), obj.get("caption")
             if not isinstance(image_id, str) or not isinstance(caption, str) or not caption.strip():
                 problems.add(where, "malformed line: expected string 'image_id' and non-empty 'caption'")
@@ -113,7 +109,7 @@ def load_tokenizer(path: Path, tc: TokenizerConfig) -> PreTrainedTokenizerFast:
 
 def run(cfg: Config, *, progress: bool = True) -> Path:
     """Train and save the tokenizer with its stats; skip if an identical one is already saved."""
-    out = tokenizer_dir(cfg)
+    out = cfg.layout.tokenizer_dir
     check_writable(cfg.root)
     fp = fingerprint([cfg.tokenizer.model_dump(), cfg.data.text, cfg.data.captions])
     if (out / "stats.json").is_file():

@@ -5,7 +5,7 @@
 
 Only items not done yet are submitted; past the cluster's MaxArraySize several items are packed
 per array task. The submitit folder is results/<exp>/submitit/. Cluster settings (partition,
-account, GPUs, time) come from slurm/profiles/<profile>.yaml.
+account, GPUs, time) come from slurm/profiles/<profile>.yaml. The work is `vlmerge.launch.submit_sweep`.
 """
 
 from __future__ import annotations
@@ -14,41 +14,13 @@ import argparse
 import sys
 from pathlib import Path
 
-import submitit
 import yaml
 
-from vlmerge.config import Config, load_config
+from vlmerge.config import load_config
 from vlmerge.errors import VlmergeError
-from vlmerge.sweep.commands import array_layout, current_plan, max_array_size
-from vlmerge.sweep.run import is_done, run_items
+from vlmerge.launch import submit_sweep
 
 PROFILES = Path(__file__).resolve().parent / "profiles"
-
-
-def run_chunk(config: str | None, overrides: list[str], item_ids: list[str]) -> int:
-    """One array task: run these items of the plan (on the worker)."""
-    cfg = load_config(config, overrides)
-    wanted = set(item_ids)
-    return run_items(cfg, [it for it in current_plan(cfg) if it.item_id in wanted])
-
-
-def chunks(ids: list[str], max_tasks: int) -> list[list[str]]:
-    tasks, per_task = array_layout(len(ids), max_tasks)
-    return [ids[k * per_task : (k + 1) * per_task] for k in range(tasks)]
-
-
-def submit(cfg: Config, config: str | None, overrides: list[str], executor_kind: str, profile: dict) -> list:
-    todo = [it.item_id for it in current_plan(cfg) if not is_done(cfg, it)]
-    if not todo:
-        print("sweep: every item is done")
-        return []
-    groups = chunks(todo, max_array_size() if executor_kind == "slurm" else len(todo))
-    executor = submitit.AutoExecutor(folder=cfg.results_dir / "submitit" / "%j", cluster=executor_kind)
-    executor.update_parameters(name=f"vlmerge-sweep-{cfg.experiment}", **profile)
-    jobs = executor.map_array(run_chunk, [config] * len(groups), [overrides] * len(groups), groups)
-    note = f", {len(groups[0])} items per task (MaxArraySize)" if len(groups[0]) > 1 else ""
-    print(f"sweep: {len(todo)} items in {len(jobs)} array task(s){note}; job {jobs[0].job_id.split('_')[0]}")
-    return jobs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
             known = ", ".join(p.stem for p in sorted(PROFILES.glob("*.yaml")))
             raise VlmergeError(f"--profile {args.profile}: no {profile_path} (known: {known})")
         profile = yaml.safe_load(profile_path.read_text()) or {}
-        jobs = submit(cfg, args.config, args.overrides, args.executor, profile)
+        jobs = submit_sweep(args.config, args.overrides, args.executor, profile, cfg.layout.results_dir / "submitit")
         if not args.no_wait:
             ran = sum(job.result() for job in jobs)
             print(f"sweep: {ran} item(s) run")

@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from analysis import analyze
-from analysis import plots
-from analysis.load import load
-from analysis.run import compute, distance_points
-from analysis.scores import TaskMetric, task_scores
-from analysis.tables import merges
+from vlmerge.analysis import analyze
+from vlmerge.analysis import plots
+from vlmerge.analysis.load import load
+from vlmerge.analysis.run import compute, distance_points
+from vlmerge.analysis.scores import TaskMetric, task_scores
+from vlmerge.analysis.tables import merges
 from conftest import REPO
 from vlmerge.config import AnalysisConfig
 from vlmerge.errors import VlmergeError

@@ -25,7 +25,7 @@ def test_overrides_are_typed_and_placeholders_follow_the_root():
     assert cfg.train.lr == 3e-4
     assert cfg.sweep.alphas == [0.0, 0.5, 1.0]
     assert cfg.features.encoder == "/scratch/x/demo/dinov2-tiny"
-    assert cfg.run_dir("tokenizer") == Path("/scratch/x/runs/demo/tokenizer")
+    assert cfg.layout.tokenizer_dir == Path("/scratch/x/runs/demo/tokenizer")
 
 
 @pytest.mark.parametrize(

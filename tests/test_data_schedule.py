@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from vlmerge.data import Piece, count_batches, epoch_order, piece_tokens, plan_batches
-from vlmerge.train.distributed import rendezvous_env
+from vlmerge.launch import rendezvous_env
 from vlmerge.train.schedule import babylm_words, checkpoint_words, lr_factor
 
 

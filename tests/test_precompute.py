@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, Dinov2Model
 
-from precompute import encoder as encoder_mod
-from precompute.encoder import blocks_needed, pool
-from precompute.features import aligned_batches, precompute, shard_bounds, shard_path, store_path
-from precompute.store import read_store
+from vlmerge.launch import array_shard
+from vlmerge.precompute import encoder as encoder_mod
+from vlmerge.precompute.encoder import blocks_needed, pool
+from vlmerge.precompute.features import aligned_batches, precompute, shard_bounds, shard_path
+from vlmerge.precompute.store import read_store
 from vlmerge.cli import main
 from vlmerge.demo.world import save_random_dinov2
 from vlmerge.errors import VlmergeError
@@ -117,7 +118,7 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, demo_wo
     with h5py.File(shard, "r") as f:  # the killed shard still opens
         done_at_kill = int(f["done"][:].sum())
     assert 40 <= done_at_kill < len(rows)
-    assert not store_path(cfg_killed).exists()
+    assert not cfg_killed.store_path.exists()
 
     encoded = []
     original = encoder_mod.PooledEncoder.forward
@@ -185,17 +186,16 @@ def test_unwritable_output_root_exits_in_one_line(tmp_path, capsys):
     assert blocker.read_text() == "existing output"
 
 
-def test_shards_in_any_order_then_link_equal_a_single_run(make_cfg, monkeypatch):
+def test_shards_in_any_order_then_link_equal_a_single_run(make_cfg):
     single = read_store(precompute(make_cfg("features.name=single"), progress=False))
     cfg = make_cfg("features.name=sharded", "features.num_shards=3")
     with pytest.raises(VlmergeError, match="shard missing"):
         precompute(cfg, link_only=True, progress=False)
     assert precompute(cfg, shard=2, progress=False) is None
-    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "0")
-    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "3")
-    assert precompute(cfg, progress=False) is None
-    monkeypatch.delenv("SLURM_ARRAY_TASK_ID")
-    monkeypatch.delenv("SLURM_ARRAY_TASK_COUNT")
+    array_task = array_shard(3, {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "3"})
+    assert precompute(cfg, shard=array_task, progress=False) is None
+    with pytest.raises(VlmergeError, match="SLURM array has 2 tasks but features.num_shards is 3"):
+        array_shard(3, {"SLURM_ARRAY_TASK_ID": "0", "SLURM_ARRAY_TASK_COUNT": "2"})
     precompute(cfg, shard=1, progress=False)
     ids, feats, null = read_store(precompute(cfg, link_only=True, progress=False))
     assert ids == single[0] and len(set(ids)) == len(ids)

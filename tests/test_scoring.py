@@ -7,7 +7,6 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from precompute.features import store_path
 from vlmerge.config import ModelConfig, load_config
 from vlmerge.data import FeatureTable
 from vlmerge.evaluate.scoring import Scorer
@@ -23,8 +22,8 @@ PARADIGMS = ["anaphor_number_agreement", "determiner_noun_agreement_2", "irregul
 @pytest.fixture(scope="module")
 def setup(small_prepared):
     cfg = load_config(None, [f"paths.root={small_prepared}", *SMALL_WORLD])
-    tokenizer = AutoTokenizer.from_pretrained(cfg.run_dir("tokenizer"))
-    features = FeatureTable(store_path(cfg))
+    tokenizer = AutoTokenizer.from_pretrained(cfg.layout.tokenizer_dir)
+    features = FeatureTable(cfg.store_path)
     config = build_config(ModelConfig(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128,
                                       max_length=128), tokenizer, features.dim)
     return init_model(config, 3), tokenizer, features

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from conftest import FAST_TRAIN, REPO, SMALL_WORLD
 from slurm_cluster import job_info, sbatch_wait, slurm_env
-from vlmerge.train.checkpoint import list_checkpoints
+from vlmerge.layout import list_checkpoints
 
 SCRIPT = REPO / "jobs" / "pretrain.sbatch"
 

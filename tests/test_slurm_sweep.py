@@ -7,7 +7,7 @@ import time
 from conftest import FAST_TRAIN, REPO, SMALL_WORLD
 from slurm_cluster import slurm_env
 from vlmerge.config import load_config
-from vlmerge.results import KEY, read_results
+from vlmerge.results import DEDUPE, read_results
 from vlmerge.sweep.plan import plan
 
 SWEEP = [*SMALL_WORLD, *FAST_TRAIN, "sweep.alphas=[0.0, 1.0]", "sweep.tasks=[blimp]", "eval.batch_size=128"]
@@ -33,7 +33,7 @@ def assert_complete(root, overrides) -> None:
     frame = read_results(root / "results/demo/metrics")
     merged = frame[frame.method != "none"]
     assert set(merged.item_id) == {it.item_id for it in items}
-    assert not frame.duplicated(KEY).any()
+    assert not frame.duplicated(["item_id", *DEDUPE["metrics"]]).any()
 
 
 def test_pipeline_sh_runs_the_dag_to_the_end(slurm_cluster, tmp_path):

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import FAST_TRAIN, REPO, SMALL_WORLD, vlmerge_cli
 from vlmerge.config import load_config
-from vlmerge.results import KEY, RESULTS_SCHEMA, read_results
-from vlmerge.sweep.commands import array_layout
+from vlmerge.results import DEDUPE, RESULTS_SCHEMA, read_results
+from vlmerge.launch import array_layout
 from vlmerge.sweep.plan import plan
-from vlmerge.train.checkpoint import list_checkpoints
+from vlmerge.layout import list_checkpoints
 
 SWEEP = [*SMALL_WORLD, *FAST_TRAIN, "sweep.alphas=[0.0, 0.5, 1.0]", "sweep.tasks=[blimp, winoground]",
          "sweep.methods=[{name: linear}, {name: task_arithmetic, grid: {lam: [1.0, 1.5]}}]"]
@@ -71,7 +71,7 @@ def test_results_hold_one_row_per_planned_key(swept):
     assert len(items) == 3 * 3  # 3 same-words pairs × (linear + task arithmetic at two λ)
     frame = read_results(swept / "results/demo/metrics")
     merged = frame[frame.method != "none"]
-    assert not frame.duplicated(KEY).any()
+    assert not frame.duplicated(["item_id", *DEDUPE["metrics"]]).any()
     per_model = merged.groupby(["item_id", "alpha"]).size()
     assert len(per_model) == len(items) * 3 and per_model.nunique() == 1
     assert set(merged.item_id) == {it.item_id for it in items}
@@ -126,7 +126,7 @@ def test_killed_item_leaves_no_file_and_a_rerun_completes_only_the_missing(swept
     r = vlmerge_cli("sweep", "run", "--quiet", f"paths.root={root}", *SWEEP)
     assert r.returncode == 0, r.stderr
     assert f"{len(items) - before} item(s) run, {before} already done" in r.stdout
-    assert not read_results(metrics).duplicated(KEY).any()
+    assert not read_results(metrics).duplicated(["item_id", *DEDUPE["metrics"]]).any()
     r = vlmerge_cli("results", "compact", f"paths.root={root}", *SWEEP)
     assert r.returncode == 0 and len(list(metrics.glob("*.parquet"))) == 1
     again = vlmerge_cli("sweep", "run", "--quiet", f"paths.root={root}", *SWEEP)

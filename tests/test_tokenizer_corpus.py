@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from precompute import corpus, tokenizer
-from precompute.corpus import TokenShards
-from precompute.tokenizer import load_tokenizer, train_bpe
+from vlmerge.precompute import corpus, tokenizer
+from vlmerge.precompute.corpus import TokenShards
+from vlmerge.precompute.tokenizer import load_tokenizer, train_bpe
 from vlmerge.config import TokenizerConfig
 from vlmerge.errors import VlmergeError
 
@@ -34,7 +34,7 @@ def test_tokenizer_has_the_special_tokens_and_reports_subwords_per_word(built):
 
 def test_rerun_skips_finished_work(built):
     cfg, tok_dir, _ = built
-    stamps = {p: p.stat().st_mtime_ns for p in [*tok_dir.iterdir(), *(cfg.run_dir("corpus")).rglob("*.npy")]}
+    stamps = {p: p.stat().st_mtime_ns for p in [*tok_dir.iterdir(), *(cfg.layout.corpus_dir).rglob("*.npy")]}
     tokenizer.run(cfg, progress=False)
     corpus.run(cfg)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -44,7 +44,7 @@ def test_text_shards_keep_every_line_and_its_exact_word_count(built, demo_world)
     cfg, tok_dir, _ = built
     tok = load_tokenizer(tok_dir, cfg.tokenizer)
     lines = [l.strip() for l in demo_world.text_train.read_text().splitlines() if l.strip()]
-    shards = TokenShards(cfg.run_dir("corpus") / "text")
+    shards = TokenShards(cfg.layout.corpus_source_dir("text"))
     assert len(shards) == len(lines)
     assert shards.index["words"] == sum(len(l.split()) for l in lines) >= 100_000
     for i in (0, 1, len(lines) // 2, len(lines) - 1):
@@ -56,7 +56,7 @@ def test_text_shards_keep_every_line_and_its_exact_word_count(built, demo_world)
 def test_caption_shards_carry_their_image_ids(built, demo_world):
     cfg, _, _ = built
     rows = [json.loads(l) for l in (demo_world.root / "captions.jsonl").read_text().splitlines()]
-    shards = TokenShards(cfg.run_dir("corpus") / "captions")
+    shards = TokenShards(cfg.layout.corpus_source_dir("captions"))
     assert len(shards) == len(rows)
     assert [shards[i][2] for i in (0, len(rows) - 1)] == [rows[0]["image_id"], rows[-1]["image_id"]]
     assert shards.index["words"] == sum(len(r["caption"].split()) for r in rows)
@@ -66,7 +66,7 @@ def test_small_shards_split_the_corpus(make_cfg):
     cfg = make_cfg("corpus.shard_samples=1000")
     tokenizer.run(cfg, progress=False)
     corpus.run(cfg)
-    shards = TokenShards(cfg.run_dir("corpus") / "captions")
+    shards = TokenShards(cfg.layout.corpus_source_dir("captions"))
     assert len(shards.index["shards"]) > 1
     assert len(shards) == sum(s["samples"] for s in shards.index["shards"])
     assert shards[999][2] != shards[1000][2]
@@ -81,7 +81,7 @@ def test_malformed_caption_lines_are_counted_not_fatal(make_cfg, tmp_path, capsy
     corpus.run(cfg)
     err = capsys.readouterr().err
     assert "caps.jsonl:2: malformed line" in err and "caps.jsonl:3: malformed line" in err
-    assert len(TokenShards(cfg.run_dir("corpus") / "captions")) == 2
+    assert len(TokenShards(cfg.layout.corpus_source_dir("captions"))) == 2
 
 
 def test_a_tokenizer_without_the_image_token_is_refused(tmp_path):

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, LlamaForCausalLM
 
-import vlmerge  # noqa: F401  (registers the model with the Auto classes)
+import vlmerge.model  # noqa: F401  (registers the model with the Auto classes, as a user would)
 from vlmerge.config import load_config
-from vlmerge.train.checkpoint import list_checkpoints
+from vlmerge.layout import list_checkpoints
 from vlmerge.errors import PREEMPTED_EXIT as EXIT_CODE
 
 from conftest import FAST_TRAIN, SMALL_WORLD, vlmerge_cli
@@ -44,7 +44,7 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
 def test_checkpoints_land_exactly_on_the_schedule_and_epoch_ends(twins):
     cfg = load_config(None, [f"paths.root={twins}", *SMALL_WORLD])
     for run in ("text", "multimodal"):
-        ckpts = list_checkpoints(cfg.run_dir(run))
+        ckpts = list_checkpoints(cfg.layout.run_dir(run))
         states = [json.loads((c / "trainer_state.json").read_text()) for c in ckpts]
         words = [s["words_seen"] for s in states]
         per_epoch = states[-1]["words_seen"] // 2
@@ -56,7 +56,7 @@ def test_checkpoints_land_exactly_on_the_schedule_and_epoch_ends(twins):
 
 
 def test_checkpoints_load_with_from_pretrained_bitwise(twins):
-    ckpt = list_checkpoints(load_config(None, [f"paths.root={twins}", *SMALL_WORLD]).run_dir("multimodal"))[2]
+    ckpt = list_checkpoints(load_config(None, [f"paths.root={twins}", *SMALL_WORLD]).layout.run_dir("multimodal"))[2]
     model = AutoModelForImageTextToText.from_pretrained(ckpt)
     assert type(model).__name__ == "PooledLlavaForConditionalGeneration"
     assert not any("vision_tower" in k for k in model.state_dict())
@@ -65,12 +65,12 @@ def test_checkpoints_load_with_from_pretrained_bitwise(twins):
 
 def test_the_twins_start_from_identical_weights(twins):
     cfg = load_config(None, [f"paths.root={twins}", *SMALL_WORLD])
-    text, mm = (list_checkpoints(cfg.run_dir(r))[0] for r in ("text", "multimodal"))
+    text, mm = (list_checkpoints(cfg.layout.run_dir(r))[0] for r in ("text", "multimodal"))
     assert text.name == mm.name == "words-000000000000"
     assert (text / "model.safetensors").read_bytes() == (mm / "model.safetensors").read_bytes()
     # ...and then they diverge, each on its own data.
-    assert not torch.equal(tensors(list_checkpoints(cfg.run_dir("text"))[-1])["lm_head.weight"],
-                           tensors(list_checkpoints(cfg.run_dir("multimodal"))[-1])["lm_head.weight"])
+    assert not torch.equal(tensors(list_checkpoints(cfg.layout.run_dir("text"))[-1])["lm_head.weight"],
+                           tensors(list_checkpoints(cfg.layout.run_dir("multimodal"))[-1])["lm_head.weight"])
 
 
 def test_metrics_log_loss_lr_and_throughput(twins):

@@ -33,29 +33,33 @@ def _demo_data(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _tokenizer(cfg: Config, args: argparse.Namespace) -> None:
-    from precompute import tokenizer
+    from vlmerge.precompute import tokenizer
 
     tokenizer.run(cfg, progress=_progress(args))
 
 
 def _corpus(cfg: Config, args: argparse.Namespace) -> None:
-    from precompute import corpus
+    from vlmerge.precompute import corpus
 
     corpus.run(cfg)
 
 
 def _precompute(cfg: Config, args: argparse.Namespace) -> None:
-    from precompute.features import precompute
+    from vlmerge import launch
+    from vlmerge.precompute.features import precompute
 
+    num_shards = args.num_shards or cfg.features.num_shards
     precompute(
-        cfg, shard=args.shard, num_shards=args.num_shards, link_only=args.link,
+        cfg, shard=args.shard if args.shard is not None else launch.array_shard(num_shards), num_shards=args.num_shards, link_only=args.link,
         retry_failures=args.retry_failures, progress=_progress(args),
     )
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> None:
+    from vlmerge import launch
     from vlmerge.train.loop import train
 
+    launch.export_rendezvous()  # ranks from torchrun or srun
     train(cfg, args.run, progress=_progress(args))
 
 
@@ -75,17 +79,28 @@ def _grams(cfg: Config, args: argparse.Namespace) -> None:
 def _eval(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge.evaluate.run import eval_command
 
-    eval_command(cfg, Path(args.model), args.task, dtype=args.dtype, features=args.features, out=Path(args.out))
+    from vlmerge import launch
+
+    eval_command(cfg, Path(args.model), args.task, dtype=args.dtype, features=args.features, out=Path(args.out),
+                 job_id=launch.job_id())
 
 
 def _sweep(cfg: Config, args: argparse.Namespace) -> None:
+    from vlmerge import launch
     from vlmerge.sweep import commands
 
     if args.action == "plan":
-        commands.plan_command(cfg, as_json=args.json, array=args.array)
+        items = commands.current_plan(cfg)
+        max_size = launch.max_array_size()
+        layout = launch.array_layout(len(items), max_size)
+        if args.array:  # for jobs/sweep.sbatch and pipeline.sh: "TASKS PER_TASK"
+            print(*layout)
+        else:
+            commands.plan_command(cfg, items, as_json=args.json, array_tasks=layout, max_array_size=max_size)
     else:
-        commands.run_command(cfg, item_id=args.item, index=args.index, per_task=args.per_task,
-                             progress=_progress(args))
+        index = args.index if args.index is not None else launch.array_task_index()
+        commands.run_command(cfg, item_id=args.item, index=index, per_task=args.per_task, progress=_progress(args),
+                             job_id=launch.job_id())
 
 
 def _config(cfg: Config, args: argparse.Namespace) -> None:
@@ -107,20 +122,17 @@ def _pipeline(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _results(cfg: Config, args: argparse.Namespace) -> None:
-    from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, compact
+    from vlmerge.results import compact
 
-    for name, schema in (("metrics", RESULTS_SCHEMA), ("items", ITEMS_SCHEMA)):
-        files, rows = compact(cfg.results_dir / name, schema)
+    for name in ("metrics", "items"):
+        files, rows = compact(cfg.layout.results_dir, name)
         print(f"results compact: {name}: {files} file(s) -> 1, {rows} rows")
 
 
 def _analyze(cfg: Config, args: argparse.Namespace) -> None:
-    from analysis import analyze
+    from vlmerge.analysis import cli
 
-    results = [Path(r) for r in args.results] or [cfg.results_dir]
-    out = Path(args.out) if args.out else cfg.report_dir
-    report = analyze(results, out, cfg.analysis, runs=[Path(r) for r in args.runs] if args.runs else None)
-    print(f"analyze: report {report}")
+    cli.run(cfg, args)
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -222,12 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage("pipeline", _pipeline, "every stage in order on this machine (the demo world first if the config uses it)")
     stage("results", _results, "consolidate the sweep's result files, without duplicates", actions=("compact",))
 
-    p = stage("analyze", _analyze, "offline: results → tables, correlations, figures and one HTML report (no torch)")
-    p.add_argument("--results", action="append", default=[], metavar="DIR",
-                   help="results/<experiment> or a folder of them (repeatable; default: the config's)")
-    p.add_argument("--out", help="folder for the report (default: reports/<experiment> under the output root)")
-    p.add_argument("--runs", action="append", default=[], metavar="DIR",
-                   help="runs/<experiment> for the training curves (default: the one beside each results folder)")
+    from vlmerge.analysis import cli as analysis_cli
+
+    analysis_cli.add_arguments(stage("analyze", _analyze, analysis_cli.HELP))
 
     p = sub.add_parser("merge", help="merge a text and a multimodal model at one or more alphas (streamed)")
     p.add_argument("--text", required=True, help="the text-only model (HF directory with safetensors)")

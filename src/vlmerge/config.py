@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from vlmerge.errors import VlmergeError
 from vlmerge.io import write_text
+from vlmerge.layout import Layout
 
 DEMO_CONFIG = "demo.yaml"
 RUN_NAMES = ("seed", "text", "multimodal")
@@ -223,19 +224,20 @@ class Config(_Section):
     def root(self) -> Path:
         return Path(self.paths.root)
 
-    def run_dir(self, name: str) -> Path:
-        """`runs/<experiment>/<name>` under the output root."""
-        return self.root / "runs" / self.experiment / name
+    @property
+    def layout(self) -> Layout:
+        """Where this experiment's files live under the output root."""
+        return Layout(self.root, self.experiment)
 
     @property
-    def results_dir(self) -> Path:
-        """`results/<experiment>`: the sweep's metrics/, items/ and distances/ datasets."""
-        return self.root / "results" / self.experiment
+    def store_path(self) -> Path:
+        """The feature store of `features.name`."""
+        return self.layout.store(self.features.name)
 
     @property
-    def report_dir(self) -> Path:
-        """`reports/<experiment>`: the analysis's tables, figures and report."""
-        return self.root / "reports" / self.experiment
+    def eval_store_path(self) -> Path:
+        """The feature store of the evaluation images: eval.features, else the training store."""
+        return Path(self.eval.features) if self.eval.features else self.store_path
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

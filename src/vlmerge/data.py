@@ -19,9 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from precompute.corpus import TokenShards, corpus_dir
-from precompute.features import store_path
-from precompute.tokenizer import load_tokenizer, tokenizer_dir
+from vlmerge.precompute.corpus import TokenShards
+from vlmerge.precompute.tokenizer import load_tokenizer
 from vlmerge.config import Config
 from vlmerge.errors import VlmergeError
 from vlmerge.problems import ProblemLog
@@ -220,9 +219,9 @@ class RunData:
 
 def run_data(cfg: Config, sources: Sequence[str], problems: ProblemLog) -> RunData:
     """Load the tokenizer, the feature store and the token shards of `sources` (text, captions)."""
-    tokenizer = load_tokenizer(tokenizer_dir(cfg), cfg.tokenizer)
-    features = FeatureTable(store_path(cfg))
-    samples = Samples({s: TokenShards(corpus_dir(cfg) / s) for s in sources}, features, problems)
+    tokenizer = load_tokenizer(cfg.layout.tokenizer_dir, cfg.tokenizer)
+    features = FeatureTable(cfg.store_path)
+    samples = Samples({s: TokenShards(cfg.layout.corpus_source_dir(s)) for s in sources}, features, problems)
     if not len(samples):
         raise VlmergeError(f"no training samples in {', '.join(sources)}")
     collate = Collator(

@@ -14,6 +14,8 @@ from typing import Any
 
 from vlmerge.errors import VlmergeError
 
+_HASH_BLOCK = 1 << 24  # bytes per read when hashing a file
+
 
 def _temp_sibling(path: Path) -> Path:
     # Same directory as the target, so the final rename never crosses filesystems.
@@ -87,3 +89,26 @@ def fingerprint(obj: Any) -> str:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, remembered in `<file>.sha256` beside it while its size and mtime stay the same."""
+    side = path.with_name(path.name + ".sha256")
+    stat = path.stat()
+    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    if side.is_file():
+        try:
+            cached = json.loads(side.read_text())
+            if {k: cached.get(k) for k in stamp} == stamp:
+                return cached["sha256"]
+        except (ValueError, KeyError):
+            pass  # a damaged cache is recomputed
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(_HASH_BLOCK):
+            h.update(block)
+    try:
+        write_json(side, {**stamp, "sha256": h.hexdigest()})
+    except OSError:  # a read-only input: no cache, same hash
+        pass
+    return h.hexdigest()

@@ -17,8 +17,8 @@ def reads_demo_world(cfg: Config) -> bool:
 
 def run_pipeline_until_sweep(cfg: Config, *, progress: bool = False) -> None:
     """Data, features and training: everything the sweep needs."""
-    from precompute import corpus, tokenizer
-    from precompute.features import precompute
+    from vlmerge.precompute import corpus, tokenizer
+    from vlmerge.precompute.features import precompute
     from vlmerge.demo import generate
     from vlmerge.train.loop import train
 
@@ -36,12 +36,12 @@ def run_pipeline_until_sweep(cfg: Config, *, progress: bool = False) -> None:
 
 def run_pipeline(cfg: Config, *, progress: bool = False) -> Path:
     """Every stage, the sweep, then the analysis; returns the report's path."""
-    from analysis import analyze
+    from vlmerge.analysis import analyze
 
     run_pipeline_until_sweep(cfg, progress=progress)
     items = current_plan(cfg)
     run_items(cfg, items, progress=progress)
-    print(f"pipeline: {len(items)} work items; results in {cfg.results_dir}")
-    report = analyze([cfg.results_dir], cfg.report_dir, cfg.analysis)
+    print(f"pipeline: {len(items)} work items; results in {cfg.layout.results_dir}")
+    report = analyze([cfg.layout.results_dir], cfg.layout.report_dir, cfg.analysis)
     print(f"pipeline: report {report}")
     return report

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import json
 import sys
+from collections.abc import Iterator
+from pathlib import Path
 from typing import TextIO
+
+from vlmerge.errors import VlmergeError
 
 
 @dataclasses.dataclass
@@ -35,3 +40,23 @@ class ProblemLog:
             print(f"  {where}: {what}", file=file)
         if len(self.items) > show:
             print(f"  … and {len(self.items) - show} more", file=file)
+
+
+def read_jsonl(path: Path, problems: ProblemLog, what: str = "file") -> Iterator[tuple[str, dict]]:
+    """(file:line, object) for each JSON-object line; malformed lines go to `problems`."""
+    if not path.is_file():
+        raise VlmergeError(f"{path}: {what} not found")
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.add(where, f"malformed line: {e.msg}")
+                continue
+            if not isinstance(obj, dict):
+                problems.add(where, "malformed line: expected a JSON object")
+                continue
+            yield where, obj

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ import pyarrow.parquet as pq
 
 from vlmerge import code_version
 from vlmerge.io import atomic_path, fingerprint
+from vlmerge.layout import CheckpointRef, compact_files, compact_name, result_file, result_files
 
 MODEL_FIELDS = [("experiment", pa.string()), ("item_id", pa.string()), ("text_run", pa.string()),
                 ("mm_run", pa.string()), ("text_words", pa.int64()), ("mm_words", pa.int64()),
@@ -35,66 +35,84 @@ DISTANCES_SCHEMA = pa.schema([
 ])
 
 
+# The merge convention (DESIGN.md): α is the weight of the TEXT twin, θ = α·θ_text + (1−α)·θ_mm.
+TEXT_ALPHA = 1.0  # an unmerged text twin's α
+MM_ALPHA = 0.0  # an unmerged multimodal twin's α
+UNMERGED = "none"  # the method of an unmerged twin's rows
+TEXT_RUN = "text"
+
+
 def checkpoint_run(path: Path) -> dict[str, Any]:
     """experiment, run and words seen of a run checkpoint, from its path and trainer_state.json."""
     state_path = path / "trainer_state.json"
     state = json.loads(state_path.read_text()) if state_path.is_file() else {}
-    is_run = path.parent.name == "checkpoints"
+    ref = CheckpointRef.parse(path)
     return {
-        "experiment": path.parents[2].name if is_run else "",
-        "run": state.get("run") or (path.parents[1].name if is_run else path.name),
+        "experiment": ref.experiment if ref else "",
+        "run": state.get("run") or (ref.run if ref else path.name),
         "words": state.get("words_seen"),
     }
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelInfo:
-    """Which model a row is about: a merge of a pair, or one unmerged twin (method 'none')."""
+class ModelKey:
+    """Which model a row is about: a merge of a pair, or one unmerged twin (method 'none').
+
+    Its fields are the model columns of every dataset (`MODEL_FIELDS`); the writer fills them
+    and the analysis indexes and deduplicates by them (`DEDUPE`).
+    """
 
     experiment: str = ""
     text_run: str = ""
     mm_run: str = ""
     text_words: int | None = None
     mm_words: int | None = None
-    method: str = "none"
+    method: str = UNMERGED
     alpha: float | None = None
     method_params: str = "{}"
 
     @classmethod
-    def of_directory(cls, path: Path) -> ModelInfo:
+    def of_directory(cls, path: Path) -> ModelKey:
         """From a merge's merge.json, a run checkpoint's trainer_state.json, or nothing (foreign)."""
         record_path = path / "merge.json"
         if record_path.is_file():
             record = json.loads(record_path.read_text())
-            info = cls.of_pair(checkpoint_run(Path(record["inputs"]["text"]["path"])),
-                               checkpoint_run(Path(record["inputs"]["mm"]["path"])),
-                               record["method"], json.dumps(record["params"], sort_keys=True))
-            return dataclasses.replace(info, alpha=record["alpha"])
+            key = cls.of_pair(checkpoint_run(Path(record["inputs"]["text"]["path"])),
+                              checkpoint_run(Path(record["inputs"]["mm"]["path"])),
+                              record["method"], json.dumps(record["params"], sort_keys=True))
+            return dataclasses.replace(key, alpha=record["alpha"])
         if (path / "trainer_state.json").is_file():
-            return cls.unmerged(checkpoint_run(path))
-        return cls(text_run=path.name, method="none")
+            return cls.twin(checkpoint_run(path))
+        return cls(text_run=path.name)
 
     @classmethod
-    def of_pair(cls, text: dict[str, Any], mm: dict[str, Any], method: str, params: str) -> ModelInfo:
+    def of_pair(cls, text: dict[str, Any], mm: dict[str, Any], method: str, params: str) -> ModelKey:
         """A merge of two run checkpoints (see checkpoint_run); α is set per row."""
         return cls(text["experiment"] or mm["experiment"], text["run"], mm["run"], text["words"], mm["words"],
                    method, None, params)
 
     @classmethod
-    def unmerged(cls, run: dict[str, Any]) -> ModelInfo:
+    def twin(cls, run: dict[str, Any]) -> ModelKey:
         """A twin on its own: α = 1 for the text run, α = 0 for the multimodal one."""
-        if run["run"] == "text":
-            return cls(run["experiment"], text_run="text", text_words=run["words"], alpha=1.0)
-        return cls(run["experiment"], mm_run=run["run"], mm_words=run["words"], alpha=0.0)
+        if run["run"] == TEXT_RUN:
+            return cls(run["experiment"], text_run=run["run"], text_words=run["words"], alpha=TEXT_ALPHA)
+        return cls(run["experiment"], mm_run=run["run"], mm_words=run["words"], alpha=MM_ALPHA)
 
     def columns(self, item_id: str) -> dict[str, Any]:
         return {"item_id": item_id, **dataclasses.asdict(self)}
 
 
-def stamp(config_hash: str = "") -> dict[str, str]:
-    """The provenance columns of a result row."""
-    return {"code_version": code_version(), "config_hash": config_hash,
-            "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+# A model is named by these columns (item_id aside: the same model may come from several items);
+# a merged pair by the same without alpha; a checkpoint pair without the method too.
+MODEL = ["experiment", "method", "method_params", "text_run", "mm_run", "text_words", "mm_words", "alpha"]
+PAIR = MODEL[:-1]
+CHECKPOINT_PAIR = ["experiment", "text_run", "mm_run", "text_words", "mm_words"]
+assert set(MODEL) == {f.name for f in dataclasses.fields(ModelKey)}
+
+
+def stamp(config_hash: str = "", job_id: str = "") -> dict[str, str]:
+    """The provenance columns of a result row (job_id: the Slurm job's, from `vlmerge.launch`)."""
+    return {"code_version": code_version(), "config_hash": config_hash, "slurm_job_id": job_id,
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
@@ -105,8 +123,21 @@ def write_rows(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> Non
         pq.write_table(table, tmp)
 
 
-KEY = ["experiment", "item_id", "text_run", "mm_run", "text_words", "mm_words", "method", "alpha", "method_params",
-       "task", "subtask", "metric"]
+# The key of one row of each dataset: a rerun's rows replace the older ones with the same key.
+DEDUPE = {
+    "metrics": [*MODEL, "task", "subtask", "metric"],
+    "items": [*MODEL, "task", "example_id"],
+    "distances": [*CHECKPOINT_PAIR, "space", "scope", "metric"],
+}
+SCHEMAS = {"metrics": RESULTS_SCHEMA, "items": ITEMS_SCHEMA, "distances": DISTANCES_SCHEMA}
+
+
+def newest_rows(frame: pd.DataFrame, dataset: str, *, per_item: bool = False) -> pd.DataFrame:
+    """One row per key of `dataset` (and per work item, with `per_item`), the newest winning."""
+    if "created_at" in frame:
+        frame = frame.sort_values("created_at", kind="stable")
+    key = ["item_id", *DEDUPE[dataset]] if per_item else DEDUPE[dataset]
+    return frame.drop_duplicates(key, keep="last").reset_index(drop=True)
 
 
 def _read(files: list[Path], schema: pa.Schema) -> pd.DataFrame:
@@ -117,25 +148,21 @@ def _read(files: list[Path], schema: pa.Schema) -> pd.DataFrame:
 
 def read_results(folder: Path) -> pd.DataFrame:
     """Every results file of a folder as one frame, one row per key (the newest wins)."""
-    frame = _read(sorted(folder.glob("*.parquet")), RESULTS_SCHEMA).sort_values("created_at", kind="stable")
-    return frame.drop_duplicates(KEY, keep="last").reset_index(drop=True)
+    return newest_rows(_read(sorted(folder.glob("*.parquet")), RESULTS_SCHEMA), "metrics", per_item=True)
 
 
-def compact(folder: Path, schema: pa.Schema = RESULTS_SCHEMA) -> tuple[int, int]:
-    """Merge a folder's part files into one `compact-<hash>.parquet` without duplicate keys.
+def compact(results_dir: Path, dataset: str) -> tuple[int, int]:
+    """Merge a dataset's part files into one `compact-<hash>.parquet` without duplicate keys.
 
     The compacted file is renamed into place before the parts are removed, so a crash loses
     nothing; readers drop the duplicates they might see meanwhile. Returns (files, rows).
     """
-    files = sorted(folder.glob("*.parquet"))
+    files = result_files(results_dir, dataset)
     if len(files) <= 1:
         return len(files), sum(pq.read_metadata(f).num_rows for f in files)
-    frame = _read(files, schema)
-    key = KEY if schema == RESULTS_SCHEMA else [c for c in KEY if c != "metric"] + ["example_id"]
-    if "created_at" in frame:
-        frame = frame.sort_values("created_at", kind="stable")
-    frame = frame.drop_duplicates(key, keep="last")
-    out = folder / f"compact-{fingerprint(sorted(f.name for f in files))[:12]}.parquet"
+    schema = SCHEMAS[dataset]
+    frame = newest_rows(_read(files, schema), dataset, per_item=True)
+    out = result_file(results_dir, dataset, compact_name(fingerprint(sorted(f.name for f in files))[:12]))
     with atomic_path(out) as tmp:
         pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), tmp)
     for f in files:
@@ -144,6 +171,6 @@ def compact(folder: Path, schema: pa.Schema = RESULTS_SCHEMA) -> tuple[int, int]
     return len(files), len(frame)
 
 
-def compacted_item_ids(folder: Path) -> set[str]:
-    """Work items recorded in a folder's compacted files (they no longer have files of their own)."""
-    return {i for f in folder.glob("compact-*.parquet") for i in pq.read_table(f, columns=["item_id"]).column(0).to_pylist()}
+def compacted_item_ids(results_dir: Path) -> set[str]:
+    """Work items recorded in the compacted metrics files (they no longer have files of their own)."""
+    return {i for f in compact_files(results_dir, "metrics") for i in pq.read_table(f, columns=["item_id"]).column(0).to_pylist()}

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from precompute.tokenizer import train_bpe
+from vlmerge.precompute.tokenizer import train_bpe
 from vlmerge.config import TokenizerConfig
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.evaluate.tasks import Request

@@ -20,7 +20,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoImageProcessor, Dinov2Model
 
-from precompute.features import Runtime, gather_images, run_shard, store_attrs
+from vlmerge.precompute.features import Runtime, gather_images, run_shard, store_attrs
 from vlmerge.config import load_config
 from vlmerge.demo.world import save_random_dinov2
 from vlmerge.hf import quiet_transformers

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from precompute import corpus, tokenizer
-from precompute.features import precompute
+from vlmerge.precompute import corpus, tokenizer
+from vlmerge.precompute.features import precompute
 from vlmerge.config import load_config
 from vlmerge.data import epoch_order, plan_batches
 from vlmerge.demo import generate

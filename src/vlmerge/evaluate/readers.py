@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from precompute.manifests import read_jsonl
 from vlmerge.errors import VlmergeError
-from vlmerge.problems import ProblemLog
+from vlmerge.problems import ProblemLog, read_jsonl
 
 
 def task_files(path: Path, suffixes: tuple[str, ...], expected: str) -> list[Path]:

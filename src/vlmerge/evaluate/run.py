@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from precompute.features import store_path
 from vlmerge.config import Config
 from vlmerge.data import FeatureTable
 from vlmerge.errors import VlmergeError
@@ -19,7 +18,7 @@ from vlmerge.evaluate.tasks import ItemScore, Metric, Task, get_task
 from vlmerge.hf import quiet_transformers
 from vlmerge.model import MODEL_TYPE
 from vlmerge.problems import ProblemLog
-from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelInfo, stamp, write_rows
+from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, stamp, write_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,9 +101,10 @@ def evaluate(scorer: Scorer, tasks: Sequence[PreparedTask]) -> list[TaskResult]:
     return out
 
 
-def result_rows(info: ModelInfo, results: Sequence[TaskResult], *, item_id: str = "", config_hash: str = "") -> tuple[list[dict], list[dict]]:
+def result_rows(key: ModelKey, results: Sequence[TaskResult], *, item_id: str = "", config_hash: str = "",
+                job_id: str = "") -> tuple[list[dict], list[dict]]:
     """Rows of the results and items datasets for one model."""
-    model, prov = info.columns(item_id), stamp(config_hash)
+    model, prov = key.columns(item_id), stamp(config_hash, job_id)
     rows = [{**model, "task": r.task, "subtask": m.subtask, "metric": m.metric, "value": m.value, "n": m.n, **prov}
             for r in results for m in r.metrics]
     items = [{**model, "task": r.task, "subtask": i.subtask, "example_id": i.item_id, "value": i.value}
@@ -123,10 +123,10 @@ def table(results: Sequence[TaskResult]) -> str:
 
 
 def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: str | None, features: str | None,
-                 out: Path) -> list[TaskResult]:
+                 out: Path, job_id: str = "") -> list[TaskResult]:
     specs = task_specs(cfg, tasks)
     model, tokenizer = load_model(model_dir)
-    store = Path(features or cfg.eval.features or store_path(cfg))
+    store = Path(features) if features else cfg.eval_store_path
     needs_store = getattr(model.config, "model_type", "") == MODEL_TYPE or any(t.needs_images for t, _ in specs)
     table_ = FeatureTable(store) if needs_store else None
     scorer = Scorer(model, tokenizer, features=table_, image_prefix=cfg.eval.image_prefix,
@@ -134,7 +134,7 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
     problems = ProblemLog()
     results = evaluate(scorer, prepare(specs, table_, problems))
     problems.report("eval")
-    rows, items = result_rows(ModelInfo.of_directory(model_dir), results, config_hash=cfg.hash())
+    rows, items = result_rows(ModelKey.of_directory(model_dir), results, config_hash=cfg.hash(), job_id=job_id)
     write_rows(rows, RESULTS_SCHEMA, out / "results.parquet")
     write_rows(items, ITEMS_SCHEMA, out / "items.parquet")
     print(table(results))

@@ -20,10 +20,10 @@ from tqdm import tqdm
 from vlmerge import code_version
 from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path, read_json, write_json
+from vlmerge.layout import grams_file, merge_outputs
 from vlmerge.merge.io import ModelDir, SafetensorsWriter, check_compatible, numel
 from vlmerge.merge.methods import Method, TensorInputs, get_method
 
-GRAMS_FILE = "regmean-grams.safetensors"
 RECORD = "merge.json"
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json")
@@ -40,9 +40,9 @@ def check_alphas(alphas: Sequence[float], allow_extrapolation: bool) -> list[flo
 
 
 def load_grams(checkpoint: Path) -> dict[str, torch.Tensor]:
-    path = checkpoint / GRAMS_FILE
+    path = grams_file(checkpoint)
     if not path.is_file():
-        raise VlmergeError(f"{checkpoint}: no {GRAMS_FILE}; compute it with `vlmerge grams` (RegMean needs it)")
+        raise VlmergeError(f"{checkpoint}: no {path.name}; compute it with `vlmerge grams` (RegMean needs it)")
     return load_file(path)
 
 
@@ -104,11 +104,6 @@ def _record(method: Method, params: dict, alpha: float, pair: Pair, hashes: dict
     }
 
 
-def output_dirs(out: Path, alphas: Sequence[float]) -> list[Path]:
-    """`out` itself for one α; `out/alpha-0.30` and so on for several."""
-    return [out] if len(alphas) == 1 else [out / f"alpha-{a:.2f}" for a in alphas]
-
-
 def merge_to_disk(
     text: str | Path, mm: str | Path, out: str | Path, method_name: str = "linear", alphas: Sequence[float] = (0.5,),
     *, params: dict[str, Any] | None = None, base: str | Path | None = None, allow_extrapolation: bool = False,
@@ -124,7 +119,7 @@ def merge_to_disk(
     method = get_method(method_name)
     pair = Pair.open(text, mm, base, grams=method.needs_grams)
     method, full = resolve(method_name, params or {}, pair)
-    outs = output_dirs(Path(out), alphas)
+    outs = merge_outputs(Path(out), alphas)
     roles = [(role, d) for role, d in (("text", pair.text), ("mm", pair.mm), ("base", pair.base)) if d is not None]
     with ThreadPoolExecutor(len(roles)) as pool:
         # Hash the inputs on the side while merging; the records need the hashes only at the end.

@@ -21,7 +21,7 @@ from vlmerge.data import epoch_order, plan_batches, run_data
 from vlmerge.errors import VlmergeError
 from vlmerge.hf import quiet_transformers
 from vlmerge.io import atomic_path
-from vlmerge.merge.core import GRAMS_FILE
+from vlmerge.layout import grams_file
 from vlmerge.problems import ProblemLog
 
 
@@ -56,9 +56,9 @@ def compute_grams(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) 
 
 def write_grams(cfg: Config, checkpoint: Path) -> Path:
     """Compute and save the Gram matrices of one run checkpoint (skipped if already saved)."""
-    from transformers import AutoModelForImageTextToText
+    from vlmerge.model import PooledLlavaForConditionalGeneration
 
-    out = checkpoint / GRAMS_FILE
+    out = grams_file(checkpoint)
     if out.is_file():
         return out
     state_path = checkpoint / "trainer_state.json"
@@ -70,7 +70,7 @@ def write_grams(cfg: Config, checkpoint: Path) -> Path:
     plan = plan_batches(order, data.samples.words, cfg.train.micro_batch_size, [], 0)
     batches = (data.collate(b.pieces) for _, b in zip(range(cfg.sweep.gram_batches), plan))
     with quiet_transformers():
-        model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()
+        model = PooledLlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
     grams, tokens = compute_grams(model, batches)
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in grams.items()}, tmp,

@@ -14,14 +14,13 @@ import torch
 from safetensors import safe_open
 
 from vlmerge.errors import VlmergeError
-from vlmerge.io import write_json
+from vlmerge.io import file_sha256
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
 DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
           torch.bool: "BOOL"}
-_HASH_BLOCK = 1 << 24
 
 
 class ModelDir:
@@ -81,29 +80,6 @@ class ModelDir:
         """sha256 of the weights file (for a sharded model: of its shards' hashes)."""
         hashes = [file_sha256(f) for f in self.files]
         return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered in `<file>.sha256` beside it while its size and mtime stay the same."""
-    side = path.with_name(path.name + ".sha256")
-    stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    if side.is_file():
-        try:
-            cached = json.loads(side.read_text())
-            if {k: cached.get(k) for k in stamp} == stamp:
-                return cached["sha256"]
-        except (ValueError, KeyError):
-            pass  # a damaged cache is recomputed
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_HASH_BLOCK):
-            h.update(block)
-    try:
-        write_json(side, {**stamp, "sha256": h.hexdigest()})
-    except OSError:  # a read-only input: no cache, same hash
-        pass
-    return h.hexdigest()
 
 
 def data_spans(path: Path) -> dict[str, tuple[int, int]]:

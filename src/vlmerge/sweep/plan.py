@@ -17,7 +17,7 @@ from vlmerge.config import Config
 from vlmerge.errors import VlmergeError
 from vlmerge.io import fingerprint
 from vlmerge.merge.methods import get_method
-from vlmerge.train.checkpoint import list_checkpoints
+from vlmerge.layout import checkpoint_words, list_checkpoints
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +36,6 @@ class WorkItem:
 
     def describe(self) -> dict[str, Any]:
         return {"item_id": self.item_id, **dataclasses.asdict(self), "params": json.loads(self.params)}
-
-
-def words_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.split("-")[1])
 
 
 def method_grid(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
@@ -76,9 +72,9 @@ def sweep_tasks(cfg: Config) -> list[str]:
 
 def run_checkpoints(cfg: Config, run: str) -> list[Path]:
     """A run's checkpoints after step 0 (step 0 is the shared initialisation, the base)."""
-    ckpts = [c for c in list_checkpoints(cfg.run_dir(run)) if words_of(c) > 0]
+    ckpts = [c for c in list_checkpoints(cfg.layout.run_dir(run)) if checkpoint_words(c) > 0]
     if not ckpts:
-        raise VlmergeError(f"{cfg.run_dir(run)}: no checkpoints; train the {run} run first")
+        raise VlmergeError(f"{cfg.layout.run_dir(run)}: no checkpoints; train the {run} run first")
     return ckpts
 
 
@@ -88,8 +84,8 @@ def pairs(cfg: Config, best_text: dict[Path, Path] | None = None) -> list[tuple[
     if cfg.sweep.pairing == "all_pairs":
         return [(t, m) for t in text for m in mm]
     if cfg.sweep.pairing == "same_words":
-        by_words = {words_of(t): t for t in text}
-        return [(by_words[words_of(m)], m) for m in mm if words_of(m) in by_words]
+        by_words = {checkpoint_words(t): t for t in text}
+        return [(by_words[checkpoint_words(m)], m) for m in mm if checkpoint_words(m) in by_words]
     if best_text is None:
         raise VlmergeError("pairing best_text needs the text checkpoints' scores (vlmerge sweep plan evaluates them)")
     return [(best_text[m], m) for m in mm]
@@ -99,7 +95,7 @@ def plan(cfg: Config, best_text: dict[Path, Path] | None = None) -> list[WorkIte
     """Every work item of the sweep, in a stable order."""
     tasks = sweep_tasks(cfg)
     salt = eval_salt(cfg, tasks)
-    base = list_checkpoints(cfg.run_dir("text"))[:1]
+    base = list_checkpoints(cfg.layout.run_dir("text"))[:1]
     items = []
     for text, mm in pairs(cfg, best_text):
         for method, params in method_grid(cfg):

@@ -1,9 +1,10 @@
 """Run work items: load a pair once, merge at every α in memory, evaluate, write results atomically.
 
-    results/<exp>/metrics/<item>.parquet          one row per (α, task, subtask, metric) of the item
-    results/<exp>/items/<item>.parquet            per-example scores (for bootstrap intervals)
-    results/<exp>/metrics/endpoint-<key>.parquet  an unmerged twin (method none), once per checkpoint
-    results/<exp>/distances/<key>.parquet         the pair's weight distances, once per pair
+    metrics/<item>    one row per (α, task, subtask, metric) of the item
+    items/<item>      per-example scores (for bootstrap intervals)
+    metrics/, items/ of an endpoint: an unmerged twin (method none), once per checkpoint
+    distances/<key>   the pair's weight distances, once per pair
+(files of `results/<exp>/`, named by `vlmerge.layout`)
 
 An item whose metrics file exists is done (that file is written last); a killed item leaves
 no file and runs again from the start.
@@ -17,7 +18,6 @@ import sys
 import time
 from pathlib import Path
 
-from precompute.features import store_path
 from vlmerge.config import Config
 from vlmerge.data import FeatureTable
 from vlmerge.evaluate.run import evaluate, load_model, prepare, result_rows, task_specs
@@ -28,22 +28,23 @@ from vlmerge.merge.distance import distance_rows, write_parquet
 from vlmerge.merge.grams import write_grams
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
-from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelInfo, checkpoint_run, compacted_item_ids, write_rows
+from vlmerge.layout import best_text_cache, endpoint_name, result_file
+from vlmerge.results import (ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, ModelKey, checkpoint_run,
+                             compacted_item_ids, write_rows)
 from vlmerge.sweep.plan import WorkItem, eval_salt, run_checkpoints, sweep_tasks
 
 
 def metrics_path(cfg: Config, name: str) -> Path:
-    return cfg.results_dir / "metrics" / f"{name}.parquet"
+    return result_file(cfg.layout.results_dir, "metrics", name)
 
 
 def items_path(cfg: Config, name: str) -> Path:
-    return cfg.results_dir / "items" / f"{name}.parquet"
+    return result_file(cfg.layout.results_dir, "items", name)
 
 
 def finished(cfg: Config, name: str) -> bool:
     """Whether the results of `name` (a work item or an endpoint) are written, compacted or not."""
-    path = metrics_path(cfg, name)
-    return path.is_file() or name in compacted_item_ids(path.parent)
+    return metrics_path(cfg, name).is_file() or name in compacted_item_ids(cfg.layout.results_dir)
 
 
 def is_done(cfg: Config, item: WorkItem) -> bool:
@@ -68,9 +69,9 @@ class Timing:
 class ItemRunner:
     """Runs items on one process, reusing the feature table across items."""
 
-    def __init__(self, cfg: Config, progress: bool = False):
-        self.cfg, self.progress = cfg, progress
-        self.features = FeatureTable(Path(cfg.eval.features or store_path(cfg)))
+    def __init__(self, cfg: Config, progress: bool = False, job_id: str = ""):
+        self.cfg, self.progress, self.job_id = cfg, progress, job_id
+        self.features = FeatureTable(cfg.eval_store_path)
         problems = ProblemLog()
         self.tasks = prepare(task_specs(cfg, sweep_tasks(cfg)), self.features, problems)
         problems.report("sweep tasks")
@@ -95,15 +96,15 @@ class ItemRunner:
 
         self._endpoints(item, merger, model, scorer)
         self._distances(item, pair)
-        info = ModelInfo.of_pair(checkpoint_run(text), checkpoint_run(mm), item.method, item.params)
+        key = ModelKey.of_pair(checkpoint_run(text), checkpoint_run(mm), item.method, item.params)
         rows, items = [], []
         for alpha in item.alphas:
             t = time.perf_counter()
             merger.merge_into(model, item.method, alpha, json.loads(item.params))
             timing.merge += time.perf_counter() - t
             t = time.perf_counter()
-            r, i = result_rows(dataclasses.replace(info, alpha=alpha), evaluate(scorer, self.tasks),
-                               item_id=item.item_id, config_hash=self.cfg.hash())
+            r, i = result_rows(dataclasses.replace(key, alpha=alpha), evaluate(scorer, self.tasks),
+                               item_id=item.item_id, config_hash=self.cfg.hash(), job_id=self.job_id)
             timing.evaluate += time.perf_counter() - t
             rows, items = rows + r, items + i
             timing.alphas += 1
@@ -112,30 +113,30 @@ class ItemRunner:
         return timing
 
     def _endpoints(self, item: WorkItem, merger: PairMerger, model, scorer: Scorer) -> None:
-        """Each unmerged twin, evaluated once per checkpoint (α = 1 is the text model, α = 0 the
-        multimodal one, bitwise, so the pair already in memory serves)."""
-        for rel, alpha in ((item.text, 1.0), (item.mm, 0.0)):
-            name = "endpoint-" + fingerprint([rel, item.salt])[:12]
+        """Each unmerged twin, evaluated once per checkpoint (linear at the twin's α is that twin,
+        bitwise, so the pair already in memory serves)."""
+        for rel, alpha in ((item.text, TEXT_ALPHA), (item.mm, MM_ALPHA)):
+            name = endpoint_name(fingerprint([rel, item.salt])[:12])
             if finished(self.cfg, name):
                 continue
             merger.merge_into(model, "linear", alpha)
-            info = ModelInfo.unmerged(checkpoint_run(self.cfg.root / rel))
-            rows, items = result_rows(info, evaluate(scorer, self.tasks), item_id=name,
-                                      config_hash=self.cfg.hash())
+            key = ModelKey.twin(checkpoint_run(self.cfg.root / rel))
+            rows, items = result_rows(key, evaluate(scorer, self.tasks), item_id=name,
+                                      config_hash=self.cfg.hash(), job_id=self.job_id)
             write_rows(items, ITEMS_SCHEMA, items_path(self.cfg, name))
             write_rows(rows, RESULTS_SCHEMA, metrics_path(self.cfg, name))
 
     def _distances(self, item: WorkItem, pair: Pair) -> None:
         if not self.cfg.sweep.distances:
             return
-        out = self.cfg.results_dir / "distances" / f"{fingerprint([item.text, item.mm, item.base])[:12]}.parquet"
+        out = result_file(self.cfg.layout.results_dir, "distances", fingerprint([item.text, item.mm, item.base])[:12])
         if not out.is_file():
             write_parquet(distance_rows(pair.text, pair.mm, pair.base), out)
 
 
-def run_items(cfg: Config, items: list[WorkItem], *, progress: bool = False) -> int:
-    """Run every item not done yet, in order; returns how many ran."""
-    runner = ItemRunner(cfg, progress)
+def run_items(cfg: Config, items: list[WorkItem], *, progress: bool = False, job_id: str = "") -> int:
+    """Run every item not done yet, in order; returns how many ran (job_id: recorded in the rows)."""
+    runner = ItemRunner(cfg, progress, job_id)
     ran = 0
     for k, item in enumerate(items):
         timing = runner.run(item)
@@ -149,12 +150,12 @@ def run_items(cfg: Config, items: list[WorkItem], *, progress: bool = False) -> 
 def best_text_pairing(cfg: Config) -> dict[Path, Path]:
     """Every multimodal checkpoint -> the text checkpoint with the best mean accuracy on
     sweep.best_text_task (the paper's pairing); the scores are kept in results/<exp>/best_text.json."""
-    cache = cfg.results_dir / "best_text.json"
+    cache = best_text_cache(cfg.layout.results_dir)
     task = cfg.sweep.best_text_task
     salt = eval_salt(cfg, [task])
     scores = read_json(cache) if cache.is_file() else {}
     if scores.get("salt") != salt:
-        features = FeatureTable(Path(cfg.eval.features or store_path(cfg)))
+        features = FeatureTable(cfg.eval_store_path)
         tasks = prepare(task_specs(cfg, [task]), features, ProblemLog())
         scores = {"salt": salt, "task": task, "accuracy": {}}
         for ckpt in run_checkpoints(cfg, "text"):

@@ -18,13 +18,9 @@ from pathlib import Path
 import torch.distributed as dist
 
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import atomic_path, read_json, write_json, write_text
-from vlmerge.merge.io import file_sha256
+from vlmerge.io import atomic_path, file_sha256, read_json, write_json, write_text
+from vlmerge.layout import checkpoint_dir, is_state_tag, state_tag, states_dir
 from vlmerge.model import copy_tokenizer_files
-
-CHECKPOINTS = "checkpoints"
-STATES = "deepspeed"
-
 
 @dataclasses.dataclass
 class TrainState:
@@ -37,15 +33,6 @@ class TrainState:
     words_seen: int = 0
     tokens_seen: int = 0
     loss: float | None = None
-
-
-def checkpoint_dir(run_dir: Path, words: int) -> Path:
-    return run_dir / CHECKPOINTS / f"words-{words:012d}"
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoints of a run, by words seen."""
-    return sorted(p for p in (run_dir / CHECKPOINTS).glob("words-*") if (p / "trainer_state.json").is_file())
 
 
 def write_checkpoint(model, tokenizer_dir: Path, run_dir: Path, state: TrainState, run: str) -> Path:
@@ -66,7 +53,7 @@ class StateStore:
     """DeepSpeed engine state under `run_dir/deepspeed`, the newest `keep` kept."""
 
     def __init__(self, run_dir: Path, keep: int, rank: int):
-        self.root, self.keep, self.rank = run_dir / STATES, keep, rank
+        self.root, self.keep, self.rank = states_dir(run_dir), keep, rank
 
     def latest(self) -> str | None:
         path = self.root / "latest"
@@ -74,7 +61,7 @@ class StateStore:
 
     def save(self, engine, state: TrainState) -> None:
         """Called by every rank at the same step."""
-        tag = f"step-{state.step:09d}"
+        tag = state_tag(state.step)
         if tag == self.latest():
             return
         tmp_tag = f".tmp-{tag}"
@@ -89,7 +76,7 @@ class StateStore:
             dist.barrier()
 
     def _prune(self) -> None:
-        tags = sorted(p.name for p in self.root.glob("step-*"))
+        tags = sorted(p.name for p in self.root.iterdir() if is_state_tag(p.name))
         for old in tags[: -self.keep]:
             shutil.rmtree(self.root / old, ignore_errors=True)
         for tmp in self.root.glob(".tmp-*"):  # left by a run killed mid-save

@@ -13,7 +13,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from precompute.tokenizer import tokenizer_dir
 from vlmerge.config import RUN_NAMES, Config, merge_dicts, save_resolved
 from vlmerge.data import Batch, Piece, count_batches, epoch_order, plan_batches, run_data
 from vlmerge.errors import Preempted, VlmergeError
@@ -21,7 +20,8 @@ from vlmerge.io import atomic_path, fingerprint, read_json, write_json
 from vlmerge.model import PooledLlavaForConditionalGeneration, build_config, init_model
 from vlmerge.problems import ProblemLog
 from vlmerge.train import distributed
-from vlmerge.train.checkpoint import StateStore, TrainState, list_checkpoints, write_checkpoint
+from vlmerge.layout import list_checkpoints
+from vlmerge.train.checkpoint import StateStore, TrainState, write_checkpoint
 from vlmerge.train.preemption import StopFlag
 from vlmerge.train.schedule import checkpoint_words, lr_factor
 
@@ -70,12 +70,12 @@ class Trainer:
             raise VlmergeError("--run seed: seed pre-training is off (set runs.seed_pretraining=true)")
         self.cfg, self.run, self.rank, self.world, self.progress = cfg, run, rank, world, progress
         self.spec = getattr(cfg.runs, run)
-        self.run_dir = cfg.run_dir(run)
+        self.run_dir = cfg.layout.run_dir(run)
         self.epochs = self.spec.epochs or cfg.train.epochs
         self.thresholds = checkpoint_words(cfg.checkpoints.words)
         self._check_run_dir()
 
-        self.tok_dir = tokenizer_dir(cfg)
+        self.tok_dir = cfg.layout.tokenizer_dir
         problems = ProblemLog()
         data = run_data(cfg, self.spec.sources, problems)
         if self.rank == 0:
@@ -100,9 +100,9 @@ class Trainer:
         """Fresh weights from model.init_seed, or the seed run's last checkpoint (seed pre-training)."""
         if self.run == "seed" or not self.cfg.runs.seed_pretraining:
             return init_model(config, self.cfg.model.init_seed)
-        seeds = list_checkpoints(self.cfg.run_dir("seed"))
+        seeds = list_checkpoints(self.cfg.layout.run_dir("seed"))
         if not seeds:
-            raise VlmergeError(f"{self.cfg.run_dir('seed')}: no checkpoint; train the seed run first")
+            raise VlmergeError(f"{self.cfg.layout.run_dir('seed')}: no checkpoint; train the seed run first")
         return PooledLlavaForConditionalGeneration.from_pretrained(seeds[-1])
 
     def _count_steps(self) -> int:

@@ -24,11 +24,10 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from precompute.manifests import read_jsonl
 from vlmerge.evaluate.metrics import first_is_best
 from vlmerge.evaluate.tasks import ItemScore, Metric, Request, Scores, Task, accuracy_metrics, register
 from vlmerge.evaluate.readers import strings, task_files
-from vlmerge.problems import ProblemLog
+from vlmerge.problems import ProblemLog, read_jsonl
 
 EXPECTED = "EWoK .jsonl or .csv with Domain, Context1, Context2, Target1, Target2"
 

@@ -1,0 +1,145 @@
+"""Everything the suite knows about Slurm and submitit, in one place.
+
+Stages never read `SLURM_*` themselves: the command line and the launchers ask this module
+(array index, job id, ranks under `srun`, MaxArraySize) and pass plain values down. The
+submitit sweep (`slurm/sweep.py`) is a thin shell around `submit_sweep`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from vlmerge.errors import VlmergeError
+from vlmerge.train.distributed import single_process_env
+
+DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default
+PORT_BASE = 29500
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise VlmergeError(f"{name}={value!r}: expected a whole number (set by Slurm)") from None
+
+
+def array_task_index(env: Mapping[str, str] = os.environ) -> int | None:
+    """This array task's index (SLURM_ARRAY_TASK_ID), or None outside an array job."""
+    return _env_int(env, "SLURM_ARRAY_TASK_ID")
+
+
+def array_shard(num_shards: int, env: Mapping[str, str] = os.environ) -> int | None:
+    """The shard of this array task, checked against the number of shards the config expects."""
+    index, count = array_task_index(env), _env_int(env, "SLURM_ARRAY_TASK_COUNT")
+    if index is not None and count is not None and count != num_shards:
+        raise VlmergeError(f"SLURM array has {count} tasks but features.num_shards is {num_shards}")
+    return index
+
+
+def job_id(env: Mapping[str, str] = os.environ) -> str:
+    """The Slurm job id, '' outside Slurm (recorded with every result row)."""
+    return env.get("SLURM_JOB_ID", "")
+
+
+def max_array_size() -> int:
+    """The cluster's MaxArraySize (`scontrol show config`), or Slurm's default without a cluster."""
+    try:
+        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return DEFAULT_MAX_ARRAY_SIZE
+    for line in out.splitlines():
+        if line.split("=")[0].strip() == "MaxArraySize":
+            return int(line.split("=", 1)[1])
+    return DEFAULT_MAX_ARRAY_SIZE
+
+
+def array_layout(n_items: int, max_size: int) -> tuple[int, int]:
+    """(array tasks, items per task): one item per task when the array fits (indices 0..max−1),
+    else as few items per task as make it fit."""
+    per_task = max(1, math.ceil(n_items / max_size))
+    return math.ceil(n_items / per_task), per_task
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm node list (`scontrol show hostnames` expands `node[01-04]`)."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
+    """RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT for this process.
+
+    torchrun sets them itself; under `srun` they come from SLURM_*; a plain process is rank 0
+    of 1 on a free local port.
+    """
+    if "RANK" in env and "WORLD_SIZE" in env:
+        out = {k: env[k] for k in ("RANK", "WORLD_SIZE")}
+        out["LOCAL_RANK"] = env.get("LOCAL_RANK", env["RANK"])
+        out["MASTER_ADDR"] = env.get("MASTER_ADDR", "127.0.0.1")
+        out["MASTER_PORT"] = env.get("MASTER_PORT", str(PORT_BASE))
+        return out
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job = _env_int(env, "SLURM_JOB_ID") or 0
+        return {
+            "RANK": env["SLURM_PROCID"],
+            "WORLD_SIZE": env["SLURM_NTASKS"],
+            "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+            "MASTER_ADDR": env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
+            # The same port on every task of the job, different across jobs sharing a node.
+            "MASTER_PORT": env.get("MASTER_PORT", str(PORT_BASE + job % 10_000)),
+        }
+    return single_process_env()
+
+
+def export_rendezvous() -> None:
+    """Set this process's torch.distributed variables (from torchrun, srun, or a single process)."""
+    os.environ.update(rendezvous_env(os.environ))
+
+
+# The sweep as a submitit array (slurm/sweep.py)
+def run_chunk(config: str | None, overrides: list[str], item_ids: list[str]) -> int:
+    """One array task: run these items of the plan (on the worker)."""
+    from vlmerge.config import load_config
+    from vlmerge.sweep.commands import current_plan
+    from vlmerge.sweep.run import run_items
+
+    cfg = load_config(config, overrides)
+    wanted = set(item_ids)
+    return run_items(cfg, [it for it in current_plan(cfg) if it.item_id in wanted], job_id=job_id())
+
+
+def chunks(ids: list[str], max_tasks: int) -> list[list[str]]:
+    """The item ids split into at most `max_tasks` array tasks."""
+    tasks, per_task = array_layout(len(ids), max_tasks)
+    return [ids[k * per_task : (k + 1) * per_task] for k in range(tasks)]
+
+
+def submit_sweep(config: str | None, overrides: list[str], executor_kind: str, profile: dict[str, Any],
+                 folder: Path) -> list:
+    """Submit the sweep's unfinished items as one submitit array (local processes or Slurm)."""
+    import submitit
+
+    from vlmerge.config import load_config
+    from vlmerge.sweep.commands import current_plan
+    from vlmerge.sweep.run import is_done
+
+    cfg = load_config(config, overrides)
+    todo = [it.item_id for it in current_plan(cfg) if not is_done(cfg, it)]
+    if not todo:
+        print("sweep: every item is done")
+        return []
+    groups = chunks(todo, max_array_size() if executor_kind == "slurm" else len(todo))
+    executor = submitit.AutoExecutor(folder=folder / "%j", cluster=executor_kind)
+    executor.update_parameters(name=f"vlmerge-sweep-{cfg.experiment}", **profile)
+    jobs = executor.map_array(run_chunk, [config] * len(groups), [overrides] * len(groups), groups)
+    note = f", {len(groups[0])} items per task (MaxArraySize)" if len(groups[0]) > 1 else ""
+    print(f"sweep: {len(todo)} items in {len(jobs)} array task(s){note}; job {jobs[0].job_id.split('_')[0]}")
+    return jobs

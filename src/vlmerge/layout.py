@@ -1,0 +1,231 @@
+"""Every on-disk name of the suite, built and parsed here and nowhere else (DESIGN.md, "Contracts").
+
+Under the output root (`paths.root`):
+
+    demo/                                                the built-in demo world
+    features/<store>.h5                                  the feature store
+    features/<store>.config.yaml                         the config that made it
+    features/<store>.shards/<store>-<i>-of-<n>.h5        array tasks' shards (removed once linked)
+    features/<store>.shards/<store>-import-<prefix>.h5   an imported release's shard
+    features/<prefix>.captions.jsonl                     an import's captions, as a manifest
+    runs/<exp>/tokenizer/                                the BPE tokenizer
+    runs/<exp>/corpus/<source>/{tokens,offsets,words,images}-<k>.npy + index.json
+    runs/<exp>/<run>/config.yaml, metrics.jsonl
+    runs/<exp>/<run>/checkpoints/words-<12 digits>/      a Hugging Face checkpoint
+    runs/<exp>/<run>/deepspeed/step-<9 digits>/, latest  resumable DeepSpeed state
+    results/<exp>/{metrics,items,distances}/<name>.parquet, best_text.json
+    reports/<exp>/                                       the analysis
+    <merge --out>/alpha-<a.aa>/                           `vlmerge merge` at several α
+    logs/<exp>/                                          Slurm job logs
+
+A checkpoint knows its experiment, run and words seen from its path alone (`CheckpointRef`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+CHECKPOINTS = "checkpoints"
+STATES = "deepspeed"
+LATEST = "latest"
+RESULT_DATASETS = ("metrics", "items", "distances")
+ENDPOINT_PREFIX = "endpoint-"
+COMPACT_PREFIX = "compact-"
+GRAMS_FILE = "regmean-grams.safetensors"
+CORPUS_ARRAYS = ("tokens", "offsets", "words", "images")
+
+_CHECKPOINT = re.compile(r"words-(\d{12})")
+_STATE = re.compile(r"step-(\d{9})")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The folders and files of one experiment under one output root."""
+
+    root: Path
+    experiment: str
+
+    # Data preparation
+    @property
+    def demo_dir(self) -> Path:
+        return self.root / "demo"
+
+    @property
+    def experiment_dir(self) -> Path:
+        return self.root / "runs" / self.experiment
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.experiment_dir / "tokenizer"
+
+    @property
+    def corpus_dir(self) -> Path:
+        return self.experiment_dir / "corpus"
+
+    def corpus_source_dir(self, source: str) -> Path:
+        return self.corpus_dir / source
+
+    @property
+    def features_dir(self) -> Path:
+        return self.root / "features"
+
+    def store(self, name: str) -> Path:
+        """The feature store `features/<name>.h5`."""
+        return self.features_dir / f"{name}.h5"
+
+    def import_captions(self, prefix: str) -> Path:
+        return self.features_dir / f"{prefix}.captions.jsonl"
+
+    # Runs
+    def run_dir(self, run: str) -> Path:
+        return self.experiment_dir / run
+
+    # Results and reports
+    @property
+    def results_dir(self) -> Path:
+        """`results/<experiment>`: the sweep's metrics/, items/ and distances/ datasets."""
+        return self.root / "results" / self.experiment
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "reports" / self.experiment
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs" / self.experiment
+
+
+# Feature store beside its config and shards
+def store_config(store: Path) -> Path:
+    return store.with_suffix(".config.yaml")
+
+
+def store_shard_dir(store: Path) -> Path:
+    return store.with_suffix(".shards")
+
+
+def store_shard(store: Path, index: int, count: int) -> Path:
+    return store_shard_dir(store) / f"{store.stem}-{index:05d}-of-{count:05d}.h5"
+
+
+def store_import_shard(store: Path, prefix: str) -> Path:
+    return store_shard_dir(store) / f"{store.stem}-import-{prefix}.h5"
+
+
+# Token shards of one corpus source
+def corpus_array(folder: Path, kind: str, k: int) -> Path:
+    """`<kind>-<k>.npy` of a corpus source folder (kind: tokens, offsets, words, images)."""
+    assert kind in CORPUS_ARRAYS, kind
+    return folder / f"{kind}-{k:05d}.npy"
+
+
+# Checkpoints and training state of a run
+@dataclasses.dataclass(frozen=True)
+class CheckpointRef:
+    """What a checkpoint's path says: `<root>/runs/<experiment>/<run>/checkpoints/words-N`."""
+
+    experiment: str
+    run: str
+    words: int
+
+    @classmethod
+    def parse(cls, path: Path) -> CheckpointRef | None:
+        """The reference of a run checkpoint's path; None for any other directory."""
+        match = _CHECKPOINT.fullmatch(path.name)
+        if not match or path.parent.name != CHECKPOINTS or len(path.parents) < 4:
+            return None
+        return cls(path.parents[2].name, path.parents[1].name, int(match[1]))
+
+
+def checkpoint_dir(run_dir: Path, words: int) -> Path:
+    return run_dir / CHECKPOINTS / f"words-{words:012d}"
+
+
+def checkpoint_words(path: Path) -> int:
+    """Words seen of a run checkpoint, from its name."""
+    match = _CHECKPOINT.fullmatch(path.name)
+    if not match:
+        raise ValueError(f"{path}: not a run checkpoint (expected a words-<12 digits> folder)")
+    return int(match[1])
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints of a run, by words seen (a complete one has its trainer_state.json)."""
+    found = (run_dir / CHECKPOINTS).glob("words-*")
+    return sorted(p for p in found if _CHECKPOINT.fullmatch(p.name) and (p / "trainer_state.json").is_file())
+
+
+def states_dir(run_dir: Path) -> Path:
+    return run_dir / STATES
+
+
+def state_tag(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def is_state_tag(name: str) -> bool:
+    return _STATE.fullmatch(name) is not None
+
+
+def run_config(run_dir: Path) -> Path:
+    return run_dir / "config.yaml"
+
+
+def run_metrics_log(run_dir: Path) -> Path:
+    return run_dir / "metrics.jsonl"
+
+
+def grams_file(checkpoint: Path) -> Path:
+    return checkpoint / GRAMS_FILE
+
+
+# Merges written to disk
+def merge_outputs(out: Path, alphas: list[float] | tuple[float, ...]) -> list[Path]:
+    """`out` itself for one α; `out/alpha-0.30` and so on for several."""
+    return [out] if len(alphas) == 1 else [out / f"alpha-{a:.2f}" for a in alphas]
+
+
+# Results
+def result_file(results_dir: Path, dataset: str, name: str) -> Path:
+    """`results/<exp>/<dataset>/<name>.parquet` (dataset: metrics, items or distances)."""
+    assert dataset in RESULT_DATASETS, dataset
+    return results_dir / dataset / f"{name}.parquet"
+
+
+def result_files(results_dir: Path, dataset: str) -> list[Path]:
+    return sorted((results_dir / dataset).glob("*.parquet"))
+
+
+def endpoint_name(key: str) -> str:
+    """The result file name of an unmerged twin's rows."""
+    return ENDPOINT_PREFIX + key
+
+
+def compact_name(key: str) -> str:
+    return COMPACT_PREFIX + key
+
+
+def compact_files(results_dir: Path, dataset: str) -> list[Path]:
+    return sorted((results_dir / dataset).glob(f"{COMPACT_PREFIX}*.parquet"))
+
+
+def best_text_cache(results_dir: Path) -> Path:
+    return results_dir / "best_text.json"
+
+
+def is_results_dir(path: Path) -> bool:
+    return (path / "metrics").is_dir()
+
+
+def experiment_results_dirs(path: Path) -> list[Path]:
+    """`path` itself when it is one experiment's results folder, else its subfolders that are."""
+    if is_results_dir(path):
+        return [path]
+    return sorted(p for p in path.iterdir() if is_results_dir(p))
+
+
+def runs_dir_of_results(results_dir: Path) -> Path:
+    """`<root>/runs/<experiment>` beside `<root>/results/<experiment>`."""
+    return results_dir.parent.parent / "runs" / results_dir.name
