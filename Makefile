@@ -8,7 +8,7 @@ VLMERGE := $(VENV)/bin/vlmerge
 PEERS_VENV ?= .venv-peers
 PEERS_STAMP := $(PEERS_VENV)/.installed
 
-.PHONY: setup peers demo test bench clean
+.PHONY: setup peers demo test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -29,8 +29,14 @@ $(PEERS_STAMP): env/peers.txt env/constraints.txt
 demo: setup
 	$(VLMERGE) pipeline --config $(CONFIG)
 
+# Slurm and Chromium (Debian packages) are installed first when running as root.
 test: setup
+	bash env/system-packages.sh
 	$(PY) -m pytest -q
+
+# The fast part (no Slurm, no browser, no slow end-to-end tests): a few minutes.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slurm and not browser and not slow"
 
 bench: setup peers
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done

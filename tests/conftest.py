@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,43 @@ SMALL_WORLD = ["demo.text_words=3000", "demo.n_images=200", "demo.n_winoground=1
 FAST_TRAIN = ["checkpoints.words=[1000, 2000, 5000]", "train.micro_batch_size=8", "train.epochs=2",
               "train.log_every=1"]
 PREPARED = ["demo", "features", "runs/demo/tokenizer", "runs/demo/corpus"]
+
+
+# Tests that need a system component carry its marker; without the component they are skipped
+# with one line saying how to install it, except in CI (CI=true), where that is a failure.
+INSTALL = "as root: bash env/system-packages.sh (make test does this)"
+
+
+def missing_component(marker: str) -> str | None:
+    """Why the tests marked `marker` cannot run here, or None when they can."""
+    if marker == "slurm":
+        if shutil.which("sbatch") is None:
+            return f"Slurm is not installed ({INSTALL})"
+        if os.geteuid() != 0:
+            return "the local Slurm cluster needs root (slurmd and munged run as root/munge)"
+    if marker == "browser" and shutil.which("chromium") is None:
+        return f"Chromium is not installed ({INSTALL})"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if "slurm_cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.slurm)
+    for marker in ("slurm", "browser"):
+        reason = missing_component(marker)
+        marked = [item for item in items if item.get_closest_marker(marker)]
+        if reason is None or not marked:
+            continue
+        if os.environ.get("CI") == "true":
+            raise pytest.UsageError(f"CI: {len(marked)} {marker} test(s) cannot run: {reason}")
+        for item in marked:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def pytest_report_header(config):
+    reasons = [f"{m} tests skipped: {r}" for m in ("slurm", "browser") if (r := missing_component(m))]
+    return reasons or None
 
 
 def vlmerge_cli(*args: str, **kw) -> subprocess.CompletedProcess:

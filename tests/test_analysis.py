@@ -3,8 +3,10 @@ correlations (against scipy), bootstrap intervals, the figures' data, bad input,
 
 from __future__ import annotations
 
+import base64
+import io
 import json
-import shutil
+import re
 import subprocess
 import sys
 
@@ -207,6 +209,13 @@ def test_analyze_writes_tables_figures_and_one_self_contained_report(synth):
     figures = sorted((out / "figures").glob("*.png"))
     assert len(figures) == 2 * 3 + 1  # (curve, heatmap, distance fit) per task + training
     assert html.count('<img src="data:image/png;base64,') == len(figures) and "src=\"figures/" not in html
+    # each embedded figure decodes to the PNG written beside it, a real plot: lines and heatmaps
+    # bring far more colours than text alone
+    embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
+    assert sorted(embedded) == sorted(f.read_bytes() for f in figures)
+    for png in embedded:
+        pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+        assert pixels.shape[0] > 200 and len(np.unique(pixels.reshape(-1, 3), axis=0)) > 100
     best = pd.read_csv(out / "best_alpha.csv").sort_values("text_words")
     assert best.best_alpha.tolist() == PLANTED_BEST
     assert (out / "correlations.csv").is_file() and (out / "scores.csv").is_file()
@@ -236,7 +245,7 @@ def test_a_folder_without_results_is_a_one_line_error(tmp_path):
     (tmp_path / "metrics").mkdir()
     with pytest.raises(VlmergeError, match="no Parquet files"):
         load([tmp_path])
-    r = subprocess.run([sys.executable, "-m", "analysis", "--results", str(tmp_path / "nowhere"), "--out",
+    r = subprocess.run([sys.executable, "-m", "vlmerge.analysis", "--results", str(tmp_path / "nowhere"), "--out",
                         str(tmp_path / "out")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 2 and r.stderr.count("\n") == 1
     assert "nowhere: not a folder" in r.stderr and not (tmp_path / "out").exists()
@@ -251,7 +260,7 @@ def test_python_m_analysis_never_imports_torch(synth):
     assert r.stdout.strip() == f"analyze: report {synth / 'r' / 'report.html'}"
 
 
-@pytest.mark.skipif(shutil.which("chromium") is None, reason="needs Debian's chromium (.ci/run installs it)")
+@pytest.mark.browser
 def test_the_report_renders_in_headless_chromium(synth, tmp_path):
     report = analyze([synth / "results/synth"], synth / "report", OPTIONS)
     shot = tmp_path / "shot.png"
@@ -259,9 +268,9 @@ def test_the_report_renders_in_headless_chromium(synth, tmp_path):
                         "--window-size=1200,8000", f"--screenshot={shot}", report.as_uri()],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and shot.is_file(), r.stderr[-2000:]
+    # End to end: the browser decoded the embedded PNGs (text and tables alone: ~600 colours) and
+    # laid the page out past the tables (the figures' content is checked without a browser above).
     page = np.asarray(Image.open(shot).convert("RGB"))
-    # the embedded PNGs were decoded: the viridis lines and magma heatmaps bring hundreds of colours,
-    # and content runs far down the page (tables, then seven figures)
-    assert len(np.unique(page.reshape(-1, 3), axis=0)) > 5000  # text and tables alone: ~600
+    assert len(np.unique(page.reshape(-1, 3), axis=0)) > 5000
     inked_rows = np.flatnonzero((page < 200).any(axis=(1, 2)))
     assert inked_rows.max() > 5000

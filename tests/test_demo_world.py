@@ -30,8 +30,9 @@ def file_hashes(root: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> DemoWorld:
-    return generate(tmp_path_factory.mktemp("demo") / "world", seed=0, progress=False)
+def world(demo_world: DemoWorld) -> DemoWorld:
+    """The session's default world (tests/conftest.py), generated once for every test file."""
+    return demo_world
 
 
 @pytest.fixture(scope="module")

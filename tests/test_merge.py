@@ -30,7 +30,7 @@ def run(method: str, text, mm, alpha: float, base=None, grams=None, **params) ->
     full = m.params(params)
     if m.prepare:
         full |= m.prepare([x], full)
-    return m.fn(x, alpha, **full)
+    return m.merge(x, alpha, full)
 
 
 def test_registry_lists_every_method():
@@ -41,12 +41,49 @@ def test_registry_lists_every_method():
         get_method("ties").params({"densty": 0.3})
 
 
-def test_linear_endpoints_are_bitwise_and_the_middle_is_the_mean():
+def test_a_name_registered_twice_is_refused():
+    with pytest.raises(ValueError, match="merge method 'linear' is registered twice"):
+        METHODS.add("linear", get_method("linear"))
+
+
+def test_linear_middle_is_the_weighted_mean():
     text, mm = torch.randn(50), torch.randn(50)
-    x = TensorInputs("w", text, mm)
-    assert torch.equal(get_method("linear").fn(x, 0.0), mm)
-    assert torch.equal(get_method("linear").fn(x, 1.0), text)
-    assert torch.allclose(get_method("linear").fn(x, 0.3), 0.3 * text + 0.7 * mm, atol=1e-6)
+    assert torch.allclose(run("linear", text.tolist(), mm.tolist(), 0.3), 0.3 * text + 0.7 * mm, atol=1e-6)
+
+
+def _endpoint_inputs(seed: int) -> TensorInputs:
+    g = torch.Generator().manual_seed(seed)
+    w = {k: torch.randn(6, 4, generator=g) for k in ("text", "mm", "base")}
+    w["mm"][0, 0] = -0.0  # a lerp at α = 0 would turn it into +0.0
+    xs = torch.randn(32, 4, generator=g, dtype=torch.float64)
+    return TensorInputs("w", w["text"], w["mm"], w["base"], grams=(xs.T @ xs, 2 * xs.T @ xs))
+
+
+@pytest.mark.parametrize("method, params", [("linear", {}), ("slerp", {}), ("regmean", {"gamma": 0.5}),
+                                            ("task_arithmetic", {"lam": 1.0})])
+def test_endpoints_are_the_inputs_bitwise_where_the_maths_says_so(method, params):
+    m, x = get_method(method), _endpoint_inputs(0)
+    full = m.params(params)
+    assert m.merge(x, 1.0, full) is x.text and m.merge(x, 0.0, full) is x.mm
+    out = torch.empty_like(x.mm)
+    assert torch.equal(m.merge(x, 0.0, full, out=out).view(torch.int32), x.mm.view(torch.int32))
+    assert m.copies(1.0, full) == "text" and m.copies(0.0, full) == "mm" and m.copies(0.5, full) is None
+
+
+@pytest.mark.parametrize("method, params", [("task_arithmetic", {"lam": 2.0}), ("ties", {"density": 0.5}),
+                                            ("dare", {"p": 0.5})])
+def test_endpoints_of_methods_that_transform_the_inputs_ignore_the_other_model(method, params):
+    # Trimming, dropping or scaling the task vector changes the model, so these endpoints are not
+    # the inputs; still, at α = 1 the multimodal model has no weight, and at α = 0 the text one.
+    m = get_method(method)
+    a, b = _endpoint_inputs(1), _endpoint_inputs(2)
+    full = m.params(params)
+    swap_mm = TensorInputs("w", a.text, b.mm, a.base)
+    swap_text = TensorInputs("w", b.text, a.mm, a.base)
+    assert m.copies(1.0, full) is None
+    assert torch.equal(m.merge(a, 1.0, full), m.merge(swap_mm, 1.0, full))
+    assert torch.equal(m.merge(a, 0.0, full), m.merge(swap_text, 0.0, full))
+    assert not torch.equal(m.merge(a, 1.0, full), a.text)
 
 
 def test_task_arithmetic():
@@ -101,9 +138,6 @@ def test_regmean_equals_the_closed_form_least_squares_solution():
     d1, d2 = torch.diagonal(g1), torch.diagonal(g2)
     diag_avg = (w1 * d1 + w2 * d2) / (d1 + d2)
     assert torch.allclose(regmean_weight([w1, w2], [g1, g2], [0.5, 0.5], gamma=0.0), diag_avg, atol=1e-10)
-    # through the registry, at the endpoints it returns the models themselves
-    x = TensorInputs("w", w1.float(), w2.float(), grams=(g1, g2))
-    assert torch.equal(get_method("regmean").fn(x, 1.0, gamma=0.5), w1.float())
 
 
 def test_distances_on_small_vectors():

@@ -93,6 +93,7 @@ def test_export_text_writes_a_llama_that_computes_the_same_logits(twins, tmp_pat
     assert (tmp_path / "lm" / "tokenizer.json").is_file()
 
 
+@pytest.mark.slow
 def test_sigusr1_midway_then_restart_ends_bitwise_equal(twins, root):
     cmd = [sys.executable, "-m", "vlmerge", "train", "--quiet", "--run", "text", f"paths.root={root}", *SMALL_WORLD,
            *FAST_TRAIN]
@@ -122,6 +123,7 @@ def test_sigusr1_midway_then_restart_ends_bitwise_equal(twins, root):
     assert [r["step"] for r in rows] == list(range(1, len(rows) + 1))  # no step logged twice
 
 
+@pytest.mark.slow
 def test_two_ranks_hold_identical_weights_after_every_step(root):
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -151,6 +153,7 @@ def test_bad_inputs_exit_nonzero_in_one_line(root, override, message):
     assert len([l for l in lines if "error" in l.lower()]) == 1
 
 
+@pytest.mark.slow
 def test_seed_pretraining_gives_both_twins_the_seed_runs_last_weights(root):
     seed_on = ["runs.seed_pretraining=true", "runs.seed.epochs=1"]
     refused = train(root, "text", *seed_on)  # no seed checkpoint yet

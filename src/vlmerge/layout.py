@@ -181,6 +181,15 @@ def grams_file(checkpoint: Path) -> Path:
     return checkpoint / GRAMS_FILE
 
 
+# `vlmerge eval --out DIR`
+def eval_results_file(out: Path) -> Path:
+    return out / "results.parquet"
+
+
+def eval_items_file(out: Path) -> Path:
+    return out / "items.parquet"
+
+
 # Merges written to disk
 def merge_outputs(out: Path, alphas: list[float] | tuple[float, ...]) -> list[Path]:
     """`out` itself for one α; `out/alpha-0.30` and so on for several."""

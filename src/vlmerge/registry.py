@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Generic, TypeVar
 
 from vlmerge.errors import VlmergeError
@@ -12,17 +12,33 @@ from vlmerge.errors import VlmergeError
 T = TypeVar("T")
 
 
-class Registry(dict[str, T], Generic[T]):
-    """A dict of named entries whose failed lookup lists the known names."""
+class Registry(Mapping[str, T], Generic[T]):
+    """Named entries, each registered once: a second entry under a taken name is an error, and a
+    failed lookup lists the known names."""
 
     def __init__(self, kind: str):
-        super().__init__()
         self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def add(self, name: str, entry: T) -> T:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is registered twice")
+        self._entries[name] = entry
+        return entry
 
     def lookup(self, name: str) -> T:
-        if name not in self:
-            raise VlmergeError(f"unknown {self.kind} {name!r} (known: {', '.join(sorted(self))})")
-        return self[name]
+        if name not in self._entries:
+            raise VlmergeError(f"unknown {self.kind} {name!r} (known: {', '.join(sorted(self._entries))})")
+        return self._entries[name]
+
+    def __getitem__(self, name: str) -> T:
+        return self._entries[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 def import_submodules(package: str, path: Iterable[str]) -> None:

@@ -18,6 +18,7 @@ from vlmerge.evaluate.tasks import ItemScore, Metric, Task, get_task
 from vlmerge.hf import quiet_transformers
 from vlmerge.model import MODEL_TYPE
 from vlmerge.problems import ProblemLog
+from vlmerge.layout import eval_items_file, eval_results_file
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, stamp, write_rows
 
 
@@ -135,8 +136,8 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
     results = evaluate(scorer, prepare(specs, table_, problems))
     problems.report("eval")
     rows, items = result_rows(ModelKey.of_directory(model_dir), results, config_hash=cfg.hash(), job_id=job_id)
-    write_rows(rows, RESULTS_SCHEMA, out / "results.parquet")
-    write_rows(items, ITEMS_SCHEMA, out / "items.parquet")
+    write_rows(rows, RESULTS_SCHEMA, eval_results_file(out))
+    write_rows(items, ITEMS_SCHEMA, eval_items_file(out))
     print(table(results))
     print(f"eval: {len(rows)} result rows, {len(items)} item rows -> {out}")
     return results

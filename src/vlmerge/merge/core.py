@@ -230,8 +230,8 @@ def _stream(pair: Pair, method: Method, params: dict, alphas: list[float], outs:
                 continue
             x = pair.inputs(name)  # read (and checked for NaN/Inf) even when every output is a copy
             for a, w in merged:
-                out = {"out": writes.buffer(shape)} if method.takes_out else {}
-                writes.submit(w.write, name, method.fn(x, a, **params, **out).to(dtype), holds=out.get("out"))
+                out = writes.buffer(shape) if method.takes_out else None
+                writes.submit(w.write, name, method.merge(x, a, params, out).to(dtype), holds=out)
         writes.finish()
         for f in copies:
             f.result()
@@ -269,4 +269,4 @@ class PairMerger:
         state = dict(model.named_parameters()) | dict(model.named_buffers())
         with torch.no_grad():
             for name, x in self.inputs.items():
-                state[name].data.copy_(method.fn(x, alpha, **full))
+                state[name].data.copy_(method.merge(x, alpha, full))

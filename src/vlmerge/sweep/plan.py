@@ -101,7 +101,7 @@ def plan(cfg: Config, best_text: dict[Path, Path] | None = None) -> list[WorkIte
         for method, params in method_grid(cfg):
             needs_base = get_method(method).needs_base
             if needs_base and not base:
-                raise VlmergeError(f"method {method} needs the step-0 checkpoint of the text run")
+                raise VlmergeError(f"method {method} needs the text run's initial (step 0) checkpoint")
             items.append(WorkItem(
                 str(text.relative_to(cfg.root)), str(mm.relative_to(cfg.root)), method,
                 json.dumps(params, sort_keys=True), tuple(cfg.sweep.alphas),

@@ -20,7 +20,7 @@ from vlmerge.io import atomic_path, fingerprint, read_json, write_json
 from vlmerge.model import PooledLlavaForConditionalGeneration, build_config, init_model
 from vlmerge.problems import ProblemLog
 from vlmerge.train import distributed
-from vlmerge.layout import list_checkpoints
+from vlmerge.layout import list_checkpoints, run_config, run_metrics_log
 from vlmerge.train.checkpoint import StateStore, TrainState, write_checkpoint
 from vlmerge.train.preemption import StopFlag
 from vlmerge.train.schedule import checkpoint_words, lr_factor
@@ -216,7 +216,7 @@ class Trainer:
     def _start_run_dir(self) -> None:
         if self.rank == 0:
             write_json(self.run_dir / "run.json", {"run": self.run, "fingerprint": _run_fingerprint(self.cfg, self.run)})
-            save_resolved(self.cfg, self.run_dir / "config.yaml")
+            save_resolved(self.cfg, run_config(self.run_dir))
         dist.barrier()
 
     def _checkpoint(self, state: TrainState) -> None:
@@ -225,7 +225,7 @@ class Trainer:
         dist.barrier()
 
     def _metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return run_metrics_log(self.run_dir)
 
     def _metrics(self, state: TrainState, words_per_s: float, tokens_per_s: float) -> None:
         if self.rank != 0:

@@ -81,7 +81,7 @@ get_task = TASKS.lookup
 
 
 def register(task: Task) -> Task:
-    TASKS[task.name] = task
+    TASKS.add(task.name, task)
     return task
 
 

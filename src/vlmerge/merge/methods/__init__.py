@@ -9,6 +9,7 @@ initialisation (or any third model, for three-way merges).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 
 from vlmerge.errors import VlmergeError
 from vlmerge.registry import Registry, import_submodules
+from vlmerge.modelkey import MM_ALPHA, TEXT_ALPHA
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,8 @@ class TensorInputs:
 
 @dataclasses.dataclass(frozen=True)
 class Method:
+    """A merge method: its per-tensor function and its declared parameters (with defaults)."""
+
     name: str
     fn: Callable[..., torch.Tensor]  # fn(inputs: TensorInputs, alpha: float, **params) -> tensor
     defaults: dict[str, Any]
@@ -42,16 +46,30 @@ class Method:
     # prepare(all tensors' inputs, params) -> extra keyword arguments of fn, for methods that
     # need a statistic of the whole model first (e.g. TIES with one threshold for all tensors).
     prepare: Callable[..., dict[str, Any]] | None = None
-    # same_as(alpha, params) -> "text", "mm" or None: the input whose every floating tensor the
-    # merge equals bitwise at this α (linear at α = 1 and 0), so that a file can be copied.
+    # same_as(alpha, params) -> "text", "mm" or None: the input the merge equals, by its maths,
+    # at this α (e.g. linear at α = 1 and 0). The merge then returns that input bitwise.
     same_as: Callable[[float, dict[str, Any]], str | None] | None = None
-    # fn accepts out= (a float32 tensor of the result's shape) and writes the result there: the
-    # streamed merge then reuses a few buffers instead of allocating every output afresh.
-    takes_out: bool = False
+
+    @property
+    def takes_out(self) -> bool:
+        """Whether fn can write into a given float32 buffer (`out=`): the streamed merge then
+        reuses a few buffers instead of allocating every output afresh."""
+        return "out" in inspect.signature(self.fn).parameters
 
     def copies(self, alpha: float, params: dict[str, Any]) -> str | None:
         """The input role the merge at α equals bitwise, or None."""
         return self.same_as(alpha, params) if self.same_as else None
+
+    def merge(self, x: TensorInputs, alpha: float, params: dict[str, Any], out: torch.Tensor | None = None) -> torch.Tensor:
+        """One tensor merged at α; where `same_as` names an input, that input itself (do not
+        modify the result in place), or a copy in `out`."""
+        role = self.copies(alpha, params)
+        if role:
+            same = getattr(x, role)
+            return same if out is None else out.copy_(same)
+        if out is not None and self.takes_out:
+            return self.fn(x, alpha, **params, out=out)
+        return self.fn(x, alpha, **params)
 
     def params(self, given: dict[str, Any]) -> dict[str, Any]:
         """The method's defaults overridden by `given`; an unknown parameter is an error."""
@@ -62,18 +80,22 @@ class Method:
         return {**self.defaults, **given}
 
 
+def endpoint(alpha: float, params: dict[str, Any]) -> str | None:
+    """α = 1 is the text model and α = 0 the multimodal one (the merge convention)."""
+    return {TEXT_ALPHA: "text", MM_ALPHA: "mm"}.get(alpha)
+
+
 METHODS: Registry[Method] = Registry("merge method")
 get_method = METHODS.lookup
 
 
 def register(name: str, *, needs_base: bool = False, needs_grams: bool = False,
              prepare: Callable[..., dict[str, Any]] | None = None,
-             same_as: Callable[[float, dict[str, Any]], str | None] | None = None, takes_out: bool = False,
-             **defaults: Any):
+             same_as: Callable[[float, dict[str, Any]], str | None] | None = None, **defaults: Any):
     """Decorator: make `fn` the merge method `name`, with these parameter defaults."""
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        METHODS[name] = Method(name, fn, defaults, needs_base, needs_grams, prepare, same_as, takes_out)
+        METHODS.add(name, Method(name, fn, defaults, needs_base, needs_grams, prepare, same_as))
         return fn
 
     return wrap

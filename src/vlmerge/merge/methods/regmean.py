@@ -8,7 +8,7 @@ Gram matrices (embeddings, norms, biases) are averaged linearly.
 
 import torch
 
-from vlmerge.merge.methods import TensorInputs, register
+from vlmerge.merge.methods import TensorInputs, endpoint, register
 
 
 def scaled_gram(gram: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -28,8 +28,9 @@ def regmean_weight(weights: list[torch.Tensor], grams: list[torch.Tensor], coefs
     return solution.T.to(weights[0].dtype).contiguous()
 
 
-@register("regmean", needs_grams=True, gamma=0.9)
+# At α = 1 and 0 one model has all the weight: RegMean's solution is that model's weights.
+@register("regmean", needs_grams=True, same_as=endpoint, gamma=0.9)
 def regmean(x: TensorInputs, alpha: float, gamma: float) -> torch.Tensor:
-    if x.grams is None or alpha in (0.0, 1.0):
-        return torch.lerp(x.mm, x.text, alpha) if alpha != 1.0 else x.text.clone()
+    if x.grams is None:
+        return torch.lerp(x.mm, x.text, alpha)
     return regmean_weight([x.text, x.mm], list(x.grams), [alpha, 1 - alpha], gamma)

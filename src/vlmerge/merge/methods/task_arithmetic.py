@@ -5,10 +5,15 @@
 
 import torch
 
-from vlmerge.merge.methods import TensorInputs, register
+from vlmerge.merge.methods import TensorInputs, endpoint, register
 
 
-@register("task_arithmetic", needs_base=True, lam=1.0)
+def unscaled_endpoint(alpha: float, params: dict) -> str | None:
+    """With λ = 1, α = 1 and 0 give θ₀ + τ_text = θ_text and θ₀ + τ_mm = θ_mm."""
+    return endpoint(alpha, params) if params["lam"] == 1 else None
+
+
+@register("task_arithmetic", needs_base=True, same_as=unscaled_endpoint, lam=1.0)
 def task_arithmetic(x: TensorInputs, alpha: float, lam: float) -> torch.Tensor:
     tau_text, tau_mm = x.task_vectors()
     return x.base + lam * (alpha * tau_text + (1 - alpha) * tau_mm)

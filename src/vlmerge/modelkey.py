@@ -1,0 +1,87 @@
+"""Which model a result row is about (`ModelKey`), and the merge convention that names the twins.
+
+Light on purpose (no pandas, no torch): the merge methods ask it which input α = 0 and 1 are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from vlmerge.layout import CheckpointRef
+
+# The merge convention (DESIGN.md): α is the weight of the TEXT twin, θ = α·θ_text + (1−α)·θ_mm.
+TEXT_ALPHA = 1.0  # an unmerged text twin's α
+MM_ALPHA = 0.0  # an unmerged multimodal twin's α
+UNMERGED = "none"  # the method of an unmerged twin's rows
+TEXT_RUN = "text"
+
+
+def checkpoint_run(path: Path) -> dict[str, Any]:
+    """experiment, run and words seen of a run checkpoint, from its path and trainer_state.json."""
+    state_path = path / "trainer_state.json"
+    state = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    ref = CheckpointRef.parse(path)
+    return {
+        "experiment": ref.experiment if ref else "",
+        "run": state.get("run") or (ref.run if ref else path.name),
+        "words": state.get("words_seen"),
+    }
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelKey:
+    """Which model a row is about: a merge of a pair, or one unmerged twin (method 'none').
+
+    Its fields are the model columns of every dataset (`MODEL_FIELDS`); the writer fills them
+    and the analysis indexes and deduplicates by them (`DEDUPE`).
+    """
+
+    experiment: str = ""
+    text_run: str = ""
+    mm_run: str = ""
+    text_words: int | None = None
+    mm_words: int | None = None
+    method: str = UNMERGED
+    alpha: float | None = None
+    method_params: str = "{}"
+
+    @classmethod
+    def of_directory(cls, path: Path) -> ModelKey:
+        """From a merge's merge.json, a run checkpoint's trainer_state.json, or nothing (foreign)."""
+        record_path = path / "merge.json"
+        if record_path.is_file():
+            record = json.loads(record_path.read_text())
+            key = cls.of_pair(checkpoint_run(Path(record["inputs"]["text"]["path"])),
+                              checkpoint_run(Path(record["inputs"]["mm"]["path"])),
+                              record["method"], json.dumps(record["params"], sort_keys=True))
+            return dataclasses.replace(key, alpha=record["alpha"])
+        if (path / "trainer_state.json").is_file():
+            return cls.twin(checkpoint_run(path))
+        return cls(text_run=path.name)
+
+    @classmethod
+    def of_pair(cls, text: dict[str, Any], mm: dict[str, Any], method: str, params: str) -> ModelKey:
+        """A merge of two run checkpoints (see checkpoint_run); α is set per row."""
+        return cls(text["experiment"] or mm["experiment"], text["run"], mm["run"], text["words"], mm["words"],
+                   method, None, params)
+
+    @classmethod
+    def twin(cls, run: dict[str, Any]) -> ModelKey:
+        """A twin on its own: α = 1 for the text run, α = 0 for the multimodal one."""
+        if run["run"] == TEXT_RUN:
+            return cls(run["experiment"], text_run=run["run"], text_words=run["words"], alpha=TEXT_ALPHA)
+        return cls(run["experiment"], mm_run=run["run"], mm_words=run["words"], alpha=MM_ALPHA)
+
+    def columns(self, item_id: str) -> dict[str, Any]:
+        return {"item_id": item_id, **dataclasses.asdict(self)}
+
+
+# A model is named by these columns (item_id aside: the same model may come from several items);
+# a merged pair by the same without alpha; a checkpoint pair without the method too.
+MODEL = ["experiment", "method", "method_params", "text_run", "mm_run", "text_words", "mm_words", "alpha"]
+PAIR = MODEL[:-1]
+CHECKPOINT_PAIR = ["experiment", "text_run", "mm_run", "text_words", "mm_words"]
+assert set(MODEL) == {f.name for f in dataclasses.fields(ModelKey)}

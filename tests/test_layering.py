@@ -1,0 +1,150 @@
+"""The house's shape: layers that point one way, one owner of on-disk names, one installed package."""
+
+from __future__ import annotations
+
+import ast
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO
+
+# Folder on disk -> the package it installs as.
+SOURCES = {REPO / "src" / "vlmerge": "vlmerge", REPO / "precompute": "vlmerge.precompute",
+           REPO / "analysis": "vlmerge.analysis"}
+CORE = {"config", "layout", "modelkey", "io", "errors", "results", "registry", "problems", "hf", "configs"}
+ORCHESTRATION = {"sweep", "launch", "pipeline", "cli"}
+STAGES = {"precompute", "data", "model", "train", "merge", "evaluate", "demo"}
+
+
+def group(module: str) -> str | None:
+    """The package-level group of a vlmerge module: core, a stage, orchestration, or analysis."""
+    parts = module.split(".")
+    if parts[0] != "vlmerge":
+        return None
+    if len(parts) == 1 or parts[1] in CORE or parts[1] not in STAGES | ORCHESTRATION | {"analysis", "__main__"}:
+        return "core"  # the package itself (code_version) and core modules
+    return "cli" if parts[1] == "__main__" else parts[1]
+
+
+def import_graph() -> dict[str, dict[str, list[str]]]:
+    """group -> imported group -> the files that import it (function-level imports included)."""
+    graph: dict[str, dict[str, list[str]]] = {}
+    for folder, package in SOURCES.items():
+        for path in folder.rglob("*.py"):
+            module = ".".join([package, *path.relative_to(folder).with_suffix("").parts]).removesuffix(".__init__")
+            me = group(module)
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [f"{node.module}.{a.name}" for a in node.names]
+                else:
+                    continue
+                for name in names:
+                    other = group(name)
+                    if other and other != me:
+                        graph.setdefault(me, {}).setdefault(other, []).append(str(path.relative_to(REPO)))
+    return graph
+
+
+def find_cycle(graph: dict[str, dict[str, list[str]]]) -> list[str] | None:
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> list[str] | None:
+        state[node] = 1
+        for nxt in graph.get(node, {}):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt] if nxt in path else [node, nxt]
+            if nxt not in state and (cycle := visit(nxt, path + [nxt])):
+                return cycle
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (cycle := visit(start, [start])):
+            return cycle
+    return None
+
+
+def test_find_cycle_finds_one():
+    assert find_cycle({"a": {"b": []}, "b": {"c": []}, "c": {"a": []}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b": []}, "b": {}}) is None
+
+
+def test_the_package_graph_has_no_cycle_and_layers_point_one_way():
+    graph = import_graph()
+    assert find_cycle(graph) is None, f"import cycle between packages: {' -> '.join(find_cycle(graph))}"
+    assert set(graph.get("core", {})) == set(), f"core imports {graph['core']}"
+    assert set(graph.get("analysis", {})) <= {"core"}, f"analysis imports {graph['analysis']}"
+    for stage in STAGES:
+        upward = set(graph.get(stage, {})) & (ORCHESTRATION | {"analysis"})
+        assert not upward, f"stage {stage} imports {upward}: {graph[stage]}"
+
+
+def test_analysis_never_imports_torch():
+    code = ("import sys, vlmerge.analysis.run, vlmerge.analysis.cli; "
+            "sys.exit('torch' in sys.modules or 'transformers' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0
+
+
+# On-disk names that only vlmerge/layout.py may spell: a string literal with one of them elsewhere
+# in the code is a second owner of the layout (docstrings and --help texts may mention them).
+NAME_PATTERNS = [r"(?<!\w)(words|step|alpha|endpoint|compact)-($|\d|\*)", r"-of-", r"\.shards", r"\.config\.yaml$",
+                 r"metrics\.jsonl", r"best_text\.json", r"regmean-grams", r"\.(parquet|h5)$", r"^(metrics|items|distances)/"]
+FOLDERS = {"metrics", "items", "distances", "checkpoints", "deepspeed", "runs", "results", "reports", "logs", "features",
+           "tokenizer", "corpus"}
+
+
+def string_literals(tree: ast.AST) -> list[tuple[int, str]]:
+    """(line, text) of every string constant and f-string piece (docstrings and help= texts aside),
+    and of every path joined with a folder name (`x / "metrics"`)."""
+    skip = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+            skip.add(id(body[0].value))
+        if isinstance(node, ast.keyword) and node.arg == "help":
+            skip.update(id(n) for n in ast.walk(node.value))
+    joined = [(n.lineno, f"/ {n.right.value}") for n in ast.walk(tree) if isinstance(n, ast.BinOp)
+              and isinstance(n.op, ast.Div) and isinstance(n.right, ast.Constant) and n.right.value in FOLDERS]
+    return joined + [(n.lineno, n.value) for n in ast.walk(tree)
+                     if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in skip]
+
+
+def test_only_the_layout_module_spells_on_disk_names():
+    offenders = []
+    for folder in SOURCES:
+        for path in folder.rglob("*.py"):
+            if path.name == "layout.py":
+                continue
+            for lineno, text in string_literals(ast.parse(path.read_text(encoding="utf-8"))):
+                if text.startswith("/ ") or any(re.search(p, text) for p in NAME_PATTERNS):
+                    offenders.append(f"{path.relative_to(REPO)}:{lineno}: {text!r}")
+    assert not offenders, "on-disk names spelled outside vlmerge/layout.py:\n" + "\n".join(offenders)
+
+
+def test_the_wheel_installs_only_the_vlmerge_package(tmp_path):
+    (tmp_path / "src-tree").mkdir()
+    for name in ("pyproject.toml", "README.md", "src", "precompute", "analysis"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, tmp_path / "src-tree" / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                        "-w", str(tmp_path / "dist"), str(tmp_path / "src-tree")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {"vlmerge", "vlmerge-0.1.0.dist-info"}
+    assert {"vlmerge/precompute/features.py", "vlmerge/analysis/run.py", "vlmerge/layout.py"} <= set(names)
+    top_level = zipfile.ZipFile(wheel).read("vlmerge-0.1.0.dist-info/top_level.txt").decode().split()
+    assert top_level == ["vlmerge"]
+
+
+@pytest.mark.parametrize("entry", [["-m", "vlmerge", "--help"], ["-m", "vlmerge.analysis", "--help"]])
+def test_entry_points_start(entry):
+    r = subprocess.run([sys.executable, *entry], capture_output=True, text=True, cwd="/")
+    assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
