@@ -88,6 +88,7 @@ def slow_encoder(tmp_path) -> Path:
                               image_size=112)
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, demo_world, slow_encoder, monkeypatch):
     rows = manifest_rows(demo_world.root / "captions.jsonl")[:600]
     manifest = write_manifest(tmp_path / "subset.jsonl", rows)
