@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlmerge.errors import VlmergeError
 from vlmerge.io import write_text
@@ -115,6 +115,15 @@ class ModelConfig(_Section):
     intermediate_size: int = Field(3072, ge=8)
     max_length: int = Field(128, ge=8)
     init_seed: int = 0
+    experts: Literal["none", "all", "attention", "ffn", "layernorm"] = Field(
+        "none", description="modality experts (Sung et al. 2023): which modules keep per-modality weights")
+    cross_modal_layers: int = Field(0, ge=0, description="top layers with a cross-modal expert (experts only)")
+
+    @model_validator(mode="after")
+    def _cross_modal_within_the_layers(self) -> "ModelConfig":
+        if self.cross_modal_layers > self.num_layers:
+            raise ValueError(f"cross_modal_layers ({self.cross_modal_layers}) exceeds num_layers ({self.num_layers})")
+        return self
 
 
 class TrainConfig(_Section):
