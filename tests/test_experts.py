@@ -133,3 +133,129 @@ def test_an_expert_checkpoint_round_trips_through_from_pretrained(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     assert not isinstance(init_model(tiny(), 0), ExpertLlavaForConditionalGeneration)
     assert isinstance(init_model(tiny(), 0), PooledLlavaForConditionalGeneration)
+
+
+# -- merging the experts into one agnostic model (Sung et al. §4.1) ------------------------------
+
+from vlmerge.cli import main  # noqa: E402
+from vlmerge.merge.experts import interpolate, merge_experts, merge_tensor, modality_arithmetic  # noqa: E402
+from vlmerge.merge.grams import compute_grams  # noqa: E402
+from vlmerge.merge.io import ModelDir  # noqa: E402
+from vlmerge.model import expert_param_name  # noqa: E402
+
+T = torch.tensor
+
+
+def test_interpolation_and_the_two_thirds_rule_by_hand():
+    v, lang, vl = T([[1.0, 2.0]]), T([[3.0, 4.0]]), T([[6.0, 6.0]])
+    assert torch.allclose(interpolate({"vision": v, "language": lang}, 0.25), T([[2.5, 3.5]]))
+    # ⅔(¼·v + ¾·l) + ⅓·vl = ⅔·[2.5, 3.5] + [2, 2]
+    assert torch.allclose(interpolate({"vision": v, "language": lang, "cross": vl}, 0.25), T([[11 / 3, 13 / 3]]))
+
+
+def test_modality_arithmetic_adds_the_experts_task_vectors_to_the_seed():
+    seed, v, lang, vl = T([1.0, 1.0]), T([3.0, 1.0]), T([1.0, 5.0]), T([2.0, 2.0])
+    assert modality_arithmetic({"vision": v, "language": lang}, seed, 0.5).tolist() == [2.0, 3.0]
+    assert modality_arithmetic({"vision": v, "language": lang, "cross": vl}, seed, 1.0).tolist() == [4.0, 6.0]
+
+
+def test_regmean_over_experts_is_the_weighted_least_squares_solution():
+    g = torch.Generator().manual_seed(0)
+    xs = {e: torch.randn(30, 4, generator=g, dtype=torch.float64) for e in ("vision", "language", "cross")}
+    ws = {e: torch.randn(3, 4, generator=g, dtype=torch.float64) for e in xs}
+    merged = merge_tensor("regmean", {"alpha": 0.75, "gamma": 1.0}, ws, grams={e: x.T @ x for e, x in xs.items()})
+    # Independently: argmin_W Σ_e c_e‖X_e Wᵀ − X_e W_eᵀ‖², c = ⅔·(¾, ¼) and ⅓, as one stacked least squares.
+    c = {"vision": 2 / 3 * 0.75, "language": 2 / 3 * 0.25, "cross": 1 / 3}
+    a = torch.cat([c[e] ** 0.5 * xs[e] for e in xs])
+    b = torch.cat([c[e] ** 0.5 * xs[e] @ ws[e].T for e in xs])
+    assert torch.allclose(merged, torch.linalg.lstsq(a, b).solution.T, atol=1e-9)
+    # γ = 0 keeps only the diagonal: each input dimension weighted by its energy
+    diag = merge_tensor("regmean", {"alpha": 0.75, "gamma": 0.0}, ws, grams={e: x.T @ x for e, x in xs.items()})
+    energy = {e: (x * x).sum(0) for e, x in xs.items()}
+    expected = sum(c[e] * energy[e] * ws[e] for e in xs) / sum(c[e] * energy[e] for e in xs)
+    assert torch.allclose(diag, expected, atol=1e-9)
+
+
+def test_expert_grams_sum_the_inputs_of_the_tokens_routed_to_each_expert():
+    model, x = init_model(tiny("attention"), 3), batch()
+    x["attention_mask"][2, -3:] = 0  # padding is left out
+    grams, _ = compute_grams(model, [x])
+    with torch.no_grad():
+        embeds = forward(model, x, output_hidden_states=True).hidden_states[0]
+        h = model.model.language_model.layers[0].input_layernorm(embeds).double()
+    image = x["input_ids"] == IMAGE
+    for expert, where in (("vision", image), ("language", ~image)):
+        expected = torch.zeros(16, 16, dtype=torch.float64)
+        for b, t in zip(*torch.nonzero(where & x["attention_mask"].bool(), as_tuple=True)):
+            expected += torch.outer(h[b, t], h[b, t])  # one token at a time
+        name = expert_param_name("model.language_model.layers.0.self_attn.q_proj.weight", expert)
+        assert torch.allclose(grams[name], expected, atol=1e-9), expert
+
+
+@pytest.fixture
+def expert_checkpoint(tmp_path):
+    """A trained-looking expert checkpoint (experts apart), its seed (the agnostic model) and Grams."""
+    seed = init_model(tiny(), 7)
+    model = experts_from_agnostic(seed, "all", 1)
+    for layer in range(3):
+        for e in ("vision", "language", "cross"):
+            perturb(model, layer, e)
+    with quiet_transformers():
+        seed.save_pretrained(tmp_path / "seed")
+        model.save_pretrained(tmp_path / "experts")
+    from safetensors.torch import save_file
+
+    from vlmerge.layout import grams_file
+
+    grams, _ = compute_grams(model, [batch(1), batch(2)])
+    save_file(grams, grams_file(tmp_path / "experts"))
+    return tmp_path / "experts", tmp_path / "seed", model
+
+
+@pytest.mark.parametrize("method,extra", [("interpolation", []), ("regmean", ["--param", "gamma=0.5"]),
+                                          ("arithmetic", ["--param", "lam=0.6"])])
+def test_merge_experts_writes_a_plain_checkpoint_by_each_rule(expert_checkpoint, tmp_path, method, extra):
+    from transformers import AutoModelForImageTextToText
+
+    ckpt, seed, model = expert_checkpoint
+    args = ["--alpha", "0.75"] if method != "arithmetic" else ["--seed", str(seed)]
+    assert main(["merge-experts", "--checkpoint", str(ckpt), "--method", method, *args, *extra,
+                 "--out", str(tmp_path / "merged")]) == 0
+    with quiet_transformers():
+        merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    assert type(merged) is PooledLlavaForConditionalGeneration  # today's architecture, for eval and sweep
+    state, experts, seeds = merged.state_dict(), model.state_dict(), ModelDir(seed)
+    grams = ModelDir(ckpt).path / "regmean-grams.safetensors"
+    from safetensors.torch import load_file
+
+    grams = load_file(grams)
+    for name, t in state.items():
+        members = {e: experts[expert_param_name(name, e)] for e in ("vision", "language", "cross")
+                   if expert_param_name(name, e) in experts}
+        if not members:  # shared tensors (embeddings, projector, LM head, final norm) are copied
+            assert torch.equal(t, experts[name]), name
+            continue
+        if method == "arithmetic":
+            expected = seeds.get(name) + 0.6 * sum(w - seeds.get(name) for w in members.values())
+        elif method == "regmean" and name.endswith("proj.weight"):
+            g = {e: grams[expert_param_name(name, e)] for e in members}
+            expected = merge_tensor("regmean", {"alpha": 0.75, "gamma": 0.5}, members, grams=g)
+        else:
+            c = {"vision": 0.75, "language": 0.25} if len(members) == 2 else {"vision": 0.5, "language": 0.5 / 3,
+                                                                              "cross": 1 / 3}
+            expected = sum(c[e] * w for e, w in members.items())
+        assert torch.allclose(t, expected, atol=1e-6), name
+    x = batch()
+    forward(merged, x)  # it runs as the plain model
+
+
+def test_merge_experts_refuses_a_plain_model_and_a_missing_seed(expert_checkpoint, tmp_path, capsys):
+    ckpt, seed, _ = expert_checkpoint
+    assert main(["merge-experts", "--checkpoint", str(seed), "--out", str(tmp_path / "m")]) == 2
+    assert "expected 'vlmerge_llava_experts'" in capsys.readouterr().err
+    assert main(["merge-experts", "--checkpoint", str(ckpt), "--method", "arithmetic", "--out", str(tmp_path / "m")]) == 2
+    assert "give the seed weights" in capsys.readouterr().err
+    outs = merge_experts(ckpt, [tmp_path / "a"], "interpolation", [{"alpha": 0.5}])
+    assert merge_experts(ckpt, outs, "interpolation", [{"alpha": 0.5}]) == outs  # a rerun skips
+    with pytest.raises(Exception, match="not this merge"):
+        merge_experts(ckpt, outs, "interpolation", [{"alpha": 0.25}])

@@ -145,6 +145,26 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merge {args.method}: {len(outs)} model(s) in {args.out}")
 
 
+def _merge_experts(args: argparse.Namespace) -> None:
+    from vlmerge.layout import merge_outputs
+    from vlmerge.merge.experts import METHODS
+
+    params = _params(args.param)
+    if "alpha" in params:
+        raise VlmergeError("merge-experts: give alpha with --alpha, not --param")
+    if METHODS.lookup(args.method).defaults.get("alpha") is None:
+        if args.alpha is not None:
+            raise VlmergeError(f"merge-experts {args.method}: takes no --alpha (its parameter is lam)")
+        settings, outs = [params], [Path(args.out)]
+    else:
+        alphas = _alphas(args.alpha or "0.5")
+        settings, outs = [params | {"alpha": a} for a in alphas], merge_outputs(Path(args.out), alphas)
+    from vlmerge.merge.experts import merge_experts
+
+    merge_experts(args.checkpoint, outs, args.method, settings, seed=args.seed)
+    print(f"merge-experts {args.method}: {len(outs)} model(s) in {args.out}")
+
+
 def _distance(args: argparse.Namespace) -> None:
     from vlmerge.merge.distance import distance_rows, write_parquet
     from vlmerge.merge.io import ModelDir
@@ -249,6 +269,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (alpha-X.XX/ inside it for several alphas)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=None, command=_merge)
+
+    p = sub.add_parser("merge-experts", help="merge a modality-expert checkpoint into one plain (agnostic) model")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of the experts run")
+    p.add_argument("--method", default="interpolation", help="interpolation, arithmetic or regmean")
+    p.add_argument("--alpha", help="weight of the VISION expert (Sung et al.); several: 0.5,0.75 (default 0.5)")
+    p.add_argument("--seed", help="arithmetic: the seed weights (the seed run's last checkpoint, or the "
+                                  "experts run's words-0 checkpoint without seed pre-training)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="lam=…, gamma=…")
+    p.add_argument("--out", required=True, help="output directory (alpha-X.XX/ inside it for several alphas)")
+    p.set_defaults(handler=None, command=_merge_experts)
 
     p = sub.add_parser("distance", help="L2, cosine, SSD and TSSD between two models, whole and per layer")
     p.add_argument("--a", required=True, help="the text model")
