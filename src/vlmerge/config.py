@@ -20,7 +20,8 @@ from vlmerge.io import write_text
 from vlmerge.layout import Layout
 
 DEMO_CONFIG = "demo.yaml"
-RUN_NAMES = ("seed", "text", "multimodal")
+RUN_NAMES = ("seed", "text", "multimodal", "experts")
+EXPERT_RUN = "experts"
 
 
 class ConfigError(VlmergeError):
@@ -161,12 +162,14 @@ class RunConfig(_Section):
 
 
 class RunsConfig(_Section):
-    """The twins, and the optional seed run both start from (Sung et al.'s seed pre-training)."""
+    """The twins, the optional seed run they start from (Sung et al.'s seed pre-training), and the
+    modality-expert run (`model.experts`), which starts from the seed run too when it is on."""
 
     seed_pretraining: bool = False
     seed: RunConfig = RunConfig(sources=["text", "captions"], epochs=1)
     text: RunConfig = RunConfig(sources=["text"])
     multimodal: RunConfig = RunConfig(sources=["text", "captions"])
+    experts: RunConfig = RunConfig(sources=["text", "captions"])
 
 
 class MethodSpec(_Section):
