@@ -259,3 +259,69 @@ def test_merge_experts_refuses_a_plain_model_and_a_missing_seed(expert_checkpoin
     assert merge_experts(ckpt, outs, "interpolation", [{"alpha": 0.5}]) == outs  # a rerun skips
     with pytest.raises(Exception, match="not this merge"):
         merge_experts(ckpt, outs, "interpolation", [{"alpha": 0.25}])
+
+
+# -- the phases on the demo world: seed -> experts -> merge -> eval ------------------------------
+
+@pytest.mark.slow
+def test_seed_then_experts_then_merge_then_eval_on_the_demo_world(fresh_root, tmp_path):
+    from safetensors.torch import load_file
+
+    from conftest import FAST_TRAIN, SMALL_WORLD, vlmerge_cli
+    from vlmerge.layout import list_checkpoints
+
+    root = fresh_root()
+    common = [f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, "runs.seed_pretraining=true", "runs.seed.epochs=1",
+              "train.epochs=1", "model.experts=all", "model.cross_modal_layers=1"]
+    for run in ("seed", "experts"):
+        r = vlmerge_cli("train", "--quiet", "--run", run, *common)
+        assert r.returncode == 0, r.stderr
+    seed_last = load_file(list_checkpoints(root / "runs/demo/seed")[-1] / "model.safetensors")
+    experts = list_checkpoints(root / "runs/demo/experts")
+    first, last = load_file(experts[0] / "model.safetensors"), load_file(experts[-1] / "model.safetensors")
+    assert experts[0].name == "words-000000000000"
+    for name, t in first.items():  # every expert starts as the seed's module, exactly
+        assert torch.equal(t, seed_last[expert_param(name)[0]]), name
+    moved = [n for n in last if expert_param(n)[1] and not torch.equal(last[n], first[n])]
+    assert {expert_param(n)[1] for n in moved} == {"vision", "language", "cross"}  # every expert learnt
+
+    r = vlmerge_cli("grams", "--quiet", "--checkpoint", str(experts[-1]), *common)
+    assert r.returncode == 0, r.stderr
+    grams = load_file(experts[-1] / "regmean-grams.safetensors")
+    assert any(".experts.cross." in k for k in grams) and any(".experts.vision." in k for k in grams)
+    seed = list_checkpoints(root / "runs/demo/seed")[-1]
+    for method, extra in (("interpolation", ["--alpha", "0.5"]), ("regmean", ["--alpha", "0.5"]),
+                          ("arithmetic", ["--seed", str(seed)])):
+        out = tmp_path / method
+        r = vlmerge_cli("merge-experts", "--checkpoint", str(experts[-1]), "--method", method, *extra, "--out", str(out))
+        assert r.returncode == 0, r.stderr
+        r = vlmerge_cli("eval", "--quiet", "--model", str(out), "--task", "blimp", "--out", str(tmp_path / f"eval-{method}"),
+                        *common)
+        assert r.returncode == 0, r.stderr
+        import pandas as pd
+
+        rows = pd.read_parquet(tmp_path / f"eval-{method}" / "results.parquet")
+        assert set(rows.method) == {f"experts_{method}"} and set(rows.text_run) == {"experts"}
+        assert rows[rows.metric == "accuracy"].value.between(0, 1).all()
+
+
+def test_expert_distances_compare_the_experts_over_the_transformer(expert_checkpoint, tmp_path):
+    import pandas as pd
+
+    from vlmerge.merge.distance import cosine, l2, ssd, tssd
+
+    ckpt, seed, model = expert_checkpoint
+    assert main(["distance", "--experts", str(ckpt), "--base", str(seed), "--out", str(tmp_path / "d.parquet")]) == 0
+    rows = pd.read_parquet(tmp_path / "d.parquet")
+    state, seeds = model.state_dict(), init_model(tiny(), 7).state_dict()
+    names = sorted(n for n in seeds if ".layers." in n)
+    flat = lambda e, sub=None: torch.cat([(state[expert_param_name(n, e)] - (0 if sub is None else sub[n])).flatten()  # noqa: E731
+                                          for n in names])
+    for space, sub in (("weights", None), ("task_vector", seeds)):
+        x, y = flat("language", sub), flat("vision", sub)
+        got = rows[(rows.scope == "transformer") & (rows.space == space) & (rows.mm_run == "experts:vision")]
+        assert dict(zip(got.metric, got.value)) == pytest.approx(
+            {"l2": l2(x, y), "cosine": cosine(x, y), "ssd": ssd(x, y), "tssd": tssd(x, y)}, rel=1e-6)
+    # the cross-modal expert only lives in the top layer
+    assert set(rows[rows.mm_run == "experts:cross"].scope) == {"model", "transformer", "layer.2"}
+    assert not rows.scope.isin(["embed_tokens", "lm_head", "multi_modal_projector"]).any()

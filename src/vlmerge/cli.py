@@ -169,6 +169,19 @@ def _distance(args: argparse.Namespace) -> None:
     from vlmerge.merge.distance import distance_rows, write_parquet
     from vlmerge.merge.io import ModelDir
 
+    if args.experts:
+        if args.a or args.b:
+            raise VlmergeError("distance: give either --experts or --a and --b")
+        from vlmerge.merge.experts import expert_distance_rows
+
+        rows = expert_distance_rows(args.experts, args.base, per_layer=not args.model_only)
+        write_parquet(rows, Path(args.out))
+        vl = rows[(rows.scope == "transformer") & (rows.mm_run == "experts:vision")]
+        print(vl.pivot(index="metric", columns="space", values="value").to_string(float_format=lambda v: f"{v:.6g}"))
+        print(f"distance: {len(rows)} rows -> {args.out}")
+        return
+    if not (args.a and args.b):
+        raise VlmergeError("distance: give --a and --b (two models), or --experts (an expert checkpoint)")
     base = ModelDir(args.base) if args.base else None
     rows = distance_rows(ModelDir(args.a), ModelDir(args.b), base, per_layer=not args.model_only)
     write_parquet(rows, Path(args.out))
@@ -281,9 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=None, command=_merge_experts)
 
     p = sub.add_parser("distance", help="L2, cosine, SSD and TSSD between two models, whole and per layer")
-    p.add_argument("--a", required=True, help="the text model")
-    p.add_argument("--b", required=True, help="the multimodal model")
-    p.add_argument("--base", help="shared initialisation: also measure the task vectors")
+    p.add_argument("--a", help="the text model")
+    p.add_argument("--b", help="the multimodal model")
+    p.add_argument("--experts", help="instead of --a/--b: an expert checkpoint, W^l vs W^v (and vs W^vl)")
+    p.add_argument("--base", help="shared initialisation (experts: the seed): also measure the task vectors")
     p.add_argument("--model-only", action="store_true", help="whole-model distances only, no per-layer rows")
     p.add_argument("--out", required=True, help="Parquet file to write")
     p.set_defaults(handler=None, command=_distance)

@@ -197,3 +197,48 @@ def _record(spec: ExpertMethod, params: dict[str, float], src: ModelDir, seed: M
         "code_version": code_version(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+# -- distances between the experts (Sung et al. §7) -----------------------------------------------
+
+class ExpertView:
+    """One expert's tensors of an expert checkpoint under the agnostic names (what `distances` reads
+    of a `ModelDir`); expert None: an agnostic model's (the seed's) tensors of the same names."""
+
+    def __init__(self, src: ModelDir, expert: str | None, plains: Sequence[str]):
+        self.path, self.architecture, self._src = src.path, "experts", src
+        self._names = {p: p if expert is None else expert_param_name(p, expert) for p in plains}
+        self.specs = {p: src.specs[n] for p, n in self._names.items()}
+
+    def names(self) -> list[str]:
+        return list(self.specs)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._src.get(self._names[name])
+
+
+EXPERT_PAIRS = ((LANGUAGE, VISION), (LANGUAGE, CROSS), (VISION, CROSS))
+
+
+def expert_distance_rows(checkpoint: str | Path, seed: str | Path | None = None, *, per_layer: bool = True):
+    """Distance rows between W^l and W^v (and each with W^vl) over the expert-specific tensors,
+    `text_run`/`mm_run` naming the two experts (`experts:language`, …); with the seed weights,
+    also between their task vectors."""
+    import pandas as pd
+
+    from vlmerge.merge.distance import distance_rows
+
+    src = open_expert_checkpoint(checkpoint)
+    groups = {p: m for p, m in expert_groups(src.names()).items() if None not in m}
+    base_dir = ModelDir(seed) if seed is not None else None
+    frames = []
+    for a, b in EXPERT_PAIRS:
+        plains = [p for p, m in groups.items() if a in m and b in m]
+        if not plains:
+            continue
+        base = None
+        if base_dir is not None:
+            base = ExpertView(base_dir, None if plains[0] in base_dir.specs else LANGUAGE, plains)
+        rows = distance_rows(ExpertView(src, a, plains), ExpertView(src, b, plains), base, per_layer=per_layer)
+        frames.append(rows.assign(text_run=f"experts:{a}", mm_run=f"experts:{b}"))
+    return pd.concat(frames, ignore_index=True)
