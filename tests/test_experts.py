@@ -77,10 +77,11 @@ def test_seed_weights_initialise_every_expert_exactly():
 
 def perturb(model, layer: int, expert: str, within: tuple[str, ...] = ("",)) -> None:
     """Add noise to `expert`'s weights in `layer` (those of modules whose name contains one of `within`)."""
+    g = torch.Generator().manual_seed(100 * layer + len(expert))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if f"layers.{layer}." in name and expert_param(name)[1] == expert and any(w in name for w in within):
-                p.add_(torch.randn_like(p))
+                p.add_(torch.randn(p.shape, generator=g))
 
 
 @pytest.mark.parametrize("variant", ["all", "ffn", "layernorm"])
@@ -315,8 +316,8 @@ def test_expert_distances_compare_the_experts_over_the_transformer(expert_checkp
     rows = pd.read_parquet(tmp_path / "d.parquet")
     state, seeds = model.state_dict(), init_model(tiny(), 7).state_dict()
     names = sorted(n for n in seeds if ".layers." in n)
-    flat = lambda e, sub=None: torch.cat([(state[expert_param_name(n, e)] - (0 if sub is None else sub[n])).flatten()  # noqa: E731
-                                          for n in names])
+    flat = lambda e, sub=None: torch.cat([(state[expert_param_name(n, e)].double()  # noqa: E731
+                                           - (0 if sub is None else sub[n].double())).flatten() for n in names])
     for space, sub in (("weights", None), ("task_vector", seeds)):
         x, y = flat("language", sub), flat("vision", sub)
         got = rows[(rows.scope == "transformer") & (rows.space == space) & (rows.mm_run == "experts:vision")]
@@ -325,3 +326,80 @@ def test_expert_distances_compare_the_experts_over_the_transformer(expert_checkp
     # the cross-modal expert only lives in the top layer
     assert set(rows[rows.mm_run == "experts:cross"].scope) == {"model", "transformer", "layer.2"}
     assert not rows.scope.isin(["embed_tokens", "lm_head", "multi_modal_projector"]).any()
+
+
+def test_without_flags_a_sample_whose_image_is_the_null_feature_is_text_only():
+    model, x = init_model(tiny("all"), 2), batch()
+    flagged = forward(model, x).logits
+    model.null_feature = x["pixel_values"][1].clone()  # sample 1 is the text-only one
+    inferred = forward(model, {k: v for k, v in x.items() if k != "multimodal"}).logits
+    assert torch.equal(inferred, flagged)
+
+
+# -- the study's report (Sung et al.'s views), on planted results ----------------------------------
+
+def planted_study(root):
+    """Results of a study whose drops shrink with K_seed and whose TSSD tracks the drop."""
+    from vlmerge.layout import maa_experiment, result_file, study_experiment
+    from vlmerge.results import DISTANCES_SCHEMA, RESULTS_SCHEMA, write_rows
+
+    out = root / "results" / "sung"
+    msa = {0: 0.70, 1: 0.72, 2: 0.74}
+    drop = {0: 0.20, 1: 0.10, 2: 0.02}
+    tssd_of = {0: 0.9, 1: 0.5, 2: 0.2}
+
+    def row(exp, run, method, alpha, params, value):
+        return {"experiment": exp, "item_id": "", "text_run": run if method != "none" else "", "mm_run": run,
+                "text_words": 10 if method != "none" else None, "mm_words": 10, "method": method, "alpha": alpha,
+                "method_params": json.dumps(params), "task": "blimp", "subtask": "", "metric": "accuracy",
+                "value": value, "n": 100, "code_version": "", "config_hash": "", "slurm_job_id": "", "created_at": ""}
+
+    import json
+
+    settings = [("all", k) for k in (0, 1, 2)] + [("ffn", 2)]
+    for variant, k in settings:
+        exp = study_experiment("sung", variant, k)
+        m = msa[k] + (0.01 if variant == "ffn" else 0)
+        rows = [row(exp, "experts", "none", 0.0, {}, m),
+                row(exp, "experts", "experts_interpolation", 0.5, {}, m - drop[k]),
+                row(exp, "experts", "experts_interpolation", 0.75, {}, m - drop[k] - 0.01)]
+        if (variant, k) == ("all", 2):
+            rows += [row(exp, "experts", "experts_regmean", 0.5, {"gamma": 0.9}, m - 0.03),
+                     row(exp, "experts", "experts_arithmetic", None, {"lam": 1.0}, m - 0.3)]
+        write_rows(rows, RESULTS_SCHEMA, result_file(out, "metrics", exp))
+        dist = [{"experiment": exp, "text_run": "experts:language", "mm_run": "experts:vision", "text_words": 10,
+                 "mm_words": 10, "space": "weights", "scope": "transformer", "metric": metric,
+                 "value": tssd_of[k] if metric == "tssd" else [0.3, 0.1, 0.2][k]}
+                for metric in ("l2", "cosine", "ssd", "tssd")]
+        write_rows(dist, DISTANCES_SCHEMA, result_file(out, "distances", exp))
+    write_rows([row(maa_experiment("sung"), "multimodal", "none", 0.0, {}, 0.6)], RESULTS_SCHEMA,
+               result_file(out, "metrics", maa_experiment("sung")))
+    return out, msa, drop, tssd_of
+
+
+def test_the_sung_report_shows_the_five_views_with_the_planted_numbers(tmp_path):
+    import numpy as np
+    import pandas as pd
+
+    from vlmerge.analysis.sung import sung_report
+    from vlmerge.config import AnalysisConfig
+
+    results, msa, drop, tssd_of = planted_study(tmp_path)
+    report = sung_report(results, tmp_path / "report", AnalysisConfig(bootstrap=0))
+    read = lambda name: pd.read_csv(tmp_path / "report" / f"{name}.csv")  # noqa: E731
+    main = read("table1_merged_vs_msa_vs_maa").set_index("model")
+    assert main.loc["MAA", "blimp"] == pytest.approx(0.6) and main.loc["MSA", "blimp"] == pytest.approx(0.74)
+    assert main.loc["MB", "blimp"] == pytest.approx(0.50) and main.loc["ours (interpolation α=0.5)", "blimp"] == pytest.approx(0.72)
+    seed = read("figure3_seed_length")
+    assert seed["blimp drop"].tolist() == pytest.approx([drop[k] for k in (0, 1, 2)])
+    variants = read("figure4_variants").set_index("variant")
+    assert variants.loc["ffn", "blimp msa"] == pytest.approx(0.75) and variants.loc["all", "blimp drop"] == pytest.approx(0.02)
+    methods = read("table2_methods").set_index("model")
+    assert set(methods.index) == {"interpolation α=0.5", "interpolation α=0.75", "regmean α=0.5 gamma=0.9",
+                                  "arithmetic lam=1"}
+    t5 = read("table5_distance_vs_drop").set_index("metric")
+    expected = np.corrcoef([tssd_of[k] for k in (0, 1, 2)], [drop[k] for k in (0, 1, 2)])[0, 1]
+    assert t5.loc["tssd", "pearson"] == pytest.approx(expected)
+    text = report.read_text()
+    assert "shrinks from the shortest to the longest seed" in text and "the highest is tssd (as Sung et al.)" in text
+    assert "best interpolation 0.7200, best RegMean 0.7100" in text

@@ -121,6 +121,12 @@ def _pipeline(cfg: Config, args: argparse.Namespace) -> None:
     run_pipeline(cfg, progress=_progress(args))
 
 
+def _study(cfg: Config, args: argparse.Namespace) -> None:
+    from vlmerge.study import run_study
+
+    run_study(cfg, progress=_progress(args))
+
+
 def _results(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge.results import compact
 
@@ -265,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--get", metavar="KEY.PATH", help="print this value only, e.g. features.num_shards")
 
     stage("pipeline", _pipeline, "every stage in order on this machine (the demo world first if the config uses it)")
+    stage("study", _study, "Sung et al.'s study: seed lengths, expert variants, merges, MSA/MAA, report")
     stage("results", _results, "consolidate the sweep's result files, without duplicates", actions=("compact",))
 
     from vlmerge.analysis import cli as analysis_cli

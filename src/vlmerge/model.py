@@ -169,13 +169,22 @@ class ExpertLlavaForConditionalGeneration(PooledLlavaForConditionalGeneration):
                 parent = layer.get_submodule(parent_path) if parent_path else layer
                 setattr(parent, attr, Routed(getattr(parent, attr), layer_experts(config, i)))
 
+    # The black image's feature, when known: a sample whose image is exactly it counts as text-only
+    # where no `multimodal` flags are given (evaluation passes only the pixel values).
+    null_feature: torch.Tensor | None = None
+
     def forward(self, input_ids: torch.LongTensor | None = None, *args, multimodal: torch.Tensor | None = None,
                 **kwargs):
-        """`multimodal` [B] bool: which samples carry a real image (default: all of them)."""
+        """`multimodal` [B] bool: which samples carry a real image (default: those whose image is not
+        `null_feature`, all of them when it is not set)."""
         if input_ids is None:
             raise VlmergeError("the expert model routes tokens by input_ids; inputs_embeds alone are not supported")
         if multimodal is None:
-            multimodal = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            pixels = kwargs.get("pixel_values", args[0] if args else None)
+            if self.null_feature is not None and pixels is not None:
+                multimodal = (pixels.float() != self.null_feature.to(pixels.device)).any(-1)
+            else:
+                multimodal = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         layers = self.model.language_model.layers
         routes = expert_routes(input_ids, self.config.image_token_index, multimodal, len(layers),
                                self.config.cross_modal_layers)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from vlmerge.config import EXPERT_RUN, RUN_NAMES, Config, merge_dicts, save_resolved
 from vlmerge.data import Batch, Piece, count_batches, epoch_order, plan_batches, run_data
 from vlmerge.errors import Preempted, VlmergeError
+from vlmerge.hf import quiet_transformers
 from vlmerge.io import atomic_path, fingerprint, read_json, write_json
 from vlmerge.model import PooledLlavaForConditionalGeneration, build_config, experts_from_agnostic, init_model
 from vlmerge.problems import ProblemLog
@@ -107,7 +108,8 @@ class Trainer:
         seeds = list_checkpoints(self.cfg.layout.run_dir("seed"))
         if not seeds:
             raise VlmergeError(f"{self.cfg.layout.run_dir('seed')}: no checkpoint; train the seed run first")
-        seed = PooledLlavaForConditionalGeneration.from_pretrained(seeds[-1])
+        with quiet_transformers():
+            seed = PooledLlavaForConditionalGeneration.from_pretrained(seeds[-1])
         if self.run == EXPERT_RUN:
             return experts_from_agnostic(seed, self.cfg.model.experts, self.cfg.model.cross_modal_layers)
         return seed
