@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -193,9 +194,14 @@ def findings(seed_drops: pd.DataFrame, methods: pd.DataFrame, table5: pd.DataFra
     return out
 
 
-def sung_report(results_dir: Path, out: Path, options: AnalysisConfig) -> Path:
+def is_study(metrics: pd.DataFrame) -> bool:
+    """Whether the results hold experiments of `vlmerge study`."""
+    return any(parse_study_experiment(e) for e in metrics.experiment.unique())
+
+
+def sung_report(results_dirs: Sequence[Path], out: Path, options: AnalysisConfig) -> Path:
     """Read the study's results, write its tables (CSV), figures and `sung.html` / `sung.md` into `out`."""
-    results = load([results_dir])
+    results = load(results_dirs)
     notes = results.notes
     rng = np.random.default_rng(options.seed)
     tasks = task_metrics(results.metrics, options.text_tasks, options.multimodal_tasks, notes)

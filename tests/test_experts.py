@@ -385,7 +385,7 @@ def test_the_sung_report_shows_the_five_views_with_the_planted_numbers(tmp_path)
     from vlmerge.config import AnalysisConfig
 
     results, msa, drop, tssd_of = planted_study(tmp_path)
-    report = sung_report(results, tmp_path / "report", AnalysisConfig(bootstrap=0))
+    report = sung_report([results], tmp_path / "report", AnalysisConfig(bootstrap=0))
     read = lambda name: pd.read_csv(tmp_path / "report" / f"{name}.csv")  # noqa: E731
     main = read("table1_merged_vs_msa_vs_maa").set_index("model")
     assert main.loc["MAA", "blimp"] == pytest.approx(0.6) and main.loc["MSA", "blimp"] == pytest.approx(0.74)
@@ -403,3 +403,12 @@ def test_the_sung_report_shows_the_five_views_with_the_planted_numbers(tmp_path)
     text = report.read_text()
     assert "shrinks from the shortest to the longest seed" in text and "the highest is tssd (as Sung et al.)" in text
     assert "best interpolation 0.7200, best RegMean 0.7100" in text
+
+
+def test_analyze_adds_the_sung_views_when_the_results_are_a_study(tmp_path):
+    from vlmerge.analysis import analyze
+    from vlmerge.config import AnalysisConfig
+
+    results, *_ = planted_study(tmp_path)
+    report = analyze([results], tmp_path / "report", AnalysisConfig(bootstrap=0))
+    assert "sung.html" in report.read_text() and (tmp_path / "report" / "table5_distance_vs_drop.csv").is_file()

@@ -174,6 +174,6 @@ def run_study(cfg: Config, *, progress: bool = False) -> Path:
     for variant, k in expert_settings(cfg):
         print(f"study: {variant} experts, seed {k} of {cfg.study.total_epochs} epochs")
         run_expert_setting(cfg, expert_config(cfg, variant, k), evaluate, progress)
-    report = sung_report(cfg.layout.results_dir, cfg.layout.report_dir, cfg.analysis)
+    report = sung_report([cfg.layout.results_dir], cfg.layout.report_dir, cfg.analysis)
     print(f"study: report {report}")
     return report
