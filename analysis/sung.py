@@ -104,6 +104,7 @@ def main_table(rows: pd.DataFrame, k_max: int) -> pd.DataFrame:
     if not parts:
         return pd.DataFrame()
     table = pd.concat(parts, ignore_index=True)
+    table["k_seed"] = table.k_seed.where(table.model != "MAA")  # MAA has no seed phase: blank, not -1
     return table[["model", *table.columns.drop("model")]]
 
 
