@@ -173,8 +173,12 @@ def findings(seed_drops: pd.DataFrame, methods: pd.DataFrame, table5: pd.DataFra
     out = []
     for task, r in seed_drops.groupby("task"):
         r = r.sort_values("k_seed")
-        trend = "shrinks" if r["drop"].iloc[-1] < r["drop"].iloc[0] else "does not shrink"
         steps = ", ".join(f"K={k}: {d:+.4f}" for k, d in zip(r.k_seed, r["drop"]))
+        if r["drop"].iloc[0] <= 0:
+            out.append(f"Longer seed → smaller drop? On {task} merging costs nothing even without a long seed, so "
+                       f"there is no drop to shrink ({steps}).")
+            continue
+        trend = "shrinks" if r["drop"].iloc[-1] < r["drop"].iloc[0] else "does not shrink"
         out.append(f"Longer seed → smaller drop? On {task} the drop after merging {trend} from the shortest to the "
                    f"longest seed ({steps}).")
     if len(methods):
