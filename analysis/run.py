@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vlmerge.analysis import plots
+from vlmerge.analysis import plots, sung
 from vlmerge.analysis.correlations import COLUMNS as CORRELATION_COLUMNS
 from vlmerge.analysis.correlations import correlations, too_few_points
 from vlmerge.analysis.load import CHECKPOINT_PAIR, Results, load
@@ -168,6 +168,9 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
                 [("distance vs drop", tables["headline"])]),
         *figures,
     ]
+    if sung.is_study(a.results.metrics):  # `vlmerge study`'s results: Sung et al.'s views beside
+        sung_html = sung.sung_report(results, out, options)
+        intro += f" Sung et al.'s views of the study: {sung_html.name}."
     title = "vlmerge report: " + (", ".join(experiments) or "no results")
     report = out / "report.html"
     write_text(report, html_report(title, intro, a.notes, sections))

@@ -272,7 +272,11 @@ def test_streaming_distances_equal_the_whole_vector_definitions(trio, tmp_path):
     tv = distances(ModelDir(text), ModelDir(mm), ModelDir(base))
     x, y = flat(a, every).double() - flat(z, every).double(), flat(b, every).double() - flat(z, every).double()
     assert tv["model"]["tssd"] == pytest.approx(tssd(x, y), rel=1e-6)
-    assert set(result) == {"model", "layer.0", "layer.1", "embed_tokens", "norm", "lm_head"}
+    x, y = flat(a, lambda k: ".layers." in k), flat(b, lambda k: ".layers." in k)
+    assert result["transformer"] == pytest.approx({"l2": l2(x, y), "cosine": cosine(x, y), "ssd": ssd(x, y),
+                                                   "tssd": tssd(x, y)}, rel=1e-6, abs=1e-9)
+    assert set(result) == {"model", "transformer", "layer.0", "layer.1", "embed_tokens", "norm", "lm_head"}
+    assert set(distances(ModelDir(text), ModelDir(mm), per_layer=False)) == {"model", "transformer"}
 
 
 def test_distance_cli_writes_the_parquet_rows(trio, tmp_path):
@@ -284,11 +288,11 @@ def test_distance_cli_writes_the_parquet_rows(trio, tmp_path):
     assert list(rows.columns) == ["experiment", "text_run", "mm_run", "text_words", "mm_words", "space", "scope",
                                   "metric", "value"]
     assert set(rows.space) == {"weights", "task_vector"} and set(rows.metric) == {"l2", "cosine", "ssd", "tssd"}
-    assert len(rows) == 2 * 6 * 4
+    assert len(rows) == 2 * 7 * 4
 
 
 def test_scopes():
-    assert scopes_of("model.language_model.layers.3.self_attn.q_proj.weight") == ["model", "layer.3"]
+    assert scopes_of("model.language_model.layers.3.self_attn.q_proj.weight") == ["model", "transformer", "layer.3"]
     assert scopes_of("model.multi_modal_projector.linear_1.weight") == ["model", "multi_modal_projector"]
     assert scopes_of("lm_head.weight") == ["model", "lm_head"]
 

@@ -121,6 +121,12 @@ def _pipeline(cfg: Config, args: argparse.Namespace) -> None:
     run_pipeline(cfg, progress=_progress(args))
 
 
+def _study(cfg: Config, args: argparse.Namespace) -> None:
+    from vlmerge.study import run_study
+
+    run_study(cfg, progress=_progress(args))
+
+
 def _results(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge.results import compact
 
@@ -145,10 +151,43 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merge {args.method}: {len(outs)} model(s) in {args.out}")
 
 
+def _merge_experts(args: argparse.Namespace) -> None:
+    from vlmerge.layout import merge_outputs
+    from vlmerge.merge.experts import METHODS
+
+    params = _params(args.param)
+    if "alpha" in params:
+        raise VlmergeError("merge-experts: give alpha with --alpha, not --param")
+    if METHODS.lookup(args.method).defaults.get("alpha") is None:
+        if args.alpha is not None:
+            raise VlmergeError(f"merge-experts {args.method}: takes no --alpha (its parameter is lam)")
+        settings, outs = [params], [Path(args.out)]
+    else:
+        alphas = _alphas(args.alpha or "0.5")
+        settings, outs = [params | {"alpha": a} for a in alphas], merge_outputs(Path(args.out), alphas)
+    from vlmerge.merge.experts import merge_experts
+
+    merge_experts(args.checkpoint, outs, args.method, settings, seed=args.seed)
+    print(f"merge-experts {args.method}: {len(outs)} model(s) in {args.out}")
+
+
 def _distance(args: argparse.Namespace) -> None:
     from vlmerge.merge.distance import distance_rows, write_parquet
     from vlmerge.merge.io import ModelDir
 
+    if args.experts:
+        if args.a or args.b:
+            raise VlmergeError("distance: give either --experts or --a and --b")
+        from vlmerge.merge.experts import expert_distance_rows
+
+        rows = expert_distance_rows(args.experts, args.base, per_layer=not args.model_only)
+        write_parquet(rows, Path(args.out))
+        vl = rows[(rows.scope == "transformer") & (rows.mm_run == "experts:vision")]
+        print(vl.pivot(index="metric", columns="space", values="value").to_string(float_format=lambda v: f"{v:.6g}"))
+        print(f"distance: {len(rows)} rows -> {args.out}")
+        return
+    if not (args.a and args.b):
+        raise VlmergeError("distance: give --a and --b (two models), or --experts (an expert checkpoint)")
     base = ModelDir(args.base) if args.base else None
     rows = distance_rows(ModelDir(args.a), ModelDir(args.b), base, per_layer=not args.model_only)
     write_parquet(rows, Path(args.out))
@@ -232,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--get", metavar="KEY.PATH", help="print this value only, e.g. features.num_shards")
 
     stage("pipeline", _pipeline, "every stage in order on this machine (the demo world first if the config uses it)")
+    stage("study", _study, "Sung et al.'s study: seed lengths, expert variants, merges, MSA/MAA, report")
     stage("results", _results, "consolidate the sweep's result files, without duplicates", actions=("compact",))
 
     from vlmerge.analysis import cli as analysis_cli
@@ -250,10 +290,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=None, command=_merge)
 
+    p = sub.add_parser("merge-experts", help="merge a modality-expert checkpoint into one plain (agnostic) model")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of the experts run")
+    p.add_argument("--method", default="interpolation", help="interpolation, arithmetic or regmean")
+    p.add_argument("--alpha", help="weight of the VISION expert (Sung et al.); several: 0.5,0.75 (default 0.5)")
+    p.add_argument("--seed", help="arithmetic: the seed weights (the seed run's last checkpoint, or the "
+                                  "experts run's words-0 checkpoint without seed pre-training)")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="lam=…, gamma=…")
+    p.add_argument("--out", required=True, help="output directory (alpha-X.XX/ inside it for several alphas)")
+    p.set_defaults(handler=None, command=_merge_experts)
+
     p = sub.add_parser("distance", help="L2, cosine, SSD and TSSD between two models, whole and per layer")
-    p.add_argument("--a", required=True, help="the text model")
-    p.add_argument("--b", required=True, help="the multimodal model")
-    p.add_argument("--base", help="shared initialisation: also measure the task vectors")
+    p.add_argument("--a", help="the text model")
+    p.add_argument("--b", help="the multimodal model")
+    p.add_argument("--experts", help="instead of --a/--b: an expert checkpoint, W^l vs W^v (and vs W^vl)")
+    p.add_argument("--base", help="shared initialisation (experts: the seed): also measure the task vectors")
     p.add_argument("--model-only", action="store_true", help="whole-model distances only, no per-layer rows")
     p.add_argument("--out", required=True, help="Parquet file to write")
     p.set_defaults(handler=None, command=_distance)

@@ -13,14 +13,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from vlmerge.errors import VlmergeError
 from vlmerge.io import write_text
 from vlmerge.layout import Layout
 
 DEMO_CONFIG = "demo.yaml"
-RUN_NAMES = ("seed", "text", "multimodal")
+RUN_NAMES = ("seed", "text", "multimodal", "experts")
+EXPERT_RUN = "experts"
 
 
 class ConfigError(VlmergeError):
@@ -115,6 +116,15 @@ class ModelConfig(_Section):
     intermediate_size: int = Field(3072, ge=8)
     max_length: int = Field(128, ge=8)
     init_seed: int = 0
+    experts: Literal["none", "all", "attention", "ffn", "layernorm"] = Field(
+        "none", description="modality experts (Sung et al. 2023): which modules keep per-modality weights")
+    cross_modal_layers: int = Field(0, ge=0, description="top layers with a cross-modal expert (experts only)")
+
+    @model_validator(mode="after")
+    def _cross_modal_within_the_layers(self) -> "ModelConfig":
+        if self.cross_modal_layers > self.num_layers:
+            raise ValueError(f"cross_modal_layers ({self.cross_modal_layers}) exceeds num_layers ({self.num_layers})")
+        return self
 
 
 class TrainConfig(_Section):
@@ -152,12 +162,14 @@ class RunConfig(_Section):
 
 
 class RunsConfig(_Section):
-    """The twins, and the optional seed run both start from (Sung et al.'s seed pre-training)."""
+    """The twins, the optional seed run they start from (Sung et al.'s seed pre-training), and the
+    modality-expert run (`model.experts`), which starts from the seed run too when it is on."""
 
     seed_pretraining: bool = False
     seed: RunConfig = RunConfig(sources=["text", "captions"], epochs=1)
     text: RunConfig = RunConfig(sources=["text"])
     multimodal: RunConfig = RunConfig(sources=["text", "captions"])
+    experts: RunConfig = RunConfig(sources=["text", "captions"])
 
 
 class MethodSpec(_Section):
@@ -204,6 +216,32 @@ class AnalysisConfig(_Section):
     seed: int = 0
 
 
+class StudyConfig(_Section):
+    """Sung et al.'s study on one world (`vlmerge study`): seed length, expert variants, merge grids.
+
+    Every expert run trains `total_epochs`: K_seed agnostic seed epochs, then the rest with experts
+    (K_seed = 0: no seed, the merging baseline MB). The agnostic baseline (MAA) trains the
+    multimodal run from scratch for `total_epochs`.
+    """
+
+    total_epochs: int = Field(3, ge=2)
+    seed_epochs: list[int] = Field([0, 1, 2], min_length=1, description="the K_seed grid (epochs)")
+    variants: list[Literal["all", "attention", "ffn", "layernorm"]] = ["all", "attention", "ffn", "layernorm"]
+    variant_seed_epochs: int = Field(1, ge=0, description="K_seed of the variant comparison")
+    cross_modal_layers: int = Field(1, ge=0)
+    alphas: list[float] = Field([0.5, 0.75], min_length=1, description="interpolation and RegMean: vision weight")
+    lams: list[float] = Field([0.5, 1.0], min_length=1, description="modality arithmetic: λ")
+    gammas: list[float] = Field([0.5, 0.9], min_length=1, description="RegMean: γ")
+    tasks: list[str] = Field([], description="tasks of eval.tasks to run (default: all)")
+
+    @model_validator(mode="after")
+    def _seeds_within_the_budget(self) -> "StudyConfig":
+        bad = [k for k in [*self.seed_epochs, self.variant_seed_epochs] if not 0 <= k < self.total_epochs]
+        if bad:
+            raise ValueError(f"seed epochs {bad[0]} outside [0, total_epochs) = [0, {self.total_epochs})")
+        return self
+
+
 class Config(_Section):
     experiment: str = "demo"
     paths: PathsConfig = PathsConfig()
@@ -219,6 +257,7 @@ class Config(_Section):
     sweep: SweepConfig = SweepConfig()
     eval: EvalConfig = EvalConfig()
     analysis: AnalysisConfig = AnalysisConfig()
+    study: StudyConfig = StudyConfig()
 
     @property
     def root(self) -> Path:

@@ -180,6 +180,7 @@ class Collator:
     pad: int
     image_token: int
     max_length: int
+    multimodal_flags: bool = False  # add `multimodal` [B] (has a real image) for the expert model's routing
 
     def sequence(self, piece: Piece) -> list[int]:
         words = int(self.samples.words[piece.sample])
@@ -200,7 +201,10 @@ class Collator:
         rows = torch.from_numpy(self.samples.feature_row[[p.sample for p in pieces]])
         feats = self.samples.features.features[rows.clamp(min=0)].float()
         feats[rows < 0] = self.samples.features.null
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": feats}
+        out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": feats}
+        if self.multimodal_flags:
+            out["multimodal"] = rows >= 0
+        return out
 
     def tokens_in(self, pieces: Sequence[Piece]) -> int:
         """Target tokens the pieces hold (text + EOS), for tokens-seen accounting."""
@@ -217,8 +221,9 @@ class RunData:
     collate: Collator
 
 
-def run_data(cfg: Config, sources: Sequence[str], problems: ProblemLog) -> RunData:
-    """Load the tokenizer, the feature store and the token shards of `sources` (text, captions)."""
+def run_data(cfg: Config, sources: Sequence[str], problems: ProblemLog, *, multimodal_flags: bool = False) -> RunData:
+    """Load the tokenizer, the feature store and the token shards of `sources` (text, captions);
+    `multimodal_flags`: batches say which samples carry an image (the expert model routes by it)."""
     tokenizer = load_tokenizer(cfg.layout.tokenizer_dir, cfg.tokenizer)
     features = FeatureTable(cfg.store_path)
     samples = Samples({s: TokenShards(cfg.layout.corpus_source_dir(s)) for s in sources}, features, problems)
@@ -227,5 +232,6 @@ def run_data(cfg: Config, sources: Sequence[str], problems: ProblemLog) -> RunDa
     collate = Collator(
         samples, word_start_table(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
         tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(tokenizer.image_token), cfg.model.max_length,
+        multimodal_flags,
     )
     return RunData(tokenizer, features, samples, collate)

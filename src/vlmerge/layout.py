@@ -16,6 +16,8 @@ Under the output root (`paths.root`):
     results/<exp>/{metrics,items,distances}/<name>.parquet, best_text.json
     reports/<exp>/                                       the analysis
     <merge --out>/alpha-<a.aa>/                           `vlmerge merge` at several α
+    runs/<exp>-<variant>-seed<K>/, runs/<exp>-maa/       `vlmerge study`: one experiment per expert run
+    runs/<exp>/experts/merges/<method>-<k><v>…/          the study's merged expert checkpoints
     logs/<exp>/                                          Slurm job logs
 
 A checkpoint knows its experiment, run and words seen from its path alone (`CheckpointRef`).
@@ -37,6 +39,8 @@ GRAMS_FILE = "regmean-grams.safetensors"
 CORPUS_ARRAYS = ("tokens", "offsets", "words", "images")
 
 _CHECKPOINT = re.compile(r"words-(\d{12})")
+_STUDY = re.compile(r"(?P<base>.+)-(?P<variant>all|attention|ffn|layernorm)-seed(?P<k>\d+)")
+MAA_SUFFIX = "-maa"
 _STATE = re.compile(r"step-(\d{9})")
 
 
@@ -238,3 +242,35 @@ def experiment_results_dirs(path: Path) -> list[Path]:
 def runs_dir_of_results(results_dir: Path) -> Path:
     """`<root>/runs/<experiment>` beside `<root>/results/<experiment>`."""
     return results_dir.parent.parent / "runs" / results_dir.name
+
+
+# Sung et al.'s study (`vlmerge study`)
+def study_experiment(experiment: str, variant: str, seed_epochs: int) -> str:
+    """The experiment of one expert run: `<exp>-<variant>-seed<K>`."""
+    return f"{experiment}-{variant}-seed{seed_epochs}"
+
+
+def maa_experiment(experiment: str) -> str:
+    """The experiment of the modality-agnostic baseline trained from scratch."""
+    return experiment + MAA_SUFFIX
+
+
+def parse_study_experiment(name: str) -> tuple[str, str, int] | None:
+    """(base experiment, variant, K_seed) of `study_experiment`'s names; (base, "maa", -1) for the
+    agnostic baseline; None for any other name."""
+    m = _STUDY.fullmatch(name)
+    if m:
+        return m["base"], m["variant"], int(m["k"])
+    if name.endswith(MAA_SUFFIX):
+        return name[: -len(MAA_SUFFIX)], "maa", -1
+    return None
+
+
+def expert_merge_dir(run_dir: Path, method: str, params: dict[str, float]) -> Path:
+    """`<run>/merges/<method>-alpha0.5-gamma0.9`: one merged checkpoint of the study."""
+    return run_dir / "merges" / "-".join([method, *(f"{k}{v:g}" for k, v in sorted(params.items()))])
+
+
+def study_result_name(experiment: str, label: str) -> str:
+    """The results file name (metrics, items, distances) of one model or run of the study."""
+    return f"{experiment}-{label}"

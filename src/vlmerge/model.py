@@ -5,11 +5,20 @@ tower: `pixel_values` is the pooled DINOv2 feature `[B, D]`, which the multimoda
 (Linear -> GELU -> Linear) maps into the embedding of the single `<image>` token. Parameter
 names are LLaVA's (`model.multi_modal_projector.*`, `model.language_model.*`, `lm_head.*`).
 Importing this module registers the classes with transformers' Auto classes.
+
+`ExpertLlavaForConditionalGeneration` is the modality-specific variant of Sung et al. (2023, §3):
+chosen modules of each decoder layer (`model.experts`: all, attention, ffn, layernorm) hold one
+copy per modality, named `…<module>.experts.<vision|language|cross>.weight`. Image tokens use the
+vision expert and text tokens the language expert; in the top `cross_modal_layers` layers every
+token of a multimodal sample uses the cross-modal expert, while a text-only sample keeps the
+routing of the lower layers (its black image token stays with the vision expert).
 """
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -33,6 +42,7 @@ from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path
 
 MODEL_TYPE = "vlmerge_llava"
+EXPERT_MODEL_TYPE = "vlmerge_llava_experts"
 TEXT_PREFIX = "model.language_model."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -74,8 +84,147 @@ AutoModel.register(PooledLlavaConfig, PooledLlavaModel)
 AutoModelForImageTextToText.register(PooledLlavaConfig, PooledLlavaForConditionalGeneration)
 
 
-def build_config(mc: ModelConfig, tokenizer, feature_dim: int, feature_layer: int = -2) -> PooledLlavaConfig:
-    """The model config from the experiment's `model` section, tokenizer and feature size."""
+# -- modality experts (Sung et al. 2023, §3) -------------------------------------------------
+
+VISION, LANGUAGE, CROSS = "vision", "language", "cross"
+LOWER_EXPERTS = (VISION, LANGUAGE)  # the route index of a token is its expert's position here
+TOP_EXPERTS = (VISION, LANGUAGE, CROSS)
+_ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+_FFN = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+_NORMS = ("input_layernorm", "post_attention_layernorm")
+EXPERT_MODULES = {"all": _ATTENTION + _FFN + _NORMS, "attention": _ATTENTION, "ffn": _FFN, "layernorm": _NORMS}
+_EXPERT_PARAM = re.compile(r"\.experts\.(vision|language|cross)\.")
+
+
+def expert_param(name: str) -> tuple[str, str | None]:
+    """`…q_proj.experts.vision.weight` -> (`…q_proj.weight`, "vision"); a shared name -> (name, None)."""
+    m = _EXPERT_PARAM.search(name)
+    return (name, None) if m is None else (name[: m.start()] + "." + name[m.end():], m.group(1))
+
+
+def expert_param_name(name: str, expert: str) -> str:
+    """The inverse of `expert_param`: a shared parameter's name -> its copy in `expert`."""
+    module, _, leaf = name.rpartition(".")
+    return f"{module}.experts.{expert}.{leaf}"
+
+
+class ExpertLlavaConfig(PooledLlavaConfig):
+    """PooledLlavaConfig plus which modules are modality-specific and how many top layers are cross-modal."""
+
+    model_type = EXPERT_MODEL_TYPE
+    experts: str = "all"
+    cross_modal_layers: int = 0
+
+
+class Routed(torch.nn.Module):
+    """A token-wise module (a linear layer or a norm) with one copy per expert.
+
+    Every expert runs on every token and `torch.where` keeps each token's own expert's output:
+    the very operations of the shared module, so that equal experts give the agnostic model's
+    output bitwise (running each expert on its tokens only would change the matmul shapes).
+    """
+
+    def __init__(self, module: torch.nn.Module, experts: tuple[str, ...]):
+        super().__init__()
+        self.experts = torch.nn.ModuleDict({e: copy.deepcopy(module) for e in experts})
+        self.route: torch.Tensor | None = None  # [B, T] index into `experts`, set by the model per forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.route is None:
+            raise RuntimeError("Routed module called without a route (run it inside ExpertLlavaForConditionalGeneration)")
+        out = None
+        for k, expert in enumerate(self.experts.values()):
+            y = expert(x)
+            out = y if out is None else torch.where((self.route == k).unsqueeze(-1), y, out)
+        return out
+
+
+def layer_experts(config: ExpertLlavaConfig, layer: int) -> tuple[str, ...]:
+    """The experts of decoder layer `layer`: vision and language, plus cross-modal in the top layers."""
+    lower = config.text_config.num_hidden_layers - config.cross_modal_layers
+    return LOWER_EXPERTS if layer < lower else TOP_EXPERTS
+
+
+def expert_routes(input_ids: torch.Tensor, image_token: int, multimodal: torch.Tensor, num_layers: int,
+                  cross_modal_layers: int) -> list[torch.Tensor]:
+    """Per layer, each token's expert index: vision (0) for image tokens, language (1) for text,
+    cross-modal (2) for every token of a multimodal sample in the top layers."""
+    modality = (input_ids != image_token).long()
+    top = torch.where(multimodal.to(torch.bool).unsqueeze(1), len(LOWER_EXPERTS), modality)
+    lower = num_layers - cross_modal_layers
+    return [modality if i < lower else top for i in range(num_layers)]
+
+
+class ExpertLlavaForConditionalGeneration(PooledLlavaForConditionalGeneration):
+    config_class = ExpertLlavaConfig
+
+    def __init__(self, config: ExpertLlavaConfig):
+        super().__init__(config)
+        if config.experts not in EXPERT_MODULES:
+            raise VlmergeError(f"experts {config.experts!r}: expected one of {', '.join(EXPERT_MODULES)}")
+        # The experts are copies of the initialised shared modules: all start identical (Sung et al. §3).
+        for i, layer in enumerate(self.model.language_model.layers):
+            for path in EXPERT_MODULES[config.experts]:
+                parent_path, _, attr = path.rpartition(".")
+                parent = layer.get_submodule(parent_path) if parent_path else layer
+                setattr(parent, attr, Routed(getattr(parent, attr), layer_experts(config, i)))
+
+    # The black image's feature, when known: a sample whose image is exactly it counts as text-only
+    # where no `multimodal` flags are given (evaluation passes only the pixel values).
+    null_feature: torch.Tensor | None = None
+
+    def forward(self, input_ids: torch.LongTensor | None = None, *args, multimodal: torch.Tensor | None = None,
+                **kwargs):
+        """`multimodal` [B] bool: which samples carry a real image (default: those whose image is not
+        `null_feature`, all of them when it is not set)."""
+        if input_ids is None:
+            raise VlmergeError("the expert model routes tokens by input_ids; inputs_embeds alone are not supported")
+        if multimodal is None:
+            pixels = kwargs.get("pixel_values", args[0] if args else None)
+            if self.null_feature is not None and pixels is not None:
+                multimodal = (pixels.float() != self.null_feature.to(pixels.device)).any(-1)
+            else:
+                multimodal = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        layers = self.model.language_model.layers
+        routes = expert_routes(input_ids, self.config.image_token_index, multimodal, len(layers),
+                               self.config.cross_modal_layers)
+        for layer, route in zip(layers, routes):
+            for module in layer.modules():
+                if isinstance(module, Routed):
+                    module.route = route
+        return super().forward(input_ids, *args, **kwargs)
+
+
+AutoConfig.register(EXPERT_MODEL_TYPE, ExpertLlavaConfig)
+AutoModelForImageTextToText.register(ExpertLlavaConfig, ExpertLlavaForConditionalGeneration)
+
+
+def expert_config(config: PooledLlavaConfig, experts: str, cross_modal_layers: int) -> ExpertLlavaConfig:
+    """The expert variant of an agnostic model's config."""
+    fields = {k: v for k, v in config.to_dict().items() if k not in ("model_type", "architectures", "transformers_version")}
+    return ExpertLlavaConfig(**fields, experts=experts, cross_modal_layers=cross_modal_layers)
+
+
+def agnostic_config(config: ExpertLlavaConfig) -> PooledLlavaConfig:
+    """The agnostic (plain) model's config of an expert model's config."""
+    drop = ("model_type", "architectures", "transformers_version", "experts", "cross_modal_layers")
+    return PooledLlavaConfig(**{k: v for k, v in config.to_dict().items() if k not in drop})
+
+
+def experts_from_agnostic(model: PooledLlavaForConditionalGeneration, experts: str,
+                          cross_modal_layers: int) -> ExpertLlavaForConditionalGeneration:
+    """An expert model whose every expert is a copy of the agnostic model's module (seed -> experts)."""
+    with torch.random.fork_rng(devices=[]):  # the fresh weights are overwritten: leave the RNG as it was
+        out = ExpertLlavaForConditionalGeneration(expert_config(model.config, experts, cross_modal_layers))
+    shared = model.state_dict()
+    out.load_state_dict({name: shared[expert_param(name)[0]] for name in out.state_dict()})
+    return out.eval()
+
+
+def build_config(mc: ModelConfig, tokenizer, feature_dim: int, feature_layer: int = -2,
+                 *, experts: bool = False) -> PooledLlavaConfig:
+    """The model config from the experiment's `model` section, tokenizer and feature size; the
+    expert variant (`model.experts`) when `experts`."""
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=mc.hidden_size,
@@ -91,7 +240,7 @@ def build_config(mc: ModelConfig, tokenizer, feature_dim: int, feature_layer: in
     )
     # The vision config only records the feature's shape: no vision weights exist.
     vision = Dinov2Config(hidden_size=feature_dim, num_hidden_layers=0)
-    return PooledLlavaConfig(
+    config = PooledLlavaConfig(
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
@@ -100,13 +249,20 @@ def build_config(mc: ModelConfig, tokenizer, feature_dim: int, feature_layer: in
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",
     )
+    if not experts:
+        return config
+    if mc.experts == "none":
+        raise VlmergeError("model.experts is none: choose all, attention, ffn or layernorm for the expert run")
+    return expert_config(config, mc.experts, mc.cross_modal_layers)
 
 
 def init_model(config: PooledLlavaConfig, seed: int) -> PooledLlavaForConditionalGeneration:
-    """Fresh weights that depend on `seed` alone (the global RNG is left as it was)."""
+    """Fresh weights that depend on `seed` alone (the global RNG is left as it was); an expert
+    model's experts are copies of the agnostic model's weights from the same seed."""
+    cls = ExpertLlavaForConditionalGeneration if isinstance(config, ExpertLlavaConfig) else PooledLlavaForConditionalGeneration
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return PooledLlavaForConditionalGeneration(config).eval()
+        return cls(config).eval()
 
 
 def copy_tokenizer_files(src: Path, dst: Path) -> None:

@@ -15,12 +15,11 @@ def reads_demo_world(cfg: Config) -> bool:
     return any(Path(p).is_relative_to(cfg.demo.out) for p in paths)
 
 
-def run_pipeline_until_sweep(cfg: Config, *, progress: bool = False) -> None:
-    """Data, features and training: everything the sweep needs."""
+def run_data_stages(cfg: Config, *, progress: bool = False) -> None:
+    """The demo world (when the config reads it), tokenizer, token shards and features."""
     from vlmerge.precompute import corpus, tokenizer
     from vlmerge.precompute.features import precompute
     from vlmerge.demo import generate
-    from vlmerge.train.loop import train
 
     if reads_demo_world(cfg):
         d = cfg.demo
@@ -29,6 +28,13 @@ def run_pipeline_until_sweep(cfg: Config, *, progress: bool = False) -> None:
     tokenizer.run(cfg, progress=progress)
     corpus.run(cfg)
     precompute(cfg, progress=progress)
+
+
+def run_pipeline_until_sweep(cfg: Config, *, progress: bool = False) -> None:
+    """Data, features and training: everything the sweep needs."""
+    from vlmerge.train.loop import train
+
+    run_data_stages(cfg, progress=progress)
     runs = (["seed"] if cfg.runs.seed_pretraining else []) + ["text", "multimodal"]
     for run in runs:
         train(cfg, run, progress=progress)

@@ -132,13 +132,13 @@ def merge_to_disk(
         todo = [i for i, o in enumerate(outs) if not o.exists()]
         for i, o in enumerate(outs):
             if i not in todo:
-                _check_same(o, records([alphas[i]])[0])
+                check_same(o, records([alphas[i]])[0])
         if todo:
             _stream(pair, method, full, [alphas[i] for i in todo], [outs[i] for i in todo], records, progress)
     return outs
 
 
-def _check_same(out: Path, record: dict) -> None:
+def check_same(out: Path, record: dict) -> None:
     """An existing output is fine (skipped) when it is this very merge; anything else is an error."""
     old = read_json(out / RECORD) if (out / RECORD).is_file() else None
     if old is None or any(old.get(k) != record[k] for k in ("method", "alpha", "params", "inputs")):

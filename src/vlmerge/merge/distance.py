@@ -7,7 +7,8 @@ Over the flattened weights x and y of a scope:
     SSD    = 1 − (1/L) Σ |xᵢ + yᵢ| / (|xᵢ| + |yᵢ|)       (positions where both are 0 left out)
     TSSD   = SSD after zeroing the k = 50% smallest-magnitude entries of x and of y
 
-In the `task_vector` space x = θ_text − θ₀ and y = θ_mm − θ₀.
+In the `task_vector` space x = θ_text − θ₀ and y = θ_mm − θ₀. Scopes: `model` (every tensor),
+`transformer` (the decoder layers only, as Sung et al.), `layer.N`, and the other top modules.
 """
 
 from __future__ import annotations
@@ -75,11 +76,17 @@ def trim_threshold(x: torch.Tensor, k: float = TSSD_K) -> float:
 
 # -- streaming over two model directories ------------------------------------------------------------
 
+# The scopes of the whole-model rows: every tensor, and the decoder layers alone (Sung et al.
+# measure the transformer: no embeddings, LM head or projector).
+WHOLE = ("model", "transformer")
+
+
 def scopes_of(name: str) -> list[str]:
-    """'model' and the tensor's layer (`layer.3`) or top module (`embed_tokens`, `lm_head`, …)."""
+    """'model', and 'transformer' plus the layer (`layer.3`) for a layer's tensor, or the top module
+    (`embed_tokens`, `lm_head`, …) for any other."""
     m = _LAYER.search(name)
     if m:
-        return ["model", f"layer.{m.group(1)}"]
+        return ["model", "transformer", f"layer.{m.group(1)}"]
     parts = [p for p in name.split(".") if p not in ("model", "language_model")]
     return ["model", parts[0] if parts else name]
 
@@ -120,7 +127,7 @@ def distances(a: ModelDir, b: ModelDir, base: ModelDir | None = None, *, per_lay
     if base is not None:
         check_compatible(a, base, what="the model and the base")
     names = [n for n in a.names() if a.specs[n][0].is_floating_point]
-    keep = (lambda scopes: scopes) if per_layer else (lambda scopes: scopes[:1])
+    keep = (lambda scopes: scopes) if per_layer else (lambda scopes: [s for s in scopes if s in WHOLE])
 
     magnitudes: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
     for name in names:

@@ -16,25 +16,35 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from vlmerge.config import Config
+from vlmerge.config import EXPERT_RUN, Config
 from vlmerge.data import epoch_order, plan_batches, run_data
 from vlmerge.errors import VlmergeError
 from vlmerge.hf import quiet_transformers
 from vlmerge.io import atomic_path
 from vlmerge.layout import grams_file
+from vlmerge.model import Routed
 from vlmerge.problems import ProblemLog
 
 
 def compute_grams(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], int]:
-    """({'<linear>.weight': G}, tokens seen): sums over the non-padding positions of `batches`."""
+    """({'<linear>.weight': G}, tokens seen): sums over the non-padding positions of `batches`
+    (for an expert's linear layer: over the positions routed to that expert)."""
     grams: dict[str, torch.Tensor] = {}
     mask: list[torch.Tensor] = []  # the current batch's attention mask, read by the hooks
+    # An expert's linear layer runs on every token (see Routed): its module name -> (router, index)
+    routed = {f"{n}.experts.{e}": (m, k) for n, m in model.named_modules() if isinstance(m, Routed)
+              for k, e in enumerate(m.experts)}
 
     def hook(name: str):
+        router = routed.get(name.removesuffix(".weight"))
+
         def record(module: nn.Linear, args: tuple) -> None:
             x = args[0]
             if x.dim() == 3:  # [batch, tokens, in]: padding positions carry no data
-                x = x[mask[0].bool()]
+                keep = mask[0].bool()
+                if router is not None:
+                    keep = keep & (router[0].route == router[1])
+                x = x[keep]
             x = x.reshape(-1, x.shape[-1]).double()
             grams[name] = grams.get(name, 0) + x.T @ x
         return record
@@ -56,7 +66,7 @@ def compute_grams(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) 
 
 def write_grams(cfg: Config, checkpoint: Path) -> Path:
     """Compute and save the Gram matrices of one run checkpoint (skipped if already saved)."""
-    from vlmerge.model import PooledLlavaForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     out = grams_file(checkpoint)
     if out.is_file():
@@ -65,12 +75,12 @@ def write_grams(cfg: Config, checkpoint: Path) -> Path:
     if not state_path.is_file():
         raise VlmergeError(f"{checkpoint}: not a run checkpoint (no trainer_state.json)")
     run = json.loads(state_path.read_text())["run"]
-    data = run_data(cfg, getattr(cfg.runs, run).sources, ProblemLog())
+    data = run_data(cfg, getattr(cfg.runs, run).sources, ProblemLog(), multimodal_flags=run == EXPERT_RUN)
     order = epoch_order(len(data.samples), cfg.train.seed, 0)
     plan = plan_batches(order, data.samples.words, cfg.train.micro_batch_size, [], 0)
     batches = (data.collate(b.pieces) for _, b in zip(range(cfg.sweep.gram_batches), plan))
     with quiet_transformers():
-        model = PooledLlavaForConditionalGeneration.from_pretrained(checkpoint).eval()
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()  # plain or expert model
     grams, tokens = compute_grams(model, batches)
     with atomic_path(out) as tmp:
         save_file({k: v.contiguous() for k, v in grams.items()}, tmp,

@@ -13,11 +13,12 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from vlmerge.config import RUN_NAMES, Config, merge_dicts, save_resolved
+from vlmerge.config import EXPERT_RUN, RUN_NAMES, Config, merge_dicts, save_resolved
 from vlmerge.data import Batch, Piece, count_batches, epoch_order, plan_batches, run_data
 from vlmerge.errors import Preempted, VlmergeError
+from vlmerge.hf import quiet_transformers
 from vlmerge.io import atomic_path, fingerprint, read_json, write_json
-from vlmerge.model import PooledLlavaForConditionalGeneration, build_config, init_model
+from vlmerge.model import PooledLlavaForConditionalGeneration, build_config, experts_from_agnostic, init_model
 from vlmerge.problems import ProblemLog
 from vlmerge.train import distributed
 from vlmerge.layout import list_checkpoints, run_config, run_metrics_log
@@ -56,7 +57,9 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
 def _run_fingerprint(cfg: Config, run: str) -> str:
     """What determines a run's weights: a run directory is never continued under other settings."""
     t = cfg.train.model_dump(exclude={"log_every", "check_replicas"})
-    return fingerprint([cfg.model.model_dump(), t, cfg.checkpoints.words, getattr(cfg.runs, run).model_dump(),
+    # The expert fields shape the expert run only: the other runs keep the fingerprints they had.
+    model = cfg.model.model_dump(exclude=None if run == EXPERT_RUN else {"experts", "cross_modal_layers"})
+    return fingerprint([model, t, cfg.checkpoints.words, getattr(cfg.runs, run).model_dump(),
                         cfg.runs.seed_pretraining, cfg.data.model_dump(), cfg.features.name, cfg.tokenizer.model_dump()])
 
 
@@ -77,12 +80,13 @@ class Trainer:
 
         self.tok_dir = cfg.layout.tokenizer_dir
         problems = ProblemLog()
-        data = run_data(cfg, self.spec.sources, problems)
+        data = run_data(cfg, self.spec.sources, problems, multimodal_flags=run == EXPERT_RUN)
         if self.rank == 0:
             problems.report(f"train {run}")
         self.samples, self.collate = data.samples, data.collate
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
-        model = self._initial_model(build_config(cfg.model, data.tokenizer, data.features.dim, cfg.features.layer))
+        model = self._initial_model(build_config(cfg.model, data.tokenizer, data.features.dim, cfg.features.layer,
+                                                 experts=run == EXPERT_RUN))
         self.total_steps = self._count_steps()
         self.engine = self._engine(model)
         self.states = StateStore(self.run_dir, cfg.checkpoints.keep_states, rank)
@@ -97,13 +101,18 @@ class Trainer:
             )
 
     def _initial_model(self, config) -> torch.nn.Module:
-        """Fresh weights from model.init_seed, or the seed run's last checkpoint (seed pre-training)."""
+        """Fresh weights from model.init_seed, or the seed run's last checkpoint (seed pre-training),
+        copied into every expert for the expert run."""
         if self.run == "seed" or not self.cfg.runs.seed_pretraining:
             return init_model(config, self.cfg.model.init_seed)
         seeds = list_checkpoints(self.cfg.layout.run_dir("seed"))
         if not seeds:
             raise VlmergeError(f"{self.cfg.layout.run_dir('seed')}: no checkpoint; train the seed run first")
-        return PooledLlavaForConditionalGeneration.from_pretrained(seeds[-1])
+        with quiet_transformers():
+            seed = PooledLlavaForConditionalGeneration.from_pretrained(seeds[-1])
+        if self.run == EXPERT_RUN:
+            return experts_from_agnostic(seed, self.cfg.model.experts, self.cfg.model.cross_modal_layers)
+        return seed
 
     def _count_steps(self) -> int:
         words = int(self.samples.words.sum())

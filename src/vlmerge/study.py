@@ -1,0 +1,179 @@
+"""`vlmerge study`: Sung et al. (2023) on one world, in this process, each step skipped once done.
+
+For every expert setting (variant, K_seed) of `study` — the `all` variant at every K_seed, every
+variant at `variant_seed_epochs` — an experiment of its own (`<exp>-<variant>-seed<K>`, sharing
+the base experiment's tokenizer and corpus) trains the agnostic seed run for K_seed epochs and
+the expert run for the rest of the budget, then: the experts' Grams, every merge of the method
+grids (interpolation α, modality arithmetic λ, RegMean α × γ) into a plain checkpoint, each
+evaluated, the unmerged expert model (MSA) evaluated, and the distances between the experts.
+The agnostic model trained from scratch for the whole budget (MAA) is evaluated beside them.
+All results go to the base experiment's results folder; `vlmerge.analysis.sung` reports them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vlmerge.config import EXPERT_RUN, Config, merge_dicts
+from vlmerge.layout import (
+    expert_merge_dir, maa_experiment, result_file, study_experiment, study_result_name,
+)
+
+
+def expert_settings(cfg: Config) -> list[tuple[str, int]]:
+    """(variant, K_seed) of every expert run: `all` across the K_seed grid, each variant at one K_seed."""
+    s = cfg.study
+    settings = [("all", k) for k in s.seed_epochs] + [(v, s.variant_seed_epochs) for v in s.variants]
+    return list(dict.fromkeys(settings))
+
+
+def sub_config(cfg: Config, experiment: str, changes: dict) -> Config:
+    """The base config with another experiment name and `changes` (nested sections)."""
+    return Config.model_validate(merge_dicts(cfg.model_dump(mode="json"), {"experiment": experiment, **changes}))
+
+
+def expert_config(cfg: Config, variant: str, k: int) -> Config:
+    s = cfg.study
+    return sub_config(cfg, study_experiment(cfg.experiment, variant, k), {
+        "model": {"experts": variant, "cross_modal_layers": s.cross_modal_layers},
+        "runs": {"seed_pretraining": k > 0, "seed": {"epochs": max(k, 1)},
+                 "experts": {"epochs": s.total_epochs - k}},
+    })
+
+
+def maa_config(cfg: Config) -> Config:
+    return sub_config(cfg, maa_experiment(cfg.experiment), {
+        "runs": {"seed_pretraining": False, "multimodal": {"epochs": cfg.study.total_epochs}}})
+
+
+def share_inputs(base: Config, sub: Config) -> None:
+    """The sub-experiment reads the base experiment's tokenizer and corpus (links, made once)."""
+    for src, dst in ((base.layout.tokenizer_dir, sub.layout.tokenizer_dir), (base.layout.corpus_dir, sub.layout.corpus_dir)):
+        if not dst.exists():
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(src.resolve(), dst)
+
+
+def merge_grid(cfg: Config, variant: str, k: int) -> list[tuple[str, dict[str, float]]]:
+    """(method, parameters) of every merge of one expert checkpoint: interpolation at every α, and
+    for the `all` variant at the longest seed (Sung et al.'s Table 2) every method's grid too."""
+    s = cfg.study
+    grid = [("interpolation", {"alpha": a}) for a in s.alphas]
+    if (variant, k) == ("all", max(s.seed_epochs)):
+        grid += [("arithmetic", {"lam": lam}) for lam in s.lams]
+        grid += [("regmean", {"alpha": a, "gamma": g}) for a in s.alphas for g in s.gammas]
+    return grid
+
+
+def train_seed(base: Config, sub: Config, k: int, progress: bool) -> None:
+    """The agnostic seed run of K_seed epochs, trained once (in the `all` experiment) and linked
+    into the other variants' experiments: it does not depend on the variant."""
+    from vlmerge.train.loop import train
+
+    canonical = expert_config(base, "all", k)
+    share_inputs(base, canonical)
+    train(canonical, "seed", progress=progress)
+    here, there = sub.layout.run_dir("seed"), canonical.layout.run_dir("seed")
+    if here != there and not here.exists():
+        here.parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(there.resolve(), here)
+
+
+class Evaluator:
+    """The study's tasks, read once, scored for one model after another into the base results folder."""
+
+    def __init__(self, cfg: Config):
+        from vlmerge.data import FeatureTable
+        from vlmerge.evaluate.run import prepare, task_specs
+        from vlmerge.problems import ProblemLog
+
+        self.cfg = cfg
+        self.features = FeatureTable(cfg.eval_store_path)
+        problems = ProblemLog()
+        self.tasks = prepare(task_specs(cfg, cfg.study.tasks or list(cfg.eval.tasks)), self.features, problems)
+        problems.report("study eval")
+
+    def done(self, name: str) -> bool:
+        return result_file(self.cfg.layout.results_dir, "metrics", name).is_file()
+
+    def __call__(self, model_dir: Path, name: str) -> None:
+        """Score the model in `model_dir` (plain, merged or expert) unless its results exist."""
+        import torch
+        from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+        from vlmerge.evaluate.run import evaluate, result_rows
+        from vlmerge.evaluate.scoring import Scorer
+        from vlmerge.hf import quiet_transformers
+        from vlmerge.model import ExpertLlavaForConditionalGeneration
+        from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, write_rows
+
+        if self.done(name):
+            return
+        with quiet_transformers():
+            model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
+            tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if isinstance(model, ExpertLlavaForConditionalGeneration):
+            model.null_feature = self.features.null  # text tasks carry the black image: text-only routing
+        e = self.cfg.eval
+        scorer = Scorer(model, tokenizer, features=self.features, image_prefix=e.image_prefix, dtype=e.dtype,
+                        batch_size=e.batch_size)
+        with torch.inference_mode():
+            results = evaluate(scorer, self.tasks)
+        rows, items = result_rows(ModelKey.of_directory(model_dir), results, config_hash=self.cfg.hash())
+        results_dir = self.cfg.layout.results_dir
+        write_rows(items, ITEMS_SCHEMA, result_file(results_dir, "items", name))
+        write_rows(rows, RESULTS_SCHEMA, result_file(results_dir, "metrics", name))  # last: marks it done
+
+
+def run_expert_setting(base: Config, sub: Config, evaluate: Evaluator, progress: bool) -> None:
+    """Seed, experts, Grams, merges, their evaluation, MSA and the expert distances of one setting."""
+    from vlmerge.layout import list_checkpoints
+    from vlmerge.merge.distance import write_parquet
+    from vlmerge.merge.experts import expert_distance_rows, merge_experts
+    from vlmerge.merge.grams import write_grams
+    from vlmerge.train.loop import train
+
+    share_inputs(base, sub)
+    k = sub.runs.seed.epochs if sub.runs.seed_pretraining else 0
+    if k:
+        train_seed(base, sub, k, progress)
+    run_dir = train(sub, EXPERT_RUN, progress=progress)
+    checkpoints = list_checkpoints(run_dir)
+    last = checkpoints[-1]
+    # W_seed: the seed run's last weights, or without seed pre-training the experts' shared start
+    seed = list_checkpoints(sub.layout.run_dir("seed"))[-1] if sub.runs.seed_pretraining else checkpoints[0]
+    write_grams(sub, last)
+    by_method: dict[str, list[dict[str, float]]] = {}
+    for method, params in merge_grid(base, sub.model.experts, k):
+        by_method.setdefault(method, []).append(params)
+    for method, settings in by_method.items():
+        outs = [expert_merge_dir(run_dir, method, p) for p in settings]
+        merge_experts(last, outs, method, settings, seed=seed)
+        for out in outs:
+            evaluate(out, study_result_name(sub.experiment, out.name))
+    evaluate(last, study_result_name(sub.experiment, "msa"))
+    distances = result_file(base.layout.results_dir, "distances", sub.experiment)
+    if not distances.is_file():
+        write_parquet(expert_distance_rows(last, seed), distances)
+
+
+def run_study(cfg: Config, *, progress: bool = False) -> Path:
+    """Every run, merge and evaluation of the study, then its report; returns the report's path."""
+    from vlmerge.analysis.sung import sung_report
+    from vlmerge.layout import list_checkpoints
+    from vlmerge.pipeline import run_data_stages
+    from vlmerge.train.loop import train
+
+    run_data_stages(cfg, progress=progress)
+    evaluate = Evaluator(cfg)
+    maa = maa_config(cfg)
+    share_inputs(cfg, maa)
+    maa_last = list_checkpoints(train(maa, "multimodal", progress=progress))[-1]
+    evaluate(maa_last, study_result_name(maa.experiment, "maa"))
+    for variant, k in expert_settings(cfg):
+        print(f"study: {variant} experts, seed {k} of {cfg.study.total_epochs} epochs")
+        run_expert_setting(cfg, expert_config(cfg, variant, k), evaluate, progress)
+    report = sung_report([cfg.layout.results_dir], cfg.layout.report_dir, cfg.analysis)
+    print(f"study: report {report}")
+    return report
