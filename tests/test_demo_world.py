@@ -43,7 +43,7 @@ def meta(world: DemoWorld) -> dict:
 def test_corpus_is_large_enough(world: DemoWorld) -> None:
     train = world.text_train.read_text(encoding="utf-8").splitlines()
     dev = world.text_dev.read_text(encoding="utf-8").splitlines()
-    assert sum(len(line.split()) for line in train) == world.words >= 100_000
+    assert sum(len(line.split()) for line in train) == world.words >= 80_000
     assert 0.03 * world.words < sum(len(line.split()) for line in dev) < 0.1 * world.words
     assert not set(dev) & set(train)
     assert all(line.endswith((" .", " ?")) for line in train + dev)
@@ -60,8 +60,9 @@ def test_held_out_words_never_seen_in_training(world: DemoWorld, meta: dict) -> 
 
 def test_images_have_captions_in_a_caption_register(world: DemoWorld) -> None:
     rows = read_jsonl(world.captions)
-    assert len(rows) == CAPTIONS_PER_IMAGE * world.images and world.images >= 2000
-    assert set(Counter(row["image_id"] for row in rows).values()) == {CAPTIONS_PER_IMAGE}
+    assert len(rows) == world.images >= 2000
+    assert len({row["image_id"] for row in rows}) == len(rows)
+    assert {row["caption"].count(" , ") for row in rows} == {CAPTIONS_PER_IMAGE - 1}
     for row in rows[:300]:
         with Image.open(world.captions.parent / row["path"]) as image:
             assert (image.size, image.mode) == ((64, 64), "RGB")
@@ -70,6 +71,7 @@ def test_images_have_captions_in_a_caption_register(world: DemoWorld) -> None:
     # Noun-phrase fragments (web alt-text): no finite verb, no sentence punctuation.
     words = Counter(w for row in rows for w in row["caption"].split())
     assert not {"is", "are", "shows", "has", "have", ".", "?"} & set(words)
+    assert words["a"] + words["an"] + words["one"] > 0 and words["two"] > 0
     assert sum(words.values()) == world.caption_words
     assert set(COLOURS) <= set(words) and set(RADII) <= set(words)
 

@@ -6,7 +6,7 @@ Layout under the output directory (paths relative to it):
     text/train.txt              text-only corpus, one utterance per line
     text/dev.txt                held-out sentences of the same grammar (perplexity)
     images/<image_id>.png       64×64 RGB scenes of coloured shapes (img-…: training, wg-…: eval)
-    captions.jsonl              {"image_id", "path", "caption"}: CAPTIONS_PER_IMAGE rows per training image
+    captions.jsonl              {"image_id", "path", "caption"} for the training images
     eval/images.jsonl           the same for the evaluation images (wg-…, vqa-…; "path" relative to eval/)
     eval/blimp/<UID>.jsonl      BLiMP-format minimal pairs on held-out words
     eval/winoground.jsonl       Winoground-format items (Hugging Face export fields; collapsed_tag
@@ -47,7 +47,8 @@ FILES = {
     "encoder_dir": "dinov2-tiny",
 }
 DEV_FRACTION = 0.05
-# Captions per training image (as COCO's five): with the default sizes the captions hold about as
+# Caption fragments per training image, joined by " , " into one caption (as a Localized Narrative
+# strings several descriptions of one picture): with the default sizes the captions hold about as
 # many words as the text corpus, so that they are half of the multimodal twin's words (BabyLM).
 CAPTIONS_PER_IMAGE = 3
 ENCODER_CONFIG = {
@@ -111,8 +112,8 @@ def generate(
     out_dir: str | Path,
     seed: int = 0,
     *,
-    text_words: int = 100_000,
-    n_images: int = 3600,
+    text_words: int = 80_000,
+    n_images: int = 2900,
     n_winoground: int = 180,
     pairs_per_phenomenon: int = 150,
     progress: bool = True,
@@ -194,8 +195,8 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
 
     scene_rng = _rng(seed, "scenes")
     scenes = {f"img-{i:06d}": random_scene(scene_rng) for i in range(params["n_images"])}
-    captions = [(image_id, caption(scene, random_style(scene_rng)))
-                for image_id, scene in scenes.items() for _ in range(CAPTIONS_PER_IMAGE)]
+    captions = [(image_id, " , ".join(caption(scene, random_style(scene_rng)) for _ in range(CAPTIONS_PER_IMAGE)))
+                for image_id, scene in scenes.items()]
     items = winoground_items(params["n_winoground"], _rng(seed, "winoground"))
     questions = vqa_items(params["n_winoground"], _rng(seed, "vqa"))
     eval_images = {item.image_id(k): (item.scenes[k], item.captions[k]) for item in items for k in (0, 1)}
