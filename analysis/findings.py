@@ -72,6 +72,11 @@ def ci(low: float, high: float, fmt=f3) -> str:
     return "(no interval)" if math.isnan(low) else f"[{fmt(low)}, {fmt(high)}]"
 
 
+def unsure(low: float, what: str) -> str:
+    """Why no effect is claimed: the interval contains the null value, or there is no interval."""
+    return f"an interval that contains {what}" if not math.isnan(low) else "no interval (no per-item scores) to tell"
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -104,7 +109,7 @@ def twin_gap(m: Merges) -> Iterator[Finding]:
         effect = excludes(low, high, 0.0)
         if not effect:
             text = (f"At {words:,} words the twins do not differ on {m.task.label}: text − multimodal = {f3(value)} "
-                    f"{ci(low, high)}, an interval that contains 0.")
+                    f"{ci(low, high)}, {unsure(low, '0')}.")
         elif value > 0:
             text = f"At {words:,} words the text twin is ahead on {m.task.label} by {f3(value)} {ci(low, high)}."
         else:
@@ -125,7 +130,7 @@ def above_chance(m: Merges) -> Iterator[Finding]:
                 continue
             effect = excludes(low, high, level)
             verdict = (f"{'above' if value > level else 'below'} chance ({level:.3g}) by {f3(abs(value - level))}"
-                       if effect else f"an interval that contains chance ({level:.3g}): no better than guessing")
+                       if effect else f"{unsure(low, f'chance ({level:.3g})')}: no better than guessing")
             yield Finding("chance", m.task.task,
                           f"At {words:,} words the {twin} twin scores {f3(value)} {ci(low, high)} on "
                           f"{m.task.label}, {verdict}.", value, low, high, level, None, effect,
@@ -192,7 +197,7 @@ def best_method(m: Merges) -> Iterator[Finding]:
         top, runner = ranked[0], ranked[1]
         value, low, high = interval(means[top] - means[runner])
         effect = excludes(low, high, 0.0)
-        verdict = "" if effect else "; the interval contains 0: no clear winner"
+        verdict = "" if effect else f"; {unsure(low, '0')}: no clear winner"
         grid = ", ".join(f"{a:g}" for a in alphas)
         yield Finding("best_method", m.task.task,
                       f"At {words:,} words, averaged over α ∈ {{{grid}}}, {setting_name(*top)} is best on "
@@ -214,7 +219,8 @@ def alpha_trend(m: Merges, method: str = "linear") -> Iterator[Finding]:
             if math.isnan(value):
                 continue
             effect = excludes(low, high, 0.0)
-            trend = ("rises with α" if value > 0 else "falls with α") if effect else "shows no monotone trend in α"
+            trend = (("rises with α" if value > 0 else "falls with α") if effect else
+                 f"shows no monotone trend in α ({unsure(low, '0')})")
             yield Finding("alpha_trend", m.task.task,
                           f"Along {setting_name(method, params)} merges at {words:,} words, {m.task.label} {trend} "
                           f"(Spearman ρ = {f3(value)} {ci(low, high)}, {part.alpha.nunique()} α).",
@@ -238,7 +244,7 @@ def best_distance(correlations: pd.DataFrame, task: str, label: str, alpha: floa
     text = (f"At α = {alpha:g} ({setting}), {name} predicts the drop in {label} best: r = {f3(value)} "
             f"{ci(low, high)} over {n} checkpoint pairs." if effect else
             f"At α = {alpha:g} ({setting}) no distance predicts the drop in {label}: the best, {name}, has "
-            f"r = {f3(value)} {ci(low, high)} over {n} checkpoint pairs, an interval that contains 0.")
+            f"r = {f3(value)} {ci(low, high)} over {n} checkpoint pairs, {unsure(low, '0')}.")
     yield Finding("distance", task, text, value, low, high, 0.0, n, effect,
                   {"metric": top.metric, "space": top.space, "method": top.method, "alpha": alpha})
 

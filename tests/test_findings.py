@@ -89,6 +89,9 @@ def test_equal_twins_get_the_no_effect_sentence():
     assert found.value == pytest.approx(replicates[0, -1] - replicates[0, 0]) and not found.effect
     assert found.text.startswith("At 100 words the twins do not differ on blimp accuracy: text − multimodal = ")
     assert found.text.endswith("an interval that contains 0.")
+    (bare,) = twin_gap(Merges(same.task, keys, replicates[:, :1], replicates[:, :1] + 0.1, replicates[:, :1]))
+    assert bare.value == pytest.approx(0.1) and not bare.effect  # no replicates: no claim
+    assert bare.text.endswith("(no interval), no interval (no per-item scores) to tell.")
 
 
 def test_report_opens_with_findings_and_writes_them_for_scripts(tmp_path):
@@ -130,4 +133,4 @@ def test_best_method_is_the_higher_mean_over_alpha_and_says_when_it_is_no_winner
     assert found.details["best"] == ["ties", "{}"] and found.value == pytest.approx(margin) and found.effect
     assert found.text.endswith(f"by {margin:.3f} [{found.low:.3f}, {found.high:.3f}].")
     (tie,) = best_method(settings_merges(0.0))
-    assert not tie.effect and tie.text.endswith("the interval contains 0: no clear winner.")
+    assert not tie.effect and tie.text.endswith("an interval that contains 0: no clear winner.")
