@@ -13,7 +13,6 @@ from PIL import Image
 from vlmerge.demo import DemoWorld, generate
 from vlmerge.demo.grammar import COLOURS, add_s, with_articles
 from vlmerge.demo.images import RADII, RGB, Scene, random_group, render
-from vlmerge.demo.world import CAPTIONS_PER_IMAGE
 
 SMALL = {"text_words": 2000, "n_images": 8, "n_winoground": 4, "pairs_per_phenomenon": 5}
 
@@ -62,7 +61,6 @@ def test_images_have_captions_in_a_caption_register(world: DemoWorld) -> None:
     rows = read_jsonl(world.captions)
     assert len(rows) == world.images >= 2000
     assert len({row["image_id"] for row in rows}) == len(rows)
-    assert {row["caption"].count(" , ") for row in rows} == {CAPTIONS_PER_IMAGE - 1}
     for row in rows[:300]:
         with Image.open(world.captions.parent / row["path"]) as image:
             assert (image.size, image.mode) == ((64, 64), "RGB")

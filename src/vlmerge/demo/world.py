@@ -29,7 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlmerge.demo.grammar import Grammar, full_lexicon, sample_corpus, split_lexicon
-from vlmerge.demo.images import CaptionStyle, Scene, caption, random_scene, random_style, render
+from vlmerge.demo.images import BACKGROUND, CaptionStyle, Scene, caption, random_scene, random_style, render
 from vlmerge.demo.tasks import PHENOMENA, minimal_pairs, vqa_items, winoground_items
 from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path, write_json, write_jsonl, write_text
@@ -47,10 +47,6 @@ FILES = {
     "encoder_dir": "dinov2-tiny",
 }
 DEV_FRACTION = 0.05
-# Caption fragments per training image, joined by " , " into one caption (as a Localized Narrative
-# strings several descriptions of one picture): with the default sizes the captions hold about as
-# many words as the text corpus, so that they are half of the multimodal twin's words (BabyLM).
-CAPTIONS_PER_IMAGE = 3
 ENCODER_CONFIG = {
     "hidden_size": 64,
     "num_hidden_layers": 4,
@@ -59,8 +55,11 @@ ENCODER_CONFIG = {
     "image_size": 56,
     "patch_size": 14,
 }
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+# Pixel normalisation of the demo encoder: centred on the images' flat background (images.py), so
+# that background patches enter the encoder as zeros and the pooled feature varies with the shapes
+# alone (ImageNet's mean would leave the background as most of every image's feature).
+PIXEL_MEAN = [BACKGROUND / 255] * 3
+PIXEL_STD = [0.25] * 3
 
 
 class WorldExistsError(VlmergeError, FileExistsError):
@@ -113,8 +112,8 @@ def generate(
     seed: int = 0,
     *,
     text_words: int = 80_000,
-    n_images: int = 2900,
-    n_winoground: int = 180,
+    n_images: int = 7500,
+    n_winoground: int = 150,
     pairs_per_phenomenon: int = 150,
     progress: bool = True,
 ) -> DemoWorld:
@@ -195,8 +194,7 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
 
     scene_rng = _rng(seed, "scenes")
     scenes = {f"img-{i:06d}": random_scene(scene_rng) for i in range(params["n_images"])}
-    captions = [(image_id, " , ".join(caption(scene, random_style(scene_rng)) for _ in range(CAPTIONS_PER_IMAGE)))
-                for image_id, scene in scenes.items()]
+    captions = [(image_id, caption(scene, random_style(scene_rng))) for image_id, scene in scenes.items()]
     items = winoground_items(params["n_winoground"], _rng(seed, "winoground"))
     questions = vqa_items(params["n_winoground"], _rng(seed, "vqa"))
     eval_images = {item.image_id(k): (item.scenes[k], item.captions[k]) for item in items for k in (0, 1)}
@@ -260,7 +258,7 @@ def save_random_dinov2(out_dir: Path, seed: int, **config: int) -> Path:
 
     The default (4 layers, width 64, 56×56 input) stands in for dinov2-large in the demo. The
     processor resizes the short side to 8/7 of the input size and centre-crops it (DINOv2's
-    256 → 224), with ImageNet normalisation.
+    256 → 224), and normalises pixels around the demo's background (PIXEL_MEAN, PIXEL_STD).
     """
     import torch  # heavy imports, needed by this step only
     import transformers
@@ -284,8 +282,8 @@ def save_random_dinov2(out_dir: Path, seed: int, **config: int) -> Path:
         crop_size={"height": size, "width": size},
         do_rescale=True,
         do_normalize=True,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
+        image_mean=PIXEL_MEAN,
+        image_std=PIXEL_STD,
         do_convert_rgb=True,
     )
     processor.save_pretrained(out_dir)
