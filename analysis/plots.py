@@ -25,11 +25,12 @@ def _words_axis(ax, words: pd.Series, label: str) -> None:
         ax.set_xscale("log")
 
 
-def score_vs_words(table: pd.DataFrame, title: str) -> Figure:
+def score_vs_words(table: pd.DataFrame, title: str, chance: float | None = None) -> Figure:
     """One line per α: the merge's score against the words seen (the poster's figure).
 
     `table` is one setting's rows of Merges.table(); x is the multimodal checkpoint's words
-    (with all_pairs pairing, only the pairs at equal words are drawn).
+    (with all_pairs pairing, only the pairs at equal words are drawn). `chance`: a dashed line
+    at the score of guessing.
     """
     same = table[table.text_words == table.mm_words]
     table = same if len(same) else table
@@ -38,6 +39,8 @@ def score_vs_words(table: pd.DataFrame, title: str) -> Figure:
     ax = fig.add_subplot()
     for alpha, rows in table.sort_values("mm_words").groupby("alpha"):
         ax.plot(rows.mm_words, rows.score, marker="o", markersize=3, color=ALPHA_COLOURS(alpha), label=f"α = {alpha:g}")
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.3g})")
     _words_axis(ax, table.mm_words, "words seen (multimodal checkpoint)")
     ax.set_ylabel(metric)
     ax.set_title(title)

@@ -24,6 +24,7 @@ class Section:
     lead: str = ""
     tables: list[tuple[str, pd.DataFrame]] = dataclasses.field(default_factory=list)
     figures: list[tuple[str, Path]] = dataclasses.field(default_factory=list)
+    bullets: list[str] = dataclasses.field(default_factory=list)  # shown after the lead
 
 
 def _cell(value: object) -> str:
@@ -68,6 +69,8 @@ def html_report(title: str, intro: str, notes: list[str], sections: list[Section
         parts.append(f"<h2>{html.escape(s.title)}</h2>")
         if s.lead:
             parts.append(f"<p>{html.escape(s.lead)}</p>")
+        if s.bullets:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(b)}</li>" for b in s.bullets) + "</ul>")
         for caption, frame in s.tables:
             table = frame.to_html(index=False, na_rep="", float_format=fmt_number, border=0)
             table = table.replace("<thead>", f"<caption>{html.escape(caption)}</caption><thead>", 1)
@@ -77,9 +80,12 @@ def html_report(title: str, intro: str, notes: list[str], sections: list[Section
     return "\n".join(parts)
 
 
-def markdown_summary(title: str, intro: str, notes: list[str], tables: list[tuple[str, pd.DataFrame]]) -> str:
-    """The short Markdown summary: intro, key tables, notes."""
+def markdown_summary(title: str, intro: str, notes: list[str], tables: list[tuple[str, pd.DataFrame]],
+                     findings: list[str] = ()) -> str:
+    """The short Markdown summary: intro, findings, key tables, notes."""
     out = [f"# {title}", "", intro, ""]
+    if findings:
+        out += ["## Findings", "", *(f"- {f}" for f in findings), ""]
     for caption, frame in tables:
         out += [f"## {caption}", "", markdown_table(frame) if len(frame) else "(none)", ""]
     if notes:

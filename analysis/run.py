@@ -12,11 +12,12 @@ import numpy as np
 import pandas as pd
 
 from vlmerge.analysis import plots, sung
+from vlmerge.analysis.findings import Finding, findings, to_json, to_markdown
 from vlmerge.analysis.correlations import COLUMNS as CORRELATION_COLUMNS
 from vlmerge.analysis.correlations import correlations, too_few_points
 from vlmerge.analysis.load import CHECKPOINT_PAIR, Results, load
 from vlmerge.analysis.report import Section, html_report, markdown_summary, markdown_table
-from vlmerge.analysis.scores import task_metrics, task_scores
+from vlmerge.analysis.scores import chance, task_metrics, task_scores
 from vlmerge.analysis.tables import BEST_COLUMNS, SCORE_COLUMNS, Merges, best_alpha, merges, multimodal_drop
 from vlmerge.config import AnalysisConfig
 from vlmerge.io import write_text
@@ -34,6 +35,7 @@ class Analysis:
     best: pd.DataFrame
     correlations: pd.DataFrame
     alpha: float  # the α of the distance figures (the one nearest analysis.alpha)
+    findings: list[Finding]
 
     @property
     def notes(self) -> list[str]:
@@ -66,7 +68,7 @@ def compute(results: Results, options: AnalysisConfig) -> Analysis:
               for task, rows in scores.groupby("task") if rows.alpha.nunique() < 2]
     alphas = np.sort(scores.alpha.unique()) if len(scores) else np.array([options.alpha])
     alpha = float(alphas[np.argmin(np.abs(alphas - options.alpha))])
-    return Analysis(results, all_merges, scores, best, corr, alpha)
+    return Analysis(results, all_merges, scores, best, corr, alpha, findings(all_merges, best, corr, alpha))
 
 
 def concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
@@ -98,7 +100,8 @@ def draw(a: Analysis, folder: Path) -> list[Section]:
         label = setting_label(*setting)
         name = _slug(*setting[:2], task)
         curves.figures.append((f"{task}: {label}", plots.save(
-            plots.score_vs_words(rows, f"{task} by words seen ({label})"), folder / f"score_vs_words-{name}.png")))
+            plots.score_vs_words(rows, f"{task} by words seen ({label})", chance(task, rows.metric.iloc[0])),
+            folder / f"score_vs_words-{name}.png")))
         maps.figures.append((f"{task}: {label}", plots.save(
             plots.heatmap(rows, f"{task} ({label})"), folder / f"heatmap-{name}.png")))
         points = distance_points(rows, a.results.distances, a.alpha)
@@ -143,6 +146,8 @@ def write_tables(a: Analysis, out: Path) -> dict[str, pd.DataFrame]:
     headline = a.correlations[(a.correlations.scope == "model") & (a.correlations.alpha == a.alpha)]
     headline = headline.drop(columns=["scope", "alpha"]).sort_values(["task", "space", "metric"])
     write_text(out / "correlations.md", markdown_table(headline) + "\n")
+    write_text(out / "findings.md", to_markdown(a.findings))
+    write_text(out / "findings.json", to_json(a.findings))
     return {"best": best, "headline": headline, **{f"grid:{k}": v for k, v in grids.items()}}
 
 
@@ -159,6 +164,9 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
              f"bootstrap resamples; generated {time.strftime('%Y-%m-%d %H:%M')}.")
     grids = [(k.removeprefix("grid:"), v) for k, v in tables.items() if k.startswith("grid:")]
     sections = [
+        Section("Findings", "What the results show at each experiment's last checkpoint pair, with 95% bootstrap "
+                "intervals (items resampled); a finding whose interval contains its null value says so "
+                "(findings.md, findings.json).", [], bullets=[f.text for f in a.findings] or ["No findings."]),
         Section("Best α per checkpoint", "The α with the highest text-task score whose largest multimodal drop "
                 "stays within the tolerance; retention is the share of the text twin's advantage kept.",
                 [("best α", tables["best"])]),
@@ -176,5 +184,5 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
     write_text(report, html_report(title, intro, a.notes, sections))
     write_text(out / "summary.md", markdown_summary(title, intro, a.notes, [
         ("Best α per checkpoint", tables["best"]), (f"Correlations at α = {a.alpha:g} (whole model)",
-                                                    tables["headline"])]))
+                                                    tables["headline"])], [f.text for f in a.findings]))
     return report

@@ -1,6 +1,8 @@
 """Each model's score on a task, with bootstrap replicates recomputed from the per-item scores.
 
-A task is scored by one metric (`analysis.text_tasks` / `analysis.multimodal_tasks`). A score
+A task is scored by one metric (`analysis.text_tasks` / `analysis.multimodal_tasks`); a key
+"task/subtask" scores one subtask of a task as a task of its own (e.g. Winoground's
+"winoground/tag:attribute" items apart from its "winoground/tag:binding" ones). A score
 frame has one row per model (index: load.MODEL) and columns 0..B: column 0 is the reported
 value, columns 1..B the same statistic on resamples of the task's items. The resamples are
 paired (every model sees the same draw), so drops and correlations computed column by column
@@ -22,16 +24,41 @@ from vlmerge.analysis.load import MODEL, Results
 from vlmerge.analysis.stats import resample_counts
 
 LOWER_IS_BETTER = {"perplexity", "loss"}
+# What guessing scores, by (task, metric): two-way choices 1/2; Winoground's text and image
+# scores 1/4 and group score 1/6 (Thrush et al. 2022); BabyLM's VQA picks among 8 answers.
+CHANCE = {
+    **{(task, "accuracy"): 0.5 for task in ("blimp", "blimp_supplement", "minimal_pairs", "ewok")},
+    ("winoground", "unpaired_accuracy"): 0.5,
+    ("winoground", "text_score"): 0.25,
+    ("winoground", "image_score"): 0.25,
+    ("winoground", "group_score"): 1 / 6,
+    ("vqa", "accuracy"): 1 / 8,
+}
 CHUNK = 128  # replicates drawn at a time: bounds the counts matrix to CHUNK × items
+
+
+def chance(task: str, metric: str) -> float | None:
+    """The score of guessing on a task ("task" or "task/subtask") by a metric, where it has one."""
+    return CHANCE.get((task.partition("/")[0], metric))
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskMetric:
     """A task, the metric that scores it, and which twin it favours."""
 
-    task: str
+    task: str  # a task, or "task/subtask" for one subtask of it
     metric: str
     kind: str  # "text" or "multimodal"
+
+    @property
+    def source(self) -> tuple[str, str]:
+        """The (task, subtask) of the result rows: subtask "" is the whole task."""
+        task, _, subtask = self.task.partition("/")
+        return task, subtask
+
+    @property
+    def chance(self) -> float | None:
+        return chance(self.task, self.metric)
 
     @property
     def sign(self) -> int:
@@ -46,31 +73,36 @@ class TaskMetric:
 def task_metrics(metrics: pd.DataFrame, text: dict[str, str], multimodal: dict[str, str],
                  notes: list[str]) -> list[TaskMetric]:
     """The scored tasks present in the results, text tasks first; the others become notes."""
-    overall = metrics[metrics.subtask == ""]
-    present = overall.groupby("task", sort=True)["metric"].unique()
+    present = metrics.groupby(["task", "subtask"], sort=True)["metric"].unique()
     out = []
-    for task, have in present.items():
-        kind, table = ("text", text) if task in text else ("multimodal", multimodal)
-        metric = table.get(task)
-        if metric is None:
+    for task in present.index.get_level_values("task").unique():
+        wanted = [k for k in (*text, *multimodal) if k.partition("/")[0] == task]
+        if not wanted:
             notes.append(f"task {task}: in neither analysis.text_tasks nor analysis.multimodal_tasks; left out")
-        elif metric not in have:
-            notes.append(f"task {task}: no {metric!r} rows (it has {', '.join(sorted(have))}); left out")
-        else:
-            out.append(TaskMetric(task, metric, kind))
+        for key in wanted:
+            kind, metric = ("text", text[key]) if key in text else ("multimodal", multimodal[key])
+            tm = TaskMetric(key, metric, kind)
+            have = present.get(tm.source, [])
+            if metric not in have:
+                notes.append(f"task {key}: no {metric!r} rows (it has {', '.join(sorted(have)) or 'none'}); left out")
+            else:
+                out.append(tm)
     return sorted(out, key=lambda t: (t.kind != "text", t.task))
 
 
 def reported(metrics: pd.DataFrame, tm: TaskMetric) -> pd.Series:
     """The reported value of every model (index: MODEL)."""
-    rows = metrics[(metrics.task == tm.task) & (metrics.metric == tm.metric) & (metrics.subtask == "")]
+    task, subtask = tm.source
+    rows = metrics[(metrics.task == task) & (metrics.metric == tm.metric) & (metrics.subtask == subtask)]
     return rows.set_index(MODEL)["value"].sort_index()
 
 
 def metric_items(items: pd.DataFrame, tm: TaskMetric) -> pd.DataFrame:
     """The task's per-item scores of this metric: ids that name a metric (Winoground's
-    `<item>/image_score`) are kept only for theirs; ids that name none belong to every metric."""
-    rows = items[items.task == tm.task]
+    `<item>/image_score`) are kept only for theirs; ids that name none belong to every metric.
+    A subtask's score keeps that subtask's items only."""
+    task, subtask = tm.source
+    rows = items[(items.task == task) & ((items.subtask == subtask) if subtask else True)]
     segments = rows.example_id.str.split("/")
     names_metric = segments.map(lambda parts: tm.metric in parts)
     return rows[names_metric] if names_metric.any() else rows

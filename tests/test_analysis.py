@@ -274,3 +274,20 @@ def test_the_report_renders_in_headless_chromium(synth, tmp_path):
     assert len(np.unique(page.reshape(-1, 3), axis=0)) > 5000
     inked_rows = np.flatnonzero((page < 200).any(axis=(1, 2)))
     assert inked_rows.max() > 5000
+
+
+def test_a_subtask_key_scores_that_subtask_alone():
+    from vlmerge.analysis.scores import metric_items, reported, task_metrics
+
+    model = pair_model(0, 0.5)
+    metrics = pd.DataFrame([{**model, "task": "winoground", "subtask": sub, "metric": "unpaired_accuracy", "value": v}
+                            for sub, v in (("", 0.6), ("tag:attribute", 0.8), ("tag:binding", 0.5))])
+    items = pd.DataFrame([{**model, "task": "winoground", "subtask": sub, "example_id": f"{sub}{k}/unpaired_accuracy/i",
+                           "value": v} for sub, v in (("tag:attribute", 1.0), ("tag:binding", 0.0)) for k in range(3)])
+    notes: list[str] = []
+    (tm,) = task_metrics(metrics, {}, {"winoground/tag:attribute": "unpaired_accuracy"}, notes)
+    assert (tm.task, tm.source, tm.chance) == ("winoground/tag:attribute", ("winoground", "tag:attribute"), 0.5)
+    assert reported(metrics, tm).tolist() == [0.8]
+    assert set(metric_items(items, tm).subtask) == {"tag:attribute"}
+    missing = task_metrics(metrics, {}, {"winoground/tag:object": "unpaired_accuracy"}, notes)
+    assert missing == [] and notes == ["task winoground/tag:object: no 'unpaired_accuracy' rows (it has none); left out"]

@@ -23,10 +23,16 @@ ADJECTIVE_ORDER = ("size", "mood", "colour")
 # Word classes that are never held out: the caption vocabulary and the clause-taking verbs.
 NEVER_HELD_OUT = frozenset({"shape", "colour", "size", "clausal"})
 HOLD_OUT_FRACTION = 0.2
+COLOUR_EXCHANGE_SHARE = 0.03  # of the corpus's lines: "what colour is the ball ? red ."
 # The caption vocabulary (see images.py), also used in the text corpus.
 SHAPES = ("circle", "square", "triangle", "star", "diamond", "cross", "hexagon")
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "pink", "brown")
 SIZES = ("small", "big", "tiny", "huge", "tall")
+
+
+def colour_question(noun: str, plural: bool) -> list[str]:
+    """ "what colour is the ball ?" / "what colour are the balls ?" (the demo VQA's questions too)."""
+    return ["what", "colour", "are" if plural else "is", "the", noun, "?"]
 
 
 def add_s(word: str) -> str:
@@ -343,8 +349,19 @@ class Grammar:
             return [aux, *subject.words, self.transitive_verb(obj.animate).base, *obj.words]
         return ["are" if subject.plural else "is", *subject.words, self.predicative_adjective(subject.animate)]
 
+    def colour_exchange(self) -> list[str]:
+        """A colour question and its one-word answer, "what colour is the ball ? red ." (no picture:
+        the answer is any colour; it teaches the demo VQA's format, not its answers)."""
+        noun = self.rng.choice([n for n in self.lexicon.nouns if n.kind != "person"])
+        plural = self.rng.random() < 0.4
+        return [*colour_question(noun.form(plural), plural), self.adjective("colour")]
+
     def sentence(self) -> str:
-        words = self.question() + ["?"] if self.rng.random() < 0.1 else self.clause() + ["."]
+        r = self.rng.random()
+        if r < COLOUR_EXCHANGE_SHARE:
+            words = self.colour_exchange() + ["."]
+        else:
+            words = self.question() + ["?"] if r < 0.1 + COLOUR_EXCHANGE_SHARE else self.clause() + ["."]
         return " ".join(with_articles(words))
 
 

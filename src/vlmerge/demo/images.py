@@ -2,8 +2,14 @@
 
 A scene is one group of identical shapes, or two groups in a spatial relation ("above",
 "below", "left", "right": where the first group is relative to the second). Every shape of
-the first group lies in the half of the canvas that the relation names, so a caption such as
-"two small red circles are above a blue square ." is true of the picture.
+the first group lies in the half of the canvas that the relation names.
+
+Built so that a model fed ONE pooled vector per image can use the image: the attributes that
+decide caption words survive a mean over patches. Colour fills a flat, fixed background's
+share of pixels with a saturated hue; size and count set how many pixels it fills (a big
+shape has about five times a small one's area, so four small shapes cover less than one big
+one). Captions are in a caption register (web alt-text): noun-phrase fragments without a
+finite verb, e.g. "a picture of two small red circles above a big blue square".
 """
 
 from __future__ import annotations
@@ -28,12 +34,14 @@ RGB = {  # keyed by grammar.COLOURS
     "pink": (245, 125, 190),
     "brown": (130, 80, 30),
 }
-RADII = {"small": (5.0, 7.0), "big": (10.0, 12.0)}  # radius range in pixels
+RADII = {"small": (4.0, 4.5), "big": (8.8, 9.5)}  # the radius of a circle of the same area, in pixels
 RELATIONS = ("above", "below", "left", "right")
 RELATION_WORDS = {"above": "above", "below": "below", "left": "to the left of", "right": "to the right of"}
 NUMBERS = {2: "two", 3: "three", 4: "four"}
-SINGLE_TEMPLATES = ("there", "in_picture", "shows")
-PAIR_TEMPLATES = ("relation", "there", "and")
+BACKGROUND = 240  # flat light grey: what varies between images is the shapes
+PREFIXES = ("", "", "a picture of", "a photo of", "an image of", "close up of")
+SUFFIXES = ("", "", "on a white background", "in the middle", "on a grey background")
+PAIR_TEMPLATES = ("relation", "and")
 
 
 @dataclass(frozen=True)
@@ -51,13 +59,13 @@ class Scene:
 
 
 def random_group(rng: random.Random, max_count: int) -> Group:
-    count = rng.choices(range(1, max_count + 1), weights=[6, 3, 2, 1][:max_count])[0]
+    count = rng.randint(1, max_count)
     return Group(count, rng.choice(list(RADII)), rng.choice(list(RGB)), rng.choice(SHAPES))
 
 
 def random_scene(rng: random.Random) -> Scene:
-    """One group of 1–4 shapes (a third of the time) or two groups of 1–2 in a relation."""
-    if rng.random() < 1 / 3:
+    """One group of 1–4 shapes (three times in four) or two groups of 1–2 in a relation."""
+    if rng.random() < 0.75:
         return Scene((random_group(rng, 4),))
     return Scene((random_group(rng, 2), random_group(rng, 2)), rng.choice(RELATIONS))
 
@@ -118,18 +126,26 @@ def shape_points(shape: str, cx: float, cy: float, r: float) -> list[tuple[float
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
+def _area(points: list[tuple[float, float]]) -> float:
+    """The area of a simple polygon (shoelace formula)."""
+    return abs(sum(x0 * y1 - x1 * y0 for (x0, y0), (x1, y1) in zip(points, points[1:] + points[:1]))) / 2
+
+
+# Radius factor that gives every shape a circle's area: the pixels a group covers then follow from
+# its count and size alone, which a mean over patches keeps.
+EQUAL_AREA = {s: 1.0 if s == "circle" else math.sqrt(math.pi / _area(shape_points(s, 0, 0, 1))) for s in SHAPES}
+
+
 def render(scene: Scene, rng: random.Random) -> Image.Image:
     """Draw the scene on a light background; positions, radii and tints come from `rng`."""
     k = SUPERSAMPLE
-    grey = rng.randint(230, 250)
-    background = tuple(grey + rng.randint(-5, 5) for _ in range(3))
-    image = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), background)
+    image = Image.new("RGB", (IMAGE_SIZE * k, IMAGE_SIZE * k), (BACKGROUND,) * 3)
     draw = ImageDraw.Draw(image)
     for group, region in zip(scene.groups, _regions(scene)):
         for x0, y0, x1, y1 in _cells(region, group.count, rng):
-            r = rng.uniform(*RADII[group.size])
+            r = rng.uniform(*RADII[group.size]) * EQUAL_AREA[group.shape]
             cx, cy = rng.uniform(x0 + r + 1, x1 - r - 1), rng.uniform(y0 + r + 1, y1 - r - 1)
-            fill = tuple(min(255, max(0, c + rng.randint(-12, 12))) for c in RGB[group.colour])
+            fill = tuple(min(255, max(0, c + rng.randint(-8, 8))) for c in RGB[group.colour])
             if group.shape == "circle":
                 draw.ellipse([(cx - r) * k, (cy - r) * k, (cx + r) * k, (cy + r) * k], fill=fill)
             else:
@@ -142,14 +158,16 @@ def render(scene: Scene, rng: random.Random) -> Image.Image:
 class CaptionStyle:
     """The wording choices of a caption, drawn independently of the scene it describes."""
 
-    single: str  # one of SINGLE_TEMPLATES
+    prefix: str  # one of PREFIXES ("" for none)
+    suffix: str  # one of SUFFIXES
     pair: str  # one of PAIR_TEMPLATES
     with_size: bool
     numeral_one: bool  # "one red circle" instead of "a red circle"
 
 
 def random_style(rng: random.Random, pair_templates: tuple[str, ...] = PAIR_TEMPLATES) -> CaptionStyle:
-    return CaptionStyle(rng.choice(SINGLE_TEMPLATES), rng.choice(pair_templates), rng.random() < 0.75, rng.random() < 0.15)
+    return CaptionStyle(rng.choice(PREFIXES), rng.choice(SUFFIXES), rng.choice(pair_templates),
+                        rng.random() < 0.75, rng.random() < 0.15)
 
 
 def _group_words(group: Group, style: CaptionStyle) -> list[str]:
@@ -160,21 +178,9 @@ def _group_words(group: Group, style: CaptionStyle) -> list[str]:
 
 
 def caption(scene: Scene, style: CaptionStyle) -> str:
-    """A caption that is true of the scene, e.g. "two small red circles are above a blue square ."."""
-    first = _group_words(scene.groups[0], style)
-    be = "is" if scene.groups[0].count == 1 else "are"
-    if scene.relation is None:
-        words = {
-            "there": ["there", be, *first],
-            "in_picture": [*first, be, "in", "the", "picture"],
-            "shows": ["the", "picture", "shows", *first],
-        }[style.single]
-    else:
-        second = _group_words(scene.groups[1], style)
-        relation = RELATION_WORDS[scene.relation].split()
-        words = {
-            "relation": [*first, be, *relation, *second],
-            "there": ["there", be, *first, *relation, *second],
-            "and": [*first, "and", *second, "are", "in", "the", "picture"],
-        }[style.pair]
-    return " ".join(with_articles([*words, "."]))
+    """A noun-phrase caption true of the scene, e.g. "a picture of two small red circles above a blue square"."""
+    words = _group_words(scene.groups[0], style)
+    if scene.relation is not None:
+        link = RELATION_WORDS[scene.relation].split() if style.pair == "relation" else ["and"]
+        words += [*link, *_group_words(scene.groups[1], style)]
+    return " ".join(with_articles([*style.prefix.split(), *words, *style.suffix.split()]))

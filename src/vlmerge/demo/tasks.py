@@ -1,8 +1,11 @@
 """Evaluation items in the formats of real benchmarks.
 
-BLiMP-format minimal pairs built on held-out words (each pair differs in one word), and
-Winoground-format items built by swapping attributes or arguments between two shape groups
-(both captions hold the same words, in a different arrangement).
+BLiMP-format minimal pairs built on held-out words (each pair differs in one word);
+Winoground-format items of two kinds, tagged apart: attribute differences (the two images
+differ in the colour, number or size of their shapes, which one pooled vector carries) and
+binding swaps (two groups exchange an attribute or their places: both captions hold the same
+words, and both images the same attributes, so one pooled vector cannot tell them apart); and
+a VQA set in BabyLM's 8-way format ("what colour is the circle ?": the colour and the other 7).
 """
 
 from __future__ import annotations
@@ -11,8 +14,10 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from vlmerge.demo.grammar import PLURAL_REFLEXIVE, REFLEXIVES, Grammar, Lexicon, Phrase, with_articles
-from vlmerge.demo.images import PAIR_TEMPLATES, RELATIONS, Scene, caption, random_group, random_style
+from vlmerge.demo.grammar import (
+    COLOURS, PLURAL_REFLEXIVE, REFLEXIVES, Grammar, Lexicon, Phrase, add_s, colour_question, with_articles,
+)
+from vlmerge.demo.images import NUMBERS, PAIR_TEMPLATES, RADII, RELATIONS, Scene, caption, random_group, random_style
 
 DEMONSTRATIVES = {False: ("this", "that"), True: ("these", "those")}
 MAX_ATTEMPTS_PER_PAIR = 100
@@ -163,12 +168,20 @@ def minimal_pairs(phenomenon: Phenomenon, grammar: Grammar, held: Lexicon, n: in
 
 
 # Winoground
-SWAPS = {  # what is swapped between the two groups -> (collapsed_tag, tag)
-    "colour": ("Relation", "Adjective-Color"),
-    "size": ("Relation", "Adjective-Size"),
-    "shape": ("Object", "Noun"),
-    "arguments": ("Object", "Noun Phrase"),
+SWAPS = {  # binding swaps: what two groups exchange -> (collapsed_tag, tag)
+    "colour": ("binding", "Adjective-Color"),
+    "size": ("binding", "Adjective-Size"),
+    "shape": ("binding", "Noun"),
+    "arguments": ("binding", "Noun Phrase"),
 }
+CHANGES = {  # attribute differences: what differs between the two scenes -> (collapsed_tag, tag)
+    "colour": ("attribute", "Adjective-Color"),
+    "count": ("attribute", "Numeral"),
+    "size": ("attribute", "Adjective-Size"),
+}
+KINDS = {**{f"swap-{k}": v for k, v in SWAPS.items()}, **{f"change-{k}": v for k, v in CHANGES.items()}}
+ATTRIBUTE_SHARE = 2 / 3  # of the Winoground items; the rest are binding swaps
+CHOICES = {"colour": COLOURS, "count": (1, *NUMBERS), "size": tuple(RADII)}
 
 
 def swap(scene: Scene, kind: str) -> Scene:
@@ -179,18 +192,25 @@ def swap(scene: Scene, kind: str) -> Scene:
     return Scene((replace(a, **{kind: getattr(b, kind)}), replace(b, **{kind: getattr(a, kind)})), scene.relation)
 
 
+def change(scene: Scene, kind: str, rng: random.Random) -> Scene:
+    """The one-group scene with another value of one attribute ("colour", "count", "size")."""
+    (group,) = scene.groups
+    value = rng.choice([v for v in CHOICES[kind] if v != getattr(group, kind)])
+    return Scene((replace(group, **{kind: value}),))
+
+
 @dataclass(frozen=True)
 class WinogroundItem:
     id: int
     scenes: tuple[Scene, Scene]
     captions: tuple[str, str]
-    kind: str  # a key of SWAPS
+    kind: str  # a key of KINDS
 
     def image_id(self, k: int) -> str:
         return f"wg-{self.id:06d}-{k}"
 
     def to_json(self) -> dict:
-        collapsed_tag, tag = SWAPS[self.kind]
+        collapsed_tag, tag = KINDS[self.kind]
         return {
             "id": self.id,
             "caption_0": self.captions[0],
@@ -204,20 +224,62 @@ class WinogroundItem:
 
 
 def winoground_items(n: int, rng: random.Random) -> list[WinogroundItem]:
-    """`n` distinct items, the swap kinds in turn; caption_k is true of scenes[k] only."""
+    """`n` distinct items, attribute changes and binding swaps in turn; caption_k is true of scenes[k] only."""
     items: list[WinogroundItem] = []
     seen: set[tuple[str, str]] = set()
-    relational = tuple(t for t in PAIR_TEMPLATES if t != "and")  # "… and … are in the picture" fits both
+    relational = tuple(t for t in PAIR_TEMPLATES if t != "and")  # "… and …" fits both scenes of a swap
+    n_attribute = round(ATTRIBUTE_SHARE * n)
     while len(items) < n:
-        kind = list(SWAPS)[len(items) % len(SWAPS)]
-        count = rng.choice((1, 1, 1, 2))  # equal counts keep is/are and the plurals the same in both captions
-        a, b = (replace(random_group(rng, 1), count=count) for _ in range(2))
-        scene = Scene((a, b), rng.choice(RELATIONS))
-        style = random_style(rng, relational)
-        other = swap(scene, kind)
+        k = len(items)
+        if k < n_attribute:
+            kind = f"change-{list(CHANGES)[k % len(CHANGES)]}"
+            scene = Scene((random_group(rng, 4),))
+            other = change(scene, kind.removeprefix("change-"), rng)
+            style = replace(random_style(rng), with_size=True)  # the size word must be there to differ
+        else:
+            kind = f"swap-{list(SWAPS)[k % len(SWAPS)]}"
+            count = rng.choice((1, 1, 1, 2))  # equal counts keep the plurals the same in both captions
+            a, b = (replace(random_group(rng, 1), count=count) for _ in range(2))
+            scene = Scene((a, b), rng.choice(RELATIONS))
+            style = random_style(rng, relational)
+            other = swap(scene, kind.removeprefix("swap-"))
         captions = (caption(scene, style), caption(other, style))
         if other == scene or captions[0] == captions[1] or captions in seen:
             continue
         seen.add(captions)
         items.append(WinogroundItem(len(items), (scene, other), captions, kind))
+    return items
+
+
+# VQA
+@dataclass(frozen=True)
+class VqaItem:
+    id: int
+    scene: Scene  # one group
+    question: str
+    answer: str
+
+    @property
+    def image_id(self) -> str:
+        return f"vqa-{self.id:06d}"
+
+    def to_json(self) -> dict:
+        """A line of BabyLM's vqa_filtered: the target answer and 7 distractors."""
+        return {
+            "question": self.question,
+            "target_ans": self.answer,
+            "distractors": [c for c in COLOURS if c != self.answer],
+            "image_id": self.image_id,
+            "question_id": f"vqa-q{self.id:06d}",
+        }
+
+
+def vqa_items(n: int, rng: random.Random) -> list[VqaItem]:
+    """`n` colour questions about one-group scenes, each colour the answer equally often."""
+    items = []
+    for k in range(n):
+        group = replace(random_group(rng, 4), colour=COLOURS[k % len(COLOURS)])
+        plural = group.count > 1
+        question = " ".join(colour_question(add_s(group.shape) if plural else group.shape, plural))
+        items.append(VqaItem(k, Scene((group,)), question, group.colour))
     return items

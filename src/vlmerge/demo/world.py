@@ -7,9 +7,11 @@ Layout under the output directory (paths relative to it):
     text/dev.txt                held-out sentences of the same grammar (perplexity)
     images/<image_id>.png       64×64 RGB scenes of coloured shapes (img-…: training, wg-…: eval)
     captions.jsonl              {"image_id", "path", "caption"} for the training images
-    eval/images.jsonl           the same for the Winoground images ("path" relative to eval/)
+    eval/images.jsonl           the same for the evaluation images (wg-…, vqa-…; "path" relative to eval/)
     eval/blimp/<UID>.jsonl      BLiMP-format minimal pairs on held-out words
-    eval/winoground.jsonl       Winoground-format items (Hugging Face export fields)
+    eval/winoground.jsonl       Winoground-format items (Hugging Face export fields; collapsed_tag
+                                "attribute" or "binding")
+    eval/vqa.jsonl              BabyLM-format VQA: question, target_ans, 7 distractors, image_id
     dinov2-tiny/                randomly initialised DINOv2 + image processor (save_pretrained)
 
 Everything follows from the seed and the parameters: the same inputs give byte-identical files.
@@ -27,12 +29,12 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlmerge.demo.grammar import Grammar, full_lexicon, sample_corpus, split_lexicon
-from vlmerge.demo.images import Scene, caption, random_scene, random_style, render
-from vlmerge.demo.tasks import PHENOMENA, minimal_pairs, winoground_items
+from vlmerge.demo.images import BACKGROUND, CaptionStyle, Scene, caption, random_scene, random_style, render
+from vlmerge.demo.tasks import PHENOMENA, minimal_pairs, vqa_items, winoground_items
 from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path, write_json, write_jsonl, write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FILES = {
     "text_train": "text/train.txt",
     "text_dev": "text/dev.txt",
@@ -41,6 +43,7 @@ FILES = {
     "eval_images": "eval/images.jsonl",
     "blimp_dir": "eval/blimp",
     "winoground": "eval/winoground.jsonl",
+    "vqa": "eval/vqa.jsonl",
     "encoder_dir": "dinov2-tiny",
 }
 DEV_FRACTION = 0.05
@@ -52,8 +55,11 @@ ENCODER_CONFIG = {
     "image_size": 56,
     "patch_size": 14,
 }
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
+# Pixel normalisation of the demo encoder: centred on the images' flat background (images.py), so
+# that background patches enter the encoder as zeros and the pooled feature varies with the shapes
+# alone (ImageNet's mean would leave the background as most of every image's feature).
+PIXEL_MEAN = [BACKGROUND / 255] * 3
+PIXEL_STD = [0.25] * 3
 
 
 class WorldExistsError(VlmergeError, FileExistsError):
@@ -73,10 +79,13 @@ class DemoWorld:
     eval_images: Path
     blimp_dir: Path
     winoground: Path
+    vqa: Path
     encoder_dir: Path
     words: int  # whitespace-separated words in text_train
-    images: int  # training images (captions.jsonl rows)
+    images: int  # training images
+    caption_words: int  # whitespace-separated words in captions.jsonl
     winoground_items: int
+    vqa_items: int
     pairs_per_uid: Mapping[str, int] = field(hash=False)
 
     @classmethod
@@ -91,7 +100,9 @@ class DemoWorld:
             **{name: root / rel for name, rel in meta["files"].items()},
             words=counts["words"],
             images=counts["images"],
+            caption_words=counts["caption_words"],
             winoground_items=counts["winoground_items"],
+            vqa_items=counts["vqa_items"],
             pairs_per_uid=counts["blimp_pairs"],
         )
 
@@ -100,16 +111,16 @@ def generate(
     out_dir: str | Path,
     seed: int = 0,
     *,
-    text_words: int = 120_000,
-    n_images: int = 2400,
-    n_winoground: int = 120,
-    pairs_per_phenomenon: int = 250,
+    text_words: int = 80_000,
+    n_images: int = 7500,
+    n_winoground: int = 150,
+    pairs_per_phenomenon: int = 150,
     progress: bool = True,
 ) -> DemoWorld:
     """Write the demo world into `out_dir` (it appears complete or not at all) and describe it.
 
-    A world already there with the same seed and parameters is returned as it is; one with
-    other parameters raises FileExistsError.
+    `n_winoground` is also the number of VQA questions. A world already there with the same
+    seed and parameters is returned as it is; one with other parameters raises FileExistsError.
     """
     out_dir = Path(out_dir)
     params = {
@@ -183,15 +194,18 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
 
     scene_rng = _rng(seed, "scenes")
     scenes = {f"img-{i:06d}": random_scene(scene_rng) for i in range(params["n_images"])}
-    captions = {image_id: caption(scene, random_style(scene_rng)) for image_id, scene in scenes.items()}
+    captions = [(image_id, caption(scene, random_style(scene_rng))) for image_id, scene in scenes.items()]
     items = winoground_items(params["n_winoground"], _rng(seed, "winoground"))
+    questions = vqa_items(params["n_winoground"], _rng(seed, "vqa"))
     eval_images = {item.image_id(k): (item.scenes[k], item.captions[k]) for item in items for k in (0, 1)}
+    eval_images |= {q.image_id: (q.scene, caption(q.scene, CaptionStyle("", "", "and", True, False))) for q in questions}
 
     images_dir = root / FILES["images_dir"]
     _render_all(images_dir, {**scenes, **{i: s for i, (s, _) in eval_images.items()}}, seed, progress)
     write_jsonl(root / FILES["captions"], _manifest(captions, "images"))
-    write_jsonl(root / FILES["eval_images"], _manifest({i: c for i, (_, c) in eval_images.items()}, "../images"))
+    write_jsonl(root / FILES["eval_images"], _manifest([(i, c) for i, (_, c) in eval_images.items()], "../images"))
     write_jsonl(root / FILES["winoground"], (item.to_json() for item in items))
+    write_jsonl(root / FILES["vqa"], (q.to_json() for q in questions))
 
     blimp_pairs = {}
     for phenomenon in PHENOMENA:
@@ -210,8 +224,10 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
             "words": sum(len(line.split()) for line in train),
             "dev_words": sum(len(line.split()) for line in dev),
             "images": len(scenes),
+            "caption_words": sum(len(text.split()) for _, text in captions),
             "eval_images": len(eval_images),
             "winoground_items": len(items),
+            "vqa_items": len(questions),
             "blimp_pairs": blimp_pairs,
         },
         "lexicon": {
@@ -229,11 +245,11 @@ def _render_all(images_dir: Path, scenes: dict[str, Scene], seed: int, progress:
         render(scene, _rng(seed, f"render/{image_id}")).save(images_dir / f"{image_id}.png", format="PNG")
 
 
-def _manifest(captions: dict[str, str], images_rel: str) -> list[dict[str, str]]:
-    """Manifest rows; `images_rel` is the images folder relative to the manifest's folder."""
+def _manifest(captions: list[tuple[str, str]], images_rel: str) -> list[dict[str, str]]:
+    """Manifest rows of (image id, caption); `images_rel` is the images folder relative to the manifest's folder."""
     return [
         {"image_id": image_id, "path": f"{images_rel}/{image_id}.png", "caption": text}
-        for image_id, text in captions.items()
+        for image_id, text in captions
     ]
 
 
@@ -242,7 +258,7 @@ def save_random_dinov2(out_dir: Path, seed: int, **config: int) -> Path:
 
     The default (4 layers, width 64, 56×56 input) stands in for dinov2-large in the demo. The
     processor resizes the short side to 8/7 of the input size and centre-crops it (DINOv2's
-    256 → 224), with ImageNet normalisation.
+    256 → 224), and normalises pixels around the demo's background (PIXEL_MEAN, PIXEL_STD).
     """
     import torch  # heavy imports, needed by this step only
     import transformers
@@ -266,8 +282,8 @@ def save_random_dinov2(out_dir: Path, seed: int, **config: int) -> Path:
         crop_size={"height": size, "width": size},
         do_rescale=True,
         do_normalize=True,
-        image_mean=IMAGENET_MEAN,
-        image_std=IMAGENET_STD,
+        image_mean=PIXEL_MEAN,
+        image_std=PIXEL_STD,
         do_convert_rgb=True,
     )
     processor.save_pretrained(out_dir)
