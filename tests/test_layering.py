@@ -17,8 +17,9 @@ from conftest import REPO
 # Folder on disk -> the package it installs as.
 SOURCES = {REPO / "src" / "vlmerge": "vlmerge", REPO / "precompute": "vlmerge.precompute",
            REPO / "analysis": "vlmerge.analysis"}
+SOURCES_ROOT = REPO / "src" / "vlmerge"
 CORE = {"config", "layout", "modelkey", "io", "errors", "results", "registry", "problems", "hf", "configs"}
-ORCHESTRATION = {"sweep", "launch", "pipeline", "cli"}
+ORCHESTRATION = {"sweep", "launch", "pipeline", "study", "cli"}
 STAGES = {"precompute", "data", "model", "train", "merge", "evaluate", "demo"}
 
 
@@ -27,9 +28,13 @@ def group(module: str) -> str | None:
     parts = module.split(".")
     if parts[0] != "vlmerge":
         return None
-    if len(parts) == 1 or parts[1] in CORE or parts[1] not in STAGES | ORCHESTRATION | {"analysis", "__main__"}:
-        return "core"  # the package itself (code_version) and core modules
-    return "cli" if parts[1] == "__main__" else parts[1]
+    if len(parts) == 1 or parts[1] in CORE or not (SOURCES_ROOT / parts[1]).exists() and \
+            not (SOURCES_ROOT / f"{parts[1]}.py").exists() and parts[1] not in {"precompute", "analysis"}:
+        return "core"  # the package itself (`from vlmerge import code_version`) and core modules
+    if parts[1] == "__main__":
+        return "cli"
+    assert parts[1] in STAGES | ORCHESTRATION | {"analysis"}, f"{module}: put it in a layer (tests/test_layering.py)"
+    return parts[1]
 
 
 def import_graph() -> dict[str, dict[str, list[str]]]:

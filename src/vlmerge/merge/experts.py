@@ -62,7 +62,7 @@ METHODS: Registry[ExpertMethod] = Registry("expert merge method")
 for _m in (ExpertMethod("interpolation", {"alpha": 0.5}),
            ExpertMethod("arithmetic", {"lam": 0.5}, needs_seed=True),
            ExpertMethod("regmean", {"alpha": 0.5, "gamma": 0.9}, needs_grams=True)):
-    METHODS[_m.name] = _m
+    METHODS.add(_m.name, _m)
 
 
 # -- the maths, per tensor ----------------------------------------------------------------------
