@@ -1,6 +1,7 @@
 """Training on a small demo world, on the CPU, through the real CLI and DeepSpeed (gloo)."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from vlmerge.config import load_config
 from vlmerge.layout import list_checkpoints
 from vlmerge.errors import PREEMPTED_EXIT as EXIT_CODE
 
-from conftest import FAST_TRAIN, SMALL_WORLD, vlmerge_cli
+from conftest import FAST_TRAIN, SMALL_WORLD, stale_temp, vlmerge_cli
 
 SCHEDULE = [1000, 2000, 5000]
 
@@ -163,3 +164,74 @@ def test_seed_pretraining_gives_both_twins_the_seed_runs_last_weights(root):
     text_first = list_checkpoints(root / "runs/demo/text")[0]
     assert text_first.name == "words-000000000000"
     assert_bitwise_equal(tensors(text_first), tensors(seed_last))
+
+
+class _Evil:
+    """Unpickling this creates the file it names: what a crafted state file could do."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+CRAFTED = {  # how a copied run directory may have been tampered with -> what the resume must say
+    "planted_pt": None,  # DeepSpeed's pickle file beside vlmerge's state: never read, the run stays finished
+    "pt_only": "engine.json: training state file missing",  # only pickles, as older versions (or an attacker) left
+    "latest_escapes": "latest: names '../../../../etc', expected one of this run's state folders",
+    "foreign_object": "rank-00000.json: not a training state written by vlmerge",  # JSON may not name a class
+}
+
+
+@pytest.mark.slow
+def test_a_crafted_resume_state_cannot_run_code_and_is_refused_in_one_line(twins, tmp_path):
+    # A run is bound to its root (its fingerprint holds the data paths): the finished reference run
+    # itself is tampered with, and its resumable state restored after each case.
+    states = twins / "runs/demo/text/deepspeed"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(states, pristine)
+    marker = tmp_path / "pwned"
+    try:
+        for case, expect in CRAFTED.items():
+            tag = states / (states / "latest").read_text().strip()
+            torch.save({"module": _Evil(marker)}, tag / "mp_rank_00_model_states.pt")
+            if case == "pt_only":
+                for f in tag.iterdir():
+                    if f.name not in ("mp_rank_00_model_states.pt", "state.json"):
+                        f.unlink()
+            elif case == "latest_escapes":
+                (states / "latest").write_text("../../../../etc\n")
+            elif case == "foreign_object":
+                (tag / "rank-00000.json").write_text(
+                    json.dumps({"dict": [["optimizer", {"object": "Popen", "attrs": {}}], ["rng", None]]}))
+            r = train(twins, "text")
+            assert not marker.exists(), case
+            if expect is None:
+                assert r.returncode == 0, r.stderr
+            else:
+                lines = r.stderr.strip().splitlines()
+                assert r.returncode == 2 and expect in lines[-1], (case, r.stderr)
+            shutil.rmtree(states)
+            shutil.copytree(pristine, states)
+    finally:
+        shutil.rmtree(states, ignore_errors=True)
+        shutil.copytree(pristine, states)
+
+
+@pytest.mark.slow
+def test_a_rerun_removes_what_a_killed_run_left_and_nothing_else(twins):
+    run = twins / "runs/demo/text"
+    left = [stale_temp(run / "checkpoints/words-000000009999", is_dir=True),
+            stale_temp(run / "deepspeed/step-000000099", is_dir=True), stale_temp(run / "metrics.jsonl")]
+    foreign = [run / "checkpoints/.notes.tmp-mine", run / "deepspeed/my-notes.txt"]
+    for f in foreign:
+        f.write_text("the user's")
+    try:
+        r = train(twins, "text")
+        assert r.returncode == 0, r.stderr
+        assert not any(p.exists() for p in left)
+        assert all(f.read_text() == "the user's" for f in foreign)
+    finally:
+        for f in foreign:
+            f.unlink()

@@ -16,11 +16,11 @@ from tqdm import tqdm
 from vlmerge.config import RUN_NAMES, Config, merge_dicts, save_resolved
 from vlmerge.data import Batch, Piece, count_batches, epoch_order, plan_batches, run_data
 from vlmerge.errors import Preempted, VlmergeError
-from vlmerge.io import atomic_path, fingerprint, read_json, write_json
+from vlmerge.io import atomic_path, fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.model import PooledLlavaForConditionalGeneration, build_config, init_model
 from vlmerge.problems import ProblemLog
 from vlmerge.train import distributed
-from vlmerge.layout import list_checkpoints
+from vlmerge.layout import checkpoints_dir, list_checkpoints, run_metrics_log, states_dir
 from vlmerge.train.checkpoint import StateStore, TrainState, write_checkpoint
 from vlmerge.train.preemption import StopFlag
 from vlmerge.train.schedule import checkpoint_words, lr_factor
@@ -85,7 +85,7 @@ class Trainer:
         model = self._initial_model(build_config(cfg.model, data.tokenizer, data.features.dim, cfg.features.layer))
         self.total_steps = self._count_steps()
         self.engine = self._engine(model)
-        self.states = StateStore(self.run_dir, cfg.checkpoints.keep_states, rank)
+        self.states = StateStore(self.run_dir, cfg.checkpoints.keep_states, rank, world)
         self.replica_digests: list[str] = []
 
     def _check_run_dir(self) -> None:
@@ -131,6 +131,8 @@ class Trainer:
 
     def fit(self) -> Path:
         self.engine.train()
+        if self.rank == 0:  # what an earlier process of this run left when it was killed mid-write
+            remove_stale_temps(self.run_dir, checkpoints_dir(self.run_dir), states_dir(self.run_dir))
         state = self.states.load(self.engine)
         if state is None:
             state = TrainState()
@@ -225,7 +227,7 @@ class Trainer:
         dist.barrier()
 
     def _metrics_path(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return run_metrics_log(self.run_dir)
 
     def _metrics(self, state: TrainState, words_per_s: float, tokens_per_s: float) -> None:
         if self.rank != 0:
@@ -243,7 +245,17 @@ class Trainer:
         path = self._metrics_path()
         if self.rank != 0 or not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if i == len(lines) - 1:  # torn by a kill mid-append: it is logged again
+                    continue
+                raise VlmergeError(f"{path}:{i + 1}: expected one JSON object per line") from None
+            if row.get("step", 0) <= step:
+                keep.append(line)
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in keep))
 
