@@ -192,6 +192,11 @@ CASES = [
     Case("eval not a model", lambda w: _eval(w, model="absent"), ("absent", "not a model directory")),
     Case("eval unknown task", lambda w: ["eval", "--model", f"{w}/text", "--task", "blimpp=x", "--out", f"{w}/e"],
          ("'blimpp'", "known:")),
+    # -- analyze -----------------------------------------------------------------------------------------
+    Case("analyze out is a file", lambda w: ["analyze", "--out", f"{w}/outfile", f"paths.root={w}/out"],
+         ("outfile", "--out is a file")),
+    Case("analyze out unwritable", lambda w: ["analyze", "--out", UNWRITABLE, f"paths.root={w}/out"],
+         (UNWRITABLE, "not writable")),
     # -- precompute ------------------------------------------------------------------------------------
     Case("negative shard count", lambda w: _precompute(w, "--num-shards", "-1"), ("--num-shards -1", "at least 1")),
     Case("shard out of range", lambda w: _precompute(w, "--shard", "5", "--num-shards", "2"), ("--shard 5", "expected 0..1")),
@@ -236,3 +241,25 @@ def test_bad_input_gives_one_line_a_nonzero_exit_and_no_damage(world, case, caps
     missing = [w for w in case.words if w not in err[0]]
     assert not missing, (missing, err[0])
     assert _snapshot(world) == before
+
+
+def test_a_non_utf8_line_is_a_counted_problem_not_a_failure(world, tmp_path, capsys):
+    blimp = tmp_path / "blimp"
+    shutil.copytree(world / "blimp", blimp)
+    (paradigm,) = blimp.glob("*.jsonl")
+    lines = paradigm.read_bytes().splitlines(keepends=True)
+    paradigm.write_bytes(b"".join(lines[:2]) + lines[2].replace(b'"', b'"\xff', 1) + b"".join(lines[3:]))
+    code = main(["eval", "--quiet", "--model", f"{world}/text", "--task", f"blimp={blimp}", "--out",
+                 str(tmp_path / "eval"), f"paths.root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "1 problem(s) (1 malformed line)" in err and f"{paradigm.name}:3: malformed line: not UTF-8" in err
+    assert (tmp_path / "eval" / "results.parquet").is_file()
+
+
+def test_a_truncated_feature_store_given_to_eval_is_one_line(world):
+    from vlmerge.data import FeatureTable
+    from vlmerge.errors import VlmergeError
+
+    with pytest.raises(VlmergeError, match=r"tstore.h5: not a readable feature store .*run `vlmerge precompute` again"):
+        FeatureTable(world / "out/features/tstore.h5")

@@ -180,6 +180,7 @@ CRAFTED = {  # how a copied run directory may have been tampered with -> what th
     "planted_pt": None,  # DeepSpeed's pickle file beside vlmerge's state: never read, the run stays finished
     "pt_only": "engine.json: training state file missing",  # only pickles, as older versions (or an attacker) left
     "latest_escapes": "latest: names '../../../../etc', expected one of this run's state folders",
+    "latest_missing": "latest: names 'step-000999999', expected one of this run's state folders",
     "foreign_object": "rank-00000.json: not a training state written by vlmerge",  # JSON may not name a class
 }
 
@@ -202,6 +203,8 @@ def test_a_crafted_resume_state_cannot_run_code_and_is_refused_in_one_line(twins
                         f.unlink()
             elif case == "latest_escapes":
                 (states / "latest").write_text("../../../../etc\n")
+            elif case == "latest_missing":
+                (states / "latest").write_text("step-000999999\n")
             elif case == "foreign_object":
                 (tag / "rank-00000.json").write_text(
                     json.dumps({"dict": [["optimizer", {"object": "Popen", "attrs": {}}], ["rng", None]]}))
@@ -227,11 +230,55 @@ def test_a_rerun_removes_what_a_killed_run_left_and_nothing_else(twins):
     foreign = [run / "checkpoints/.notes.tmp-mine", run / "deepspeed/my-notes.txt"]
     for f in foreign:
         f.write_text("the user's")
+    log = run / "metrics.jsonl"
+    logged = log.read_text()
+    with open(log, "a") as f:
+        f.write('{"step": 99, "lo')  # a line torn by the kill
     try:
         r = train(twins, "text")
         assert r.returncode == 0, r.stderr
         assert not any(p.exists() for p in left)
         assert all(f.read_text() == "the user's" for f in foreign)
+        assert log.read_text() == logged
     finally:
         for f in foreign:
             f.unlink()
+
+
+def test_training_state_round_trips_without_pickle_and_names_no_class(tmp_path):
+    import collections
+    import enum
+
+    from vlmerge.errors import VlmergeError
+    from vlmerge.train.safestate import load_state, save_state
+
+    class Stage(enum.IntEnum):
+        two = 2
+
+    class Scaler:
+        def __init__(self, scale: float):
+            self.cur_scale, self.dynamic = scale, False
+
+    Address = collections.namedtuple("Address", "numel start")
+    shared = torch.arange(6.0)
+    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": shared[:3]}}, "betas": (0.9, 0.95),
+             "stage": Stage.two, "scaler": Scaler(128.0), "slices": [{"w": Address(4, 0)}], "flat": shared,
+             "none": None, "text": "x"}
+    save_state(tmp_path, "part", state)
+    assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in tmp_path.iterdir())
+    live = {"stage": Stage.two, "scaler": Scaler(1.0), "slices": [{"w": Address(0, 0)}]}  # the engine's objects
+    back = load_state(tmp_path, "part", live)
+    assert torch.equal(back["state"][0]["exp_avg"], shared[:3]) and torch.equal(back["flat"], shared)
+    assert back["betas"] == (0.9, 0.95) and back["stage"] is Stage.two and back["slices"][0]["w"] == Address(4, 0)
+    assert back["scaler"] is live["scaler"] and live["scaler"].cur_scale == 128.0  # filled in, not built
+    assert back["state"][0]["step"].item() == 3.0 and back["none"] is None and back["text"] == "x"
+
+    skeleton = json.loads((tmp_path / "part.json").read_text())
+    for node in skeleton["dict"]:
+        if node[0] == "scaler":
+            node[1]["attrs"]["update_scale"] = 1  # an attribute the live object does not have
+    (tmp_path / "part.json").write_text(json.dumps(skeleton))
+    with pytest.raises(VlmergeError, match="part.json: not a training state written by vlmerge .*no attribute"):
+        load_state(tmp_path, "part", {"scaler": Scaler(1.0)})
+    with pytest.raises(VlmergeError, match=r"\.scaler: a .*Scaler where this engine has NoneType"):
+        load_state(tmp_path, "part", {})

@@ -75,7 +75,9 @@ def decode(node: Any, tensors: dict[str, torch.Tensor], template: Any = None, wh
         if type(template).__qualname__ != node["object"]:
             raise ValueError(f"{where}: a {node['object']} where this engine has {type(template).__name__}")
         for k, v in node["attrs"].items():
-            setattr(template, k, decode(v, tensors, vars(template).get(k), f"{where}.{k}"))
+            if k not in vars(template):  # only the values the engine's object already has
+                raise ValueError(f"{where}: {node['object']} has no attribute {k!r}")
+            setattr(template, k, decode(v, tensors, vars(template)[k], f"{where}.{k}"))
         return template
     raise ValueError(f"{where or 'top'}: unexpected node {str(node)[:40]!r}")
 
@@ -96,7 +98,7 @@ def load_state(folder: Path, name: str, template: Any = None) -> Any:
     for path in (skeleton_path, tensors_path):
         if not path.is_file():
             raise VlmergeError(f"{path}: training state file missing (expected the pickle-free state that "
-                               f"vlmerge writes; remove {folder.parent} to restart from the last checkpoint)")
+                               f"vlmerge writes; remove {folder.parent} to train the run again from its start)")
     try:
         tensors = load_file(str(tensors_path))
     except (SafetensorError, OSError, ValueError) as e:
