@@ -263,3 +263,19 @@ def test_a_truncated_feature_store_given_to_eval_is_one_line(world):
 
     with pytest.raises(VlmergeError, match=r"tstore.h5: not a readable feature store .*run `vlmerge precompute` again"):
         FeatureTable(world / "out/features/tstore.h5")
+
+
+def test_a_full_disk_during_a_merge_is_one_line_and_leaves_nothing(world, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from vlmerge.merge import io as merge_io
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr(merge_io.SafetensorsWriter, "write", full)
+    out = tmp_path / "merged"
+    assert main(_merge(world, out=str(out), alpha="0.3,0.6")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "could not write the merge (No space left on device)" in err[0], err
+    assert not out.exists() or not any(out.iterdir())
