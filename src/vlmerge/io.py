@@ -76,6 +76,14 @@ def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
 
 
 def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (other threads create files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
