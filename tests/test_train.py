@@ -282,3 +282,44 @@ def test_training_state_round_trips_without_pickle_and_names_no_class(tmp_path):
         load_state(tmp_path, "part", {"scaler": Scaler(1.0)})
     with pytest.raises(VlmergeError, match=r"\.scaler: a .*Scaler where this engine has NoneType"):
         load_state(tmp_path, "part", {})
+
+
+_ENGINE_RESUME = """
+import sys, tempfile, torch, deepspeed
+from pathlib import Path
+from vlmerge.train import distributed
+from vlmerge.train.checkpoint import StateStore, TrainState
+distributed.setup()
+precision, zero = sys.argv[1], int(sys.argv[2])
+def engine():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": zero},
+           "bf16": {"enabled": precision == "bf16"}, "gradient_clipping": 1.0}
+    return deepspeed.initialize(model=m, optimizer=opt, lr_scheduler=sched, config=cfg)[0]
+def step(e, i):
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(i)).to(e.device)
+    loss = e(x.bfloat16() if precision == "bf16" else x).float().pow(2).sum()
+    e.backward(loss)
+    e.step()
+a, run = engine(), Path(tempfile.mkdtemp())
+for i in range(3): step(a, i)
+StateStore(run, 2, 0).save(a, TrainState(step=3))
+for i in range(3, 6): step(a, i)
+b = engine()
+assert StateStore(run, 2, 0).load(b).step == 3
+for i in range(3, 6): step(b, i)
+same = all(torch.equal(x, y) for x, y in zip(a.module.state_dict().values(), b.module.state_dict().values()))
+print("RESUMED", same, b.global_steps)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, zero", [("fp32", 0), ("bf16", 0), ("fp32", 2)])
+def test_pickle_free_state_resumes_bitwise_for_bf16_and_zero(precision, zero):
+    r = subprocess.run([sys.executable, "-c", _ENGINE_RESUME, precision, str(zero)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "RESUMED True 6" in r.stdout
