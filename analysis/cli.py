@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vlmerge.config import Config, load_config
 from vlmerge.errors import VlmergeError
+from vlmerge.io import check_creatable
 
 HELP = "offline: results → tables, correlations, figures and one HTML report (no torch)"
 
@@ -25,6 +26,9 @@ def run(cfg: Config, args: argparse.Namespace) -> None:
 
     results = [Path(r) for r in args.results] or [cfg.layout.results_dir]
     out = Path(args.out) if args.out else cfg.layout.report_dir
+    if out.exists() and not out.is_dir():
+        raise VlmergeError(f"{out}: --out is a file; expected a folder for the report")
+    check_creatable(out)  # before the analysis, not after
     report = analyze(results, out, cfg.analysis, runs=[Path(r) for r in args.runs] if args.runs else None)
     print(f"analyze: report {report}")
 

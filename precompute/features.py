@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -22,7 +23,7 @@ from vlmerge.precompute.manifests import ImageItem, read_image_source, unique_im
 from vlmerge import code_version, layout
 from vlmerge.config import Config, FeaturesConfig, NpyImport, save_resolved
 from vlmerge.errors import VlmergeError
-from vlmerge.io import check_writable, fingerprint, write_jsonl
+from vlmerge.io import check_writable, fingerprint, remove_stale_temps, write_jsonl
 from vlmerge.problems import ProblemLog
 
 
@@ -216,14 +217,29 @@ def gather_images(cfg: Config) -> tuple[list[ImageItem], ProblemLog]:
     return unique_images(items, problems), problems
 
 
-def import_npy(cfg: Config, imp: NpyImport, dim: int, attrs: dict) -> list[str]:
-    """Precomputed release features -> a complete shard; also writes `<prefix>.captions.jsonl`."""
+@dataclasses.dataclass
+class Release:
+    """An import's captions and row-aligned `.npy` parts (memory-mapped), checked against each other."""
+
+    imp: NpyImport
+    captions: list[str]
+    parts: list[np.ndarray]
+
+    @property
+    def ids(self) -> list[str]:
+        return [f"{self.imp.prefix}-{i:08d}" for i in range(len(self.captions))]
+
+
+def read_release(imp: NpyImport, dim: int) -> Release:
+    """Read an import's caption JSON and open its `.npy` parts; one line for anything that does not fit."""
     try:
         captions = json.loads(Path(imp.captions).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise VlmergeError(f"{imp.captions}: caption JSON not found") from None
     except json.JSONDecodeError as e:
         raise VlmergeError(f"{imp.captions}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise VlmergeError(f"{imp.captions}: not UTF-8 text (byte {e.start}); expected a caption JSON") from None
     if not isinstance(captions, list):
         raise VlmergeError(f"{imp.captions}: expected a JSON list of captions aligned with the .npy rows")
     captions = [c.get("caption", "") if isinstance(c, dict) else str(c) for c in captions]
@@ -231,15 +247,24 @@ def import_npy(cfg: Config, imp: NpyImport, dim: int, attrs: dict) -> list[str]:
     for p in imp.npy:
         if not Path(p).is_file():
             raise VlmergeError(f"{p}: .npy features not found")
-        parts.append(np.load(p, mmap_mode="r"))
+        try:
+            parts.append(np.load(p, mmap_mode="r", allow_pickle=False))
+        except (OSError, ValueError) as e:
+            raise VlmergeError(f"{p}: not a readable .npy array ({e})") from None
         if parts[-1].ndim != 2 or parts[-1].shape[1] != dim:
-            raise VlmergeError(f"{p}: expected features of shape [N, {dim}], got {list(parts[-1].shape)}")
+            raise VlmergeError(f"{p}: expected features of shape [N, {dim}] (the encoder's hidden size), "
+                               f"got {list(parts[-1].shape)}")
     rows = sum(len(a) for a in parts)
     if rows != len(captions):
         raise VlmergeError(f"{imp.captions}: {len(captions)} captions but the .npy parts hold {rows} rows")
-    ids = [f"{imp.prefix}-{i:08d}" for i in range(rows)]
+    return Release(imp, captions, parts)
+
+
+def import_npy(cfg: Config, release: Release, dim: int, attrs: dict) -> list[str]:
+    """Precomputed release features -> a complete shard; also writes `<prefix>.captions.jsonl`."""
+    imp, ids = release.imp, release.ids
     write_jsonl(cfg.layout.import_captions(imp.prefix),
-                ({"image_id": i, "caption": c} for i, c in zip(ids, captions, strict=True)))
+                ({"image_id": i, "caption": c} for i, c in zip(ids, release.captions, strict=True)))
     path = import_shard_path(cfg, imp)
     if path.exists():
         with store.Shard(path) as s:
@@ -249,7 +274,7 @@ def import_npy(cfg: Config, imp: NpyImport, dim: int, attrs: dict) -> list[str]:
     store.create_shard(path, ids, dim, attrs["dtype"], attrs)
     with store.Shard(path) as s:
         offset = 0
-        for part in parts:
+        for part in release.parts:
             for a in range(0, len(part), store.COPY_ROWS):
                 block = np.asarray(part[a : a + store.COPY_ROWS])
                 s.write(np.arange(offset + a, offset + a + len(block)), block)
@@ -272,21 +297,33 @@ def precompute(
     if index is not None and not 0 <= index < count:
         raise VlmergeError(f"--shard {index}: expected 0..{count - 1} (num_shards={count})")
     check_writable(cfg.root)
+    out = cfg.store_path
+    # What earlier tasks left when killed mid-write (the temp files of tasks still running stay).
+    remove_stale_temps(cfg.layout.features_dir, layout.store_shard_dir(out))
     items, problems = gather_images(cfg)
     problems.report("manifests")
     if not items and not fc.imports:
         raise VlmergeError("features.images: the manifests list no images")
+    source = provenance(fc, has_images=bool(items))
     rt = Runtime.create(fc)
     ids_fp = fingerprint([[it.image_id for it in items], [i.model_dump() for i in fc.imports]])
-    attrs = store_attrs(cfg, ids_fp, rt)
-    out = cfg.store_path
+    attrs = store_attrs(cfg, ids_fp, rt) | dict(zip(("encoder", "layer", "pooling"), source))
     if out.exists():
-        with h5py.File(out, "r") as f:
-            if f.attrs.get("fingerprint") == attrs["fingerprint"]:
-                print(f"precompute: {out} is complete ({f.attrs['num_images']} images); nothing to do")
-                return out
-        raise VlmergeError(f"{out}: exists and was made from other inputs; remove it or set features.name")
+        try:
+            with h5py.File(out, "r") as f:
+                same, n = f.attrs.get("fingerprint") == attrs["fingerprint"], f.attrs.get("num_images")
+        except OSError:
+            raise VlmergeError(f"{out}: not a readable feature store (truncated?); remove it to build it again") \
+                from None
+        if not same:
+            raise VlmergeError(f"{out}: exists and was made from other inputs; remove it or set features.name")
+        _finish_link(cfg, out)
+        print(f"precompute: {out} is complete ({n} images); nothing to do")
+        return out
 
+    # Inputs checked before anything is written: a bad import fails here, not after the shards.
+    releases = [read_release(imp, rt.encoder.dim) for imp in fc.imports] if index is None else []
+    null = null_feature(fc, rt) if index is None else None
     indices = [index] if index is not None else ([] if link_only else range(count))
     for i in indices:
         result = run_shard(cfg, rt, items, i, count, attrs, retry_failures=retry_failures, progress=progress)
@@ -297,10 +334,58 @@ def precompute(
 
     expected = [it.image_id for it in items]
     shards = [shard_path(cfg, i, count) for i in range(count)]
-    for imp in fc.imports:
-        expected += import_npy(cfg, imp, rt.encoder.dim, attrs)
-        shards.append(import_shard_path(cfg, imp))
-    n, n_failed = store.link(shards, out, expected, rt.null_feature(), attrs)
-    save_resolved(cfg, layout.store_config(out))
+    for release in releases:
+        expected += import_npy(cfg, release, rt.encoder.dim, attrs)
+        shards.append(import_shard_path(cfg, release.imp))
+    n, n_failed = store.link(shards, out, expected, null, attrs)
+    _finish_link(cfg, out)
     print(f"precompute: {out}: {n} images, {n_failed} failed")
     return out
+
+
+def _finish_link(cfg: Config, out: Path) -> None:
+    """The steps after the store's rename (a run killed between them leaves them to the next)."""
+    shutil.rmtree(layout.store_shard_dir(out), ignore_errors=True)
+    if not layout.store_config(out).is_file():
+        save_resolved(cfg, layout.store_config(out))
+
+
+def provenance(fc: FeaturesConfig, *, has_images: bool) -> tuple[str, int, str]:
+    """(encoder, layer, pooling) of every vector of the store; one line when sources disagree."""
+    local = (fc.encoder, fc.layer, fc.pooling)
+    sources = ([("features.encoder/layer/pooling", local)] if has_images else []) + [
+        (f"features.imports[{k}] ({imp.prefix})", (imp.encoder, imp.layer, imp.pooling))
+        for k, imp in enumerate(fc.imports)]
+    (first_name, first), *rest = sources
+    for name, p in rest:
+        if p != first:
+            raise VlmergeError(f"{name}: vectors of {p[0]} layer {p[1]} {p[2]}, but {first_name} are of "
+                               f"{first[0]} layer {first[1]} {first[2]}; one store holds vectors of one encoder "
+                               "(use another features.name)")
+    for k, imp in enumerate(fc.imports):
+        if imp.null_feature == "black" and first != local:
+            raise VlmergeError(
+                f"features.imports[{k}].null_feature: the import's vectors come from {imp.encoder} layer {imp.layer} "
+                f"{imp.pooling}, not the local {fc.encoder} layer {fc.layer} {fc.pooling}; give the release's "
+                "black-image row as a .npy file of shape [D]")
+    return first
+
+
+def null_feature(fc: FeaturesConfig, rt: Runtime) -> np.ndarray:
+    """The black image's feature: the file an import declares, else the local encoder's."""
+    rows = []
+    for k, imp in enumerate(fc.imports):
+        if imp.null_feature == "black":
+            continue
+        try:
+            row = np.load(imp.null_feature, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise VlmergeError(f"{imp.null_feature}: features.imports[{k}].null_feature: expected a .npy file "
+                               f"({e})") from None
+        if row.reshape(-1).shape != (rt.encoder.dim,):
+            raise VlmergeError(f"{imp.null_feature}: expected the black image's feature of shape [{rt.encoder.dim}], "
+                               f"got {list(row.shape)}")
+        rows.append(row.reshape(-1).astype(np.float32))
+    if any(not np.array_equal(r, rows[0]) for r in rows[1:]):
+        raise VlmergeError("features.imports: the imports declare different black-image rows; one store has one")
+    return rows[0] if rows else rt.null_feature()

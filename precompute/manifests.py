@@ -69,6 +69,8 @@ def read_babylm_captions(path: Path, images_dir: Path, problems: ProblemLog) -> 
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise VlmergeError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise VlmergeError(f"{path}: not UTF-8 text (byte {e.start}); expected a caption JSON") from None
     if isinstance(data, dict):
         data = [{"file_name": k, "caption": v} for k, v in data.items()]
     if not isinstance(data, list):

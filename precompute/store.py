@@ -7,7 +7,6 @@ that opens, and whose `done` rows are exactly the rows whose features were writt
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,7 +102,7 @@ def link(
 ) -> tuple[int, int]:
     """Join complete shards into one store at `out`; every expected id must be stored or failed, once.
 
-    Returns (images stored, failures). The shards' folder is removed once `out` is in place.
+    Returns (images stored, failures). The caller removes the shards' folder once `out` is in place.
     """
     stored: list[str] = []
     failures: list[tuple[str, str]] = []
@@ -138,7 +137,6 @@ def link(
         f.attrs.update(attrs)
         f.attrs["num_images"] = n
         f.attrs["num_failures"] = len(failures)
-    shutil.rmtree(shard_paths[0].parent, ignore_errors=True)
     return len(stored), len(failures)
 
 

@@ -132,3 +132,19 @@ def slurm_cluster() -> None:
     from slurm_cluster import ensure_cluster
 
     ensure_cluster()
+
+
+def stale_temp(target: Path, *, is_dir: bool = False) -> Path:
+    """What a writer killed mid-write leaves beside `target`: its temp name, naming a process that is gone."""
+    from vlmerge.io import temp_sibling
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    path = target.parent / temp_sibling(target).name.replace(f"-{os.getpid()}-", f"-{dead.pid}-")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if is_dir:
+        path.mkdir()
+        (path / "model.safetensors").write_bytes(b"half")
+    else:
+        path.write_bytes(b"half")
+    return path

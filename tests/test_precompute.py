@@ -204,15 +204,21 @@ def test_shards_in_any_order_then_link_equal_a_single_run(make_cfg):
     np.testing.assert_array_equal(null, single[2])
 
 
-def test_import_of_release_npy_features(make_cfg, tmp_path):
+def _release(tmp_path: Path, n_rows: tuple[int, ...] = (5, 3), dim: int = 64) -> tuple[list[np.ndarray], str]:
+    """A BabyLM-release-like import (caption JSON + .npy parts); returns the parts and its fields."""
     rng = np.random.default_rng(0)
-    parts = [rng.standard_normal((5, 64)).astype(np.float32), rng.standard_normal((3, 64)).astype(np.float32)]
+    parts = [rng.standard_normal((n, dim)).astype(np.float32) for n in n_rows]
     for i, p in enumerate(parts):
         np.save(tmp_path / f"part{i}.npy", p)
-    captions = [f"caption number {i} ." for i in range(8)]
-    (tmp_path / "captions.json").write_text(json.dumps(captions))
-    imports = (f"features.imports=[{{captions: '{tmp_path / 'captions.json'}', "
-               f"npy: ['{tmp_path / 'part0.npy'}', '{tmp_path / 'part1.npy'}'], prefix: cc}}]")
+    (tmp_path / "captions.json").write_text(json.dumps([f"caption number {i} ." for i in range(sum(n_rows))]))
+    npy = ", ".join(f"'{tmp_path / f'part{i}.npy'}'" for i in range(len(parts)))
+    return parts, f"captions: '{tmp_path / 'captions.json'}', npy: [{npy}], prefix: cc"
+
+
+def test_import_of_release_npy_features(make_cfg, tmp_path):
+    parts, fields = _release(tmp_path)
+    local = make_cfg().features
+    imports = f"features.imports=[{{{fields}, encoder: '{local.encoder}', layer: -2, pooling: mean_patch}}]"
     cfg = make_cfg("features.name=imp", imports)
     ids, feats, _ = read_store(precompute(cfg, progress=False))
     imported = [i for i in ids if i.startswith("cc-")]
@@ -221,9 +227,32 @@ def test_import_of_release_npy_features(make_cfg, tmp_path):
     lines = (cfg.root / "features" / "cc.captions.jsonl").read_text().splitlines()
     assert [json.loads(x) for x in lines][2] == {"image_id": "cc-00000002", "caption": "caption number 2 ."}
 
+    captions = json.loads((tmp_path / "captions.json").read_text())
     (tmp_path / "captions.json").write_text(json.dumps(captions[:7]))
     with pytest.raises(VlmergeError, match="7 captions but the .npy parts hold 8 rows"):
         precompute(make_cfg("features.name=imp2", imports), progress=False)
+
+
+def test_an_import_from_another_encoder_brings_its_own_black_image_row(make_cfg, tmp_path):
+    parts, fields = _release(tmp_path)
+    other = f"{fields}, encoder: facebook/dinov2-large, layer: -1, pooling: cls"
+    # Its vectors are not the local encoder's: the local black image would be a wrong null feature...
+    with pytest.raises(VlmergeError, match=r"imports\[0\].null_feature: the import's vectors come from "
+                                           "facebook/dinov2-large layer -1 cls, not the local"):
+        precompute(make_cfg("features.name=rel", "features.images=[]", f"features.imports=[{{{other}}}]"),
+                   progress=False)
+    # ...and the store cannot mix them with locally encoded images.
+    black = np.full(64, 0.25, dtype=np.float32)
+    np.save(tmp_path / "black.npy", black)
+    declared = f"features.imports=[{{{other}, null_feature: '{tmp_path / 'black.npy'}'}}]"
+    with pytest.raises(VlmergeError, match="one store holds vectors of one encoder"):
+        precompute(make_cfg("features.name=mixed", declared), progress=False)
+    store = precompute(make_cfg("features.name=rel", "features.images=[]", declared), progress=False)
+    ids, feats, null = read_store(store)
+    np.testing.assert_array_equal(feats, np.concatenate(parts))
+    np.testing.assert_array_equal(null, black.astype(null.dtype))
+    with h5py.File(store) as f:  # stamped with the provenance the user declared, not the local encoder's
+        assert (f.attrs["encoder"], int(f.attrs["layer"]), f.attrs["pooling"]) == ("facebook/dinov2-large", -1, "cls")
 
 
 def test_shard_bounds_cover_every_row_once():

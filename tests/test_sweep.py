@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import FAST_TRAIN, REPO, SMALL_WORLD, vlmerge_cli
+from conftest import FAST_TRAIN, REPO, SMALL_WORLD, stale_temp, vlmerge_cli
 from vlmerge.config import load_config
 from vlmerge.results import DEDUPE, RESULTS_SCHEMA, read_results
 from vlmerge.launch import array_layout
@@ -149,3 +149,20 @@ def test_killed_item_leaves_no_file_and_a_rerun_completes_only_the_missing(swept
 def test_array_layout_packs_items_past_max_array_size(n, max_size, expected):
     tasks, per_task = array_layout(n, max_size)
     assert (tasks, per_task) == expected and tasks <= max_size and tasks * per_task >= n
+
+
+def test_a_rerun_removes_what_killed_items_left_and_compact_keeps_foreign_files(swept, tmp_path):
+    root = tmp_path / "r"
+    subprocess.run(["cp", "-a", f"{swept}/.", str(root)], check=True)
+    results = root / "results/demo"
+    left = [stale_temp(results / d / "x.parquet") for d in ("metrics", "items", "distances")]
+    foreign = results / "metrics" / "my-notes.parquet"
+    foreign.write_bytes(b"PAR1 a user's file")
+    r = vlmerge_cli("sweep", "run", "--quiet", f"paths.root={root}", *SWEEP)
+    assert r.returncode == 0, r.stderr
+    assert not any(p.exists() for p in left)
+    r = vlmerge_cli("results", "compact", f"paths.root={root}", *SWEEP)
+    assert r.returncode == 0, r.stderr
+    assert "left alone (not this sweep's): my-notes.parquet" in r.stdout
+    assert foreign.read_bytes() == b"PAR1 a user's file"
+    assert len(list((results / "metrics").glob("compact-*.parquet"))) == 1

@@ -1,6 +1,7 @@
 """Training on a small demo world, on the CPU, through the real CLI and DeepSpeed (gloo)."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from vlmerge.config import load_config
 from vlmerge.layout import list_checkpoints
 from vlmerge.errors import PREEMPTED_EXIT as EXIT_CODE
 
-from conftest import FAST_TRAIN, SMALL_WORLD, vlmerge_cli
+from conftest import FAST_TRAIN, SMALL_WORLD, stale_temp, vlmerge_cli
 
 SCHEDULE = [1000, 2000, 5000]
 
@@ -166,3 +167,162 @@ def test_seed_pretraining_gives_both_twins_the_seed_runs_last_weights(root):
     text_first = list_checkpoints(root / "runs/demo/text")[0]
     assert text_first.name == "words-000000000000"
     assert_bitwise_equal(tensors(text_first), tensors(seed_last))
+
+
+class _Evil:
+    """Unpickling this creates the file it names: what a crafted state file could do."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+CRAFTED = {  # how a copied run directory may have been tampered with -> what the resume must say
+    "planted_pt": None,  # DeepSpeed's pickle file beside vlmerge's state: never read, the run stays finished
+    "pt_only": "engine.json: training state file missing",  # only pickles, as older versions (or an attacker) left
+    "latest_escapes": "latest: names '../../../../etc', expected one of this run's state folders",
+    "latest_missing": "latest: names 'step-000999999', expected one of this run's state folders",
+    "foreign_object": "rank-00000.json: not a training state written by vlmerge",  # JSON may not name a class
+}
+
+
+@pytest.mark.slow
+def test_a_crafted_resume_state_cannot_run_code_and_is_refused_in_one_line(twins, tmp_path):
+    # A run is bound to its root (its fingerprint holds the data paths): the finished reference run
+    # itself is tampered with, and its resumable state restored after each case.
+    states = twins / "runs/demo/text/deepspeed"
+    pristine = tmp_path / "pristine"
+    shutil.copytree(states, pristine)
+    marker = tmp_path / "pwned"
+    try:
+        for case, expect in CRAFTED.items():
+            tag = states / (states / "latest").read_text().strip()
+            torch.save({"module": _Evil(marker)}, tag / "mp_rank_00_model_states.pt")
+            if case == "pt_only":
+                for f in tag.iterdir():
+                    if f.name not in ("mp_rank_00_model_states.pt", "state.json"):
+                        f.unlink()
+            elif case == "latest_escapes":
+                (states / "latest").write_text("../../../../etc\n")
+            elif case == "latest_missing":
+                (states / "latest").write_text("step-000999999\n")
+            elif case == "foreign_object":
+                (tag / "rank-00000.json").write_text(
+                    json.dumps({"dict": [["optimizer", {"object": "Popen", "attrs": {}}], ["rng", None]]}))
+            r = train(twins, "text")
+            assert not marker.exists(), case
+            if expect is None:
+                assert r.returncode == 0, r.stderr
+            else:
+                lines = r.stderr.strip().splitlines()
+                assert r.returncode == 2 and expect in lines[-1], (case, r.stderr)
+            shutil.rmtree(states)
+            shutil.copytree(pristine, states)
+    finally:
+        shutil.rmtree(states, ignore_errors=True)
+        shutil.copytree(pristine, states)
+
+
+@pytest.mark.slow
+def test_a_rerun_removes_what_a_killed_run_left_and_nothing_else(twins):
+    run = twins / "runs/demo/text"
+    left = [stale_temp(run / "checkpoints/words-000000009999", is_dir=True),
+            stale_temp(run / "deepspeed/step-000000099", is_dir=True), stale_temp(run / "metrics.jsonl")]
+    foreign = [run / "checkpoints/.notes.tmp-mine", run / "deepspeed/my-notes.txt"]
+    for f in foreign:
+        f.write_text("the user's")
+    log = run / "metrics.jsonl"
+    logged = log.read_text()
+    with open(log, "a") as f:
+        f.write('{"step": 99, "lo')  # a line torn by the kill
+    try:
+        r = train(twins, "text")
+        assert r.returncode == 0, r.stderr
+        assert not any(p.exists() for p in left)
+        assert all(f.read_text() == "the user's" for f in foreign)
+        assert log.read_text() == logged
+    finally:
+        for f in foreign:
+            f.unlink()
+
+
+def test_training_state_round_trips_without_pickle_and_names_no_class(tmp_path):
+    import collections
+    import enum
+
+    from vlmerge.errors import VlmergeError
+    from vlmerge.train.safestate import load_state, save_state
+
+    class Stage(enum.IntEnum):
+        two = 2
+
+    class Scaler:
+        def __init__(self, scale: float):
+            self.cur_scale, self.dynamic = scale, False
+
+    Address = collections.namedtuple("Address", "numel start")
+    shared = torch.arange(6.0)
+    state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": shared[:3]}}, "betas": (0.9, 0.95),
+             "stage": Stage.two, "scaler": Scaler(128.0), "slices": [{"w": Address(4, 0)}], "flat": shared,
+             "none": None, "text": "x"}
+    save_state(tmp_path, "part", state)
+    assert not any(p.suffix in (".pt", ".pkl", ".bin") for p in tmp_path.iterdir())
+    live = {"stage": Stage.two, "scaler": Scaler(1.0), "slices": [{"w": Address(0, 0)}]}  # the engine's objects
+    back = load_state(tmp_path, "part", live)
+    assert torch.equal(back["state"][0]["exp_avg"], shared[:3]) and torch.equal(back["flat"], shared)
+    assert back["betas"] == (0.9, 0.95) and back["stage"] is Stage.two and back["slices"][0]["w"] == Address(4, 0)
+    assert back["scaler"] is live["scaler"] and live["scaler"].cur_scale == 128.0  # filled in, not built
+    assert back["state"][0]["step"].item() == 3.0 and back["none"] is None and back["text"] == "x"
+
+    skeleton = json.loads((tmp_path / "part.json").read_text())
+    for node in skeleton["dict"]:
+        if node[0] == "scaler":
+            node[1]["attrs"]["update_scale"] = 1  # an attribute the live object does not have
+    (tmp_path / "part.json").write_text(json.dumps(skeleton))
+    with pytest.raises(VlmergeError, match="part.json: not a training state written by vlmerge .*no attribute"):
+        load_state(tmp_path, "part", {"scaler": Scaler(1.0)})
+    with pytest.raises(VlmergeError, match=r"\.scaler: a .*Scaler where this engine has NoneType"):
+        load_state(tmp_path, "part", {})
+
+
+_ENGINE_RESUME = """
+import sys, tempfile, torch, deepspeed
+from pathlib import Path
+from vlmerge.train import distributed
+from vlmerge.train.checkpoint import StateStore, TrainState
+distributed.setup()
+precision, zero = sys.argv[1], int(sys.argv[2])
+def engine():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    cfg = {"train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": zero},
+           "bf16": {"enabled": precision == "bf16"}, "gradient_clipping": 1.0}
+    return deepspeed.initialize(model=m, optimizer=opt, lr_scheduler=sched, config=cfg)[0]
+def step(e, i):
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(i)).to(e.device)
+    loss = e(x.bfloat16() if precision == "bf16" else x).float().pow(2).sum()
+    e.backward(loss)
+    e.step()
+a, run = engine(), Path(tempfile.mkdtemp())
+for i in range(3): step(a, i)
+StateStore(run, 2, 0).save(a, TrainState(step=3))
+for i in range(3, 6): step(a, i)
+b = engine()
+assert StateStore(run, 2, 0).load(b).step == 3
+for i in range(3, 6): step(b, i)
+same = all(torch.equal(x, y) for x, y in zip(a.module.state_dict().values(), b.module.state_dict().values()))
+print("RESUMED", same, b.global_steps)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision, zero", [("fp32", 0), ("bf16", 0), ("fp32", 2)])
+def test_pickle_free_state_resumes_bitwise_for_bf16_and_zero(precision, zero):
+    r = subprocess.run([sys.executable, "-c", _ENGINE_RESUME, precision, str(zero)], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "RESUMED True 6" in r.stdout

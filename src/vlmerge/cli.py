@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from vlmerge.config import RUN_NAMES, Config, load_config
+from vlmerge.config import RUN_NAMES, Config, alpha_problem, load_config
 from vlmerge.errors import PREEMPTED_EXIT, Preempted, VlmergeError
 
 Handler = Callable[[Config, argparse.Namespace], object]
@@ -48,6 +48,8 @@ def _precompute(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge import launch
     from vlmerge.precompute.features import precompute
 
+    if args.num_shards is not None and args.num_shards < 1:
+        raise VlmergeError(f"--num-shards {args.num_shards}: expected a whole number of shards, at least 1")
     num_shards = args.num_shards or cfg.features.num_shards
     precompute(
         cfg, shard=args.shard if args.shard is not None else launch.array_shard(num_shards), num_shards=args.num_shards, link_only=args.link,
@@ -129,10 +131,14 @@ def _study(cfg: Config, args: argparse.Namespace) -> None:
 
 def _results(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge.results import compact
+    from vlmerge.sweep.commands import current_plan
+    from vlmerge.sweep.run import result_ids
 
+    planned = result_ids(current_plan(cfg))
     for name in ("metrics", "items"):
-        files, rows = compact(cfg.layout.results_dir, name)
-        print(f"results compact: {name}: {files} file(s) -> 1, {rows} rows")
+        files, rows, foreign = compact(cfg.layout.results_dir, name, planned)
+        left = f"; left alone (not this sweep's): {', '.join(f.name for f in foreign)}" if foreign else ""
+        print(f"results compact: {name}: {files} file(s) -> 1, {rows} rows{left}")
 
 
 def _analyze(cfg: Config, args: argparse.Namespace) -> None:
@@ -145,7 +151,8 @@ def _merge(args: argparse.Namespace) -> None:
     from vlmerge.merge.core import merge_to_disk
 
     outs = merge_to_disk(
-        args.text, args.mm, args.out, args.method, _alphas(args.alpha), params=_params(args.param), base=args.base,
+        args.text, args.mm, args.out, args.method, _alphas(args.alpha, args.allow_extrapolation),
+        params=_params(args.param), base=args.base,
         allow_extrapolation=args.allow_extrapolation, progress=_progress(args),
     )
     print(f"merge {args.method}: {len(outs)} model(s) in {args.out}")
@@ -196,11 +203,16 @@ def _distance(args: argparse.Namespace) -> None:
     print(f"distance: {len(rows)} rows -> {args.out}")
 
 
-def _alphas(text: str) -> list[float]:
+def _alphas(text: str, allow_extrapolation: bool) -> list[float]:
+    """`--alpha 0,0.5,1`, checked by the rule of `sweep.alphas` (non-empty, finite, unique, in [0, 1])."""
     try:
-        return [float(a) for a in text.split(",") if a.strip()]
+        alphas = [float(a) for a in text.split(",") if a.strip()]
     except ValueError:
         raise VlmergeError(f"--alpha {text!r}: expected numbers separated by commas, e.g. 0,0.5,1") from None
+    problem = alpha_problem(alphas, allow_extrapolation)
+    if problem:
+        raise VlmergeError(f"--alpha {text!r}: {problem.replace('allow extrapolation', 'pass --allow-extrapolation')}")
+    return alphas
 
 
 def _params(items: list[str]) -> dict:
@@ -340,4 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"vlmerge {args.stage}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the system refused (read-only file system, full disk, permissions): one line too
+        print(f"vlmerge {args.stage}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0

@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from vlmerge.errors import VlmergeError
 from vlmerge.io import write_text
@@ -26,6 +29,32 @@ EXPERT_RUN = "experts"
 
 class ConfigError(VlmergeError):
     """A config file or override that does not validate."""
+
+
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+SAFE_NAME_RULE = "a plain name: letters, digits, '.', '_', '-', not starting with '.' or '-' (it names folders)"
+
+
+def _safe_name(v: str) -> str:
+    """`v` when it is usable as one path component under the output root; else ValueError."""
+    if not _SAFE_NAME.fullmatch(v) or v in (".", ".."):
+        raise ValueError(f"must be {SAFE_NAME_RULE}")
+    return v
+
+
+def alpha_problem(alphas: Sequence[float], allow_extrapolation: bool) -> str | None:
+    """What is wrong with a list of merge weights α (None when nothing is): the one rule of config and CLI."""
+    if not alphas:
+        return "no alpha given; expected at least one value in [0, 1]"
+    for a in alphas:
+        if not math.isfinite(a):
+            return f"alpha {a} is not a finite number"
+        if not allow_extrapolation and not 0.0 <= a <= 1.0:
+            return f"alpha {a} is outside [0, 1]; allow extrapolation to use it"
+    if len(set(alphas)) != len(alphas):
+        dup = next(a for a in alphas if list(alphas).count(a) > 1)
+        return f"alpha {dup} is given twice; each alpha once"
+    return None
 
 
 class _Section(BaseModel):
@@ -77,11 +106,22 @@ class ImageSource(_Section):
 
 
 class NpyImport(_Section):
-    """Precomputed features of the BabyLM release: caption JSON + row-aligned `.npy` parts."""
+    """Precomputed features of the BabyLM release: caption JSON + row-aligned `.npy` parts.
+
+    The release's vectors may come from another DINOv2 than the local encoder: an import declares
+    where they come from, and its black-image row (`null_feature`: a `.npy` of shape [D], or
+    "black" for the local encoder's, allowed only when the provenance is the local encoder's).
+    """
 
     captions: str
-    npy: list[str]
+    npy: list[str] = Field(min_length=1)
     prefix: str
+    encoder: str = Field(description="the encoder that made the vectors (e.g. facebook/dinov2-large)")
+    layer: int = Field(description="its hidden-state layer (e.g. -2)")
+    pooling: Literal["mean_patch", "cls", "mean_all"]
+    null_feature: str = Field("black", description='"black" (the local encoder\'s) or a .npy file of shape [D]')
+
+    _prefix = field_validator("prefix")(classmethod(lambda cls, v: _safe_name(v)))
 
 
 class FeaturesConfig(_Section):
@@ -99,12 +139,7 @@ class FeaturesConfig(_Section):
     num_workers: int = Field(2, ge=0)
     num_shards: int = Field(1, ge=1)
 
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, v: str) -> str:
-        if not v or "/" in v or v.startswith("."):
-            raise ValueError("must be a plain file name (no '/', not starting with '.')")
-        return v
+    _name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
 
 
 class ModelConfig(_Section):
@@ -181,6 +216,7 @@ class MethodSpec(_Section):
 
 
 class SweepConfig(_Section):
+    allow_extrapolation: bool = Field(False, description="allow alphas outside [0, 1]")  # before alphas: checked first
     alphas: list[float] = [round(0.1 * i, 1) for i in range(11)]
     methods: list[MethodSpec] = [MethodSpec(name="linear")]
     pairing: Literal["same_words", "best_text", "all_pairs"] = "same_words"
@@ -189,6 +225,14 @@ class SweepConfig(_Section):
     distances: bool = True
     gram_batches: int = Field(16, ge=1, description="batches of its own data each model sees for RegMean")
     array_throttle: int = Field(8, ge=1, description="array tasks running at once (the sbatch %% limit)")
+
+    @field_validator("alphas")
+    @classmethod
+    def _alphas(cls, v: list[float], info: ValidationInfo) -> list[float]:
+        problem = alpha_problem(v, bool(info.data.get("allow_extrapolation")))
+        if problem:
+            raise ValueError(problem.replace("allow extrapolation", "set sweep.allow_extrapolation=true"))
+        return v
 
 
 class EvalConfig(_Section):
@@ -244,6 +288,8 @@ class StudyConfig(_Section):
 
 class Config(_Section):
     experiment: str = "demo"
+
+    _experiment = field_validator("experiment")(classmethod(lambda cls, v: _safe_name(v)))
     paths: PathsConfig = PathsConfig()
     demo: DemoConfig = DemoConfig()
     data: DataConfig = DataConfig()
@@ -367,6 +413,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder; expected a YAML config file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""

@@ -109,10 +109,14 @@ class FeatureTable:
     def __init__(self, path: Path):
         if not path.is_file():
             raise VlmergeError(f"{path}: feature store not found; run `vlmerge precompute` first")
-        with h5py.File(path, "r") as f:
-            self.features = torch.from_numpy(f["features"][:])  # stored dtype (float16 halves the memory)
-            self.null = torch.from_numpy(f["null_feature"][:].astype(np.float32))
-            self.index = pd.Index(f["image_ids"].asstr()[:])
+        try:
+            with h5py.File(path, "r") as f:
+                self.features = torch.from_numpy(f["features"][:])  # stored dtype (float16 halves the memory)
+                self.null = torch.from_numpy(f["null_feature"][:].astype(np.float32))
+                self.index = pd.Index(f["image_ids"].asstr()[:])
+        except (OSError, KeyError) as e:  # truncated, or not a store
+            raise VlmergeError(f"{path}: not a readable feature store ({str(e).splitlines()[0][:120]}); "
+                               "run `vlmerge precompute` again") from None
 
     @property
     def dim(self) -> int:

@@ -6,7 +6,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,11 +18,86 @@ from typing import Any
 from vlmerge.errors import VlmergeError
 
 _HASH_BLOCK = 1 << 24  # bytes per read when hashing a file
+# `.<name>.tmp-<host>-<pid>-<8 hex>` (older versions wrote no host): the only names cleanup removes.
+_TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?:(?P<host>[A-Za-z0-9._-]+)-)?(?P<pid>\d+)-[0-9a-f]{8}")
+_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+# A temp file of another machine (a shared file system) is only removed once nobody touched it
+# for this long: its writer's process cannot be looked up from here.
+FOREIGN_TEMP_STALE_S = 6 * 3600
 
 
-def _temp_sibling(path: Path) -> Path:
+def temp_sibling(path: Path) -> Path:
+    """A fresh temp name beside `path`, naming this host and process (see `remove_stale_temps`)."""
     # Same directory as the target, so the final rename never crosses filesystems.
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def is_stale_temp(path: Path) -> bool:
+    """True for a temp name of `temp_sibling` whose writer is gone (this host: its process has ended)."""
+    match = _TEMP_NAME.fullmatch(path.name)
+    if not match:
+        return False
+    if match["host"] in (None, _HOST):
+        return int(match["pid"]) != os.getpid() and not _alive(int(match["pid"]))
+    try:
+        return time.time() - path.lstat().st_mtime > FOREIGN_TEMP_STALE_S
+    except FileNotFoundError:
+        return False
+
+
+def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
+    """Remove the temp files and folders that killed writers left directly in `folders`; return them.
+
+    Only names of `temp_sibling` whose writer is gone are touched: a user's own files, and the
+    temp files of writers still running (a concurrent array task), stay.
+    """
+    removed = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            if is_stale_temp(p):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux tells it (other threads create files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _respect_umask(path: Path) -> None:
+    """Give what a writer created (some create 0600 files) the modes the user's umask allows."""
+    mask = _umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        executable = p.is_dir() or p.stat().st_mode & 0o111
+        os.chmod(p, (0o777 if executable else 0o666) & ~mask)
 
 
 @contextlib.contextmanager
@@ -31,11 +109,13 @@ def atomic_path(path: str | os.PathLike, *, is_dir: bool = False) -> Iterator[Pa
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_sibling(path)
+    tmp = temp_sibling(path)
     if is_dir:
         tmp.mkdir()
     try:
         yield tmp
+        if tmp.exists():
+            _respect_umask(tmp)
         if is_dir and path.exists():
             raise FileExistsError(f"{path}: already exists; remove it to write it again")
         os.replace(tmp, path)
@@ -72,12 +152,30 @@ def check_writable(root: str | os.PathLike) -> Path:
     root = Path(root)
     try:
         root.mkdir(parents=True, exist_ok=True)
-        probe = _temp_sibling(root / "probe")
+        probe = temp_sibling(root / "probe")
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as e:
         raise VlmergeError(f"{root}: output root is not writable ({e.strerror or e})") from None
     return root
+
+
+def check_creatable(path: str | os.PathLike) -> None:
+    """Prove that the folder `path` can be written (or created) later, without creating anything; else one line."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise VlmergeError(f"{path}: is a file; expected a folder to write into")
+    base = path
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise VlmergeError(f"{path}: {base} is a file; expected a folder")
+    probe = temp_sibling(base / "probe")
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise VlmergeError(f"{path}: not writable ({base}: {e.strerror or e})") from None
 
 
 def fingerprint(obj: Any) -> str:
@@ -91,24 +189,33 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, remembered in `<file>.sha256` beside it while its size and mtime stay the same."""
+_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256, for this process
+
+
+def file_sha256(path: Path, *, remember: bool = False) -> str:
+    """sha256 of a file; a `<file>.sha256` beside it is trusted while its size and mtime stay the same.
+
+    Only the writer of a file (`remember=True`, e.g. a checkpoint being written) stores that cache:
+    readers never write into an input folder, they keep the hash in memory.
+    """
     side = path.with_name(path.name + ".sha256")
     stat = path.stat()
     stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key in _HASHES:
+        return _HASHES[key]
     if side.is_file():
         try:
             cached = json.loads(side.read_text())
             if {k: cached.get(k) for k in stamp} == stamp:
                 return cached["sha256"]
-        except (ValueError, KeyError):
+        except (ValueError, KeyError, UnicodeDecodeError):
             pass  # a damaged cache is recomputed
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         while block := fh.read(_HASH_BLOCK):
             h.update(block)
-    try:
+    _HASHES[key] = h.hexdigest()
+    if remember:
         write_json(side, {**stamp, "sha256": h.hexdigest()})
-    except OSError:  # a read-only input: no cache, same hash
-        pass
     return h.hexdigest()

@@ -143,8 +143,12 @@ class CheckpointRef:
         return cls(path.parents[2].name, path.parents[1].name, int(match[1]))
 
 
+def checkpoints_dir(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS
+
+
 def checkpoint_dir(run_dir: Path, words: int) -> Path:
-    return run_dir / CHECKPOINTS / f"words-{words:012d}"
+    return checkpoints_dir(run_dir) / f"words-{words:012d}"
 
 
 def checkpoint_words(path: Path) -> int:
@@ -171,6 +175,21 @@ def state_tag(step: int) -> str:
 
 def is_state_tag(name: str) -> bool:
     return _STATE.fullmatch(name) is not None
+
+
+# Inside a state folder: the module weights, the engine's counters and scheduler, one part per rank
+STATE_MODULE = "module"
+STATE_ENGINE = "engine"
+STATE_POSITION = "state.json"
+
+
+def state_rank_part(rank: int) -> str:
+    return f"rank-{rank:05d}"
+
+
+def state_part_files(tag_dir: Path, part: str) -> tuple[Path, Path]:
+    """The JSON skeleton and the safetensors tensors of one part of a state folder."""
+    return tag_dir / f"{part}.json", tag_dir / f"{part}.safetensors"
 
 
 def run_config(run_dir: Path) -> Path:
@@ -201,10 +220,15 @@ def merge_outputs(out: Path, alphas: list[float] | tuple[float, ...]) -> list[Pa
 
 
 # Results
-def result_file(results_dir: Path, dataset: str, name: str) -> Path:
-    """`results/<exp>/<dataset>/<name>.parquet` (dataset: metrics, items or distances)."""
+def result_dataset_dir(results_dir: Path, dataset: str) -> Path:
+    """`results/<exp>/<dataset>` (dataset: metrics, items or distances)."""
     assert dataset in RESULT_DATASETS, dataset
-    return results_dir / dataset / f"{name}.parquet"
+    return results_dir / dataset
+
+
+def result_file(results_dir: Path, dataset: str, name: str) -> Path:
+    """`results/<exp>/<dataset>/<name>.parquet`."""
+    return result_dataset_dir(results_dir, dataset) / f"{name}.parquet"
 
 
 def result_files(results_dir: Path, dataset: str) -> list[Path]:
@@ -222,6 +246,11 @@ def compact_name(key: str) -> str:
 
 def compact_files(results_dir: Path, dataset: str) -> list[Path]:
     return sorted((results_dir / dataset).glob(f"{COMPACT_PREFIX}*.parquet"))
+
+
+def compact_lock(results_dir: Path) -> Path:
+    """The lock file that keeps `results compact` runs one at a time."""
+    return results_dir / ".compact.lock"
 
 
 def best_text_cache(results_dir: Path) -> Path:

@@ -46,11 +46,16 @@ def read_jsonl(path: Path, problems: ProblemLog, what: str = "file") -> Iterator
     """(file:line, object) for each JSON-object line; malformed lines go to `problems`."""
     if not path.is_file():
         raise VlmergeError(f"{path}: {what} not found")
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            where = f"{path}:{lineno}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:  # one bad byte spoils its line, not the file
+                problems.add(where, f"malformed line: not UTF-8 (byte {e.start})")
+                continue
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:

@@ -3,7 +3,10 @@ per-item scores beside them; Parquet, written atomically, with a fixed schema.""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmerge import code_version
-from vlmerge.io import atomic_path, fingerprint
-from vlmerge.layout import compact_files, compact_name, result_file, result_files
+from vlmerge.io import atomic_path, fingerprint, remove_stale_temps
+from vlmerge.layout import compact_files, compact_lock, compact_name, result_dataset_dir, result_file, result_files
 from vlmerge.modelkey import CHECKPOINT_PAIR, MM_ALPHA, MODEL, PAIR, TEXT_ALPHA, UNMERGED, ModelKey, checkpoint_run
 
 __all__ = ["CHECKPOINT_PAIR", "MM_ALPHA", "MODEL", "PAIR", "TEXT_ALPHA", "UNMERGED", "ModelKey", "checkpoint_run"]
@@ -77,24 +80,56 @@ def read_results(results_dir: Path) -> pd.DataFrame:
     return newest_rows(_read(result_files(results_dir, "metrics"), RESULTS_SCHEMA), "metrics", per_item=True)
 
 
-def compact(results_dir: Path, dataset: str) -> tuple[int, int]:
-    """Merge a dataset's part files into one `compact-<hash>.parquet` without duplicate keys.
+def _sweep_item_ids(path: Path, schema: pa.Schema) -> set[str] | None:
+    """The work items a Parquet file holds rows of, when it has `schema` exactly; else None (not the sweep's)."""
+    try:
+        if not pq.read_schema(path).equals(schema):
+            return None
+        ids = set(pq.read_table(path, columns=["item_id"]).column(0).to_pylist())
+    except (pa.ArrowException, OSError):
+        return None
+    return ids if ids and None not in ids else None
 
-    The compacted file is renamed into place before the parts are removed, so a crash loses
-    nothing; readers drop the duplicates they might see meanwhile. Returns (files, rows).
+
+def compact(results_dir: Path, dataset: str, planned: set[str]) -> tuple[int, int, list[Path]]:
+    """Merge the sweep's part files of a dataset into one `compact-<hash>.parquet` without duplicate keys.
+
+    Only files that are provably the sweep's take part: the dataset's schema, and rows of
+    `planned` work items (or items compacted before) only; any other file is left alone. One
+    compaction at a time (a lock file; a second one waits). The compacted file is renamed into
+    place before the parts are removed, so a crash loses nothing; readers drop the duplicates
+    they might see meanwhile. Returns (files compacted, rows, files left alone).
     """
-    files = result_files(results_dir, dataset)
-    if len(files) <= 1:
-        return len(files), sum(pq.read_metadata(f).num_rows for f in files)
     schema = SCHEMAS[dataset]
-    frame = newest_rows(_read(files, schema), dataset, per_item=True)
-    out = result_file(results_dir, dataset, compact_name(fingerprint(sorted(f.name for f in files))[:12]))
-    with atomic_path(out) as tmp:
-        pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), tmp)
-    for f in files:
-        if f != out:
-            f.unlink()
-    return len(files), len(frame)
+    with _locked(compact_lock(results_dir)):
+        remove_stale_temps(result_dataset_dir(results_dir, dataset))
+        known = planned | compacted_item_ids(results_dir)
+        files, foreign = [], []
+        for f in result_files(results_dir, dataset):
+            ids = _sweep_item_ids(f, schema)
+            (files if ids is not None and ids <= known else foreign).append(f)
+        if len(files) <= 1:
+            return len(files), sum(pq.read_metadata(f).num_rows for f in files), foreign
+        frame = newest_rows(_read(files, schema), dataset, per_item=True)
+        out = result_file(results_dir, dataset, compact_name(fingerprint(sorted(f.name for f in files))[:12]))
+        with atomic_path(out) as tmp:
+            pq.write_table(pa.Table.from_pandas(frame, schema=schema, preserve_index=False), tmp)
+        for f in files:
+            if f != out:
+                f.unlink()
+    return len(files), len(frame), foreign
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created if missing) for the block; waits for another holder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def compacted_item_ids(results_dir: Path) -> set[str]:

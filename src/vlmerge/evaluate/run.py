@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from vlmerge.config import Config
@@ -16,6 +17,7 @@ from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.evaluate.tasks import ItemScore, Metric, Task, get_task
 from vlmerge.hf import quiet_transformers
+from vlmerge.io import check_creatable, remove_stale_temps
 from vlmerge.model import MODEL_TYPE
 from vlmerge.problems import ProblemLog
 from vlmerge.layout import eval_items_file, eval_results_file
@@ -45,8 +47,13 @@ def load_model(path: Path):
         raise VlmergeError(f"{path}: not a model directory (no config.json)")
     auto = AutoModelForImageTextToText if json.loads(config.read_text()).get("model_type") == MODEL_TYPE \
         else AutoModelForCausalLM
-    with quiet_transformers():
-        return auto.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    try:
+        with quiet_transformers():
+            return auto.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, SafetensorError) as e:  # weights missing, truncated or garbage
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise VlmergeError(f"{path}: cannot load the model ({first.strip()[:200]}); expected a Hugging Face "
+                           "directory with complete safetensors weights") from None
 
 
 def task_specs(cfg: Config, given: Sequence[str]) -> list[tuple[Task, Path]]:
@@ -126,6 +133,10 @@ def table(results: Sequence[TaskResult]) -> str:
 def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: str | None, features: str | None,
                  out: Path, job_id: str = "") -> list[TaskResult]:
     specs = task_specs(cfg, tasks)
+    if out.exists() and not out.is_dir():
+        raise VlmergeError(f"{out}: --out is a file; expected a folder for results.parquet and items.parquet")
+    check_creatable(out)  # before scoring, not after
+    remove_stale_temps(out)
     model, tokenizer = load_model(model_dir)
     store = Path(features) if features else cfg.eval_store_path
     needs_store = getattr(model.config, "model_type", "") == MODEL_TYPE or any(t.needs_images for t, _ in specs)

@@ -18,8 +18,9 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from vlmerge import code_version
+from vlmerge.config import alpha_problem
 from vlmerge.errors import VlmergeError
-from vlmerge.io import atomic_path, read_json, write_json
+from vlmerge.io import atomic_path, check_creatable, read_json, remove_stale_temps, write_json
 from vlmerge.layout import grams_file, merge_outputs
 from vlmerge.merge.io import ModelDir, SafetensorsWriter, check_compatible, numel
 from vlmerge.merge.methods import Method, TensorInputs, get_method
@@ -30,12 +31,11 @@ COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_
 
 
 def check_alphas(alphas: Sequence[float], allow_extrapolation: bool) -> list[float]:
+    """The alphas as floats, or a one-line error: non-empty, finite, unique, in [0, 1] unless extrapolating."""
     out = [float(a) for a in alphas]
-    bad = [a for a in out if not 0.0 <= a <= 1.0]
-    if bad and not allow_extrapolation:
-        raise VlmergeError(f"alpha {bad[0]} is outside [0, 1]; pass --allow-extrapolation to extrapolate")
-    if len(set(out)) != len(out):
-        raise VlmergeError("the alphas repeat a value")
+    problem = alpha_problem(out, allow_extrapolation)
+    if problem:
+        raise VlmergeError(problem.replace("allow extrapolation", "pass --allow-extrapolation"))
     return out
 
 
@@ -116,10 +116,12 @@ def merge_to_disk(
     output is an error, and nothing is written over it.
     """
     alphas = check_alphas(alphas, allow_extrapolation)
+    outs = merge_outputs(Path(out), alphas)
+    _check_out(Path(out))
+    remove_stale_temps(*{o.parent for o in outs})  # what merges killed mid-write left
     method = get_method(method_name)
     pair = Pair.open(text, mm, base, grams=method.needs_grams)
     method, full = resolve(method_name, params or {}, pair)
-    outs = merge_outputs(Path(out), alphas)
     roles = [(role, d) for role, d in (("text", pair.text), ("mm", pair.mm), ("base", pair.base)) if d is not None]
     with ThreadPoolExecutor(len(roles)) as pool:
         # Hash the inputs on the side while merging; the records need the hashes only at the end.
@@ -134,8 +136,18 @@ def merge_to_disk(
             if i not in todo:
                 check_same(o, records([alphas[i]])[0])
         if todo:
-            _stream(pair, method, full, [alphas[i] for i in todo], [outs[i] for i in todo], records, progress)
+            try:
+                _stream(pair, method, full, [alphas[i] for i in todo], [outs[i] for i in todo], records, progress)
+            except OSError as e:  # a full disk, a quota: nothing half-written stays
+                raise VlmergeError(f"{e.filename or out}: could not write the merge ({e.strerror or e})") from None
     return outs
+
+
+def _check_out(out: Path) -> None:
+    """`--out` must be a folder (or not exist yet) whose parent can be written, before any work."""
+    if out.exists() and not out.is_dir():
+        raise VlmergeError(f"{out}: --out is a file; expected a folder to write the merged model(s) into")
+    check_creatable(out)
 
 
 def check_same(out: Path, record: dict) -> None:
@@ -254,14 +266,15 @@ def _copy_all(writer: SafetensorsWriter, pair: Pair, role: str) -> None:
 class PairMerger:
     """The sweep's merger: both models read once, every α merged into one model in place."""
 
-    def __init__(self, pair: Pair):
-        self.pair = pair
+    def __init__(self, pair: Pair, *, allow_extrapolation: bool = False):
+        self.pair, self.allow_extrapolation = pair, allow_extrapolation
         names = [n for n in pair.text.names() if pair.text.specs[n][0].is_floating_point]
         self.inputs = {n: pair.inputs(n) for n in names}
         self._resolved: dict[str, tuple[Method, dict]] = {}
 
     def merge_into(self, model: torch.nn.Module, method_name: str, alpha: float, params: dict | None = None) -> None:
         """Overwrite `model`'s weights with the merge at α (no allocation beyond one tensor)."""
+        check_alphas([alpha], self.allow_extrapolation)
         key = json.dumps([method_name, params or {}], sort_keys=True)
         if key not in self._resolved:
             self._resolved[key] = resolve(method_name, params or {}, self.pair, self.inputs.values())

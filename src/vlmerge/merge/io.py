@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from vlmerge.errors import VlmergeError
 from vlmerge.io import file_sha256
@@ -41,11 +41,14 @@ class ModelDir:
         self._where: dict[str, Path] = {}
         self.specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for f in self.files:
-            with safe_open(f, framework="pt") as st:
-                for name in st.keys():
-                    sl = st.get_slice(name)
-                    self._where[name] = f
-                    self.specs[name] = (_torch_dtype(sl.get_dtype()), tuple(sl.get_shape()))
+            try:
+                with safe_open(f, framework="pt") as st:
+                    for name in st.keys():
+                        sl = st.get_slice(name)
+                        self._where[name] = f
+                        self.specs[name] = (_torch_dtype(sl.get_dtype()), tuple(sl.get_shape()))
+            except (SafetensorError, OSError) as e:  # truncated, garbage, unreadable
+                raise VlmergeError(f"{f}: not a readable safetensors file ({str(e).splitlines()[0][:200]})") from None
         self._handles = {f: safe_open(f, framework="pt") for f in self.files}
         self._spans: dict[Path, dict[str, tuple[int, int]]] = {}
 

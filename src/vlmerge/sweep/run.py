@@ -22,13 +22,13 @@ from vlmerge.config import Config
 from vlmerge.data import FeatureTable
 from vlmerge.evaluate.run import evaluate, load_model, prepare, result_rows, task_specs
 from vlmerge.evaluate.scoring import Scorer
-from vlmerge.io import fingerprint, read_json, write_json
+from vlmerge.io import fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.merge.core import Pair, PairMerger
 from vlmerge.merge.distance import distance_rows, write_parquet
 from vlmerge.merge.grams import write_grams
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
-from vlmerge.layout import best_text_cache, endpoint_name, result_file
+from vlmerge.layout import RESULT_DATASETS, best_text_cache, endpoint_name, result_dataset_dir, result_file
 from vlmerge.results import (ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, ModelKey, checkpoint_run,
                              compacted_item_ids, write_rows)
 from vlmerge.sweep.plan import WorkItem, eval_salt, run_checkpoints, sweep_tasks
@@ -49,6 +49,16 @@ def finished(cfg: Config, name: str) -> bool:
 
 def is_done(cfg: Config, item: WorkItem) -> bool:
     return finished(cfg, item.item_id)
+
+
+def endpoint_id(item: WorkItem, rel: str) -> str:
+    """The results name of an unmerged twin (`rel`: its checkpoint) as scored for `item`'s tasks."""
+    return endpoint_name(fingerprint([rel, item.salt])[:12])
+
+
+def result_ids(items: list[WorkItem]) -> set[str]:
+    """Every results name the sweep of `items` writes: the items and their unmerged twins."""
+    return {item.item_id for item in items} | {endpoint_id(item, rel) for item in items for rel in (item.text, item.mm)}
 
 
 @dataclasses.dataclass
@@ -88,7 +98,7 @@ class ItemRunner:
             for ckpt in (text, mm):
                 write_grams(self.cfg, ckpt)
         pair = Pair.open(text, mm, root / item.base if item.base else None, grams=method.needs_grams)
-        merger = PairMerger(pair)
+        merger = PairMerger(pair, allow_extrapolation=self.cfg.sweep.allow_extrapolation)
         model, tokenizer = load_model(text)
         scorer = Scorer(model, tokenizer, features=self.features, image_prefix=self.cfg.eval.image_prefix,
                         dtype=self.cfg.eval.dtype, batch_size=self.cfg.eval.batch_size)
@@ -116,7 +126,7 @@ class ItemRunner:
         """Each unmerged twin, evaluated once per checkpoint (linear at the twin's α is that twin,
         bitwise, so the pair already in memory serves)."""
         for rel, alpha in ((item.text, TEXT_ALPHA), (item.mm, MM_ALPHA)):
-            name = endpoint_name(fingerprint([rel, item.salt])[:12])
+            name = endpoint_id(item, rel)
             if finished(self.cfg, name):
                 continue
             merger.merge_into(model, "linear", alpha)
@@ -136,6 +146,8 @@ class ItemRunner:
 
 def run_items(cfg: Config, items: list[WorkItem], *, progress: bool = False, job_id: str = "") -> int:
     """Run every item not done yet, in order; returns how many ran (job_id: recorded in the rows)."""
+    # What earlier array tasks left when killed mid-write (live writers' temp files stay).
+    remove_stale_temps(*(result_dataset_dir(cfg.layout.results_dir, d) for d in RESULT_DATASETS))
     runner = ItemRunner(cfg, progress, job_id)
     ran = 0
     for k, item in enumerate(items):

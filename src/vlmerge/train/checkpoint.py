@@ -2,11 +2,12 @@
 
     runs/<exp>/<run>/checkpoints/words-<12 digits>/   config.json, model.safetensors, tokenizer,
                                                       trainer_state.json
-    runs/<exp>/<run>/deepspeed/<tag>/                 DeepSpeed's files + state.json (our position)
+    runs/<exp>/<run>/deepspeed/<tag>/                 module, engine, rank-<r> (JSON + safetensors),
+                                                      state.json (our position)
     runs/<exp>/<run>/deepspeed/latest                 the newest complete tag
 
 Both appear complete or not at all: a checkpoint is written to a temp name and renamed; a
-DeepSpeed state is saved under a temp tag, renamed, and only then named in `latest`.
+resumable state is saved under a temp tag, renamed, and only then named in `latest`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,13 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from vlmerge.errors import VlmergeError
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import atomic_path, file_sha256, read_json, write_json, write_text
-from vlmerge.layout import checkpoint_dir, is_state_tag, state_tag, states_dir
+from vlmerge.io import atomic_path, file_sha256, read_json, temp_sibling, write_json, write_text
+from vlmerge.layout import (LATEST, STATE_ENGINE, STATE_MODULE, STATE_POSITION, checkpoint_dir, is_state_tag,
+                            state_rank_part, state_tag, states_dir)
 from vlmerge.model import copy_tokenizer_files
+from vlmerge.train.safestate import load_state, rng_state, save_state, set_rng_state
 
 @dataclasses.dataclass
 class TrainState:
@@ -43,49 +47,108 @@ def write_checkpoint(model, tokenizer_dir: Path, run_dir: Path, state: TrainStat
     with atomic_path(out, is_dir=True) as tmp:
         with quiet_transformers():
             model.save_pretrained(tmp)
-        file_sha256(tmp / "model.safetensors")  # cached beside it: merges record it without rereading
+        file_sha256(tmp / "model.safetensors", remember=True)  # cached beside it: merges record it without rereading
         copy_tokenizer_files(tokenizer_dir, tmp)
         write_json(tmp / "trainer_state.json", {"run": run, **dataclasses.asdict(state)})
     return out
 
 
 class StateStore:
-    """DeepSpeed engine state under `run_dir/deepspeed`, the newest `keep` kept."""
+    """Resumable engine state under `run_dir/deepspeed`, the newest `keep` kept.
 
-    def __init__(self, run_dir: Path, keep: int, rank: int):
-        self.root, self.keep, self.rank = states_dir(run_dir), keep, rank
+    Written by vlmerge itself as JSON + safetensors (`vlmerge.train.safestate`), never with
+    DeepSpeed's pickled `.pt` files, so that resuming a copied run directory cannot run code.
+    """
+
+    def __init__(self, run_dir: Path, keep: int, rank: int, world: int = 1):
+        self.root, self.keep, self.rank, self.world = states_dir(run_dir), keep, rank, world
 
     def latest(self) -> str | None:
-        path = self.root / "latest"
-        return path.read_text().strip() if path.is_file() else None
+        """The tag named in `latest`, checked to be one of this run's own state folders."""
+        path = self.root / LATEST
+        if not path.is_file():
+            return None
+        try:
+            tag = path.read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError):
+            tag = None
+        if tag is None or not is_state_tag(tag) or not (self.root / tag).is_dir():
+            raise VlmergeError(f"{path}: names {tag!r}, expected one of this run's state folders "
+                               f"(step-<9 digits> in {self.root})")
+        return tag
 
     def save(self, engine, state: TrainState) -> None:
         """Called by every rank at the same step."""
         tag = state_tag(state.step)
         if tag == self.latest():
             return
-        tmp_tag = f".tmp-{tag}"
-        engine.save_checkpoint(str(self.root), tag=tmp_tag, save_latest=False)
+        names = [temp_sibling(self.root / tag).name if self.rank == 0 else None]
+        if dist.is_initialized():  # every rank writes its part into rank 0's temp folder
+            dist.broadcast_object_list(names, src=0)
+        tmp = self.root / names[0]
         if self.rank == 0:
-            write_json(self.root / tmp_tag / "state.json", dataclasses.asdict(state))
+            tmp.mkdir(parents=True)
+        _barrier()
+        save_state(tmp, state_rank_part(self.rank), {"optimizer": engine.optimizer.state_dict(), "rng": rng_state()})
+        if self.rank == 0:
+            save_state(tmp, STATE_MODULE, engine.module.state_dict())
+            save_state(tmp, STATE_ENGINE, {**{k: getattr(engine, k) for k in _ENGINE_COUNTERS},
+                                           "lr_scheduler": engine.lr_scheduler.state_dict(), "world": self.world})
+        _barrier()
+        if self.rank == 0:
+            write_json(tmp / STATE_POSITION, dataclasses.asdict(state))
             shutil.rmtree(self.root / tag, ignore_errors=True)
-            (self.root / tmp_tag).rename(self.root / tag)
-            write_text(self.root / "latest", tag + "\n")
+            tmp.rename(self.root / tag)
+            write_text(self.root / LATEST, tag + "\n")
             self._prune()
-        if dist.is_initialized():
-            dist.barrier()
+        _barrier()
 
     def _prune(self) -> None:
         tags = sorted(p.name for p in self.root.iterdir() if is_state_tag(p.name))
         for old in tags[: -self.keep]:
             shutil.rmtree(self.root / old, ignore_errors=True)
-        for tmp in self.root.glob(".tmp-*"):  # left by a run killed mid-save
-            shutil.rmtree(tmp, ignore_errors=True)
 
     def load(self, engine) -> TrainState | None:
         """Restore the engine from the newest complete state; None when there is none."""
         tag = self.latest()
         if tag is None:
             return None
-        engine.load_checkpoint(str(self.root), tag=tag)
-        return TrainState(**read_json(self.root / tag / "state.json"))
+        folder = self.root / tag
+        try:
+            state = TrainState(**read_json(folder / STATE_POSITION))
+        except (OSError, ValueError, TypeError) as e:
+            raise VlmergeError(f"{folder / STATE_POSITION}: expected the run's position as JSON ({e})") from None
+        saved = load_state(folder, STATE_ENGINE)
+        if not isinstance(saved, dict) or saved.get("world") != self.world:
+            raise VlmergeError(f"{folder}: state saved by {saved.get('world') if isinstance(saved, dict) else '?'} "
+                               f"rank(s); resume it with the same number ({self.world} now)")
+        template = {"optimizer": engine.optimizer.state_dict(), "rng": None}
+        mine = load_state(folder, state_rank_part(self.rank), template)
+        try:
+            engine.module.load_state_dict(load_state(folder, STATE_MODULE))
+            if engine.zero_optimization():  # ZeRO wants every rank's partition
+                parts = [mine["optimizer"] if r == self.rank else
+                         load_state(folder, state_rank_part(r), template)["optimizer"] for r in range(self.world)]
+                engine.optimizer.load_state_dict(state_dict_list=parts, load_optimizer_states=True,
+                                                 load_from_fp32_weights=engine.zero_load_from_fp32_weights())
+            elif engine.fp16_enabled() or engine.bfloat16_enabled():
+                engine.optimizer.load_state_dict(mine["optimizer"], load_optimizer_states=True)
+            else:
+                engine.optimizer.load_state_dict(mine["optimizer"])
+            engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
+            for k in _ENGINE_COUNTERS:
+                setattr(engine, k, int(saved[k]))
+            set_rng_state(mine["rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
+            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+            raise VlmergeError(f"{folder}: training state does not fit this run's model and optimizer "
+                               f"({first.strip()})") from None
+        return state
+
+
+_ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()

@@ -17,11 +17,11 @@ from vlmerge.config import EXPERT_RUN, RUN_NAMES, Config, merge_dicts, save_reso
 from vlmerge.data import Batch, Piece, count_batches, epoch_order, plan_batches, run_data
 from vlmerge.errors import Preempted, VlmergeError
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import atomic_path, fingerprint, read_json, write_json
+from vlmerge.io import atomic_path, fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.model import PooledLlavaForConditionalGeneration, build_config, experts_from_agnostic, init_model
 from vlmerge.problems import ProblemLog
 from vlmerge.train import distributed
-from vlmerge.layout import list_checkpoints, run_config, run_metrics_log
+from vlmerge.layout import checkpoints_dir, list_checkpoints, run_config, run_metrics_log, states_dir
 from vlmerge.train.checkpoint import StateStore, TrainState, write_checkpoint
 from vlmerge.train.preemption import StopFlag
 from vlmerge.train.schedule import checkpoint_words, lr_factor
@@ -89,7 +89,7 @@ class Trainer:
                                                  experts=run == EXPERT_RUN))
         self.total_steps = self._count_steps()
         self.engine = self._engine(model)
-        self.states = StateStore(self.run_dir, cfg.checkpoints.keep_states, rank)
+        self.states = StateStore(self.run_dir, cfg.checkpoints.keep_states, rank, world)
         self.replica_digests: list[str] = []
 
     def _check_run_dir(self) -> None:
@@ -140,6 +140,8 @@ class Trainer:
 
     def fit(self) -> Path:
         self.engine.train()
+        if self.rank == 0:  # what an earlier process of this run left when it was killed mid-write
+            remove_stale_temps(self.run_dir, checkpoints_dir(self.run_dir), states_dir(self.run_dir))
         state = self.states.load(self.engine)
         if state is None:
             state = TrainState()
@@ -252,7 +254,17 @@ class Trainer:
         path = self._metrics_path()
         if self.rank != 0 or not path.is_file():
             return
-        keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        keep = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                if i == len(lines) - 1:  # torn by a kill mid-append: it is logged again
+                    continue
+                raise VlmergeError(f"{path}:{i + 1}: expected one JSON object per line") from None
+            if row.get("step", 0) <= step:
+                keep.append(line)
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in keep))
 

@@ -1,0 +1,281 @@
+"""The bad-input catalogue: each bad input a user may give, its exit code, the words its one line
+must hold (the file, key or item, and what was expected), and no damage to what exists.
+
+Every case runs the real CLI (`vlmerge.cli.main`, in-process to stay fast) against one shared
+world of small inputs and existing outputs; that world must be byte-identical afterwards (no new,
+changed or removed file), which also proves that no stage writes into its input folders.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from vlmerge.cli import main
+from vlmerge.demo.world import save_random_dinov2
+from vlmerge.hf import quiet_transformers
+from vlmerge.merge.core import merge_to_disk
+
+from conftest import BLIMP
+
+UNWRITABLE = "/sys/vlmerge-test-out"  # refused even to root (tests may run as root, where chmod cannot)
+ENCODER_DIM = 32
+
+
+def _tiny_lm(path: Path, seed: int, **overrides) -> Path:
+    """A small LlamaForCausalLM with a word-level tokenizer: a model `merge` and `eval` accept."""
+    torch.manual_seed(seed)
+    shape = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=2, max_position_embeddings=64)
+    with quiet_transformers():
+        LlamaForCausalLM(LlamaConfig(**(shape | overrides))).save_pretrained(path)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"w{i}": i + 3 for i in range(61)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
+                            pad_token="</s>").save_pretrained(path)
+    return path
+
+
+def _copy_with_weights(src: Path, dst: Path, weights: bytes | None) -> Path:
+    shutil.copytree(src, dst)
+    if weights is None:
+        (dst / "model.safetensors").unlink()
+    else:
+        (dst / "model.safetensors").write_bytes(weights)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    w = tmp_path_factory.mktemp("errors")
+    text, mm = _tiny_lm(w / "text", 1), _tiny_lm(w / "mm", 2)
+    weights = (text / "model.safetensors").read_bytes()
+    _copy_with_weights(text, w / "trunc", weights[: len(weights) // 2])
+    _copy_with_weights(text, w / "garbage", b"\x00garbage\xff" * 100)
+    _copy_with_weights(text, w / "noweights", None)
+    nan = load_file(mm / "model.safetensors")
+    nan["model.norm.weight"][3] = float("nan")
+    shutil.copytree(mm, w / "nan")
+    save_file(nan, w / "nan" / "model.safetensors", metadata={"format": "pt"})
+    _tiny_lm(w / "wide", 2, intermediate_size=48)
+    merge_to_disk(text, mm, w / "merged", "linear", [0.5])
+
+    (w / "cfgdir").mkdir()
+    (w / "latin1.yaml").write_bytes(b"experiment: caf\xe9\n")
+    (w / "bad.yaml").write_text("experiment: [demo\n")
+    (w / "outfile").write_text("a file where a folder is expected\n")
+
+    # Existing outputs a failed command must leave exactly as they are.
+    out = w / "out"
+    (out / "results/demo/metrics").mkdir(parents=True)
+    (out / "results/demo/metrics/kept.parquet").write_bytes(b"PAR1 not really")
+    (out / "features").mkdir()
+    (out / "features/tstore.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 100)  # a truncated store
+    (out / "runs/demo/text").mkdir(parents=True)
+    (out / "runs/demo/text/metrics.jsonl").write_text('{"step": 1}\n')
+
+    save_random_dinov2(w / "enc", 0, hidden_size=ENCODER_DIM, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64)
+    rng = np.random.default_rng(0)
+    np.save(w / "part.npy", rng.standard_normal((3, ENCODER_DIM)).astype(np.float32))
+    np.save(w / "narrow.npy", rng.standard_normal((3, ENCODER_DIM - 1)).astype(np.float32))
+    np.save(w / "black.npy", np.zeros(ENCODER_DIM + 1, dtype=np.float32))
+    (w / "captions.json").write_text(json.dumps(["a", "b", "c"]))
+    (w / "latin1.json").write_bytes(b'["a", "caf\xe9", "c"]')
+
+    blimp = w / "blimp"
+    blimp.mkdir()
+    first = sorted(BLIMP.glob("*.jsonl"))[0]
+    (blimp / first.name).write_text("".join(first.read_text().splitlines(keepends=True)[:4]))
+    return w
+
+
+def _import(w: Path, **fields: str) -> str:
+    spec = {"captions": f"{w}/captions.json", "npy": f"['{w}/part.npy']", "prefix": "cc", "encoder": f"{w}/enc",
+            "layer": "-2", "pooling": "mean_patch"} | fields
+    return "features.imports=[{" + ", ".join(f"{k}: {v}" for k, v in spec.items()) + "}]"
+
+
+def _precompute(w: Path, *extra: str) -> list[str]:
+    return ["precompute", "--quiet", f"paths.root={w}/out", f"features.encoder={w}/enc", "features.images=[]",
+            "features.name=imp", "features.num_workers=0", *extra]
+
+
+def _merge(w: Path, *extra: str, text: str = "text", mm: str = "mm", out: str = "new", alpha: str = "0.5") -> list[str]:
+    return ["merge", "--quiet", "--text", f"{w}/{text}", "--mm", f"{w}/{mm}", "--alpha", alpha,
+            "--out", out if out.startswith("/") else f"{w}/{out}", *extra]
+
+
+def _eval(w: Path, *extra: str, model: str = "text", out: str = "evalout") -> list[str]:
+    return ["eval", "--quiet", "--model", f"{w}/{model}", "--task", f"blimp={w}/blimp",
+            "--out", out if out.startswith("/") else f"{w}/{out}", f"paths.root={w}/out", *extra]
+
+
+def _config(w: Path, *extra: str) -> list[str]:
+    return ["config", f"paths.root={w}/out", *extra]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    name: str
+    argv: object  # (world) -> list[str]
+    words: tuple[str, ...]
+    code: int = 2
+    env: tuple[tuple[str, str], ...] = ()
+
+
+CASES = [
+    # -- the config file and its values ---------------------------------------------------------------
+    Case("config is a folder", lambda w: ["config", "--config", f"{w}/cfgdir"], ("cfgdir", "is a folder", "YAML")),
+    Case("config not UTF-8", lambda w: ["config", "--config", f"{w}/latin1.yaml"], ("latin1.yaml", "not UTF-8")),
+    Case("config missing", lambda w: ["config", "--config", f"{w}/nope.yaml"], ("nope.yaml", "not found")),
+    Case("config not YAML", lambda w: ["config", "--config", f"{w}/bad.yaml"], ("bad.yaml", "not valid YAML")),
+    Case("experiment escapes the root", lambda w: _config(w, "experiment=../../x"), ("experiment", "plain name", "'../../x'")),
+    Case("experiment hidden", lambda w: _config(w, "experiment=.x"), ("experiment", "plain name")),
+    Case("experiment with a slash", lambda w: _config(w, "experiment=a/b"), ("experiment", "plain name")),
+    Case("store name escapes", lambda w: _config(w, "features.name=../x"), ("features.name", "plain name")),
+    Case("sweep alpha 1.5", lambda w: _config(w, "sweep.alphas=[0, 1.5]"),
+         ("sweep.alphas", "1.5 is outside [0, 1]", "sweep.allow_extrapolation=true")),
+    Case("sweep alpha NaN", lambda w: _config(w, "sweep.alphas=[.nan]"), ("sweep.alphas", "nan is not a finite number")),
+    Case("sweep alpha inf", lambda w: _config(w, "sweep.alphas=[.inf]", "sweep.allow_extrapolation=true"),
+         ("sweep.alphas", "inf is not a finite number")),
+    Case("sweep alphas empty", lambda w: _config(w, "sweep.alphas=[]"), ("sweep.alphas", "no alpha given")),
+    Case("sweep alphas repeat", lambda w: _config(w, "sweep.alphas=[0.5, 0.5]"), ("sweep.alphas", "0.5 is given twice")),
+    Case("unknown key", lambda w: _config(w, "train.lrr=1"), ("unknown key", "train.lrr", "allowed here")),
+    Case("negative learning rate", lambda w: _config(w, "train.lr=-1"), ("train.lr", "greater than 0")),
+    Case("override without value", lambda w: _config(w, "train.lr"), ("train.lr", "expected KEY.PATH=VALUE")),
+    Case("import without provenance", lambda w: _config(w, "features.imports=[{captions: c.json, npy: [a.npy], prefix: cc}]"),
+         ("features.imports.0.encoder", "Field required")),
+    Case("import prefix escapes", lambda w: _config(w, _import(w, prefix="../cc")), ("features.imports.0.prefix", "plain name")),
+    Case("config --get unknown", lambda w: _config(w, "--get", "train.nope"), ("--get train.nope", "no such key")),
+    # -- merge -----------------------------------------------------------------------------------------
+    Case("merge no alpha", lambda w: _merge(w, alpha=""), ("--alpha ''", "no alpha given")),
+    Case("merge alpha NaN", lambda w: _merge(w, "--allow-extrapolation", alpha="nan"), ("--alpha 'nan'", "not a finite number")),
+    Case("merge alpha inf", lambda w: _merge(w, "--allow-extrapolation", alpha="0,inf"), ("--alpha '0,inf'", "not a finite")),
+    Case("merge alpha 1.5", lambda w: _merge(w, alpha="1.5"), ("--alpha '1.5'", "outside [0, 1]", "--allow-extrapolation")),
+    Case("merge alphas repeat", lambda w: _merge(w, alpha="0.2,0.2"), ("--alpha '0.2,0.2'", "given twice")),
+    Case("merge alpha not a number", lambda w: _merge(w, alpha="half"), ("--alpha 'half'", "expected numbers")),
+    Case("merge out is a file (several α)", lambda w: _merge(w, out="outfile", alpha="0.2,0.4"),
+         ("outfile", "--out is a file", "expected a folder")),
+    Case("merge out is a file (one α)", lambda w: _merge(w, out="outfile"), ("outfile", "--out is a file")),
+    Case("merge out unwritable", lambda w: _merge(w, out=UNWRITABLE), ("/sys", "not writable")),
+    Case("merge truncated weights", lambda w: _merge(w, text="trunc"),
+         ("trunc/model.safetensors", "not a readable safetensors file")),
+    Case("merge garbage weights", lambda w: _merge(w, mm="garbage"),
+         ("garbage/model.safetensors", "not a readable safetensors file")),
+    Case("merge no weights", lambda w: _merge(w, text="noweights"), ("noweights", "no model.safetensors")),
+    Case("merge missing model", lambda w: _merge(w, mm="absent"), ("absent", "no model.safetensors")),
+    Case("merge NaN weights", lambda w: _merge(w, mm="nan"), ("nan", "'model.norm.weight' holds NaN or Inf")),
+    Case("merge other shapes", lambda w: _merge(w, mm="wide"), ("differ at tensor", "shape")),
+    Case("merge unknown method", lambda w: _merge(w, "--method", "blend"), ("'blend'", "known:")),
+    Case("merge bad param", lambda w: _merge(w, "--param", "density"), ("--param 'density'", "expected NAME=VALUE")),
+    Case("merge task vectors without base", lambda w: _merge(w, "--method", "task_arithmetic"), ("--base",)),
+    Case("merge over another merge", lambda w: _merge(w, out="merged", alpha="0.7"),
+         ("merged", "exists and is not this merge")),
+    # -- eval ------------------------------------------------------------------------------------------
+    Case("eval out is a file", lambda w: _eval(w, out=f"{w}/outfile"), ("outfile", "--out is a file")),
+    Case("eval out unwritable", lambda w: _eval(w, out=UNWRITABLE), (UNWRITABLE, "not writable")),
+    Case("eval no weights", lambda w: _eval(w, model="noweights"), ("noweights", "cannot load the model")),
+    Case("eval truncated weights", lambda w: _eval(w, model="trunc"), ("trunc", "cannot load the model")),
+    Case("eval garbage weights", lambda w: _eval(w, model="garbage"), ("garbage", "cannot load the model")),
+    Case("eval not a model", lambda w: _eval(w, model="absent"), ("absent", "not a model directory")),
+    Case("eval unknown task", lambda w: ["eval", "--model", f"{w}/text", "--task", "blimpp=x", "--out", f"{w}/e"],
+         ("'blimpp'", "known:")),
+    # -- analyze -----------------------------------------------------------------------------------------
+    Case("analyze out is a file", lambda w: ["analyze", "--out", f"{w}/outfile", f"paths.root={w}/out"],
+         ("outfile", "--out is a file")),
+    Case("analyze out unwritable", lambda w: ["analyze", "--out", UNWRITABLE, f"paths.root={w}/out"],
+         (UNWRITABLE, "not writable")),
+    # -- precompute ------------------------------------------------------------------------------------
+    Case("negative shard count", lambda w: _precompute(w, "--num-shards", "-1"), ("--num-shards -1", "at least 1")),
+    Case("shard out of range", lambda w: _precompute(w, "--shard", "5", "--num-shards", "2"), ("--shard 5", "expected 0..1")),
+    Case("array task id not a number", lambda w: _precompute(w), ("SLURM_ARRAY_TASK_ID='abc'", "whole number"),
+         env=(("SLURM_ARRAY_TASK_ID", "abc"),)),
+    Case("array size differs", lambda w: _precompute(w), ("3 tasks", "features.num_shards is 1"),
+         env=(("SLURM_ARRAY_TASK_ID", "0"), ("SLURM_ARRAY_TASK_COUNT", "3"))),
+    Case("truncated store on rerun", lambda w: _precompute(w, "features.name=tstore", _import(w)),
+         ("tstore.h5", "not a readable feature store")),
+    Case("import captions not UTF-8", lambda w: _precompute(w, _import(w, captions=f"{w}/latin1.json")),
+         ("latin1.json", "not UTF-8")),
+    Case("import of another encoder with a local null", lambda w: _precompute(w, _import(w, encoder="dinov2-small")),
+         ("features.imports[0].null_feature", "dinov2-small", "black-image row")),
+    Case("import of another width", lambda w: _precompute(w, _import(w, npy=f"['{w}/narrow.npy']")),
+         ("narrow.npy", f"expected features of shape [N, {ENCODER_DIM}]")),
+    Case("import null row of another width", lambda w: _precompute(w, _import(w, encoder="x", null_feature=f"{w}/black.npy")),
+         ("black.npy", f"black image's feature of shape [{ENCODER_DIM}]")),
+]
+
+
+def _snapshot(root: Path) -> dict[str, str]:
+    """Every file and folder under `root`: content hashes, so that any change shows."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+def test_the_catalogue_is_large_and_distinct():
+    assert len(CASES) >= 40
+    assert len({c.name for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gives_one_line_a_nonzero_exit_and_no_damage(world, case, capsys, monkeypatch):
+    for k, v in case.env:
+        monkeypatch.setenv(k, v)
+    before = _snapshot(world)
+    code = main(case.argv(world))
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert code == case.code, err
+    assert len(err) == 1, err
+    assert err[0].startswith("vlmerge ") and ": error: " in err[0], err
+    missing = [w for w in case.words if w not in err[0]]
+    assert not missing, (missing, err[0])
+    assert _snapshot(world) == before
+
+
+def test_a_non_utf8_line_is_a_counted_problem_not_a_failure(world, tmp_path, capsys):
+    blimp = tmp_path / "blimp"
+    shutil.copytree(world / "blimp", blimp)
+    (paradigm,) = blimp.glob("*.jsonl")
+    lines = paradigm.read_bytes().splitlines(keepends=True)
+    paradigm.write_bytes(b"".join(lines[:2]) + lines[2].replace(b'"', b'"\xff', 1) + b"".join(lines[3:]))
+    code = main(["eval", "--quiet", "--model", f"{world}/text", "--task", f"blimp={blimp}", "--out",
+                 str(tmp_path / "eval"), f"paths.root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "1 problem(s) (1 malformed line)" in err and f"{paradigm.name}:3: malformed line: not UTF-8" in err
+    assert (tmp_path / "eval" / "results.parquet").is_file()
+
+
+def test_a_truncated_feature_store_given_to_eval_is_one_line(world):
+    from vlmerge.data import FeatureTable
+    from vlmerge.errors import VlmergeError
+
+    with pytest.raises(VlmergeError, match=r"tstore.h5: not a readable feature store .*run `vlmerge precompute` again"):
+        FeatureTable(world / "out/features/tstore.h5")
+
+
+def test_a_full_disk_during_a_merge_is_one_line_and_leaves_nothing(world, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from vlmerge.merge import io as merge_io
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr(merge_io.SafetensorsWriter, "write", full)
+    out = tmp_path / "merged"
+    assert main(_merge(world, out=str(out), alpha="0.3,0.6")) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and "could not write the merge (No space left on device)" in err[0], err
+    assert not out.exists() or not any(out.iterdir())
