@@ -213,4 +213,4 @@ def test_two_concurrent_compactions_both_succeed(results):
     assert not errors and len(outcomes) == 2
     assert sorted(o[0] for o in outcomes) == [1, 4]  # the second waited, then found one file
     assert len(list((results / "metrics").glob("*.parquet"))) == 1
-    assert len(read_results(results / "metrics")) == 4
+    assert len(read_results(results)) == 4

@@ -170,7 +170,7 @@ def _merge_experts(args: argparse.Namespace) -> None:
             raise VlmergeError(f"merge-experts {args.method}: takes no --alpha (its parameter is lam)")
         settings, outs = [params], [Path(args.out)]
     else:
-        alphas = _alphas(args.alpha or "0.5")
+        alphas = _alphas(args.alpha or "0.5", allow_extrapolation=False)
         settings, outs = [params | {"alpha": a} for a in alphas], merge_outputs(Path(args.out), alphas)
     from vlmerge.merge.experts import merge_experts
 

@@ -134,7 +134,8 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
                  out: Path, job_id: str = "") -> list[TaskResult]:
     specs = task_specs(cfg, tasks)
     if out.exists() and not out.is_dir():
-        raise VlmergeError(f"{out}: --out is a file; expected a folder for results.parquet and items.parquet")
+        files = f"{eval_results_file(out).name} and {eval_items_file(out).name}"
+        raise VlmergeError(f"{out}: --out is a file; expected a folder for {files}")
     check_creatable(out)  # before scoring, not after
     remove_stale_temps(out)
     model, tokenizer = load_model(model_dir)
