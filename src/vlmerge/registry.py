@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from vlmerge.errors import VlmergeError
 
@@ -39,6 +39,15 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def with_defaults(owner: str, defaults: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """An entry's declared parameters: `defaults` overridden by `given`; an unknown one is an error."""
+    unknown = set(given) - set(defaults)
+    if unknown:
+        allowed = ", ".join(defaults) or "none"
+        raise VlmergeError(f"{owner}: unknown parameter {sorted(unknown)[0]!r} (allowed: {allowed})")
+    return {**defaults, **given}
 
 
 def import_submodules(package: str, path: Iterable[str]) -> None:

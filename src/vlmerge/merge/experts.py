@@ -37,7 +37,7 @@ from vlmerge.model import (
     CROSS, EXPERT_MODEL_TYPE, LANGUAGE, VISION, ExpertLlavaConfig, agnostic_config, copy_tokenizer_files,
     expert_param, expert_param_name,
 )
-from vlmerge.registry import Registry
+from vlmerge.registry import Registry, with_defaults
 
 PREFIX = "experts_"  # the results' method column: experts_interpolation, … (apart from the twins' methods)
 
@@ -51,11 +51,7 @@ class ExpertMethod:
 
     def params(self, given: dict[str, Any]) -> dict[str, float]:
         """The defaults overridden by `given`; an unknown parameter is an error."""
-        unknown = set(given) - set(self.defaults)
-        if unknown:
-            raise VlmergeError(f"merge-experts {self.name}: unknown parameter {sorted(unknown)[0]!r} "
-                               f"(allowed: {', '.join(self.defaults)})")
-        return {k: float(v) for k, v in {**self.defaults, **given}.items()}
+        return {k: float(v) for k, v in with_defaults(f"merge-experts {self.name}", self.defaults, given).items()}
 
 
 METHODS: Registry[ExpertMethod] = Registry("expert merge method")

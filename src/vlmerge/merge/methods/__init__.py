@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from vlmerge.errors import VlmergeError
-from vlmerge.registry import Registry, import_submodules
+from vlmerge.registry import Registry, import_submodules, with_defaults
 from vlmerge.modelkey import MM_ALPHA, TEXT_ALPHA
 
 
@@ -73,11 +73,7 @@ class Method:
 
     def params(self, given: dict[str, Any]) -> dict[str, Any]:
         """The method's defaults overridden by `given`; an unknown parameter is an error."""
-        unknown = set(given) - set(self.defaults)
-        if unknown:
-            allowed = ", ".join(self.defaults) or "none"
-            raise VlmergeError(f"method {self.name}: unknown parameter {sorted(unknown)[0]!r} (allowed: {allowed})")
-        return {**self.defaults, **given}
+        return with_defaults(f"method {self.name}", self.defaults, given)
 
 
 def endpoint(alpha: float, params: dict[str, Any]) -> str | None:
