@@ -81,8 +81,11 @@ def _eval(cfg: Config, args: argparse.Namespace) -> None:
 
     from vlmerge import launch
 
+    if args.export and args.export[0] != "babylm":
+        raise VlmergeError(f"--export {args.export[0]}: the only format is babylm")
+    export = Path(args.export[1]) if args.export else None
     eval_command(cfg, Path(args.model), args.task, dtype=args.dtype, features=args.features, out=Path(args.out),
-                 job_id=launch.job_id())
+                 job_id=launch.job_id(), export=export)
 
 
 def _sweep(cfg: Config, args: argparse.Namespace) -> None:
@@ -219,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: eval.dtype")
     p.add_argument("--features", help="feature store of the evaluation images (default: eval.features)")
     p.add_argument("--out", required=True, help="folder for results.parquet and items.parquet")
+    p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"),
+                   help="also write the predictions for submission: `babylm DIR` writes BabyLM 2025's "
+                        "DIR/zero_shot/causal/<task>/<dataset>/predictions.json (DIR = its results/<model>/<revision>)")
 
     p = stage("sweep", _sweep, "plan the sweep, or run its work items (all, one, or an array task's)",
               actions=("plan", "run"))

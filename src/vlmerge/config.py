@@ -184,7 +184,10 @@ class EvalConfig(_Section):
 
     tasks: dict[str, str] = {}
     features: str | None = Field(None, description="feature store of the evaluation images (default: features.name's)")
-    image_prefix: bool = Field(True, description="score after BOS + <image> (the null image for text tasks)")
+    prompt: Literal["auto", "takmaz2025", "text", "legacy"] = Field(
+        "auto", description="takmaz2025: '<image> ' + sentence (null image for text tasks); text: the sentence alone; "
+                            "legacy: BOS + <image>, context and target tokenised apart; auto: takmaz2025 for a "
+                            "model with an image token, else text")
     dtype: Literal["fp32", "bf16"] = "fp32"
     batch_size: int = Field(64, ge=1)
 

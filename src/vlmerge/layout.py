@@ -17,6 +17,7 @@ Under the output root (`paths.root`):
     reports/<exp>/                                       the analysis
     <merge --out>/alpha-<a.aa>/                           `vlmerge merge` at several α
     logs/<exp>/                                          Slurm job logs
+    <eval --export babylm DIR>/zero_shot/causal/<task>/<dataset>/predictions.json   BabyLM's layout
 
 A checkpoint knows its experiment, run and words seen from its path alone (`CheckpointRef`).
 """
@@ -188,6 +189,17 @@ def merge_outputs(out: Path, alphas: list[float] | tuple[float, ...]) -> list[Pa
 
 
 # Results
+def babylm_dataset(data_path: Path) -> str:
+    """BabyLM's name for a task's data (its `data_path.stem`): a folder's stem, a file's folder's."""
+    return (data_path if data_path.is_dir() else data_path.parent).stem
+
+
+def babylm_predictions(out: Path, task: str, dataset: str) -> Path:
+    """Where BabyLM 2025's collate_preds.py reads a causal model's predictions of `task` on `dataset`
+    (`out` standing for its results/<model>/<revision>)."""
+    return out / "zero_shot" / "causal" / task / dataset / "predictions.json"
+
+
 def result_file(results_dir: Path, dataset: str, name: str) -> Path:
     """`results/<exp>/<dataset>/<name>.parquet` (dataset: metrics, items or distances)."""
     assert dataset in RESULT_DATASETS, dataset
