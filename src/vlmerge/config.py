@@ -196,7 +196,8 @@ class AnalysisConfig(_Section):
     """Offline analysis: the metric that scores each task, and what "keeps grounding" means."""
 
     text_tasks: dict[str, str] = Field(
-        {"blimp": "accuracy", "blimp_supplement": "accuracy", "ewok": "accuracy", "perplexity": "logprob_per_token"},
+        {"blimp": "accuracy", "blimp_supplement": "accuracy", "ewok": "accuracy", "entity_tracking": "accuracy",
+         "comps": "accuracy", "wug_adj": "spearman", "wug_past": "spearman", "perplexity": "logprob_per_token"},
         description="language tasks (the text twin's strength) -> the metric that scores them")
     multimodal_tasks: dict[str, str] = Field(
         {"winoground": "unpaired_accuracy", "vqa": "accuracy"},

@@ -10,6 +10,7 @@ Layout under the output directory (paths relative to it):
     eval/images.jsonl           the same for the Winoground images ("path" relative to eval/)
     eval/blimp/<UID>.jsonl      BLiMP-format minimal pairs on held-out words
     eval/winoground.jsonl       Winoground-format items (Hugging Face export fields)
+    eval/entity_tracking/, eval/wug_adj_nominalization/   BabyLM-format files (demo.babylm_tasks)
     dinov2-tiny/                randomly initialised DINOv2 + image processor (save_pretrained)
 
 Everything follows from the seed and the parameters: the same inputs give byte-identical files.
@@ -28,11 +29,12 @@ from tqdm import tqdm
 
 from vlmerge.demo.grammar import Grammar, full_lexicon, sample_corpus, split_lexicon
 from vlmerge.demo.images import Scene, caption, random_scene, random_style, render
+from vlmerge.demo.babylm_tasks import write_babylm_tasks
 from vlmerge.demo.tasks import PHENOMENA, minimal_pairs, winoground_items
 from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path, write_json, write_jsonl, write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 FILES = {
     "text_train": "text/train.txt",
     "text_dev": "text/dev.txt",
@@ -199,6 +201,8 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
         rows = minimal_pairs(phenomenon, grammar, held_out, params["pairs_per_phenomenon"])
         blimp_pairs[phenomenon.uid] = write_jsonl(root / FILES["blimp_dir"] / f"{phenomenon.uid}.jsonl", rows)
 
+    babylm_items = write_babylm_tasks(root, sorted(n.singular for n in lexicon.nouns if n.kind == "thing"),
+                                      _rng(seed, "babylm_tasks"))
     save_random_dinov2(root / FILES["encoder_dir"], seed)
 
     write_json(root / "world.json", {
@@ -213,6 +217,7 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
             "eval_images": len(eval_images),
             "winoground_items": len(items),
             "blimp_pairs": blimp_pairs,
+            "babylm_tasks": babylm_items,
         },
         "lexicon": {
             "train": train_lexicon.to_json(),
