@@ -19,9 +19,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from vlmerge.config import TokenizerConfig, load_config
-from vlmerge.evaluate.run import babylm_files, eval_command, evaluate, prepare
+from vlmerge.evaluate.run import TaskResult, babylm_files, eval_command
+from vlmerge.layout import babylm_predictions
 from vlmerge.evaluate.scoring import Scorer
-from vlmerge.evaluate.tasks import Scores, get_task
+from vlmerge.evaluate.tasks import Request, Scores, get_task
 from vlmerge.precompute.tokenizer import train_bpe
 from vlmerge.problems import ProblemLog
 
@@ -261,3 +262,113 @@ def test_export_babylm_writes_prediction_files_the_pipeline_reads(fixtures, tiny
     comps = json.loads((export / files[0]).read_text())
     assert comps["base"]["predictions"][0]["pred"] in ("A robin can fly.", "A penguin can fly.")
     assert {r.task for r in results} == set(fixtures)
+
+
+# --- reading -----------------------------------------------------------------------------------------------------
+
+EYE = ["RTfirstfix", "RTfirstpass", "RTgopast", "RTrightbound"]
+
+
+def reading_csv(path: Path, n: int = 60) -> Path:
+    """A reading_data.csv of `n` words in 6 texts, with empty measures, two malformed rows and a long word."""
+    rng = np.random.default_rng(3)
+    words = ["the", "dog", "ran", "to", "a", "house", "splinged", "and", "it", "was"]
+    rows, text = [], []
+    for k in range(n):
+        if k % 10 == 0:
+            text = []
+        word = words[k % len(words)]
+        item, prev = " ".join(text), (text[-1] if text else "")
+        prev_item = " ".join(text[:-1]) if text else ""
+        freq, length = float(rng.uniform(1, 5)), len(word)
+        rt = {m: f"{200 + 30 * length - 20 * freq + rng.normal(0, 25):.3f}" for m in EYE}
+        rt["self_paced_reading_time"] = f"{300 + 10 * length + rng.normal(0, 30):.3f}"
+        if k % 7 == 3:
+            rt["RTgopast"] = ""  # not measured
+        rows.append({"item": item, "word": word, "prev_item": prev_item, "prev_word": prev, **rt,
+                     "ELAN": "0.1", "Subtlex_log10": f"{freq:.4f}", "length": str(length),
+                     "context_length": str(len(text)), "prev_length": str(len(prev)) if text else ""})
+        text.append(word)
+    rows[5]["length"] = "long"  # malformed: not a number
+    rows[8]["word"] = ""  # malformed: no word
+    header = list(rows[0])
+    path.write_text(",".join(header) + "\n" + "".join(",".join(r[h] for h in header) + "\n" for r in rows))
+    return path
+
+
+def ols_r2(y: np.ndarray, columns: list[np.ndarray]) -> float:
+    """R² of least squares with an intercept, by numpy."""
+    x = np.column_stack([np.ones(len(y)), *columns])
+    beta, *_ = np.linalg.lstsq(x, y, rcond=None)
+    resid = y - x @ beta
+    return 1 - resid @ resid / ((y - y.mean()) @ (y - y.mean()))
+
+
+def reference_gain(rows: list[dict], dv: str, names: list[str]) -> float:
+    """Relative R² gain of adding surprisal, each model on its own complete rows (pairwise interactions)."""
+    def r2(cols: list[str]) -> float:
+        ok = [r for r in rows if all(not math.isnan(r[c]) for c in [dv, *cols])]
+        base = [np.array([r[c] for r in ok]) for c in names]
+        inter = [base[i] * base[j] for i in range(len(names)) for j in range(i + 1, len(names))]
+        extra = [np.array([r["pred"] for r in ok])] if "pred" in cols else []
+        return ols_r2(np.array([r[dv] for r in ok]), base + inter + extra)
+    without, with_ = r2(names), r2([*names, "pred"])
+    return (with_ - without) / (1 - without)
+
+
+def test_reading_matches_an_independent_r2_gain(tmp_path):
+    path = reading_csv(tmp_path / "reading_data.csv")
+    t, problems = get_task("reading"), ProblemLog()
+    words = t.load(path, problems)
+    assert len(words) == 58 and [w for w, _ in problems.items] == [f"{path}:7", f"{path}:10"]
+    reqs = t.requests(words)
+    # an empty item is read as "None" and an empty prev_item means no previous word, as pandas does for the pipeline
+    assert reqs[:2] == [Request("the", "None", None, 0, True), Request("dog", "the", None, 1, True)]
+    rng = np.random.default_rng(5)
+    lp = -rng.uniform(1, 12, len(reqs))
+    metrics, per_item = t.evaluate(words, Scores(lp, np.ones(len(reqs), np.int64)))
+    got = {(m.subtask, m.metric): m.value for m in metrics}
+    # the reference: rows as dicts, surprisal = −log p of the word's own request, the previous word's next to it
+    df = __import__("pandas").read_csv(path, keep_default_na=True)
+    rows, i = [], 0
+    for k in range(len(df)):
+        if k in (5, 8):
+            continue
+        r = {c: float(df.loc[k, c]) for c in [*EYE, "self_paced_reading_time", "Subtlex_log10", "length",
+                                               "context_length", "prev_length"]}
+        r["pred"], i = -lp[i], i + 1
+        if isinstance(df.loc[k, "prev_item"], str):
+            r["prev_pred"], i = -lp[i], i + 1
+        else:
+            r["prev_pred"] = math.nan
+        rows.append(r)
+    base = ["Subtlex_log10", "length", "context_length"]
+    for dv in EYE:
+        assert got[(dv, "r2_gain")] == pytest.approx(100 * reference_gain(rows, dv, base), abs=1e-9)
+    assert got[("", "eye_tracking")] == pytest.approx(np.mean([got[(dv, "r2_gain")] for dv in EYE]), abs=1e-12)
+    spr = 100 * reference_gain(rows, "self_paced_reading_time", [*base, "prev_length", "prev_pred"])
+    assert got[("", "self_paced_reading")] == pytest.approx(spr, abs=1e-9)
+    assert per_item[0].value == pytest.approx(-lp[0])
+    # its predictions.json: reading/run.py's rows, in the task's folder (no dataset level)
+    scores = Scores(lp, np.ones(len(reqs), np.int64))
+    files = babylm_files([TaskResult("reading", metrics, per_item, t.predict(words, scores), "reading", "reading")])
+    rows = files[("reading", "reading")]["reading"]["predictions"]
+    assert rows[0]["id"] == 0 and rows[0]["pred"] == -lp[0] and math.isnan(rows[0]["prev_pred"])
+    assert rows[6]["id"] == 7 and rows[6]["pred"] == per_item[6].value  # rows 5 and 8 (malformed) are left out
+    assert babylm_predictions(tmp_path, "reading", "reading") == tmp_path / "zero_shot/causal/reading/predictions.json"
+
+
+def test_reading_word_surprisal_appends_the_word_tokens(tmp_path, tiny_lm):
+    lm, tok = tiny_lm
+    words = get_task("reading").load(reading_csv(tmp_path / "reading_data.csv", 12), ProblemLog())
+    got = Scorer(lm, tok).score(get_task("reading").requests(words[:4])).logprob
+    want = []
+    for w in words[:4]:
+        for item, word in [(w.item, w.word), *([w.prev] if w.prev else [])]:
+            ctx = tok(item)["input_ids"]
+            ids = ctx + tok(word, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logp = lm(input_ids=torch.tensor([ids])).logits.log_softmax(-1)[0]
+            want.append(sum(logp[j - 1, ids[j]].item() for j in range(len(ctx), len(ids))))
+    np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    assert len(tok(" splinged", add_special_tokens=False)["input_ids"]) > 1  # a multi-token word is in the file

@@ -197,7 +197,8 @@ class AnalysisConfig(_Section):
 
     text_tasks: dict[str, str] = Field(
         {"blimp": "accuracy", "blimp_supplement": "accuracy", "ewok": "accuracy", "entity_tracking": "accuracy",
-         "comps": "accuracy", "wug_adj": "spearman", "wug_past": "spearman", "perplexity": "logprob_per_token"},
+         "comps": "accuracy", "wug_adj": "spearman", "wug_past": "spearman", "reading": "eye_tracking",
+         "perplexity": "logprob_per_token"},
         description="language tasks (the text twin's strength) -> the metric that scores them")
     multimodal_tasks: dict[str, str] = Field(
         {"winoground": "unpaired_accuracy", "vqa": "accuracy"},

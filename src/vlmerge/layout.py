@@ -17,7 +17,7 @@ Under the output root (`paths.root`):
     reports/<exp>/                                       the analysis
     <merge --out>/alpha-<a.aa>/                           `vlmerge merge` at several α
     logs/<exp>/                                          Slurm job logs
-    <eval --export babylm DIR>/zero_shot/causal/<task>/<dataset>/predictions.json   BabyLM's layout
+    <eval --export babylm DIR>/zero_shot/causal/<task>/[<dataset>/]predictions.json  BabyLM's layout
 
 A checkpoint knows its experiment, run and words seen from its path alone (`CheckpointRef`).
 """
@@ -194,10 +194,14 @@ def babylm_dataset(data_path: Path) -> str:
     return (data_path if data_path.is_dir() else data_path.parent).stem
 
 
+BABYLM_NO_DATASET = frozenset({"reading"})  # tasks whose predictions.json sits in the task's folder
+
+
 def babylm_predictions(out: Path, task: str, dataset: str) -> Path:
     """Where BabyLM 2025's collate_preds.py reads a causal model's predictions of `task` on `dataset`
     (`out` standing for its results/<model>/<revision>)."""
-    return out / "zero_shot" / "causal" / task / dataset / "predictions.json"
+    folder = out / "zero_shot" / "causal" / task
+    return (folder if task in BABYLM_NO_DATASET else folder / dataset) / "predictions.json"
 
 
 def result_file(results_dir: Path, dataset: str, name: str) -> Path:

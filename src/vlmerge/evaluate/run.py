@@ -141,7 +141,8 @@ def babylm_files(results: Sequence[TaskResult]) -> dict[tuple[str, str], dict]:
         per_uid = files.setdefault((r.babylm, r.dataset), {})
         for p in r.predictions:
             rows = per_uid.setdefault(p.uid, {"predictions": []})["predictions"]
-            rows.append({"id": f"{p.uid}_{len(rows)}", "pred": p.pred, **({"prob": p.prob} if p.prob is not None else {})})
+            rows.append(p.fields if p.fields is not None else
+                        {"id": f"{p.uid}_{len(rows)}", "pred": p.pred, **({"prob": p.prob} if p.prob is not None else {})})
     return files
 
 

@@ -151,17 +151,32 @@ class Scorer:
             current = current + g
         return batches + ([current] if current else [])
 
-    def _spans(self, requests: Sequence[Request]) -> tuple[list[list[int]], list[int]]:
-        """The BabyLM rule: (ids up to the completion's last token, completion tokens) per request."""
-        lead = IMAGE_PROMPT if self.prompt == "takmaz2025" else ""
-        texts = [lead + r.context + r.target for r in requests]
+    def _with_offsets(self, texts: Sequence[str]) -> dict[str, tuple[list[int], list[tuple[int, int]]]]:
+        """text -> (ids, offsets), with the model's own special tokens under the `text` prompt."""
         unique = list(dict.fromkeys(texts))
-        enc = self.tokenizer(unique, add_special_tokens=self.prompt == "text", return_offsets_mapping=True) \
-            if unique else {"input_ids": [], "offset_mapping": []}
-        table = dict(zip(unique, zip(enc["input_ids"], enc["offset_mapping"])))
+        if not unique:
+            return {}
+        enc = self.tokenizer(unique, add_special_tokens=self.prompt == "text", return_offsets_mapping=True)
+        return {t: (list(i), [tuple(o) for o in offs]) for t, i, offs in zip(unique, enc["input_ids"], enc["offset_mapping"])}
+
+    def _spans(self, requests: Sequence[Request]) -> tuple[list[list[int]], list[int]]:
+        """The BabyLM rule: (ids up to the completion's last token, completion tokens) per request.
+
+        A request `apart` (reading's word surprisal, reading/evaluation_functions.py `get_p2`) has
+        its context tokenised as a sentence and its target's tokens appended, all of them scored.
+        """
+        lead = IMAGE_PROMPT if self.prompt == "takmaz2025" else ""
+        texts = [lead + r.context + ("" if r.apart else r.target) for r in requests]
+        table = self._with_offsets(texts)
+        targets = dict(zip((r.target for r in requests if r.apart),
+                           self._encode([r.target for r in requests if r.apart])))
         seqs, lengths = [], []
         for r, text in zip(requests, texts):
             ids, offsets = table[text]
+            if r.apart:
+                seqs.append(self.prefix + ids + targets[r.target])
+                lengths.append(len(targets[r.target]))
+                continue
             ids, offsets = self.prefix + list(ids), [(0, 0)] * len(self.prefix) + list(offsets)
             # text: the pipeline's `+ offset_mapping[start_idx][0]`; the fork adds nothing
             shift = offsets[0][0] if self.prompt == "text" else 0

@@ -28,6 +28,7 @@ class Request:
     context: str = ""
     image: str | None = None  # an image id of the feature store; None: the null (black) image
     group: int = 0  # requests of one group are scored in the same batch (the two sides of a pair)
+    apart: bool = False  # context and target tokenised apart, every target token scored (word surprisal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +64,9 @@ class Prediction:
     completion, and for the wug tests the first candidate's probability."""
 
     uid: str
-    pred: str
+    pred: str | float
     prob: float | None = None
+    fields: dict | None = None  # the whole row instead, for a task whose rows are not `<UID>_<n>` (reading)
 
 
 @dataclasses.dataclass(frozen=True)
