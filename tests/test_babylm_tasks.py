@@ -372,3 +372,74 @@ def test_reading_word_surprisal_appends_the_word_tokens(tmp_path, tiny_lm):
             want.append(sum(logp[j - 1, ids[j]].item() for j in range(len(ctx), len(ids))))
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
     assert len(tok(" splinged", add_special_tokens=False)["input_ids"]) > 1  # a multi-token word is in the file
+
+
+# --- age of acquisition ------------------------------------------------------------------------------------------
+
+
+def test_aoa_reads_words_and_scores_each_context(tmp_path):
+    path = tmp_path / "cdi_childes.json"
+    path.write_text(json.dumps({"dog": [{"context": " I saw a "}, {"context": "the big"}], "a": [{"context": "x"}],
+                                "cat": "not a list", "ball": [{"context": "kick the"}]}))
+    t, problems = get_task("aoa"), ProblemLog()
+    words = t.load(path, problems)
+    assert [w.word for w in words] == ["dog", "ball"] and [w for w, _ in problems.items] == [f"{path}:cat"]
+    reqs = t.requests(words)
+    # AoA_word's causal rule: context.strip() + " " + word, the word's tokens scored
+    assert [(r.context, r.target) for r in reqs] == [("I saw a ", "dog"), ("the big ", "dog"), ("kick the ", "ball")]
+    metrics, items = t.evaluate(words, Scores(np.array([-2.0, -4.0, -6.0]), np.ones(3, np.int64)))
+    assert metrics[0].value == pytest.approx(4.0) and [i.item_id for i in items] == ["dog/0", "dog/1", "ball/0"]
+
+
+def logistic(x, a, b, c, d):
+    return a / (1 + math.exp(-b * (x - c))) + d
+
+
+def test_aoa_sigmoid_crossings_and_pearson_equal_hand_computed_values():
+    from vlmerge.evaluate.tasks.aoa import CHANCE, aoa_fitness, child_aoa, model_aoa
+
+    # a child curve with a known midpoint: 0.5 is crossed at c (a = 1, d = 0)
+    ages = np.arange(16, 31, dtype=float)
+    assert child_aoa(np.array([logistic(x, 1.0, 0.6, 21.3, 0.0) for x in ages])) == pytest.approx(21.3, abs=1e-4)
+    assert child_aoa(np.array([0.1, np.nan] + [np.nan] * 13)) is None  # fewer than 3 points
+    # a model curve: −surprisal = logistic(log10(words + 1)); its crossing of −(half way from chance to the minimum)
+    steps = np.array([0, 10, 100, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8])
+    a, b, c, d = 12.0, 1.5, 4.0, -20.0
+    s = np.array([-logistic(math.log10(x + 1), a, b, c, d) for x in steps])
+    threshold = CHANCE - 0.5 * (CHANCE - s.min())
+    want = c - math.log(a / (-threshold - d) - 1) / b
+    assert model_aoa(steps, s) == pytest.approx(want, abs=1e-4)
+    # Pearson r over the words that have both AoAs; a word missing from the CDI table is left out
+    mids = {"w1": (2.5, 20.0), "w2": (3.5, 23.0), "w3": (4.0, 22.0), "w4": (5.0, 27.0)}
+    series = {w: (steps, np.array([-logistic(math.log10(x + 1), a, b, mc, d) for x in steps])) for w, (mc, _) in mids.items()}
+    series["w5"] = series["w1"]
+    cdi = {w: np.array([logistic(x, 1.0, 0.6, ca, 0.0) for x in ages]) for w, (_, ca) in mids.items()}
+    r, n = aoa_fitness(series, cdi)
+    m = [model_aoa(steps, series[w][1]) for w in mids]
+    h = [ca for _, ca in mids.values()]
+    mm, mh = sum(m) / 4, sum(h) / 4
+    ref = sum((x - mm) * (y - mh) for x, y in zip(m, h)) / math.sqrt(sum((x - mm) ** 2 for x in m) * sum((y - mh) ** 2 for y in h))
+    assert n == 4 and r == pytest.approx(ref, abs=1e-6)
+    assert aoa_fitness({w: series[w] for w in ("w1", "w2")}, cdi) == (0.0, 2)  # fewer than 3 words, as the pipeline
+
+
+def test_aoa_command_over_a_checkpoint_series(tmp_path, tiny_lm):
+    from vlmerge.evaluate.run import aoa_command
+
+    lm, tok = tiny_lm
+    ckpts = []
+    for k, words in enumerate((0, 1000, 20000)):
+        d = tmp_path / "run" / "checkpoints" / f"words-{words:012d}"
+        torch.manual_seed(k)
+        LlamaForCausalLM(lm.config).save_pretrained(d)
+        tok.save_pretrained(d)
+        ckpts.append(d)
+    words = tmp_path / "cdi_childes.json"
+    words.write_text(json.dumps({"dog": [{"context": "Box contains the"}], "cat": [{"context": "A"}]}))
+    cdi = tmp_path / "cdi.csv"
+    cdi.write_text("word," + ",".join(map(str, range(16, 31))) + "\n" +
+                   "dog," + ",".join(f"{logistic(x, 1, 0.6, 20, 0):.4f}" for x in range(16, 31)) + "\n")
+    cfg = load_config(None, [f"paths.root={tmp_path / 'root'}"])
+    out = aoa_command(cfg, ckpts[::-1], words, cdi, dtype="fp32", out=tmp_path / "aoa.json")
+    assert json.loads((tmp_path / "aoa.json").read_text()) == out
+    assert out["words_seen"] == [0, 1000, 20000] and out["metric"] == "pearson" and out["n_words"] <= 1

@@ -17,7 +17,7 @@ from vlmerge.evaluate.scoring import Scorer
 from vlmerge.evaluate.tasks import ItemScore, Metric, Prediction, Task, get_task
 from vlmerge.hf import quiet_transformers
 from vlmerge.io import write_json
-from vlmerge.layout import babylm_dataset, babylm_predictions
+from vlmerge.layout import babylm_dataset, babylm_predictions, checkpoint_words
 from vlmerge.model import MODEL_TYPE
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, stamp, write_rows
@@ -154,6 +154,33 @@ def export_babylm(results: Sequence[TaskResult], out: Path) -> list[Path]:
         write_json(path, content)
         written.append(path)
     return written
+
+
+def aoa_command(cfg: Config, checkpoints: Sequence[Path], words: Path, cdi: Path, *, dtype: str | None,
+                out: Path) -> dict:
+    """AoA over a run's checkpoint series: each checkpoint scored on the AoA words, then
+    Pearson r of model and child AoAs (vlmerge.evaluate.tasks.aoa); written to `out` (JSON)."""
+    from vlmerge.evaluate.tasks import aoa
+
+    if len(checkpoints) < 3:
+        raise VlmergeError(f"aoa: {len(checkpoints)} checkpoint(s); a sigmoid needs at least 3")
+    cdi_table, problems = aoa.read_cdi(cdi), ProblemLog()
+    (task,) = prepare([(get_task("aoa"), words)], None, problems)
+    per_checkpoint = []
+    for ckpt in sorted(checkpoints, key=checkpoint_words):
+        model, tokenizer = load_model(ckpt)
+        features = FeatureTable(cfg.eval_store_path) if getattr(model.config, "model_type", "") == MODEL_TYPE else None
+        scorer = Scorer(model, tokenizer, features=features, prompt=cfg.eval.prompt, dtype=dtype or cfg.eval.dtype,
+                        batch_size=cfg.eval.batch_size)
+        (result,) = evaluate(scorer, [task])
+        per_checkpoint.append((checkpoint_words(ckpt), result.items))
+    problems.report("aoa")
+    r, n = aoa.aoa_fitness(aoa.series_of(task.items, per_checkpoint), cdi_table)
+    summary = {"task": "aoa", "metric": "pearson", "value": r, "n_words": n,
+               "words_seen": [w for w, _ in per_checkpoint], "checkpoints": [str(c) for c in sorted(checkpoints)]}
+    write_json(out, summary)
+    print(f"aoa: Pearson r {r:.4f} over {n} words, {len(per_checkpoint)} checkpoints -> {out}")
+    return summary
 
 
 def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: str | None, features: str | None,
