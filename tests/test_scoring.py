@@ -127,7 +127,7 @@ def test_legacy_prompt_scores_every_target_token_after_bos(setup, real_blimp):
 
 # --- the official rule on all 67 BLiMP paradigms, a small trained Llama whose tokenizer adds no BOS ---------------
 
-PER_PARADIGM = 3  # the first pairs of every paradigm, plus BLiMP's identical-sentence pairs (ties)
+PER_PARADIGM = 3  # the first 3 pairs of every paradigm (201), plus BLiMP's 7 identical-sentence pairs (ties)
 
 
 @pytest.fixture(scope="module")
@@ -157,6 +157,7 @@ def trained_llama(real_blimp):
     return lm.eval(), tok, pairs, len(rows)
 
 
+@pytest.mark.slow  # trains a small Llama (about 30 s on 2 cores)
 def test_official_rule_on_all_67_blimp_paradigms_equals_one_pair_at_a_time(trained_llama):
     lm, tok, pairs, paradigms = trained_llama
     assert paradigms == 67 and tok("The cat.")["input_ids"][0] != tok.bos_token_id  # no BOS from this tokenizer
