@@ -50,9 +50,11 @@ def pair(good: str, bad: str, **extra) -> dict:
 def test_metric_functions_equal_hand_computed_values():
     assert accuracy_by(["b", "a", "b", "b"], [True, False, False, True]) == {"a": (0.0, 1), "b": (2 / 3, 3)}
     assert macro_mean({"a": (0.0, 1), "b": (2 / 3, 3)}) == (pytest.approx(1 / 3), 4)
-    # candidates [-1, -2] [-2, -1] [-3, -3] [-1, -4, -0.5, -9]: right, wrong, tie (wrong), wrong
-    chosen = first_is_best(np.array([-1, -2, -2, -1, -3, -3, -1, -4, -0.5, -9.0]), [2, 2, 2, 4])
-    assert chosen.tolist() == [True, False, False, False]
+    # candidates [-1, -2] [-2, -1] [-3, -3] [-1, -4, -0.5, -9] [-2, -2, -1]: right, wrong,
+    # tie (right: BabyLM's arg-max takes the first maximum, the correct one), wrong, tie with a better one (wrong)
+    chosen = first_is_best(np.array([-1, -2, -2, -1, -3, -3, -1, -4, -0.5, -9.0, -2, -2, -1]), [2, 2, 2, 4, 3])
+    ref = [int(np.argmax(c)) == 0 for c in ([-1, -2], [-2, -1], [-3, -3], [-1, -4, -0.5, -9], [-2, -2, -1])]
+    assert chosen.tolist() == ref == [True, False, True, False, False]
     # Σ logprob = -8 over 6 tokens
     assert logprob_per_token(np.array([-2.0, -1.5, -4.5]), np.array([2, 1, 3])) == pytest.approx(-4 / 3)
     assert perplexity(np.array([-2.0, -1.5, -4.5]), np.array([2, 1, 3])) == pytest.approx(math.exp(4 / 3))
@@ -75,8 +77,8 @@ def test_blimp_accuracy_per_uid_macro_mean_and_field(tmp_path):
     write_jsonl(folder / "agr_b.jsonl", [pair("g3", "b3", UID="agr_b", field="morphology", pairID="0")])
     write_jsonl(folder / "isl.jsonl", [pair("g4", "b4", UID="isl", field="syntax_semantics", pairID="7"),
                                        pair("g5", "b5", UID="isl", field="syntax_semantics", pairID="8")])
-    # (good, bad): agr_a right, wrong -> 1/2; agr_b right -> 1; isl tie (wrong), right -> 1/2
-    lp = [-1, -2, -3, -2, -1, -5, -1, -1, -2, -3]
+    # (good, bad): agr_a right, wrong -> 1/2; agr_b right -> 1; isl tie (right, as BabyLM), wrong -> 1/2
+    lp = [-1, -2, -3, -2, -1, -5, -1, -1, -3, -2]
     items, reqs, m, per_item, problems = run("blimp", folder, lp)
     assert not problems
     assert reqs[:2] == [Request("g1", "", None, 0), Request("b1", "", None, 0)] and reqs[-1].group == 4
@@ -87,7 +89,7 @@ def test_blimp_accuracy_per_uid_macro_mean_and_field(tmp_path):
     assert m[("field:syntax/semantics", "accuracy")] == (0.5, 2)  # BabyLM's spelling of syntax_semantics
     assert [(i.item_id, i.subtask, i.value) for i in per_item] == [
         ("agr_a/0", "agr_a", 1.0), ("agr_a/1", "agr_a", 0.0), ("agr_b/0", "agr_b", 1.0),
-        ("isl/7", "isl", 0.0), ("isl/8", "isl", 1.0)]
+        ("isl/7", "isl", 1.0), ("isl/8", "isl", 0.0)]
 
 
 def test_blimp_supplement_and_minimal_pairs_take_the_file_stem_without_uid(tmp_path):
@@ -259,8 +261,9 @@ def test_vqa_eight_way_choice(tmp_path):
     path = write_jsonl(tmp_path / "vqa_filtered" / "vqa.jsonl", [q(0), {**q(9), "distractors": []}, q(1)])
     items, reqs, _, _, problems = run("vqa", path.parent)
     assert len(items) == 2 and len(reqs) == 16 and problems.kinds() == {"malformed line": 1}
-    assert reqs[0] == Request(" yes0", "Question: Is it 0? Answer:", "100", 0)
-    assert reqs[9] == Request(" d10", "Question: Is it 1? Answer:", "101", 1)
+    # BabyLM's decode_vqa: " " + answer after the bare question
+    assert reqs[0] == Request(" yes0", "Is it 0?", "100", 0)
+    assert reqs[9] == Request(" d10", "Is it 1?", "101", 1)
     # item 0: the target is best; item 1: a distractor beats it
     _, _, m, per_item, _ = run("vqa", path, [-1, -2, -3, -4, -5, -6, -7, -8] + [-3, -9, -2, -9, -9, -9, -9, -9])
     assert m == {("", "accuracy"): (0.5, 2)}

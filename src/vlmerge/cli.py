@@ -83,8 +83,19 @@ def _eval(cfg: Config, args: argparse.Namespace) -> None:
 
     from vlmerge import launch
 
+    if args.export and args.export[0] != "babylm":
+        raise VlmergeError(f"--export {args.export[0]}: the only format is babylm")
+    export = Path(args.export[1]) if args.export else None
     eval_command(cfg, Path(args.model), args.task, dtype=args.dtype, features=args.features, out=Path(args.out),
-                 job_id=launch.job_id())
+                 job_id=launch.job_id(), export=export)
+
+
+def _aoa(cfg: Config, args: argparse.Namespace) -> None:
+    from vlmerge.evaluate.run import aoa_command
+    from vlmerge.layout import list_checkpoints
+
+    checkpoints = [Path(c) for c in args.checkpoint] or list_checkpoints(cfg.layout.run_dir(args.run))
+    aoa_command(cfg, checkpoints, Path(args.words), Path(args.cdi), dtype=args.dtype, out=Path(args.out))
 
 
 def _sweep(cfg: Config, args: argparse.Namespace) -> None:
@@ -270,6 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: eval.dtype")
     p.add_argument("--features", help="feature store of the evaluation images (default: eval.features)")
     p.add_argument("--out", required=True, help="folder for results.parquet and items.parquet")
+    p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"),
+                   help="also write the predictions for submission: `babylm DIR` writes BabyLM 2025's "
+                        "DIR/zero_shot/causal/<task>/<dataset>/predictions.json (DIR = its results/<model>/<revision>)")
+
+    p = stage("aoa", _aoa, "age of acquisition over a run's checkpoints: Pearson r with children's AoA (BabyLM)")
+    p.add_argument("--run", choices=RUN_NAMES, default="text", help="the run whose checkpoints form the series")
+    p.add_argument("--checkpoint", action="append", default=[], help="the series instead (repeatable)")
+    p.add_argument("--words", required=True, help="BabyLM's cdi_childes.json (words and their contexts)")
+    p.add_argument("--cdi", required=True, help="a CDI-format CSV: word, and proportions at ages 16 … 30")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: eval.dtype")
+    p.add_argument("--out", required=True, help="JSON file for the result")
 
     p = stage("sweep", _sweep, "plan the sweep, or run its work items (all, one, or an array task's)",
               actions=("plan", "run"))

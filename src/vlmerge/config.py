@@ -240,7 +240,10 @@ class EvalConfig(_Section):
 
     tasks: dict[str, str] = {}
     features: str | None = Field(None, description="feature store of the evaluation images (default: features.name's)")
-    image_prefix: bool = Field(True, description="score after BOS + <image> (the null image for text tasks)")
+    prompt: Literal["auto", "takmaz2025", "text", "legacy"] = Field(
+        "auto", description="takmaz2025: '<image> ' + sentence (null image for text tasks); text: the sentence alone; "
+                            "legacy: BOS + <image>, context and target tokenised apart; auto: takmaz2025 for a "
+                            "model with an image token, else text")
     dtype: Literal["fp32", "bf16"] = "fp32"
     batch_size: int = Field(64, ge=1)
 
@@ -249,7 +252,9 @@ class AnalysisConfig(_Section):
     """Offline analysis: the metric that scores each task, and what "keeps grounding" means."""
 
     text_tasks: dict[str, str] = Field(
-        {"blimp": "accuracy", "blimp_supplement": "accuracy", "ewok": "accuracy", "perplexity": "logprob_per_token"},
+        {"blimp": "accuracy", "blimp_supplement": "accuracy", "ewok": "accuracy", "entity_tracking": "accuracy",
+         "comps": "accuracy", "wug_adj": "spearman", "wug_past": "spearman", "reading": "eye_tracking",
+         "perplexity": "logprob_per_token"},
         description="language tasks (the text twin's strength) -> the metric that scores them")
     multimodal_tasks: dict[str, str] = Field(
         {"winoground": "unpaired_accuracy", "vqa": "accuracy"},

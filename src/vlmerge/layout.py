@@ -19,6 +19,7 @@ Under the output root (`paths.root`):
     runs/<exp>-<variant>-seed<K>/, runs/<exp>-maa/       `vlmerge study`: one experiment per expert run
     runs/<exp>/experts/merges/<method>-<k><v>…/          the study's merged expert checkpoints
     logs/<exp>/                                          Slurm job logs
+    <eval --export babylm DIR>/zero_shot/causal/<task>/[<dataset>/]predictions.json  BabyLM's layout
 
 A checkpoint knows its experiment, run and words seen from its path alone (`CheckpointRef`).
 """
@@ -220,6 +221,21 @@ def merge_outputs(out: Path, alphas: list[float] | tuple[float, ...]) -> list[Pa
 
 
 # Results
+def babylm_dataset(data_path: Path) -> str:
+    """BabyLM's name for a task's data (its `data_path.stem`): a folder's stem, a file's folder's."""
+    return (data_path if data_path.is_dir() else data_path.parent).stem
+
+
+BABYLM_NO_DATASET = frozenset({"reading"})  # tasks whose predictions.json sits in the task's folder
+
+
+def babylm_predictions(out: Path, task: str, dataset: str) -> Path:
+    """Where BabyLM 2025's collate_preds.py reads a causal model's predictions of `task` on `dataset`
+    (`out` standing for its results/<model>/<revision>)."""
+    folder = out / "zero_shot" / "causal" / task
+    return (folder if task in BABYLM_NO_DATASET else folder / dataset) / "predictions.json"
+
+
 def result_dataset_dir(results_dir: Path, dataset: str) -> Path:
     """`results/<exp>/<dataset>` (dataset: metrics, items or distances)."""
     assert dataset in RESULT_DATASETS, dataset

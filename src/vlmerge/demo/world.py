@@ -12,6 +12,7 @@ Layout under the output directory (paths relative to it):
     eval/winoground.jsonl       Winoground-format items (Hugging Face export fields; collapsed_tag
                                 "attribute" or "binding")
     eval/vqa.jsonl              BabyLM-format VQA: question, target_ans, 7 distractors, image_id
+    eval/entity_tracking/, eval/wug_adj_nominalization/   BabyLM-format files (demo.babylm_tasks)
     dinov2-tiny/                randomly initialised DINOv2 + image processor (save_pretrained)
 
 Everything follows from the seed and the parameters: the same inputs give byte-identical files.
@@ -29,6 +30,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from vlmerge.demo.grammar import Grammar, full_lexicon, sample_corpus, split_lexicon
+from vlmerge.demo.babylm_tasks import write_babylm_tasks
 from vlmerge.demo.images import BACKGROUND, CaptionStyle, Scene, caption, random_scene, random_style, render
 from vlmerge.demo.tasks import PHENOMENA, minimal_pairs, vqa_items, winoground_items
 from vlmerge.errors import VlmergeError
@@ -213,6 +215,8 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
         rows = minimal_pairs(phenomenon, grammar, held_out, params["pairs_per_phenomenon"])
         blimp_pairs[phenomenon.uid] = write_jsonl(root / FILES["blimp_dir"] / f"{phenomenon.uid}.jsonl", rows)
 
+    babylm_items = write_babylm_tasks(root, sorted(n.singular for n in lexicon.nouns if n.kind == "thing"),
+                                      _rng(seed, "babylm_tasks"))
     save_random_dinov2(root / FILES["encoder_dir"], seed)
 
     write_json(root / "world.json", {
@@ -229,6 +233,7 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
             "winoground_items": len(items),
             "vqa_items": len(questions),
             "blimp_pairs": blimp_pairs,
+            "babylm_tasks": babylm_items,
         },
         "lexicon": {
             "train": train_lexicon.to_json(),

@@ -1,8 +1,11 @@
 """Pure metrics over scores: choice accuracy, per-subtask and macro means, Winoground, perplexity.
 
 Nothing here knows a task, a file or a model: the task modules call these on the scorer's
-log-probabilities, and the tests call them on scores they choose. A choice is correct only
-when the right candidate scores strictly higher than every other (a tie is wrong).
+log-probabilities, and the tests call them on scores they choose. A choice is correct when
+the right candidate scores at least as high as every other: BabyLM 2025 takes the arg-max
+over the candidates with the correct one first (sentence_zero_shot/compute_results.py
+`rank_and_evaluate`, `torch.max`, which returns the first maximum), so a tie counts as correct.
+Winoground's text/image/group scores are Thrush et al.'s, strict as theirs.
 """
 
 from __future__ import annotations
@@ -13,10 +16,15 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 
-def first_is_best(logprob: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
-    """Per item: does its first candidate score above all its others? Items are consecutive runs of `sizes`."""
+def chosen(logprob: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Per item (consecutive runs of `sizes`): the index of its first best-scoring candidate (`torch.max`'s)."""
     starts = np.cumsum([0, *sizes[:-1]], dtype=np.int64)
-    return np.array([logprob[a] > logprob[a + 1 : a + n].max() for a, n in zip(starts, sizes)], dtype=bool)
+    return np.array([int(np.argmax(logprob[a : a + n])) for a, n in zip(starts, sizes)], dtype=np.int64)
+
+
+def first_is_best(logprob: np.ndarray, sizes: Sequence[int]) -> np.ndarray:
+    """Per item: is its first candidate the (first) arg-max? Items are consecutive runs of `sizes`; a tie counts."""
+    return chosen(logprob, sizes) == 0
 
 
 def accuracy_by(keys: Sequence[str], correct: Sequence[bool]) -> dict[str, tuple[float, int]]:
@@ -46,12 +54,12 @@ def unpaired_correct(s: np.ndarray, item: np.ndarray, image: np.ndarray) -> np.n
     one line per image (`image_idx`, `image_key`, `caption_0` = that image's caption,
     `caption_1` = the other item caption, label 0; 746 lines, `WINOGROUND_SIZE` in
     evaluation_pipeline/collate_preds.py) and scores a line correct iff its own caption gets
-    the higher log-probability given the image (sentence_zero_shot/read_files.py
-    `decode_winoground`, compute_results.py `rank_and_evaluate`); the README calls this the
+    the higher log-probability given the image, a tie counting as correct (sentence_zero_shot/
+    read_files.py `decode_winoground`, compute_results.py `rank_and_evaluate`); the README calls this the
     "unpaired text score". So: the mean of s(c_own, i) > s(c_other, i) over the per-image
     comparisons, 2N for N full items.
     """
-    return s[item, image, image] > s[item, 1 - image, image]
+    return s[item, image, image] >= s[item, 1 - image, image]
 
 
 def logprob_per_token(logprob: np.ndarray, tokens: np.ndarray) -> float:

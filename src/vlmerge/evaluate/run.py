@@ -15,12 +15,12 @@ from vlmerge.config import Config
 from vlmerge.data import FeatureTable
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.scoring import Scorer
-from vlmerge.evaluate.tasks import ItemScore, Metric, Task, get_task
+from vlmerge.evaluate.tasks import ItemScore, Metric, Prediction, Task, get_task
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import check_creatable, remove_stale_temps
+from vlmerge.io import check_creatable, remove_stale_temps, write_json
+from vlmerge.layout import babylm_dataset, babylm_predictions, checkpoint_words, eval_items_file, eval_results_file
 from vlmerge.model import MODEL_TYPE
 from vlmerge.problems import ProblemLog
-from vlmerge.layout import eval_items_file, eval_results_file
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, stamp, write_rows
 
 
@@ -31,6 +31,7 @@ class PreparedTask:
     task: Task
     items: list
     requests: list
+    dataset: str = ""  # BabyLM's name for the task's data (its folder's stem)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +39,9 @@ class TaskResult:
     task: str
     metrics: list[Metric]
     items: list[ItemScore]
+    predictions: list[Prediction] = dataclasses.field(default_factory=list)
+    babylm: str = ""  # the pipeline's task name ("" = not a BabyLM task)
+    dataset: str = ""
 
 
 def load_model(path: Path):
@@ -96,7 +100,7 @@ def prepare(specs: Sequence[tuple[Task, Path]], features: FeatureTable | None, p
         items = with_features(task, task.load(path, problems), features, problems)
         if not items:
             raise VlmergeError(f"task {task.name}: {path}: no usable items")
-        out.append(PreparedTask(task, items, task.requests(items)))
+        out.append(PreparedTask(task, items, task.requests(items), babylm_dataset(path)))
     return out
 
 
@@ -104,8 +108,10 @@ def evaluate(scorer: Scorer, tasks: Sequence[PreparedTask]) -> list[TaskResult]:
     """Score and measure every task with the scorer's model as it is now."""
     out = []
     for t in tasks:
-        metrics, per_item = t.task.evaluate(t.items, scorer.score(scorer.prepared(t.requests)))
-        out.append(TaskResult(t.task.name, metrics, per_item))
+        scores = scorer.score(scorer.prepared(t.requests))
+        metrics, per_item = t.task.evaluate(t.items, scores)
+        predictions = t.task.predict(t.items, scores) if t.task.predict else []
+        out.append(TaskResult(t.task.name, metrics, per_item, predictions, t.task.babylm, t.dataset))
     return out
 
 
@@ -130,8 +136,61 @@ def table(results: Sequence[TaskResult]) -> str:
     return "\n".join(lines)
 
 
+def babylm_files(results: Sequence[TaskResult]) -> dict[tuple[str, str], dict]:
+    """(pipeline task, dataset) -> the contents of its predictions.json: per UID, the predictions in
+    file order with ids `<UID>_<n>` (sentence_zero_shot/compute_results.py `rank_and_evaluate`,
+    `rank_and_evaluate_wug`; run.py `save_predictions`)."""
+    files: dict[tuple[str, str], dict] = {}
+    for r in results:
+        if not r.babylm or not r.predictions:
+            continue
+        per_uid = files.setdefault((r.babylm, r.dataset), {})
+        for p in r.predictions:
+            rows = per_uid.setdefault(p.uid, {"predictions": []})["predictions"]
+            rows.append(p.fields if p.fields is not None else
+                        {"id": f"{p.uid}_{len(rows)}", "pred": p.pred, **({"prob": p.prob} if p.prob is not None else {})})
+    return files
+
+
+def export_babylm(results: Sequence[TaskResult], out: Path) -> list[Path]:
+    """Write BabyLM 2025's predictions.json of every BabyLM task, in the layout its collate_preds.py reads."""
+    written = []
+    for (task, dataset), content in babylm_files(results).items():
+        path = babylm_predictions(out, task, dataset)
+        write_json(path, content)
+        written.append(path)
+    return written
+
+
+def aoa_command(cfg: Config, checkpoints: Sequence[Path], words: Path, cdi: Path, *, dtype: str | None,
+                out: Path) -> dict:
+    """AoA over a run's checkpoint series: each checkpoint scored on the AoA words, then
+    Pearson r of model and child AoAs (vlmerge.evaluate.tasks.aoa); written to `out` (JSON)."""
+    from vlmerge.evaluate.tasks import aoa
+
+    if len(checkpoints) < 3:
+        raise VlmergeError(f"aoa: {len(checkpoints)} checkpoint(s); a sigmoid needs at least 3")
+    cdi_table, problems = aoa.read_cdi(cdi), ProblemLog()
+    (task,) = prepare([(get_task("aoa"), words)], None, problems)
+    per_checkpoint = []
+    for ckpt in sorted(checkpoints, key=checkpoint_words):
+        model, tokenizer = load_model(ckpt)
+        features = FeatureTable(cfg.eval_store_path) if getattr(model.config, "model_type", "") == MODEL_TYPE else None
+        scorer = Scorer(model, tokenizer, features=features, prompt=cfg.eval.prompt, dtype=dtype or cfg.eval.dtype,
+                        batch_size=cfg.eval.batch_size)
+        (result,) = evaluate(scorer, [task])
+        per_checkpoint.append((checkpoint_words(ckpt), result.items))
+    problems.report("aoa")
+    r, n = aoa.aoa_fitness(aoa.series_of(task.items, per_checkpoint), cdi_table)
+    summary = {"task": "aoa", "metric": "pearson", "value": r, "n_words": n,
+               "words_seen": [w for w, _ in per_checkpoint], "checkpoints": [str(c) for c in sorted(checkpoints)]}
+    write_json(out, summary)
+    print(f"aoa: Pearson r {r:.4f} over {n} words, {len(per_checkpoint)} checkpoints -> {out}")
+    return summary
+
+
 def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: str | None, features: str | None,
-                 out: Path, job_id: str = "") -> list[TaskResult]:
+                 out: Path, job_id: str = "", export: Path | None = None) -> list[TaskResult]:
     specs = task_specs(cfg, tasks)
     if out.exists() and not out.is_dir():
         files = f"{eval_results_file(out).name} and {eval_items_file(out).name}"
@@ -142,7 +201,7 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
     store = Path(features) if features else cfg.eval_store_path
     needs_store = getattr(model.config, "model_type", "") == MODEL_TYPE or any(t.needs_images for t, _ in specs)
     table_ = FeatureTable(store) if needs_store else None
-    scorer = Scorer(model, tokenizer, features=table_, image_prefix=cfg.eval.image_prefix,
+    scorer = Scorer(model, tokenizer, features=table_, prompt=cfg.eval.prompt,
                     dtype=dtype or cfg.eval.dtype, batch_size=cfg.eval.batch_size)
     problems = ProblemLog()
     results = evaluate(scorer, prepare(specs, table_, problems))
@@ -152,4 +211,6 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
     write_rows(items, ITEMS_SCHEMA, eval_items_file(out))
     print(table(results))
     print(f"eval: {len(rows)} result rows, {len(items)} item rows -> {out}")
+    if export is not None:
+        print(f"eval: {len(export_babylm(results, export))} BabyLM prediction files -> {export}")
     return results

@@ -1,12 +1,27 @@
-"""The scoring engine: log p(target | BOS, <image>, context), batched, on a model in memory.
+"""The scoring engine: the summed log-probability of a completion after its context, batched.
 
-Requests are tokenised once, grouped (the two sides of a minimal pair stay together), sorted
-by length and packed into batches, so that padding is small and every forward is full. The
-image token carries the request's image feature from the store, or the null (black image)
-feature for text-only tasks, as in Takmaz et al.; `image_prefix=False` drops it (and a plain
-causal LM directory gets BOS alone). bf16 runs the model with bf16 weights and keeps the
-log-softmax in fp32. Logits are computed only at the positions whose next token is scored
-(not at the prefix, the context or padding).
+The default prompts follow the BabyLM 2025 evaluation pipeline (github.com/babylm/
+evaluation-pipeline-2025), so that scores compare with the leaderboard:
+
+- `text` (sentence_zero_shot/dataset.py `CompletionRankingDataset.process_causal_sentences`
+  and `get_causal_collate_fn`): the whole sentence (context + completion) is tokenised at
+  once by the model's tokenizer with its own special tokens (no BOS unless the tokenizer adds
+  one) and offset mapping; the completion's score is the sum of the log-probabilities of the
+  tokens whose character span ends after the completion's first character (`end >
+  len(sentence) - len(completion) + offset_mapping[0][0]`). The first token is never scored:
+  the collate function predicts tokens[1:] from tokens[:-1].
+- `takmaz2025` (Takmaz et al.'s fork, github.com/ecekt/evaluation-pipeline-2025, the same
+  function): the model's BOS, then `"<image> " + sentence` tokenised without special tokens,
+  the same span rule; the image token carries the request's image feature, or the store's
+  null feature (a black image through the encoder) for text-only tasks.
+- `legacy`: this project's earlier convention, kept as a named option: BOS and `<image>`,
+  then the context and the completion tokenised separately, every completion token scored.
+- `auto` (the default): `takmaz2025` for a model with an image token, else `text`.
+
+Requests are tokenised once, grouped (the candidates of an item stay together), sorted by
+length and packed into batches, so that padding is small and every forward is full. bf16 runs
+the model with bf16 weights and keeps the log-softmax in fp32. Logits are computed only at the
+positions whose next token is scored (not at the prefix, the context or padding).
 """
 
 from __future__ import annotations
@@ -28,6 +43,23 @@ from vlmerge.evaluate.tasks import Request, Scores
 # cache between the max, exp-sum and gather passes; the whole batch's logits would not.
 _CHUNK = 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PROMPTS = ("auto", "takmaz2025", "text", "legacy")
+IMAGE_PROMPT = "<image> "  # Takmaz et al.: every prompt starts with the image token and a space
+
+
+def completion_span(offsets: Sequence[tuple[int, int]], start_char: int) -> tuple[int, int]:
+    """(first, stop): the tokens 1… whose character span ends after `start_char`, the
+    completion's first character (BabyLM's phrase mask; token 0 is never predicted).
+
+    The scored tokens must be one run; tokens after it (a trailing special token, whose span
+    is (0, 0)) are not scored and, the model being causal, need not be run at all.
+    """
+    hits = [i for i, (_, end) in enumerate(offsets) if i >= 1 and end > start_char]
+    if not hits:
+        return len(offsets), len(offsets)
+    if hits[-1] - hits[0] + 1 != len(hits):
+        raise VlmergeError(f"the completion's tokens are not one run (token offsets {list(offsets)})")
+    return hits[0], hits[-1] + 1
 
 
 def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -67,15 +99,23 @@ class Scorer:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, features: FeatureTable | None = None,
-                 image_prefix: bool = True, dtype: str = "fp32", batch_size: int = 64):
+                 prompt: str = "auto", dtype: str = "fp32", batch_size: int = 64):
         self.model, self.tokenizer, self.features = model.eval(), tokenizer, features
         self.batch_size = batch_size
         image_token = getattr(model.config, "image_token_index", None)
-        self.use_image = image_prefix and image_token is not None
+        if prompt not in PROMPTS:
+            raise VlmergeError(f"eval.prompt {prompt!r}: expected one of {', '.join(PROMPTS)}")
+        self.prompt = prompt if prompt != "auto" else "text" if image_token is None else "takmaz2025"
+        if self.prompt == "takmaz2025" and image_token is None:
+            raise VlmergeError("eval.prompt takmaz2025 needs a model with an image token (use text)")
+        self.use_image = self.prompt != "text" and image_token is not None
         if self.use_image and features is None:
             raise VlmergeError("a multimodal model needs the feature store (its null feature at least)")
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        self.prefix = [bos, image_token] if self.use_image else [bos]
+        # legacy: our own prefix; takmaz2025: the fork prepends the tokenizer's BOS when it has one
+        self.prefix = {"legacy": [bos, image_token] if self.use_image else [bos],
+                       "takmaz2025": [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id],
+                       "text": []}[self.prompt]
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
         if dtype not in DTYPES:
             raise VlmergeError(f"--dtype {dtype!r}: expected fp32 or bf16")
@@ -111,12 +151,50 @@ class Scorer:
             current = current + g
         return batches + ([current] if current else [])
 
+    def _with_offsets(self, texts: Sequence[str]) -> dict[str, tuple[list[int], list[tuple[int, int]]]]:
+        """text -> (ids, offsets), with the model's own special tokens under the `text` prompt."""
+        unique = list(dict.fromkeys(texts))
+        if not unique:
+            return {}
+        enc = self.tokenizer(unique, add_special_tokens=self.prompt == "text", return_offsets_mapping=True)
+        return {t: (list(i), [tuple(o) for o in offs]) for t, i, offs in zip(unique, enc["input_ids"], enc["offset_mapping"])}
+
+    def _spans(self, requests: Sequence[Request]) -> tuple[list[list[int]], list[int]]:
+        """The BabyLM rule: (ids up to the completion's last token, completion tokens) per request.
+
+        A request `apart` (reading's word surprisal, reading/evaluation_functions.py `get_p2`) has
+        its context tokenised as a sentence and its target's tokens appended, all of them scored.
+        """
+        lead = IMAGE_PROMPT if self.prompt == "takmaz2025" else ""
+        texts = [lead + r.context + ("" if r.apart else r.target) for r in requests]
+        table = self._with_offsets(texts)
+        targets = dict(zip((r.target for r in requests if r.apart),
+                           self._encode([r.target for r in requests if r.apart])))
+        seqs, lengths = [], []
+        for r, text in zip(requests, texts):
+            ids, offsets = table[text]
+            if r.apart:
+                seqs.append(self.prefix + ids + targets[r.target])
+                lengths.append(len(targets[r.target]))
+                continue
+            ids, offsets = self.prefix + list(ids), [(0, 0)] * len(self.prefix) + list(offsets)
+            # text: the pipeline's `+ offset_mapping[start_idx][0]`; the fork adds nothing
+            shift = offsets[0][0] if self.prompt == "text" else 0
+            first, stop = completion_span(offsets, len(text) - len(r.target) + shift)
+            seqs.append(ids[:stop])
+            lengths.append(stop - first)
+        return seqs, lengths
+
     def prepare(self, requests: Sequence[Request]) -> Prepared:
         """Tokenise and batch once; a sweep scores the same requests at every α."""
-        contexts = self._encode([r.context for r in requests])
-        targets = self._encode([r.target for r in requests])
-        seqs = [self.prefix + c + t for c, t in zip(contexts, targets)]
-        return Prepared(list(requests), seqs, [len(t) for t in targets], self._batches(requests, [len(s) for s in seqs]))
+        if self.prompt == "legacy":
+            contexts = self._encode([r.context for r in requests])
+            targets = self._encode([r.target for r in requests])
+            seqs = [self.prefix + c + t for c, t in zip(contexts, targets)]
+            lengths = [len(t) for t in targets]
+        else:
+            seqs, lengths = self._spans(requests)
+        return Prepared(list(requests), seqs, lengths, self._batches(requests, [len(s) for s in seqs]))
 
     def score(self, requests: Sequence[Request] | Prepared) -> Scores:
         """Σ log p of each request's target; in the requests' order."""

@@ -56,7 +56,7 @@ def eval_salt(cfg: Config, tasks: list[str]) -> str:
     def rel(path: str | None) -> str | None:
         return str(Path(path).relative_to(cfg.root)) if path and Path(path).is_relative_to(cfg.root) else path
 
-    return fingerprint([{t: rel(cfg.eval.tasks[t]) for t in tasks}, cfg.eval.image_prefix, cfg.eval.dtype,
+    return fingerprint([{t: rel(cfg.eval.tasks[t]) for t in tasks}, cfg.eval.prompt, cfg.eval.dtype,
                         rel(cfg.eval.features), cfg.features.name])
 
 

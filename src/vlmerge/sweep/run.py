@@ -100,7 +100,7 @@ class ItemRunner:
         pair = Pair.open(text, mm, root / item.base if item.base else None, grams=method.needs_grams)
         merger = PairMerger(pair, allow_extrapolation=self.cfg.sweep.allow_extrapolation)
         model, tokenizer = load_model(text)
-        scorer = Scorer(model, tokenizer, features=self.features, image_prefix=self.cfg.eval.image_prefix,
+        scorer = Scorer(model, tokenizer, features=self.features, prompt=self.cfg.eval.prompt,
                         dtype=self.cfg.eval.dtype, batch_size=self.cfg.eval.batch_size)
         timing.load = time.perf_counter() - t0
 
@@ -172,7 +172,7 @@ def best_text_pairing(cfg: Config) -> dict[Path, Path]:
         scores = {"salt": salt, "task": task, "accuracy": {}}
         for ckpt in run_checkpoints(cfg, "text"):
             model, tokenizer = load_model(ckpt)
-            scorer = Scorer(model, tokenizer, features=features, image_prefix=cfg.eval.image_prefix,
+            scorer = Scorer(model, tokenizer, features=features, prompt=cfg.eval.prompt,
                             dtype=cfg.eval.dtype, batch_size=cfg.eval.batch_size)
             (result,) = evaluate(scorer, tasks)
             acc = next(m.value for m in result.metrics if m.subtask == "" and m.metric == "accuracy")

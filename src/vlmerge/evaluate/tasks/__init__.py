@@ -16,18 +16,19 @@ from typing import Any
 import numpy as np
 
 from vlmerge.registry import Registry, import_submodules
-from vlmerge.evaluate.metrics import accuracy_by, macro_mean
+from vlmerge.evaluate.metrics import accuracy_by, chosen, macro_mean
 from vlmerge.problems import ProblemLog
 
 
 @dataclasses.dataclass(frozen=True)
 class Request:
-    """Score log p(target | BOS, <image>, context): the sum over the target's tokens."""
+    """Score the completion `target` after `context`: the sentence is context + target (see the Scorer's prompts)."""
 
     target: str
     context: str = ""
     image: str | None = None  # an image id of the feature store; None: the null (black) image
     group: int = 0  # requests of one group are scored in the same batch (the two sides of a pair)
+    apart: bool = False  # context and target tokenised apart, every target token scored (word surprisal)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +59,17 @@ class ItemScore:
 
 
 @dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What BabyLM's pipeline saves for one item (`--save_predictions`): its UID, the chosen
+    completion, and for the wug tests the first candidate's probability."""
+
+    uid: str
+    pred: str | float
+    prob: float | None = None
+    fields: dict | None = None  # the whole row instead, for a task whose rows are not `<UID>_<n>` (reading)
+
+
+@dataclasses.dataclass(frozen=True)
 class Task:
     name: str
     # load(path, problems) -> items; malformed lines are recorded in problems (file:line), not fatal
@@ -67,6 +79,9 @@ class Task:
     # evaluate(items, scores) -> (metrics, per-item scores); scores align with requests(items)
     evaluate: Callable[[Sequence[Any], Scores], tuple[list[Metric], list[ItemScore]]]
     needs_images: bool = False  # items refer to image ids that must be in the feature store
+    # predict(items, scores) -> one Prediction per item, in file order (for `eval --export babylm`)
+    predict: Callable[[Sequence[Any], Scores], list[Prediction]] | None = None
+    babylm: str = ""  # the pipeline's --task name, the folder its predictions go in ("" = none)
 
 
 def accuracy_metrics(subtasks: Sequence[str], correct: Sequence[bool]) -> list[Metric]:
@@ -74,6 +89,12 @@ def accuracy_metrics(subtasks: Sequence[str], correct: Sequence[bool]) -> list[M
     per_subtask = accuracy_by(subtasks, correct)
     mean, n = macro_mean(per_subtask)
     return [*(Metric(s, "accuracy", acc, k) for s, (acc, k) in per_subtask.items()), Metric("", "accuracy", mean, n)]
+
+
+def choice_predictions(uids: Sequence[str], completions: Sequence[Sequence[str]], scores: Scores) -> list[Prediction]:
+    """The chosen completion of each item (its candidates are consecutive requests)."""
+    picks = chosen(scores.logprob, [len(c) for c in completions])
+    return [Prediction(u, c[k]) for u, c, k in zip(uids, completions, picks)]
 
 
 TASKS: Registry[Task] = Registry("task")

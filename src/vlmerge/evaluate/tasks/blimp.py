@@ -10,7 +10,8 @@ read_files.py, `decode_blimp`), a line's subtask is its `UID`, else its file's s
 field "syntax_semantics" is spelled "syntax/semantics" (the original BLiMP uses both).
 
 Each sentence is scored whole (empty context, the null image); a pair is correct iff
-log p(good) > log p(bad). Metrics: accuracy per subtask, their unweighted mean (subtask
+log p(good) >= log p(bad) (the arg-max with the good sentence first: a tie counts, as in
+compute_results.py `rank_and_evaluate`; 7 real BLiMP pairs are identical sentences). Metrics: accuracy per subtask, their unweighted mean (subtask
 ""), and per BLiMP field the unweighted mean over its paradigms ("field:<field>").
 
 The helpers here (`task_files`, `read_records`, `strings`, `optional_string`,
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from vlmerge.evaluate.metrics import first_is_best, macro_mean
 from vlmerge.evaluate.readers import optional_string, read_records, strings
-from vlmerge.evaluate.tasks import ItemScore, Metric, Request, Scores, Task, accuracy_metrics, register
+from vlmerge.evaluate.tasks import (ItemScore, Metric, Prediction, Request, Scores, Task, accuracy_metrics,
+                                    choice_predictions, register)
 from vlmerge.problems import ProblemLog
 
 FIELD_SPELLING = {"syntax_semantics": "syntax/semantics"}
@@ -72,5 +74,10 @@ def evaluate_pairs(pairs: Sequence[Pair], scores: Scores) -> tuple[list[Metric],
     return metrics, [ItemScore(p.item_id, p.subtask, float(ok)) for p, ok in zip(pairs, correct)]
 
 
-for _name in ("blimp", "blimp_supplement", "minimal_pairs"):
-    register(Task(_name, load_pairs, pair_requests, evaluate_pairs))
+def predict_pairs(pairs: Sequence[Pair], scores: Scores) -> list[Prediction]:
+    """The chosen sentence of each pair, under its subtask (the pipeline's UID)."""
+    return choice_predictions([p.subtask for p in pairs], [(p.good, p.bad) for p in pairs], scores)
+
+
+for _name, _babylm in (("blimp", "blimp"), ("blimp_supplement", "blimp"), ("minimal_pairs", "")):
+    register(Task(_name, load_pairs, pair_requests, evaluate_pairs, predict=predict_pairs, babylm=_babylm))

@@ -10,7 +10,7 @@ release) is read too, and each row is expanded into those same two lines.
 
 Scoring (sentence_zero_shot/read_files.py `decode_ewok` with the causal backend,
 compute_results.py `rank_and_evaluate`): a line is correct iff
-log p(" " + Target1 | Context1) > log p(" " + Target2 | Context1); Context2 is not scored.
+log p(" " + Target1 | Context1) >= log p(" " + Target2 | Context1) (a tie counts); Context2 is not scored.
 With the swapped copy, an item contributes both "T1 fits C1 better than T2" and "T2 fits C2
 better than T1", each counted separately. Metrics: accuracy per Domain and their unweighted
 mean (subtask "").
@@ -25,7 +25,8 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from vlmerge.evaluate.metrics import first_is_best
-from vlmerge.evaluate.tasks import ItemScore, Metric, Request, Scores, Task, accuracy_metrics, register
+from vlmerge.evaluate.tasks import (ItemScore, Metric, Prediction, Request, Scores, Task, accuracy_metrics,
+                                    choice_predictions, register)
 from vlmerge.evaluate.readers import strings, task_files
 from vlmerge.problems import ProblemLog, read_jsonl
 
@@ -76,4 +77,10 @@ def evaluate(lines: Sequence[EwokLine], scores: Scores) -> tuple[list[Metric], l
     return accuracy_metrics([line.domain for line in lines], correct), items
 
 
-register(Task("ewok", load, requests, evaluate))
+def predict(lines: Sequence[EwokLine], scores: Scores) -> list[Prediction]:
+    """The chosen " " + target of each line, under its Domain (the pipeline's UID)."""
+    return choice_predictions([line.domain for line in lines], [tuple(" " + t for t in line.targets) for line in lines],
+                              scores)
+
+
+register(Task("ewok", load, requests, evaluate, predict=predict, babylm="ewok"))

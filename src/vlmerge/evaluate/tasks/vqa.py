@@ -8,9 +8,10 @@ question_id}): one JSON object per line with `question`, `target_ans`, `distract
 the feature-store image whose id is str(image_id); BabyLM's own pipeline fetches it as row
 `idx_in_hf_dataset` of HuggingFaceM4/VQAv2's validation split.
 
-Requests: " " + answer after "Question: {question} Answer:" with the item's image, all
-candidates of an item in one group. Correct iff the target answer scores strictly highest.
-Metric: accuracy (subtask ""). (BabyLM's pipeline scores the answer after the bare question.)
+Requests (read_files.py `decode_vqa`): " " + answer after the bare question (sentence =
+question + " " + answer), with the item's image, all candidates of an item in one group.
+Correct iff the target answer is the arg-max, the target first (a tie counts as correct).
+Metric: accuracy (subtask "").
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmerge.evaluate.metrics import first_is_best
-from vlmerge.evaluate.tasks import ItemScore, Metric, Request, Scores, Task, register
+from vlmerge.evaluate.tasks import ItemScore, Metric, Prediction, Request, Scores, Task, choice_predictions, register
 from vlmerge.evaluate.readers import read_records, strings
 from vlmerge.problems import ProblemLog
 
@@ -56,7 +57,7 @@ def load(path: Path, problems: ProblemLog) -> list[VqaItem]:
 
 def requests(items: Sequence[VqaItem]) -> list[Request]:
     """Every candidate answer of an item after its question, with its image; one group per item."""
-    return [Request(" " + answer, context=f"Question: {it.question} Answer:", image=it.image, group=k)
+    return [Request(" " + answer, context=it.question, image=it.image, group=k)
             for k, it in enumerate(items) for answer in it.answers]
 
 
@@ -67,4 +68,9 @@ def evaluate(items: Sequence[VqaItem], scores: Scores) -> tuple[list[Metric], li
     return metrics, [ItemScore(it.item_id, "", float(ok)) for it, ok in zip(items, correct)]
 
 
-register(Task("vqa", load, requests, evaluate, needs_images=True))
+def predict(items: Sequence[VqaItem], scores: Scores) -> list[Prediction]:
+    """The chosen " " + answer of each question (UID "vqa")."""
+    return choice_predictions(["vqa"] * len(items), [tuple(" " + a for a in it.answers) for it in items], scores)
+
+
+register(Task("vqa", load, requests, evaluate, needs_images=True, predict=predict, babylm="vqa"))

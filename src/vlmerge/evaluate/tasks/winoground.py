@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from vlmerge.evaluate.metrics import accuracy_by, unpaired_correct, winoground_scores
-from vlmerge.evaluate.tasks import ItemScore, Metric, Request, Scores, Task, register
+from vlmerge.evaluate.tasks import ItemScore, Metric, Prediction, Request, Scores, Task, register
 from vlmerge.evaluate.readers import optional_string, read_records, strings
 from vlmerge.problems import ProblemLog
 
@@ -114,4 +114,11 @@ def evaluate(items: Sequence[WinogroundItem], scores: Scores) -> tuple[list[Metr
     return metrics, per_item
 
 
-register(Task("winoground", load, requests, evaluate, needs_images=True))
+def predict(items: Sequence[WinogroundItem], scores: Scores) -> list[Prediction]:
+    """BabyLM's per-image lines (UID "winoground"): the caption each listed image prefers, its own on a tie."""
+    s = scores.logprob.reshape(len(items), 2, 2)
+    return [Prediction("winoground", it.captions[i] if s[n, i, i] >= s[n, 1 - i, i] else it.captions[1 - i])
+            for n, it in enumerate(items) for i in it.unpaired]
+
+
+register(Task("winoground", load, requests, evaluate, needs_images=True, predict=predict, babylm="winoground"))
