@@ -17,8 +17,9 @@ SHARED = REPO.parent / "shared"
 BLIMP = SHARED / "data" / "blimp"
 # A small world and training settings that train a run in seconds.
 SMALL_WORLD = ["demo.text_words=3000", "demo.n_images=200", "demo.n_winoground=10", "demo.pairs_per_phenomenon=10"]
+# Both twins two epochs (the demo config gives the multimodal twin one epoch of text + captions).
 FAST_TRAIN = ["checkpoints.words=[1000, 2000, 5000]", "train.micro_batch_size=8", "train.epochs=2",
-              "train.log_every=1"]
+              "runs.multimodal.epochs=2", "train.log_every=1"]
 PREPARED = ["demo", "features", "runs/demo/tokenizer", "runs/demo/corpus"]
 
 

@@ -46,7 +46,7 @@ def test_text_shards_keep_every_line_and_its_exact_word_count(built, demo_world)
     lines = [l.strip() for l in demo_world.text_train.read_text().splitlines() if l.strip()]
     shards = TokenShards(cfg.layout.corpus_source_dir("text"))
     assert len(shards) == len(lines)
-    assert shards.index["words"] == sum(len(l.split()) for l in lines) >= 100_000
+    assert shards.index["words"] == sum(len(l.split()) for l in lines) == demo_world.words
     for i in (0, 1, len(lines) // 2, len(lines) - 1):
         ids, words, image = shards[i]
         assert tok.decode(list(ids)).strip() == lines[i]
