@@ -44,6 +44,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slurm_cluster" in item.fixturenames:
             item.add_marker(pytest.mark.slurm)
+        if item.get_closest_marker("slurm"):
+            # One local cluster: under pytest-xdist (`--dist loadgroup`) one worker runs every Slurm test.
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+    # The Slurm tests are the longest chain: they go first, those without the shared twins first of all;
+    # of the other modules those that read the twins go first, so that the twins are trained while the
+    # first Slurm tests run, not after. Modules stay whole (their fixtures are set up once).
+    reads_twins = {item.module for item in items if "twins" in item.fixturenames}
+
+    def order(item) -> tuple[bool, bool]:
+        if item.get_closest_marker("slurm"):
+            return False, "twins" in item.fixturenames
+        return True, item.module not in reads_twins
+
+    items.sort(key=order)
     for marker in ("slurm", "browser"):
         reason = missing_component(marker)
         marked = [item for item in items if item.get_closest_marker(marker)]
@@ -72,11 +86,30 @@ def real_blimp() -> Path:
     return BLIMP
 
 
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """`build(folder)` once per test session, even when pytest-xdist runs the tests in several
+    worker processes: the workers share one folder, and a file lock lets the first one build it."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the run's folder, above each worker's own
+    folder, done = base / name, base / f"{name}.done"
+    with FileLock(base / f"{name}.lock"):
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def demo_world(tmp_path_factory):
-    from vlmerge.demo import generate
+    from vlmerge.demo import DemoWorld, generate
 
-    return generate(tmp_path_factory.mktemp("world") / "demo", seed=0, progress=False)
+    folder = built_once(tmp_path_factory, "world", lambda f: generate(f / "demo", seed=0, progress=False))
+    return DemoWorld.load(folder / "demo")
 
 
 @pytest.fixture
@@ -96,35 +129,41 @@ def make_cfg(tmp_path, demo_world):
 @pytest.fixture(scope="session")
 def small_prepared(tmp_path_factory) -> Path:
     """A root holding the small world, its tokenizer, token shards and features."""
-    root = tmp_path_factory.mktemp("prepared")
-    for stage in ("demo-data", "tokenizer", "corpus", "precompute"):
-        r = vlmerge_cli(stage, "--quiet", f"paths.root={root}", *SMALL_WORLD)
-        assert r.returncode == 0, r.stderr
+
+    def prepare(root: Path) -> None:
+        for stage in ("demo-data", "tokenizer", "corpus", "precompute"):
+            r = vlmerge_cli(stage, "--quiet", f"paths.root={root}", *SMALL_WORLD)
+            assert r.returncode == 0, r.stderr
+
+    return built_once(tmp_path_factory, "prepared", prepare)
+
+
+def link_prepared(root: Path, prepared: Path) -> Path:
+    """`root` sharing the prepared inputs (symlinks), with no runs yet."""
+    for rel in PREPARED:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(prepared / rel, root / rel)
     return root
 
 
 @pytest.fixture(scope="session")
 def fresh_root(small_prepared, tmp_path_factory):
     """Factory of output roots that share the prepared inputs and start with no runs."""
-
-    def make() -> Path:
-        root = tmp_path_factory.mktemp("root")
-        for rel in PREPARED:
-            (root / rel).parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(small_prepared / rel, root / rel)
-        return root
-
-    return make
+    return lambda: link_prepared(tmp_path_factory.mktemp("root"), small_prepared)
 
 
 @pytest.fixture(scope="session")
-def twins(fresh_root) -> Path:
-    """Both twins trained without interruption (the reference for the other tests)."""
-    root = fresh_root()
-    for run in ("text", "multimodal"):
-        r = vlmerge_cli("train", "--quiet", "--run", run, f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN)
-        assert r.returncode == 0, r.stderr
-    return root
+def twins(small_prepared, tmp_path_factory) -> Path:
+    """Both twins trained without interruption: the reference that other tests read and copy, never
+    change (every test worker shares it)."""
+
+    def train_both(root: Path) -> None:
+        link_prepared(root, small_prepared)
+        for run in ("text", "multimodal"):
+            r = vlmerge_cli("train", "--quiet", "--run", run, f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN)
+            assert r.returncode == 0, r.stderr
+
+    return built_once(tmp_path_factory, "twins", train_both)
 
 
 @pytest.fixture(scope="session")

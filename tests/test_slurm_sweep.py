@@ -10,7 +10,9 @@ from vlmerge.config import load_config
 from vlmerge.results import DEDUPE, read_results
 from vlmerge.sweep.plan import plan
 
-SWEEP = [*SMALL_WORLD, *FAST_TRAIN, "sweep.alphas=[0.0, 1.0]", "sweep.tasks=[blimp]", "eval.batch_size=128"]
+# One method: an array task per checkpoint pair (what is under test is the launching, not the methods).
+SWEEP = [*SMALL_WORLD, *FAST_TRAIN, "sweep.alphas=[0.0, 1.0]", "sweep.methods=[{name: linear}]", "sweep.tasks=[blimp]",
+         "eval.batch_size=128"]
 
 
 def our_jobs(prefix: str) -> list[str]:
@@ -38,10 +40,12 @@ def assert_complete(root, overrides) -> None:
 
 def test_pipeline_sh_runs_the_dag_to_the_end(slurm_cluster, tmp_path):
     # The DAG's wiring, on the smallest run that exercises every job: one epoch, two checkpoints.
+    # One CPU per job, so that the two runs (and the array tasks) run side by side on the 2-CPU node.
     root = tmp_path / "root"
-    dag = [*SWEEP, "train.epochs=1", "checkpoints.words=[2000]"]
+    dag = [*SWEEP, "train.epochs=1", "checkpoints.words=[2000]", "train.micro_batch_size=32", "train.log_every=20"]
     r = subprocess.run(["bash", "jobs/pipeline.sh", "configs/demo.yaml", f"paths.root={root}", *dag],
-                       cwd=REPO, env=slurm_env(), capture_output=True, text=True, timeout=120)
+                       cwd=REPO, env=slurm_env({"VLMERGE_SBATCH_ARGS": "--cpus-per-task=1"}),
+                       capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     wait_for_no_jobs("vlmerge-", 1200)
     logs = "\n".join(p.read_text()[-1500:] for p in sorted((root / "logs/demo").glob("*.out")))

@@ -28,6 +28,14 @@ def root(fresh_root) -> Path:
     return fresh_root()
 
 
+@pytest.fixture
+def finished_text_run(root) -> Path:
+    """A root holding a finished text run of this test's own, to tamper with (the twins are shared)."""
+    r = train(root, "text", "train.epochs=1")
+    assert r.returncode == 0, r.stderr
+    return root
+
+
 def train(root: Path, run: str, *extra: str) -> subprocess.CompletedProcess:
     return vlmerge_cli("train", "--quiet", "--run", run, f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, *extra)
 
@@ -189,45 +197,41 @@ CRAFTED = {  # how a copied run directory may have been tampered with -> what th
 
 
 @pytest.mark.slow
-def test_a_crafted_resume_state_cannot_run_code_and_is_refused_in_one_line(twins, tmp_path):
-    # A run is bound to its root (its fingerprint holds the data paths): the finished reference run
-    # itself is tampered with, and its resumable state restored after each case.
-    states = twins / "runs/demo/text/deepspeed"
+def test_a_crafted_resume_state_cannot_run_code_and_is_refused_in_one_line(finished_text_run, tmp_path):
+    # A run is bound to its root (its fingerprint holds the data paths): the finished run itself is
+    # tampered with, and its resumable state restored after each case.
+    states = finished_text_run / "runs/demo/text/deepspeed"
     pristine = tmp_path / "pristine"
     shutil.copytree(states, pristine)
     marker = tmp_path / "pwned"
-    try:
-        for case, expect in CRAFTED.items():
-            tag = states / (states / "latest").read_text().strip()
-            torch.save({"module": _Evil(marker)}, tag / "mp_rank_00_model_states.pt")
-            if case == "pt_only":
-                for f in tag.iterdir():
-                    if f.name not in ("mp_rank_00_model_states.pt", "state.json"):
-                        f.unlink()
-            elif case == "latest_escapes":
-                (states / "latest").write_text("../../../../etc\n")
-            elif case == "latest_missing":
-                (states / "latest").write_text("step-000999999\n")
-            elif case == "foreign_object":
-                (tag / "rank-00000.json").write_text(
-                    json.dumps({"dict": [["optimizer", {"object": "Popen", "attrs": {}}], ["rng", None]]}))
-            r = train(twins, "text")
-            assert not marker.exists(), case
-            if expect is None:
-                assert r.returncode == 0, r.stderr
-            else:
-                lines = r.stderr.strip().splitlines()
-                assert r.returncode == 2 and expect in lines[-1], (case, r.stderr)
-            shutil.rmtree(states)
-            shutil.copytree(pristine, states)
-    finally:
-        shutil.rmtree(states, ignore_errors=True)
+    for case, expect in CRAFTED.items():
+        tag = states / (states / "latest").read_text().strip()
+        torch.save({"module": _Evil(marker)}, tag / "mp_rank_00_model_states.pt")
+        if case == "pt_only":
+            for f in tag.iterdir():
+                if f.name not in ("mp_rank_00_model_states.pt", "state.json"):
+                    f.unlink()
+        elif case == "latest_escapes":
+            (states / "latest").write_text("../../../../etc\n")
+        elif case == "latest_missing":
+            (states / "latest").write_text("step-000999999\n")
+        elif case == "foreign_object":
+            (tag / "rank-00000.json").write_text(
+                json.dumps({"dict": [["optimizer", {"object": "Popen", "attrs": {}}], ["rng", None]]}))
+        r = train(finished_text_run, "text", "train.epochs=1")
+        assert not marker.exists(), case
+        if expect is None:
+            assert r.returncode == 0, r.stderr
+        else:
+            lines = r.stderr.strip().splitlines()
+            assert r.returncode == 2 and expect in lines[-1], (case, r.stderr)
+        shutil.rmtree(states)
         shutil.copytree(pristine, states)
 
 
 @pytest.mark.slow
-def test_a_rerun_removes_what_a_killed_run_left_and_nothing_else(twins):
-    run = twins / "runs/demo/text"
+def test_a_rerun_removes_what_a_killed_run_left_and_nothing_else(finished_text_run):
+    run = finished_text_run / "runs/demo/text"
     left = [stale_temp(run / "checkpoints/words-000000009999", is_dir=True),
             stale_temp(run / "deepspeed/step-000000099", is_dir=True), stale_temp(run / "metrics.jsonl")]
     foreign = [run / "checkpoints/.notes.tmp-mine", run / "deepspeed/my-notes.txt"]
@@ -237,15 +241,11 @@ def test_a_rerun_removes_what_a_killed_run_left_and_nothing_else(twins):
     logged = log.read_text()
     with open(log, "a") as f:
         f.write('{"step": 99, "lo')  # a line torn by the kill
-    try:
-        r = train(twins, "text")
-        assert r.returncode == 0, r.stderr
-        assert not any(p.exists() for p in left)
-        assert all(f.read_text() == "the user's" for f in foreign)
-        assert log.read_text() == logged
-    finally:
-        for f in foreign:
-            f.unlink()
+    r = train(finished_text_run, "text", "train.epochs=1")
+    assert r.returncode == 0, r.stderr
+    assert not any(p.exists() for p in left)
+    assert all(f.read_text() == "the user's" for f in foreign)
+    assert log.read_text() == logged
 
 
 def test_training_state_round_trips_without_pickle_and_names_no_class(tmp_path):
