@@ -70,10 +70,10 @@ class DemoConfig(_Section):
 
     out: str = "{root}/demo"
     seed: int = 0
-    text_words: int = Field(120_000, ge=1000)
-    n_images: int = Field(2400, ge=10)
-    n_winoground: int = Field(120, ge=1)
-    pairs_per_phenomenon: int = Field(250, ge=1)
+    text_words: int = Field(80_000, ge=1000)
+    n_images: int = Field(7500, ge=10, description="one caption each: about as many caption words as text words")
+    n_winoground: int = Field(150, ge=1, description="also the number of VQA questions")
+    pairs_per_phenomenon: int = Field(150, ge=1)
 
 
 class DataConfig(_Section):

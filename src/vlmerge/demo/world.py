@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from vlmerge.config import DemoConfig
 from vlmerge.demo.grammar import Grammar, full_lexicon, sample_corpus, split_lexicon
 from vlmerge.demo.babylm_tasks import write_babylm_tasks
 from vlmerge.demo.images import BACKGROUND, CaptionStyle, Scene, caption, random_scene, random_style, render
@@ -109,14 +110,17 @@ class DemoWorld:
         )
 
 
+_DEFAULTS = DemoConfig()  # `vlmerge demo-data` and this function share one set of defaults
+
+
 def generate(
     out_dir: str | Path,
     seed: int = 0,
     *,
-    text_words: int = 80_000,
-    n_images: int = 7500,
-    n_winoground: int = 150,
-    pairs_per_phenomenon: int = 150,
+    text_words: int = _DEFAULTS.text_words,
+    n_images: int = _DEFAULTS.n_images,
+    n_winoground: int = _DEFAULTS.n_winoground,
+    pairs_per_phenomenon: int = _DEFAULTS.pairs_per_phenomenon,
     progress: bool = True,
 ) -> DemoWorld:
     """Write the demo world into `out_dir` (it appears complete or not at all) and describe it.
