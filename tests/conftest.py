@@ -11,6 +11,12 @@ from pathlib import Path
 import pytest
 
 from vlmerge.config import Config, load_config
+from vlmerge.launch import allotted_cpus, use_allotted_cpus
+
+# Under pytest-xdist the workers share the CPUs: each worker, and every process it starts, gets its
+# part (what an array task packed beside others on a node gets).
+if workers := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", 0)):
+    use_allotted_cpus(max(1, allotted_cpus() // workers))
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import yaml
 
+from vlmerge import launch
 from vlmerge.config import RUN_NAMES, Config, alpha_problem, load_config
 from vlmerge.errors import PREEMPTED_EXIT, Preempted, VlmergeError
 
@@ -45,7 +46,6 @@ def _corpus(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _precompute(cfg: Config, args: argparse.Namespace) -> None:
-    from vlmerge import launch
     from vlmerge.precompute.features import precompute
 
     if args.num_shards is not None and args.num_shards < 1:
@@ -58,7 +58,6 @@ def _precompute(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _train(cfg: Config, args: argparse.Namespace) -> None:
-    from vlmerge import launch
     from vlmerge.train.loop import train
 
     launch.export_rendezvous()  # ranks from torchrun or srun
@@ -81,8 +80,6 @@ def _grams(cfg: Config, args: argparse.Namespace) -> None:
 def _eval(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge.evaluate.run import eval_command
 
-    from vlmerge import launch
-
     if args.export and args.export[0] != "babylm":
         raise VlmergeError(f"--export {args.export[0]}: the only format is babylm")
     export = Path(args.export[1]) if args.export else None
@@ -99,7 +96,6 @@ def _aoa(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _sweep(cfg: Config, args: argparse.Namespace) -> None:
-    from vlmerge import launch
     from vlmerge.sweep import commands
 
     if args.action == "plan":
@@ -362,9 +358,12 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     try:
         if args.handler is None:
+            launch.use_allotted_cpus()
             args.command(args)
         else:
-            args.handler(load_config(args.config, args.overrides), args)
+            cfg = load_config(args.config, args.overrides)
+            launch.use_allotted_cpus(cfg.compute.threads)  # before any stage imports torch
+            args.handler(cfg, args)
     except VlmergeError as e:
         print(f"vlmerge {args.stage}: error: {e}", file=sys.stderr)
         return 2

@@ -265,6 +265,13 @@ class AnalysisConfig(_Section):
     seed: int = 0
 
 
+class ComputeConfig(_Section):
+    """How a process uses the machine."""
+
+    threads: int = Field(0, ge=0, description="CPU threads per process (0: the CPUs it may use: its affinity "
+                                              "mask, SLURM_CPUS_PER_TASK where smaller)")
+
+
 class StudyConfig(_Section):
     """Sung et al.'s study on one world (`vlmerge study`): seed length, expert variants, merge grids.
 
@@ -309,6 +316,7 @@ class Config(_Section):
     eval: EvalConfig = EvalConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     study: StudyConfig = StudyConfig()
+    compute: ComputeConfig = ComputeConfig()
 
     @property
     def root(self) -> Path:

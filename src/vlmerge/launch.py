@@ -1,4 +1,4 @@
-"""Everything the suite knows about Slurm and submitit, in one place.
+"""Everything the suite knows about Slurm, submitit and the CPUs a process is given, in one place.
 
 Stages never read `SLURM_*` themselves: the command line and the launchers ask this module
 (array index, job id, ranks under `srun`, MaxArraySize) and pass plain values down. The
@@ -10,12 +10,12 @@ from __future__ import annotations
 import math
 import os
 import subprocess
-from collections.abc import Mapping
+import sys
+from collections.abc import Mapping, MutableMapping
 from pathlib import Path
 from typing import Any
 
 from vlmerge.errors import VlmergeError
-from vlmerge.train.distributed import single_process_env
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default
 PORT_BASE = 29500
@@ -28,7 +28,7 @@ def _env_int(env: Mapping[str, str], name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise VlmergeError(f"{name}={value!r}: expected a whole number (set by Slurm)") from None
+        raise VlmergeError(f"environment variable {name}={value!r}: expected a whole number") from None
 
 
 def array_task_index(env: Mapping[str, str] = os.environ) -> int | None:
@@ -96,12 +96,43 @@ def rendezvous_env(env: Mapping[str, str]) -> dict[str, str]:
             # The same port on every task of the job, different across jobs sharing a node.
             "MASTER_PORT": env.get("MASTER_PORT", str(PORT_BASE + job % 10_000)),
         }
+    from vlmerge.train.distributed import single_process_env  # (vlmerge.train loads torch: not at import)
+
     return single_process_env()
 
 
 def export_rendezvous() -> None:
     """Set this process's torch.distributed variables (from torchrun, srun, or a single process)."""
     os.environ.update(rendezvous_env(os.environ))
+
+
+# CPU threads: from the allotment, idle threads asleep
+def allotted_cpus(env: Mapping[str, str] = os.environ) -> int:
+    """The CPUs this process may use: its affinity mask, or fewer where Slurm allots fewer
+    (SLURM_CPUS_PER_TASK: a job without CPU binding sees every CPU of the node in its mask)."""
+    cpus = len(os.sched_getaffinity(0))
+    per_task = _env_int(env, "SLURM_CPUS_PER_TASK")
+    return min(cpus, per_task) if per_task else cpus
+
+
+def use_allotted_cpus(threads: int = 0, env: MutableMapping[str, str] = os.environ) -> int:
+    """Size the intra-op thread pool to the allotment (or to `threads`, compute.threads) and let
+    idle threads sleep; returns the thread count.
+
+    OpenMP threads that spin while waiting for cores they do not get are what makes a busy,
+    shared node 10x slower rather than 2x. OpenMP reads OMP_WAIT_POLICY once, when torch loads
+    it: call this before importing torch. An OMP_NUM_THREADS already set (torchrun sets one per
+    rank) is kept unless `threads` is given.
+    """
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    else:
+        env.setdefault("OMP_NUM_THREADS", str(allotted_cpus(env)))
+    n = _env_int(env, "OMP_NUM_THREADS") or 1
+    if "torch" in sys.modules:  # already loaded (a library caller): the pool can still be resized
+        sys.modules["torch"].set_num_threads(n)
+    return n
 
 
 # The sweep as a submitit array (slurm/sweep.py)
