@@ -12,7 +12,7 @@ fi
 # shellcheck disable=SC1091
 source "$VLMERGE_VENV/bin/activate"
 
-# One CPU thread pool per task, sized from the allocation; never touch the network for weights.
-export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-${OMP_NUM_THREADS:-1}}"
+# Never touch the network for weights. (vlmerge sizes its CPU threads from the allocation itself:
+# vlmerge.launch.use_allotted_cpus; an OMP_NUM_THREADS exported here or at submission wins.)
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONUNBUFFERED=1
