@@ -27,11 +27,7 @@ def wait_until(predicate, timeout: float, what: str) -> None:
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def test_requeued_pretrain_job_resumes_and_ends_with_the_same_weights(slurm_cluster, twins, fresh_root):
-    # The reference: the same run trained without interruption (`vlmerge train`, one process).
-    reference = list_checkpoints(twins / "runs/demo/text")
-    assert reference
-
+def test_requeued_pretrain_job_resumes_and_ends_with_the_same_weights(slurm_cluster, fresh_root, request):
     requeued = fresh_root()
     out = subprocess.run(
         ["sbatch", "--parsable", f"--chdir={REPO}", f"--output={requeued}/slurm-%j.out", str(SCRIPT),
@@ -55,6 +51,9 @@ def test_requeued_pretrain_job_resumes_and_ends_with_the_same_weights(slurm_clus
     log = next(requeued.glob("slurm-*.out")).read_text()
     assert "stopped by a signal" in log, log[-2000:]
 
+    # The reference: the same run trained without interruption (`vlmerge train`, one process), asked
+    # for only now: another test worker may be training it while the job runs.
+    reference = list_checkpoints(request.getfixturevalue("twins") / "runs/demo/text")
     resumed = list_checkpoints(requeued / "runs/demo/text")
     assert [c.name for c in resumed] == [c.name for c in reference]
     for a, b in zip(resumed, reference):
