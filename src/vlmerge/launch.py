@@ -119,10 +119,13 @@ def use_allotted_cpus(threads: int = 0, env: MutableMapping[str, str] = os.envir
     """Size the intra-op thread pool to the allotment (or to `threads`, compute.threads) and let
     idle threads sleep; returns the thread count.
 
-    OpenMP threads that spin while waiting for cores they do not get are what makes a busy,
-    shared node 10x slower rather than 2x. OpenMP reads OMP_WAIT_POLICY once, when torch loads
-    it: call this before importing torch. An OMP_NUM_THREADS already set (torchrun sets one per
-    rank) is kept unless `threads` is given.
+    OpenMP threads that spin while waiting for cores they do not get make a process on a busy,
+    shared node far slower than its fair share (tests/bench/bench_shared_cpu.py, beside two busy
+    loops on 2 CPUs: 2.7x slower with libgomp's default spin, 1.4-1.6x sleeping at once, where the
+    fair share is 2x; alone, sleeping costs ~10% on the demo's tiny model). A short spin
+    (GOMP_SPINCOUNT) measured no steadier. OpenMP reads OMP_WAIT_POLICY once, when torch loads
+    it: call this before importing torch. What the environment already says (OMP_NUM_THREADS from
+    torchrun, OMP_WAIT_POLICY from the user) is kept unless `threads` is given.
     """
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     if threads:

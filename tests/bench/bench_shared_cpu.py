@@ -14,9 +14,9 @@ time, the CPU time the item got, and:
   slowdown <= 1.5x this;
 - fair-share slowdown, nominal: (threads + competitors) / threads, the kernel's even split.
 
-The item is the first linear item of the plan of a small demo world trained here (or of --root,
-an output root whose twins are trained). The runs are interleaved; each figure is the median of
---repeats.
+The item is the first linear item of the plan of a small demo world trained here, in a temp root or
+in --root (kept there and reused: every stage skips finished work). The runs are interleaved; each
+figure is the median of --repeats.
 """
 
 from __future__ import annotations
@@ -63,19 +63,18 @@ def fresh_results(root: Path, k: int) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--root", help="an output root with both twins trained (default: a small demo trained here)")
+    ap.add_argument("--root", help="where to keep the small world and its twins (default: a temp root)")
     ap.add_argument("--competitors", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
-    overrides = [] if args.root else SMALL
+    overrides = SMALL
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root or tmp).resolve()
         cfg = load_config(None, [f"paths.root={root}", *overrides])
-        if not args.root:
-            for stage in ("demo-data", "tokenizer", "corpus", "precompute"):
-                vlmerge(stage, "--quiet", f"paths.root={root}", *overrides)
-            for run in ("text", "multimodal"):
-                vlmerge("train", "--quiet", "--run", run, f"paths.root={root}", *overrides)
+        for stage in ("demo-data", "tokenizer", "corpus", "precompute"):
+            vlmerge(stage, "--quiet", f"paths.root={root}", *overrides)
+        for run in ("text", "multimodal"):
+            vlmerge("train", "--quiet", "--run", run, f"paths.root={root}", *overrides)
         item = next(it for it in current_plan(cfg) if it.method == "linear")
         threads = allotted_cpus()
         cases = {"alone": 0, f"beside {args.competitors} busy": args.competitors}
