@@ -10,7 +10,7 @@ PEERS_STAMP := $(PEERS_VENV)/.installed
 # Test processes (pytest-xdist): the tests wait on subprocesses and Slurm much of the time, so two
 # workers finish sooner even on two cores. TEST_WORKERS=0 runs them in this process.
 TEST_WORKERS ?= 2
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS)
 
 .PHONY: setup peers demo test test-fast bench clean
 

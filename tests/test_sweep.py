@@ -7,6 +7,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -49,6 +50,30 @@ def test_eval_skips_and_counts_items_without_image_features(twins, tmp_path):
     assert "1 problem(s) (1 no feature)" in r.stderr
     rows = pd.read_parquet(tmp_path / "ev/results.parquet")
     assert rows[(rows.metric == "group_score") & (rows.subtask == "")].n.iloc[0] == len(lines)
+
+
+def test_shuffled_features_change_what_the_model_reads_from_the_images_and_nothing_else(twins):
+    # `vlmerge eval --shuffle-features`: the control under which a model's image-dependent scores must fall
+    # to chance. Every image is scored with another image's feature; text tasks (the null image) are untouched.
+    from vlmerge.data import FeatureTable
+    from vlmerge.evaluate.run import load_model, prepare, task_specs
+    from vlmerge.evaluate.scoring import Scorer
+    from vlmerge.problems import ProblemLog
+
+    cfg = load_config(None, [f"paths.root={twins}", *SMALL_WORLD])
+    model, tokenizer = load_model(list_checkpoints(cfg.layout.run_dir("multimodal"))[-1])
+    specs = task_specs(cfg, ["winoground", "blimp"])
+
+    def scores(table: FeatureTable) -> dict[str, np.ndarray]:
+        scorer = Scorer(model, tokenizer, features=table, prompt=cfg.eval.prompt, dtype="fp32", batch_size=64)
+        return {t.task.name: scorer.score(scorer.prepared(t.requests)).logprob
+                for t in prepare(specs, table, ProblemLog())}
+
+    shuffled_table = FeatureTable(cfg.eval_store_path)
+    shuffled_table.shuffle(0)
+    real, shuffled = scores(FeatureTable(cfg.eval_store_path)), scores(shuffled_table)
+    assert np.array_equal(real["blimp"], shuffled["blimp"])
+    assert (real["winoground"] != shuffled["winoground"]).mean() > 0.9
 
 
 def test_unknown_task_lists_the_known_ones(twins, tmp_path):

@@ -84,7 +84,7 @@ def _eval(cfg: Config, args: argparse.Namespace) -> None:
         raise VlmergeError(f"--export {args.export[0]}: the only format is babylm")
     export = Path(args.export[1]) if args.export else None
     eval_command(cfg, Path(args.model), args.task, dtype=args.dtype, features=args.features, out=Path(args.out),
-                 job_id=launch.job_id(), export=export)
+                 job_id=launch.job_id(), export=export, shuffle_features=args.shuffle_features)
 
 
 def _aoa(cfg: Config, args: argparse.Namespace) -> None:
@@ -276,6 +276,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a task, with its data path unless eval.tasks has it (repeatable; default: eval.tasks)")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: eval.dtype")
     p.add_argument("--features", help="feature store of the evaluation images (default: eval.features)")
+    p.add_argument("--shuffle-features", type=int, metavar="SEED",
+                   help="a control: every image gets another image's feature (seeded); the model's use of "
+                        "the images is lost, the text is not")
     p.add_argument("--out", required=True, help="folder for results.parquet and items.parquet")
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"),
                    help="also write the predictions for submission: `babylm DIR` writes BabyLM 2025's "

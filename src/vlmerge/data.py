@@ -126,6 +126,12 @@ class FeatureTable:
         """Row of each id in the store, -1 where the store has no feature for it."""
         return self.index.get_indexer(image_ids)
 
+    def shuffle(self, seed: int) -> None:
+        """Give every image another image's feature (a seeded derangement of the rows): a control
+        that keeps the features' distribution and removes what they say about each image."""
+        order = np.random.default_rng(seed).permutation(len(self.index))
+        self.features[order] = self.features[np.roll(order, 1)].clone()  # a cycle through all rows: no fixed point
+
 
 class Samples:
     """The samples of one run: its sources' token shards concatenated, each with its feature row."""

@@ -190,7 +190,8 @@ def aoa_command(cfg: Config, checkpoints: Sequence[Path], words: Path, cdi: Path
 
 
 def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: str | None, features: str | None,
-                 out: Path, job_id: str = "", export: Path | None = None) -> list[TaskResult]:
+                 out: Path, job_id: str = "", export: Path | None = None,
+                 shuffle_features: int | None = None) -> list[TaskResult]:
     specs = task_specs(cfg, tasks)
     if out.exists() and not out.is_dir():
         files = f"{eval_results_file(out).name} and {eval_items_file(out).name}"
@@ -201,6 +202,9 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
     store = Path(features) if features else cfg.eval_store_path
     needs_store = getattr(model.config, "model_type", "") == MODEL_TYPE or any(t.needs_images for t, _ in specs)
     table_ = FeatureTable(store) if needs_store else None
+    if shuffle_features is not None and table_ is not None:
+        table_.shuffle(shuffle_features)
+        print(f"eval: image features shuffled (seed {shuffle_features}): a control, not the model's score")
     scorer = Scorer(model, tokenizer, features=table_, prompt=cfg.eval.prompt,
                     dtype=dtype or cfg.eval.dtype, batch_size=cfg.eval.batch_size)
     problems = ProblemLog()
