@@ -202,7 +202,9 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
     store = Path(features) if features else cfg.eval_store_path
     needs_store = getattr(model.config, "model_type", "") == MODEL_TYPE or any(t.needs_images for t, _ in specs)
     table_ = FeatureTable(store) if needs_store else None
-    if shuffle_features is not None and table_ is not None:
+    if shuffle_features is not None:
+        if table_ is None:
+            raise VlmergeError(f"--shuffle-features: {model_dir} and these tasks read no image features")
         table_.shuffle(shuffle_features)
         print(f"eval: image features shuffled (seed {shuffle_features}): a control, not the model's score")
     scorer = Scorer(model, tokenizer, features=table_, prompt=cfg.eval.prompt,
