@@ -12,7 +12,7 @@ from PIL import Image
 
 from vlmerge.demo import DemoWorld, generate
 from vlmerge.demo.grammar import COLOURS, add_s, with_articles
-from vlmerge.demo.images import RADII, RGB, Scene, random_group, render
+from vlmerge.demo.images import BACKGROUND, RADII, RGB, Scene, random_group, render
 
 SMALL = {"text_words": 2000, "n_images": 8, "n_winoground": 4, "pairs_per_phenomenon": 5}
 
@@ -67,12 +67,28 @@ def test_images_have_captions_in_a_caption_register(world: DemoWorld) -> None:
             assert (image.size, image.mode) == ((64, 64), "RGB")
     on_disk = {p.stem for p in world.images_dir.glob("img-*.png")}
     assert on_disk == {row["image_id"] for row in rows}
+    talk = [row for row in rows if row["caption"].startswith("what colour ")]
+    captions = [row for row in rows if not row["caption"].startswith("what colour ")]
     # Noun-phrase fragments (web alt-text): no finite verb, no sentence punctuation.
-    words = Counter(w for row in rows for w in row["caption"].split())
+    words = Counter(w for row in captions for w in row["caption"].split())
     assert not {"is", "are", "shows", "has", "have", ".", "?"} & set(words)
     assert words["a"] + words["an"] + words["one"] > 0 and words["two"] > 0
-    assert sum(words.values()) == world.caption_words
+    assert sum(words.values()) + sum(len(row["caption"].split()) for row in talk) == world.caption_words
     assert set(COLOURS) <= set(words) and set(RADII) <= set(words)
+
+
+def test_some_pictures_come_with_true_colour_talk(world: DemoWorld) -> None:
+    """Picture-book talk, "what colour are the circles ? red .": the answer is the picture's colour."""
+    rows = read_jsonl(world.captions)
+    talk = [row for row in rows if row["caption"].startswith("what colour ")]
+    assert 0.1 <= len(talk) / len(rows) <= 0.2
+    for row in talk[:100]:
+        *question, answer, stop = row["caption"].split()
+        assert question[-1] == "?" and stop == "." and answer in COLOURS
+        with Image.open(world.captions.parent / row["path"]) as image:
+            shape_pixels = [p for p in image.getdata() if max(abs(c - BACKGROUND) for c in p) > 60]
+        nearest = Counter(min(RGB, key=lambda c: sum((a - b) ** 2 for a, b in zip(RGB[c], p))) for p in shape_pixels)
+        assert nearest.most_common(1)[0][0] == answer
 
 
 def test_captions_are_half_of_the_multimodal_twins_words(world: DemoWorld) -> None:

@@ -9,7 +9,9 @@ decide caption words survive a mean over patches. Colour fills a flat, fixed bac
 share of pixels with a saturated hue; size and count set how many pixels it fills (a big
 shape has about five times a small one's area, so four small shapes cover less than one big
 one). Captions are in a caption register (web alt-text): noun-phrase fragments without a
-finite verb, e.g. "a picture of two small red circles above a big blue square".
+finite verb, e.g. "a picture of two small red circles above a big blue square". Some
+pictures of one group come with picture-book talk instead, a colour question and its answer
+("what colour are the circles ? red ."), as a caregiver asks about a picture.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageDraw
 
-from vlmerge.demo.grammar import SHAPES, add_s, with_articles
+from vlmerge.demo.grammar import SHAPES, add_s, colour_question, with_articles
 
 IMAGE_SIZE = 64
 SUPERSAMPLE = 4  # draw at 4× and downsample, for anti-aliased edges
@@ -184,3 +186,16 @@ def caption(scene: Scene, style: CaptionStyle) -> str:
         link = RELATION_WORDS[scene.relation].split() if style.pair == "relation" else ["and"]
         words += [*link, *_group_words(scene.groups[1], style)]
     return " ".join(with_articles([*style.prefix.split(), *words, *style.suffix.split()]))
+
+
+def group_colour_question(group: Group) -> list[str]:
+    """ "what colour is the circle ?" / "what colour are the circles ?" about one group."""
+    plural = group.count > 1
+    return colour_question(add_s(group.shape) if plural else group.shape, plural)
+
+
+def picture_talk(scene: Scene) -> str:
+    """A colour question about a one-group picture and its answer: "what colour are the circles ? red ."."""
+    if len(scene.groups) != 1:
+        raise ValueError(f"picture talk is about one-group scenes; this one has {len(scene.groups)} groups")
+    return " ".join([*group_colour_question(scene.groups[0]), scene.groups[0].colour, "."])

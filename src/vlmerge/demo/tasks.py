@@ -15,9 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from vlmerge.demo.grammar import (
-    COLOURS, PLURAL_REFLEXIVE, REFLEXIVES, Grammar, Lexicon, Phrase, add_s, colour_question, with_articles,
+    COLOURS, PLURAL_REFLEXIVE, REFLEXIVES, Grammar, Lexicon, Phrase, with_articles,
 )
-from vlmerge.demo.images import NUMBERS, PAIR_TEMPLATES, RADII, RELATIONS, Scene, caption, random_group, random_style
+from vlmerge.demo.images import (
+    NUMBERS, PAIR_TEMPLATES, RADII, RELATIONS, Scene, caption, group_colour_question, random_group, random_style,
+)
 
 DEMONSTRATIVES = {False: ("this", "that"), True: ("these", "those")}
 MAX_ATTEMPTS_PER_PAIR = 100
@@ -279,7 +281,5 @@ def vqa_items(n: int, rng: random.Random) -> list[VqaItem]:
     items = []
     for k in range(n):
         group = replace(random_group(rng, 4), colour=COLOURS[k % len(COLOURS)])
-        plural = group.count > 1
-        question = " ".join(colour_question(add_s(group.shape) if plural else group.shape, plural))
-        items.append(VqaItem(k, Scene((group,)), question, group.colour))
+        items.append(VqaItem(k, Scene((group,)), " ".join(group_colour_question(group)), group.colour))
     return items

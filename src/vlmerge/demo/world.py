@@ -32,12 +32,14 @@ from tqdm import tqdm
 from vlmerge.config import DemoConfig
 from vlmerge.demo.grammar import Grammar, full_lexicon, sample_corpus, split_lexicon
 from vlmerge.demo.babylm_tasks import write_babylm_tasks
-from vlmerge.demo.images import BACKGROUND, CaptionStyle, Scene, caption, random_scene, random_style, render
+from vlmerge.demo.images import (
+    BACKGROUND, CaptionStyle, Scene, caption, picture_talk, random_scene, random_style, render,
+)
 from vlmerge.demo.tasks import PHENOMENA, minimal_pairs, vqa_items, winoground_items
 from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path, write_json, write_jsonl, write_text
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 FILES = {
     "text_train": "text/train.txt",
     "text_dev": "text/dev.txt",
@@ -50,6 +52,10 @@ FILES = {
     "encoder_dir": "dinov2-tiny",
 }
 DEV_FRACTION = 0.05
+# Of the one-group training pictures: the share that comes with picture-book talk ("what colour
+# are the circles ? red .") instead of a caption. The text corpus asks the same questions with no
+# picture (grammar.COLOUR_EXCHANGE_SHARE), so only the multimodal twin can learn to answer them.
+PICTURE_TALK_SHARE = 0.2
 ENCODER_CONFIG = {
     "hidden_size": 64,
     "num_hidden_layers": 4,
@@ -200,7 +206,12 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
 
     scene_rng = _rng(seed, "scenes")
     scenes = {f"img-{i:06d}": random_scene(scene_rng) for i in range(params["n_images"])}
-    captions = [(image_id, caption(scene, random_style(scene_rng))) for image_id, scene in scenes.items()]
+    talk_rng = _rng(seed, "picture_talk")
+    captions = [
+        (image_id, picture_talk(scene) if len(scene.groups) == 1 and talk_rng.random() < PICTURE_TALK_SHARE
+         else caption(scene, random_style(scene_rng)))
+        for image_id, scene in scenes.items()
+    ]
     items = winoground_items(params["n_winoground"], _rng(seed, "winoground"))
     questions = vqa_items(params["n_winoground"], _rng(seed, "vqa"))
     eval_images = {item.image_id(k): (item.scenes[k], item.captions[k]) for item in items for k in (0, 1)}
