@@ -9,6 +9,7 @@ rules written in this file (read_files.py `decode_*`, compute_results.py `rank_a
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -443,3 +444,50 @@ def test_aoa_command_over_a_checkpoint_series(tmp_path, tiny_lm):
     out = aoa_command(cfg, ckpts[::-1], words, cdi, dtype="fp32", out=tmp_path / "aoa.json")
     assert json.loads((tmp_path / "aoa.json").read_text()) == out
     assert out["words_seen"] == [0, 1000, 20000] and out["metric"] == "pearson" and out["n_words"] <= 1
+
+
+def test_aoa_over_each_sweep_series_equals_the_fit_of_its_own_points(tmp_path):
+    # The sweep stores every model's per-item surprisals; `vlmerge aoa --sweep` fits one series per twin
+    # and per merge setting (method, parameters, α) over the checkpoints. Planted: two series whose
+    # words reach half way at known points, three words in the CDI table, one word not in it.
+    from vlmerge.evaluate.run import aoa_sweep_command
+    from vlmerge.evaluate.tasks.aoa import child_aoa, model_aoa
+    from vlmerge.layout import result_file
+    from vlmerge.results import ITEMS_SCHEMA, ModelKey, write_rows
+
+    cfg = load_config(None, [f"paths.root={tmp_path}"])
+    steps = [10, 100, 1_000, 10_000, 100_000, 1_000_000]
+    ages = range(16, 31)
+    child = {"dog": 20.0, "cat": 23.0, "ball": 21.0, "cup": 26.0}
+    cdi = tmp_path / "cdi.csv"
+    proportions = {w: [float(f"{logistic(x, 1, 0.6, c, 0):.6f}") for x in ages] for w, c in child.items()}
+    cdi.write_text("word," + ",".join(map(str, ages)) + "\n" +
+                   "".join(f"{w}," + ",".join(map(str, p)) + "\n" for w, p in proportions.items()))
+    child = {w: child_aoa(np.array(p)) for w, p in proportions.items()}  # the planted ages, from rounded shares
+    midpoints = {  # a series -> the log10(words) at which each word's −surprisal rises
+        ModelKey("demo", "text", "", None, None, "none", 1.0): {"dog": 2.0, "cat": 3.5, "ball": 2.8, "cup": 4.5, "zzz": 3.0},
+        ModelKey("demo", "text", "multimodal", None, None, "linear", 0.5): {"dog": 3.0, "cat": 2.5, "ball": 4.0, "cup": 3.2},
+    }
+
+    def surprisal(mid: float, seen: int, k: int) -> float:
+        return -logistic(math.log10(seen + 1), 12.0, 1.5 + 0.1 * k, mid, -20.0)
+
+    rows = []
+    for key, words in midpoints.items():
+        for seen in steps:
+            at = dataclasses.replace(key, text_words=seen, mm_words=None if key.method == "none" else seen)
+            rows += [{**at.columns(f"item-{seen}"), "task": "aoa", "subtask": "", "example_id": f"{w}/{k}",
+                      "value": surprisal(mid, seen, k)} for w, mid in words.items() for k in range(2)]
+    rows.append({**rows[0], "task": "blimp"})  # another task's items are not read
+    write_rows(rows, ITEMS_SCHEMA, result_file(cfg.layout.results_dir, "items", "planted"))
+
+    series = aoa_sweep_command(cfg, cdi, out=tmp_path / "aoa.json")
+    assert json.loads((tmp_path / "aoa.json").read_text()) == series
+    assert [(s["method"], s["alpha"], s["words_seen"]) for s in series] == [("none", 1.0, steps), ("linear", 0.5, steps)]
+    for s, words in zip(series, midpoints.values()):
+        model = {w: model_aoa(np.repeat(np.array(steps, float), 2),
+                              np.array([surprisal(mid, seen, k) for seen in steps for k in range(2)]))
+                 for w, mid in words.items() if w in child}
+        pairs = [(m, child[w]) for w, m in model.items() if m is not None]
+        assert s["n_words"] == len(pairs) >= 3
+        assert s["value"] == pytest.approx(np.corrcoef(np.array(pairs).T)[0, 1], abs=1e-9)

@@ -76,6 +76,34 @@ def test_shuffled_features_change_what_the_model_reads_from_the_images_and_nothi
     assert (real["winoground"] != shuffled["winoground"]).mean() > 0.9
 
 
+def test_sweep_exports_chosen_merges_as_an_eval_of_the_merge_from_disk_would(twins, tmp_path):
+    # sweep.export_babylm: BabyLM's prediction files of the chosen merges, written while the sweep has them
+    # in memory; a user who merges the pair to disk and runs `eval --export` must get the same files.
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
+    chosen = ["sweep.alphas=[0.0, 0.5]", "sweep.tasks=[blimp]", "sweep.methods=[{name: linear}]",
+              "sweep.export_babylm=[{method: linear, alpha: 0.5}]"]
+    r = vlmerge_cli("sweep", "run", "--quiet", f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, *chosen)
+    assert r.returncode == 0, r.stderr
+    cfg = load_config(None, [f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, *chosen])
+    exports = sorted((root / "results/demo/babylm").iterdir())
+    pairs = plan(cfg)
+    assert [e.name for e in exports] == [f"linear-alpha0.50-{Path(p.mm).name.replace('-', '')}" for p in pairs]
+    pair = pairs[-1]
+    r = vlmerge_cli("merge", "--text", str(root / pair.text), "--mm", str(root / pair.mm), "--alpha", "0.5",
+                    "--out", str(tmp_path / "merge"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = vlmerge_cli("eval", "--quiet", "--model", str(tmp_path / "merge"), "--task", "blimp", f"paths.root={root}",
+                    *SMALL_WORLD, "--out", str(tmp_path / "ev"), "--export", "babylm", str(tmp_path / "export"))
+    assert r.returncode == 0, r.stderr
+
+    def files(folder: Path) -> dict[str, str]:
+        return {p.relative_to(folder).as_posix(): p.read_text() for p in folder.rglob("*.json")}
+
+    swept = files(exports[-1] / "main")
+    assert list(swept) == ["zero_shot/causal/blimp/blimp/predictions.json"] and swept == files(tmp_path / "export")
+
+
 def test_unknown_task_lists_the_known_ones(twins, tmp_path):
     r = vlmerge_cli("eval", "--model", str(twins), "--task", "glue=/x", "--out", str(tmp_path / "e"))
     assert r.returncode == 2 and "unknown task 'glue' (known: aoa, blimp, blimp_supplement, comps, entity_tracking, ewok" in r.stderr

@@ -88,9 +88,14 @@ def _eval(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _aoa(cfg: Config, args: argparse.Namespace) -> None:
-    from vlmerge.evaluate.run import aoa_command
+    from vlmerge.evaluate.run import aoa_command, aoa_sweep_command
     from vlmerge.layout import list_checkpoints
 
+    if args.sweep:
+        aoa_sweep_command(cfg, Path(args.cdi), out=Path(args.out))
+        return
+    if args.words is None:
+        raise VlmergeError("aoa: --words is required (BabyLM's cdi_childes.json), unless --sweep")
     checkpoints = [Path(c) for c in args.checkpoint] or list_checkpoints(cfg.layout.run_dir(args.run))
     aoa_command(cfg, checkpoints, Path(args.words), Path(args.cdi), dtype=args.dtype, out=Path(args.out))
 
@@ -284,10 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write the predictions for submission: `babylm DIR` writes BabyLM 2025's "
                         "DIR/zero_shot/causal/<task>/<dataset>/predictions.json (DIR = its results/<model>/<revision>)")
 
-    p = stage("aoa", _aoa, "age of acquisition over a run's checkpoints: Pearson r with children's AoA (BabyLM)")
+    p = stage("aoa", _aoa, "age of acquisition over a run's checkpoints, or over each merge setting's: Pearson r with "
+                                     "children's AoA (BabyLM)")
     p.add_argument("--run", choices=RUN_NAMES, default="text", help="the run whose checkpoints form the series")
     p.add_argument("--checkpoint", action="append", default=[], help="the series instead (repeatable)")
-    p.add_argument("--words", required=True, help="BabyLM's cdi_childes.json (words and their contexts)")
+    p.add_argument("--sweep", action="store_true",
+                   help="every twin and merge setting over the checkpoints, from the sweep's aoa item scores")
+    p.add_argument("--words", help="BabyLM's cdi_childes.json (words and their contexts)")
     p.add_argument("--cdi", required=True, help="a CDI-format CSV: word, and proportions at ages 16 … 30")
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: eval.dtype")
     p.add_argument("--out", required=True, help="JSON file for the result")

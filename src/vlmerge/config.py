@@ -215,6 +215,19 @@ class MethodSpec(_Section):
     grid: dict[str, list[Any]] = {}
 
 
+class ExportSpec(_Section):
+    """Merges of the sweep whose predictions are also written for a BabyLM submission."""
+
+    method: str
+    alpha: float
+    params: dict[str, Any] | None = Field(None, description="the method's parameters (default: any)")
+    words: int | None = Field(None, description="the multimodal checkpoint's words seen (default: every pair)")
+
+    def selects(self, method: str, params: dict[str, Any], alpha: float, words: int) -> bool:
+        return (method == self.method and abs(alpha - self.alpha) < 1e-9
+                and self.params in (None, params) and self.words in (None, words))
+
+
 class SweepConfig(_Section):
     allow_extrapolation: bool = Field(False, description="allow alphas outside [0, 1]")  # before alphas: checked first
     alphas: list[float] = [round(0.1 * i, 1) for i in range(11)]
@@ -225,6 +238,9 @@ class SweepConfig(_Section):
     distances: bool = True
     gram_batches: int = Field(16, ge=1, description="batches of its own data each model sees for RegMean")
     array_throttle: int = Field(8, ge=1, description="array tasks running at once (the sbatch %% limit)")
+    export_babylm: list[ExportSpec] = Field(
+        [], description="merges whose predictions are written in BabyLM's submission layout, under "
+                        "results/<exp>/babylm/<model>/main")
 
     @field_validator("alphas")
     @classmethod

@@ -14,6 +14,7 @@ Under the output root (`paths.root`):
     runs/<exp>/<run>/checkpoints/words-<12 digits>/      a Hugging Face checkpoint
     runs/<exp>/<run>/deepspeed/step-<9 digits>/, latest  resumable DeepSpeed state
     results/<exp>/{metrics,items,distances}/<name>.parquet, best_text.json
+    results/<exp>/babylm/<model>/main/…                  sweep.export_babylm's prediction files
     reports/<exp>/                                       the analysis
     <merge --out>/alpha-<a.aa>/                           `vlmerge merge` at several α
     runs/<exp>-<variant>-seed<K>/, runs/<exp>-maa/       `vlmerge study`: one experiment per expert run
@@ -236,6 +237,23 @@ def babylm_predictions(out: Path, task: str, dataset: str) -> Path:
     return (folder if task in BABYLM_NO_DATASET else folder / dataset) / "predictions.json"
 
 
+def babylm_export_dir(results_dir: Path, method: str, params: dict, alpha: float, words: int) -> Path:
+    """`results/<exp>/babylm/<model>/main`, the pipeline's results/<model>/<revision> of one merge
+    of the sweep (`linear-alpha0.50-words000000145000`, parameters after the method)."""
+    model = "-".join([method, *_param_words(params), f"alpha{alpha:.2f}", f"words{words:012d}"])
+    return babylm_exports_root(results_dir) / model / "main"
+
+
+def babylm_exports_root(results_dir: Path) -> Path:
+    return results_dir / "babylm"
+
+
+def _param_words(params: dict) -> list[str]:
+    """`{"lam": 2.0, "density": 0.2}` -> ["density0.2", "lam2"]: a merge's parameters in a folder name."""
+    return [f"{k}{v:g}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}{v}"
+            for k, v in sorted(params.items())]
+
+
 def result_dataset_dir(results_dir: Path, dataset: str) -> Path:
     """`results/<exp>/<dataset>` (dataset: metrics, items or distances)."""
     assert dataset in RESULT_DATASETS, dataset
@@ -313,7 +331,7 @@ def parse_study_experiment(name: str) -> tuple[str, str, int] | None:
 
 def expert_merge_dir(run_dir: Path, method: str, params: dict[str, float]) -> Path:
     """`<run>/merges/<method>-alpha0.5-gamma0.9`: one merged checkpoint of the study."""
-    return run_dir / "merges" / "-".join([method, *(f"{k}{v:g}" for k, v in sorted(params.items()))])
+    return run_dir / "merges" / "-".join([method, *_param_words(params)])
 
 
 def study_result_name(experiment: str, label: str) -> str:

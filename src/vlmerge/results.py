@@ -69,15 +69,21 @@ def newest_rows(frame: pd.DataFrame, dataset: str, *, per_item: bool = False) ->
     return frame.drop_duplicates(key, keep="last").reset_index(drop=True)
 
 
-def _read(files: list[Path], schema: pa.Schema) -> pd.DataFrame:
+def _read(files: list[Path], schema: pa.Schema, filters: list[tuple] | None = None) -> pd.DataFrame:
     """Parquet files as one frame; integer columns stay integers with nulls (pandas Int64)."""
-    tables = [pq.read_table(f, schema=schema) for f in files] or [schema.empty_table()]
+    tables = [pq.read_table(f, schema=schema, filters=filters) for f in files] or [schema.empty_table()]
     return pa.concat_tables(tables).to_pandas(types_mapper={pa.int64(): pd.Int64Dtype()}.get)
 
 
 def read_results(results_dir: Path) -> pd.DataFrame:
     """Every metrics file of `results/<exp>` as one frame, one row per key (the newest wins)."""
     return newest_rows(_read(result_files(results_dir, "metrics"), RESULTS_SCHEMA), "metrics", per_item=True)
+
+
+def read_item_scores(results_dir: Path, task: str) -> pd.DataFrame:
+    """The per-item scores of one task in `results/<exp>`, one row per key (the last file read wins)."""
+    frame = _read(result_files(results_dir, "items"), ITEMS_SCHEMA, filters=[("task", "=", task)])
+    return newest_rows(frame, "items", per_item=True)
 
 
 def _sweep_item_ids(path: Path, schema: pa.Schema) -> set[str] | None:

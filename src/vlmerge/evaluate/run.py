@@ -179,14 +179,48 @@ def aoa_command(cfg: Config, checkpoints: Sequence[Path], words: Path, cdi: Path
         scorer = Scorer(model, tokenizer, features=features, prompt=cfg.eval.prompt, dtype=dtype or cfg.eval.dtype,
                         batch_size=cfg.eval.batch_size)
         (result,) = evaluate(scorer, [task])
-        per_checkpoint.append((checkpoint_words(ckpt), result.items))
+        per_checkpoint.append((checkpoint_words(ckpt), [(i.item_id, i.value) for i in result.items]))
     problems.report("aoa")
-    r, n = aoa.aoa_fitness(aoa.series_of(task.items, per_checkpoint), cdi_table)
+    r, n = aoa.aoa_fitness(aoa.series_of(per_checkpoint), cdi_table)
     summary = {"task": "aoa", "metric": "pearson", "value": r, "n_words": n,
                "words_seen": [w for w, _ in per_checkpoint], "checkpoints": [str(c) for c in sorted(checkpoints)]}
     write_json(out, summary)
     print(f"aoa: Pearson r {r:.4f} over {n} words, {len(per_checkpoint)} checkpoints -> {out}")
     return summary
+
+
+# A series of the sweep's models: one twin, or one merge setting, over the checkpoints (pairs).
+AOA_SERIES = ["experiment", "text_run", "mm_run", "method", "method_params", "alpha"]
+
+
+def aoa_sweep_command(cfg: Config, cdi: Path, *, out: Path) -> list[dict]:
+    """AoA of every series the sweep scored on the `aoa` task: each twin over its checkpoints and each
+    merge setting (method, parameters, α) over the checkpoint pairs, from the per-item surprisals
+    the sweep stored (no model is scored again); written to `out` (JSON, one object per series)."""
+    from vlmerge.evaluate.tasks import aoa
+    from vlmerge.results import read_item_scores
+
+    results_dir = cfg.layout.results_dir
+    cdi_table = aoa.read_cdi(cdi)
+    items = read_item_scores(results_dir, "aoa")
+    if items.empty:
+        raise VlmergeError(f"{results_dir}: no aoa item scores; put aoa in sweep.tasks (and eval.tasks) and run the sweep")
+    # The words seen of a same-words pair (or of a multimodal twin on its own).
+    items["words_seen"] = items.text_words.fillna(items.mm_words)
+    series = []
+    for key, rows in items.groupby(AOA_SERIES, dropna=False, sort=True):
+        per_checkpoint = [(int(seen), list(zip(g.example_id, g.value))) for seen, g in rows.groupby("words_seen")]
+        r, n = aoa.aoa_fitness(aoa.series_of(per_checkpoint), cdi_table) if len(per_checkpoint) >= 3 else (None, 0)
+        series.append({**dict(zip(AOA_SERIES, key)), "metric": "pearson", "value": r, "n_words": n,
+                       "words_seen": [w for w, _ in per_checkpoint]})
+    write_json(out, series)
+    print(f"{'run or merge':40} {'alpha':>6} {'points':>6} {'pearson':>8} {'words':>6}")
+    for s in series:
+        name = s["text_run"] or s["mm_run"] if s["method"] == "none" else f"{s['method']} {s['method_params']}"
+        value = "-" if s["value"] is None else f"{s['value']:.4f}"
+        print(f"{name[:40]:40} {s['alpha']:6.2f} {len(s['words_seen']):6d} {value:>8} {s['n_words']:6d}")
+    print(f"aoa: {len(series)} series (fewer than 3 checkpoints: no fit, value null) -> {out}")
+    return series
 
 
 def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: str | None, features: str | None,

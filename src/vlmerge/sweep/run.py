@@ -20,7 +20,7 @@ from pathlib import Path
 
 from vlmerge.config import Config
 from vlmerge.data import FeatureTable
-from vlmerge.evaluate.run import evaluate, load_model, prepare, result_rows, task_specs
+from vlmerge.evaluate.run import TaskResult, evaluate, export_babylm, load_model, prepare, result_rows, task_specs
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.io import fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.merge.core import Pair, PairMerger
@@ -28,7 +28,8 @@ from vlmerge.merge.distance import distance_rows, write_parquet
 from vlmerge.merge.grams import write_grams
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
-from vlmerge.layout import RESULT_DATASETS, best_text_cache, endpoint_name, result_dataset_dir, result_file
+from vlmerge.layout import (RESULT_DATASETS, babylm_export_dir, babylm_exports_root, best_text_cache, endpoint_name, result_dataset_dir,
+                            result_file)
 from vlmerge.results import (ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, ModelKey, checkpoint_run,
                              compacted_item_ids, write_rows)
 from vlmerge.sweep.plan import WorkItem, eval_salt, run_checkpoints, sweep_tasks
@@ -113,7 +114,9 @@ class ItemRunner:
             merger.merge_into(model, item.method, alpha, json.loads(item.params))
             timing.merge += time.perf_counter() - t
             t = time.perf_counter()
-            r, i = result_rows(dataclasses.replace(key, alpha=alpha), evaluate(scorer, self.tasks),
+            results = evaluate(scorer, self.tasks)
+            self._export(item, alpha, key.mm_words, results)
+            r, i = result_rows(dataclasses.replace(key, alpha=alpha), results,
                                item_id=item.item_id, config_hash=self.cfg.hash(), job_id=self.job_id)
             timing.evaluate += time.perf_counter() - t
             rows, items = rows + r, items + i
@@ -136,6 +139,13 @@ class ItemRunner:
             write_rows(items, ITEMS_SCHEMA, items_path(self.cfg, name))
             write_rows(rows, RESULTS_SCHEMA, metrics_path(self.cfg, name))
 
+    def _export(self, item: WorkItem, alpha: float, words: int, results: list[TaskResult]) -> None:
+        """BabyLM's prediction files of a merge that sweep.export_babylm selects (before the item's
+        metrics file: a killed item writes them again)."""
+        params = json.loads(item.params)
+        if any(spec.selects(item.method, params, alpha, words) for spec in self.cfg.sweep.export_babylm):
+            export_babylm(results, babylm_export_dir(self.cfg.layout.results_dir, item.method, params, alpha, words))
+
     def _distances(self, item: WorkItem, pair: Pair) -> None:
         if not self.cfg.sweep.distances:
             return
@@ -147,7 +157,9 @@ class ItemRunner:
 def run_items(cfg: Config, items: list[WorkItem], *, progress: bool = False, job_id: str = "") -> int:
     """Run every item not done yet, in order; returns how many ran (job_id: recorded in the rows)."""
     # What earlier array tasks left when killed mid-write (live writers' temp files stay).
-    remove_stale_temps(*(result_dataset_dir(cfg.layout.results_dir, d) for d in RESULT_DATASETS))
+    exports = babylm_exports_root(cfg.layout.results_dir)
+    remove_stale_temps(*(result_dataset_dir(cfg.layout.results_dir, d) for d in RESULT_DATASETS),
+                       *(p for p in exports.rglob("*") if p.is_dir()))
     runner = ItemRunner(cfg, progress, job_id)
     ran = 0
     for k, item in enumerate(items):

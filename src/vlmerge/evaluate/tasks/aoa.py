@@ -162,15 +162,16 @@ def aoa_fitness(series: Mapping[str, tuple[Sequence[int], Sequence[float]]],
     return float(pearsonr(model, child)[0]), len(model)
 
 
-def series_of(words: Sequence[AoaWord], per_checkpoint: Sequence[tuple[int, Sequence[ItemScore]]]
+def series_of(per_checkpoint: Sequence[tuple[int, Sequence[tuple[str, float]]]]
               ) -> dict[str, tuple[list[int], list[float]]]:
-    """word -> (words seen, surprisal) over every checkpoint and context, from `evaluate`'s per-item scores."""
-    out: dict[str, tuple[list[int], list[float]]] = {w.word: ([], []) for w in words}
+    """word -> (words seen, surprisal) over every checkpoint and context, from `evaluate`'s per-item
+    scores: (words seen, [(item id "<word>/<context index>", surprisal), …]) per checkpoint."""
+    out: dict[str, tuple[list[int], list[float]]] = {}
     for seen, items in per_checkpoint:
-        for item in items:
-            steps, values = out[item.item_id.rsplit("/", 1)[0]]
+        for item_id, value in items:
+            steps, values = out.setdefault(item_id.rsplit("/", 1)[0], ([], []))
             steps.append(seen)
-            values.append(item.value)
+            values.append(value)
     return out
 
 
