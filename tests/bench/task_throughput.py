@@ -6,8 +6,9 @@ Not part of `make bench` (no peer to compare with). The model and tokenizer are 
 `build_model` (trained for --train-steps batches only: throughput does not depend on training).
 The data are in the official formats: real BLiMP (the first --items/67 pairs of every paradigm),
 and files written here for the others (the demo world's entity-tracking and wug generators; COMPS
-and reading rows from templates). Each task is timed once from its requests to its metrics
-(tokenisation, scoring and the metric included; loading excluded).
+and reading rows, made-up past tenses and AoA contexts from templates). Each task is timed once
+from its requests to its metrics (tokenisation, scoring and the metric included; loading
+excluded). AoA's items are its (word, context) pairs: one checkpoint's part of the series.
 """
 
 from __future__ import annotations
@@ -66,6 +67,24 @@ def reading_rows(n: int, rng: random.Random) -> list[dict]:
     return rows
 
 
+def wug_past_rows(n: int, rng: random.Random) -> list[dict]:
+    """Made-up verbs with a regular and an irregular past, and a made-up share for the regular one."""
+    rows = []
+    for _ in range(n):
+        onset, rime = rng.choice(("spl", "gl", "fr", "bl", "str")), rng.choice(("ing", "ink", "im"))
+        regular, irregular = f"{onset}{rime}ed", f"{onset}{rime.replace('i', 'a')}"
+        rows.append({"sentences": f"Yesterday she {regular}.\tYesterday she {irregular}.",
+                     "ratio": round(rng.random(), 2)})
+    return rows
+
+
+def aoa_words(n: int, rng: random.Random) -> dict[str, list[dict]]:
+    """AoA_word's cdi_childes.json: `n` contexts, five per word, from child-directed templates."""
+    frames = ("look at the", "where is your", "do you want the", "give me that", "I see a")
+    words = [f"{w}{k}" if k else w for k in range(n // 5 // len(THINGS) + 1) for w in THINGS][: max(1, n // 5)]
+    return {w: [{"context": f"{rng.choice(frames)}"} for _ in range(5)] for w in words}
+
+
 def datasets(tmp: Path, blimp: Path, items: int) -> dict[str, Path]:
     rng = random.Random(0)
     per = max(1, items // 67)
@@ -73,7 +92,10 @@ def datasets(tmp: Path, blimp: Path, items: int) -> dict[str, Path]:
         write_jsonl(tmp / "blimp" / f.name, [json.loads(x) for x in f.read_text().splitlines()[:per]])
     write_jsonl(tmp / "entity_tracking" / "regular.jsonl", entity_stories(THINGS, items, rng))
     write_jsonl(tmp / "wug_adj_nominalization" / "wug_adj_nominalization.jsonl", wug_items(items, rng))
+    write_jsonl(tmp / "wug_past_tense" / "wug_past_tense.jsonl", wug_past_rows(items, rng))
     write_jsonl(tmp / "comps" / "comps_wugs.jsonl", comps_rows(items, rng))
+    (tmp / "cdi_childes").mkdir()
+    (tmp / "cdi_childes" / "cdi_childes.json").write_text(json.dumps(aoa_words(items, rng)))
     rows = reading_rows(items, rng)
     (tmp / "reading").mkdir()
     with open(tmp / "reading" / "reading_data.csv", "w", newline="") as f:
@@ -81,7 +103,8 @@ def datasets(tmp: Path, blimp: Path, items: int) -> dict[str, Path]:
         w.writeheader()
         w.writerows(rows)
     return {"blimp": tmp / "blimp", "entity_tracking": tmp / "entity_tracking",
-            "wug_adj": tmp / "wug_adj_nominalization", "comps": tmp / "comps", "reading": tmp / "reading"}
+            "wug_adj": tmp / "wug_adj_nominalization", "wug_past": tmp / "wug_past_tense", "comps": tmp / "comps",
+            "reading": tmp / "reading", "aoa": tmp / "cdi_childes"}
 
 
 def main() -> None:
@@ -108,7 +131,8 @@ def main() -> None:
             metrics, _ = task.evaluate(items, scorer.score(reqs))
             s = time.perf_counter() - t0
             head = next(m for m in metrics if m.subtask == "")
-            print(f"{name:<16} {len(items):>5} items {len(reqs):>5} requests {s:7.2f} s  {len(items) / s:8.1f} items/s"
+            n = len(reqs) if name == "aoa" else len(items)
+            print(f"{name:<16} {n:>5} items {len(reqs):>5} requests {s:7.2f} s  {n / s:8.1f} items/s"
                   f"  ({head.metric} {head.value:.3f})")
 
 
