@@ -20,6 +20,12 @@ def test_paper_config_validates_with_the_paper_setup():
     assert cfg.sweep.alphas[0] == 0.0 and cfg.sweep.alphas[-1] == 1.0 and len(cfg.sweep.alphas) == 11
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    # a key renamed in the code must be renamed in every config a user is told to run
+    assert load_config(path).experiment
+
+
 def test_overrides_are_typed_and_placeholders_follow_the_root():
     cfg = load_config(None, ["train.lr=3e-4", "paths.root=/scratch/x", "sweep.alphas=[0, 0.5, 1]"])
     assert cfg.train.lr == 3e-4

@@ -311,6 +311,12 @@ def test_seed_then_experts_then_merge_then_eval_on_the_demo_world(fresh_root, tm
     rows = pd.read_parquet(tmp_path / "eval" / "results.parquet")
     assert set(rows.method) == {"experts_regmean"} and set(rows.text_run) == {"experts"}
     assert rows[rows.metric == "accuracy"].value.between(0, 1).all()
+    # The unmerged expert model (MSA) is scored as it is, its text tasks routed as text.
+    r = vlmerge_cli("eval", "--quiet", "--model", str(experts[-1]), "--task", "blimp", "--task", "winoground",
+                    "--out", str(tmp_path / "msa"), *common)
+    assert r.returncode == 0, r.stderr
+    rows = pd.read_parquet(tmp_path / "msa" / "results.parquet")
+    assert set(rows.method) == {"none"} and set(rows.mm_run) == {"experts"} and set(rows.task) == {"blimp", "winoground"}
 
 
 def test_expert_distances_compare_the_experts_over_the_transformer(expert_checkpoint, tmp_path):

@@ -79,6 +79,11 @@ class PooledLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.post_init()
 
 
+def is_multimodal(config: dict) -> bool:
+    """Whether a checkpoint's config.json is one of our image-taking models (plain or with experts)."""
+    return config.get("model_type") in (MODEL_TYPE, EXPERT_MODEL_TYPE)
+
+
 AutoConfig.register(MODEL_TYPE, PooledLlavaConfig)
 AutoModel.register(PooledLlavaConfig, PooledLlavaModel)
 AutoModelForImageTextToText.register(PooledLlavaConfig, PooledLlavaForConditionalGeneration)

@@ -99,27 +99,13 @@ class Evaluator:
 
     def __call__(self, model_dir: Path, name: str) -> None:
         """Score the model in `model_dir` (plain, merged or expert) unless its results exist."""
-        import torch
-        from transformers import AutoModelForImageTextToText, AutoTokenizer
-
-        from vlmerge.evaluate.run import evaluate, result_rows
-        from vlmerge.evaluate.scoring import Scorer
-        from vlmerge.hf import quiet_transformers
-        from vlmerge.model import ExpertLlavaForConditionalGeneration
+        from vlmerge.evaluate.run import config_scorer, evaluate, load_model, result_rows
         from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, write_rows
 
         if self.done(name):
             return
-        with quiet_transformers():
-            model = AutoModelForImageTextToText.from_pretrained(model_dir).eval()
-            tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        if isinstance(model, ExpertLlavaForConditionalGeneration):
-            model.null_feature = self.features.null  # text tasks carry the black image: text-only routing
-        e = self.cfg.eval
-        scorer = Scorer(model, tokenizer, features=self.features, image_prefix=e.image_prefix, dtype=e.dtype,
-                        batch_size=e.batch_size)
-        with torch.inference_mode():
-            results = evaluate(scorer, self.tasks)
+        model, tokenizer = load_model(model_dir)
+        results = evaluate(config_scorer(self.cfg, model, tokenizer, self.features), self.tasks)
         rows, items = result_rows(ModelKey.of_directory(model_dir), results, config_hash=self.cfg.hash())
         results_dir = self.cfg.layout.results_dir
         write_rows(items, ITEMS_SCHEMA, result_file(results_dir, "items", name))

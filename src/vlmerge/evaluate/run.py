@@ -19,7 +19,7 @@ from vlmerge.evaluate.tasks import ItemScore, Metric, Prediction, Task, get_task
 from vlmerge.hf import quiet_transformers
 from vlmerge.io import check_creatable, remove_stale_temps, write_json
 from vlmerge.layout import babylm_dataset, babylm_predictions, checkpoint_words, eval_items_file, eval_results_file
-from vlmerge.model import MODEL_TYPE
+from vlmerge.model import ExpertLlavaForConditionalGeneration, is_multimodal
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, stamp, write_rows
 
@@ -49,8 +49,7 @@ def load_model(path: Path):
     config = path / "config.json"
     if not config.is_file():
         raise VlmergeError(f"{path}: not a model directory (no config.json)")
-    auto = AutoModelForImageTextToText if json.loads(config.read_text()).get("model_type") == MODEL_TYPE \
-        else AutoModelForCausalLM
+    auto = AutoModelForImageTextToText if is_multimodal(json.loads(config.read_text())) else AutoModelForCausalLM
     try:
         with quiet_transformers():
             return auto.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -152,6 +151,15 @@ def babylm_files(results: Sequence[TaskResult]) -> dict[tuple[str, str], dict]:
     return files
 
 
+def config_scorer(cfg: Config, model, tokenizer, features: FeatureTable | None, *, dtype: str | None = None) -> Scorer:
+    """A Scorer with the experiment's prompt convention, dtype (or `dtype`) and batch size. An expert
+    model learns the store's null feature: a sample whose image is the black one routes as text."""
+    if isinstance(model, ExpertLlavaForConditionalGeneration) and features is not None:
+        model.null_feature = features.null
+    return Scorer(model, tokenizer, features=features, prompt=cfg.eval.prompt, dtype=dtype or cfg.eval.dtype,
+                  batch_size=cfg.eval.batch_size)
+
+
 def export_babylm(results: Sequence[TaskResult], out: Path) -> list[Path]:
     """Write BabyLM 2025's predictions.json of every BabyLM task, in the layout its collate_preds.py reads."""
     written = []
@@ -175,9 +183,8 @@ def aoa_command(cfg: Config, checkpoints: Sequence[Path], words: Path, cdi: Path
     per_checkpoint = []
     for ckpt in sorted(checkpoints, key=checkpoint_words):
         model, tokenizer = load_model(ckpt)
-        features = FeatureTable(cfg.eval_store_path) if getattr(model.config, "model_type", "") == MODEL_TYPE else None
-        scorer = Scorer(model, tokenizer, features=features, prompt=cfg.eval.prompt, dtype=dtype or cfg.eval.dtype,
-                        batch_size=cfg.eval.batch_size)
+        features = FeatureTable(cfg.eval_store_path) if is_multimodal(model.config.to_dict()) else None
+        scorer = config_scorer(cfg, model, tokenizer, features, dtype=dtype)
         (result,) = evaluate(scorer, [task])
         per_checkpoint.append((checkpoint_words(ckpt), [(i.item_id, i.value) for i in result.items]))
     problems.report("aoa")
@@ -234,15 +241,14 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
     remove_stale_temps(out)
     model, tokenizer = load_model(model_dir)
     store = Path(features) if features else cfg.eval_store_path
-    needs_store = getattr(model.config, "model_type", "") == MODEL_TYPE or any(t.needs_images for t, _ in specs)
+    needs_store = is_multimodal(model.config.to_dict()) or any(t.needs_images for t, _ in specs)
     table_ = FeatureTable(store) if needs_store else None
     if shuffle_features is not None:
         if table_ is None:
             raise VlmergeError(f"--shuffle-features: {model_dir} and these tasks read no image features")
         table_.shuffle(shuffle_features)
         print(f"eval: image features shuffled (seed {shuffle_features}): a control, not the model's score")
-    scorer = Scorer(model, tokenizer, features=table_, prompt=cfg.eval.prompt,
-                    dtype=dtype or cfg.eval.dtype, batch_size=cfg.eval.batch_size)
+    scorer = config_scorer(cfg, model, tokenizer, table_, dtype=dtype)
     problems = ProblemLog()
     results = evaluate(scorer, prepare(specs, table_, problems))
     problems.report("eval")

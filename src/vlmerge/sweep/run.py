@@ -20,7 +20,8 @@ from pathlib import Path
 
 from vlmerge.config import Config
 from vlmerge.data import FeatureTable
-from vlmerge.evaluate.run import TaskResult, evaluate, export_babylm, load_model, prepare, result_rows, task_specs
+from vlmerge.evaluate.run import (TaskResult, config_scorer, evaluate, export_babylm, load_model, prepare, result_rows,
+                                  task_specs)
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.io import fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.merge.core import Pair, PairMerger
@@ -101,8 +102,7 @@ class ItemRunner:
         pair = Pair.open(text, mm, root / item.base if item.base else None, grams=method.needs_grams)
         merger = PairMerger(pair, allow_extrapolation=self.cfg.sweep.allow_extrapolation)
         model, tokenizer = load_model(text)
-        scorer = Scorer(model, tokenizer, features=self.features, prompt=self.cfg.eval.prompt,
-                        dtype=self.cfg.eval.dtype, batch_size=self.cfg.eval.batch_size)
+        scorer = config_scorer(self.cfg, model, tokenizer, self.features)
         timing.load = time.perf_counter() - t0
 
         self._endpoints(item, merger, model, scorer)
@@ -184,8 +184,7 @@ def best_text_pairing(cfg: Config) -> dict[Path, Path]:
         scores = {"salt": salt, "task": task, "accuracy": {}}
         for ckpt in run_checkpoints(cfg, "text"):
             model, tokenizer = load_model(ckpt)
-            scorer = Scorer(model, tokenizer, features=features, prompt=cfg.eval.prompt,
-                            dtype=cfg.eval.dtype, batch_size=cfg.eval.batch_size)
+            scorer = config_scorer(cfg, model, tokenizer, features)
             (result,) = evaluate(scorer, tasks)
             acc = next(m.value for m in result.metrics if m.subtask == "" and m.metric == "accuracy")
             scores["accuracy"][str(ckpt.relative_to(cfg.root))] = acc
