@@ -62,11 +62,12 @@ PEER_SCRIPT = textwrap.dedent('''
     lm = scorer.IncrementalLMScorer(job["model"], "cpu")
     sentences, bs = job["sentences"], job["batch_size"]
     total = lambda x: x.sum(0).item()
-    lm.sequence_score(sentences[:bs], reduction=total, bos_token=True)  # warm-up
+    bos = job["bos"]
+    lm.sequence_score(sentences[:bs], reduction=total, bos_token=bos)  # warm-up
     t0 = time.perf_counter()
     scores = []
     for i in range(0, len(sentences), bs):
-        scores += lm.sequence_score(sentences[i : i + bs], reduction=total, bos_token=True)
+        scores += lm.sequence_score(sentences[i : i + bs], reduction=total, bos_token=bos)
     seconds = time.perf_counter() - t0
     json.dump({"scores": scores, "seconds": seconds, "dtype": str(lm.model.dtype)}, open(sys.argv[2], "w"))
 ''')
@@ -126,12 +127,14 @@ def build_model(out: Path, sentences: list[str], goods: list[str], steps: int, i
             "loss": float(np.mean(losses[-10:])) if losses else float("nan"), "seconds": train_s}
 
 
-def peer(tmp: Path, model_dir: Path, sentences: list[str], threads: int) -> tuple[np.ndarray, float]:
-    """minicons: (scores, seconds of its scoring loop), from its own process."""
+def peer(tmp: Path, model_dir: Path, sentences: list[str], threads: int, bos: bool = True) -> tuple[np.ndarray, float]:
+    """minicons: (scores, seconds of its scoring loop), from its own process; `bos`: a BOS first, every
+    token scored (else the first token is context only, as the BabyLM pipeline scores a tokenizer
+    that adds no BOS)."""
     script, job, result = tmp / "peer_minicons.py", tmp / "peer_job.json", tmp / "peer_result.json"
     script.write_text(PEER_SCRIPT)
     job.write_text(json.dumps({"model": str(model_dir), "sentences": sentences, "batch_size": 32,
-                               "threads": threads}))
+                               "threads": threads, "bos": bos}))
     done = subprocess.run([str(PEER_PYTHON), str(script), str(job), str(result)], capture_output=True, text=True)
     if done.returncode != 0:
         sys.exit(f"bench_blimp: minicons failed ({PEER_PYTHON}):\n{done.stderr[-3000:]}")

@@ -12,8 +12,9 @@ of the 67 paradigms, written as BLiMP files that both sides read.
   in a fresh process: read the pair once (`Pair.open`, `PairMerger`), load one model, read and
   tokenise BLiMP once, then per α merge in place and score (batch 64, the official rules).
 - The peer (the usual workflow): per α, `mergekit-yaml` (linear, float32) writes the merge to disk,
-  then a minicons process loads it from disk and scores every sentence (batch 32, fp32, BOS
-  first, summed log-probabilities).
+  then a minicons process loads it from disk and scores every sentence (batch 32, fp32, summed
+  log-probabilities, `bos_token=False`: the first token is context only, the BabyLM pipeline's rule
+  for a tokenizer that adds no BOS, as this one).
 
 Both are timed from the first process launch to the last score, with start-up, loading and
 writing included. Decisions: a pair is right when good ≥ bad (the pipeline's tie rule); the
@@ -105,7 +106,7 @@ def peers(tmp: Path, text: Path, mm: Path, pairs: list[tuple[str, str]], alphas:
         done = subprocess.run([str(mergekit), str(config), str(out), "--quiet"], capture_output=True, text=True)
         if done.returncode != 0:
             sys.exit(f"bench_sweep_e2e: mergekit failed:\n{done.stderr[-3000:]}")
-        scores, _ = peer(tmp, out, sentences, threads=torch.get_num_threads())
+        scores, _ = peer(tmp, out, sentences, threads=torch.get_num_threads(), bos=False)
         right[str(alpha)] = list((scores[0::2] >= scores[1::2]).astype(float))
     return time.perf_counter() - t0, right
 
