@@ -129,7 +129,7 @@ def test_legacy_prompt_scores_every_target_token_after_bos(setup, real_blimp):
 # --- the official rule on all 67 BLiMP paradigms, a small trained Llama whose tokenizer adds no BOS ---------------
 
 # The first 3 pairs of every paradigm (201), plus BLiMP's 7 identical-sentence pairs (ties);
-# VLMERGE_PARITY_PAIRS=all checks every one of the 67,000 pairs (about 10 minutes on 2 cores).
+# VLMERGE_PARITY_PAIRS=all checks every one of the 67,000 pairs (5 minutes on 2 cores).
 PER_PARADIGM = 1000 if os.environ.get("VLMERGE_PARITY_PAIRS") == "all" else 3
 
 
