@@ -15,8 +15,9 @@ accuracy and median |good - bad| are printed), and then saved to disk.
 The peer is minicons (`.venv-peers/bin/python`, a helper script run as a subprocess that
 reads the sentences from a JSON file and writes its scores and times to another):
 `IncrementalLMScorer(dir, "cpu")` (fp32), then `sequence_score(32 sentences,
-reduction=sum, bos_token=True)` per batch: the summed log-probability of every token of the
-sentence after BOS, as ours. Ours is `vlmerge.evaluate.scoring.Scorer.score` on the same
+reduction=sum, bos_token=False)` per batch: the summed log-probability of every token after the
+first, which is context only, as ours (the BabyLM pipeline's rule for a tokenizer, like this one,
+that adds no BOS). Ours is `vlmerge.evaluate.scoring.Scorer.score` on the same
 directory's model, in fp32 and in bf16 (its own copy, the weights cast to bf16 once; no autocast);
 both compute logits only at the scored positions, the log-softmax in fp32, with SDPA's math
 kernel (minicons: the model's defaults, SDPA's flash kernel, logits at every position). Each side is timed around its scoring loop only
@@ -181,7 +182,7 @@ def main() -> None:
             tokenizer = AutoTokenizer.from_pretrained(model_dir)
         runs: dict[str, list[tuple[np.ndarray, float]]] = {"minicons": [], "fp32": [], "bf16": []}
         for _ in range(args.repeats):  # interleaved, best of each
-            runs["minicons"].append(peer(tmp, model_dir, sentences, threads))
+            runs["minicons"].append(peer(tmp, model_dir, sentences, threads, bos=False))
             for dtype in ("fp32", "bf16"):
                 runs[dtype].append(ours(models[dtype], tokenizer, requests, dtype, args.batch_size))
 
