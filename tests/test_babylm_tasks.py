@@ -446,6 +446,19 @@ def test_aoa_command_over_a_checkpoint_series(tmp_path, tiny_lm):
     assert out["words_seen"] == [0, 1000, 20000] and out["metric"] == "pearson" and out["n_words"] <= 1
 
 
+def test_aoa_without_words_or_sweep_results_is_a_one_line_error(tmp_path, capsys):
+    from vlmerge.cli import main
+
+    cdi = tmp_path / "cdi.csv"
+    cdi.write_text("word," + ",".join(map(str, range(16, 31))) + "\n")
+    common = ["--cdi", str(cdi), "--out", str(tmp_path / "aoa.json"), f"paths.root={tmp_path}"]
+    assert main(["aoa", *common]) == 2
+    assert "--words is required (BabyLM's cdi_childes.json), unless --sweep" in capsys.readouterr().err
+    assert main(["aoa", "--sweep", *common]) == 2
+    assert "no aoa item scores; put aoa in sweep.tasks" in capsys.readouterr().err
+    assert not (tmp_path / "aoa.json").exists()
+
+
 def test_aoa_over_each_sweep_series_equals_the_fit_of_its_own_points(tmp_path):
     # The sweep stores every model's per-item surprisals; `vlmerge aoa --sweep` fits one series per twin
     # and per merge setting (method, parameters, α) over the checkpoints. Planted: two series whose
