@@ -1,8 +1,8 @@
 """Where BLiMP scoring's time goes on the 63M Llama (CPU), and its share of the matmul peak.
 
-    .venv/bin/python tests/bench/profile_scoring.py [--pairs 15] [--batch-size 64] [--top 12]
+    .venv/bin/python tests/bench/bench_scoring_profile.py [--pairs 15] [--batch-size 64] [--top 12]
 
-Not part of `make bench` (no peer). The model and pairs are bench_blimp's (`build_model`, the
+Part of `make bench`; its "peer" is the machine's own matmul peak. The model and pairs are bench_blimp's (`build_model`, the
 first --pairs of every paradigm). For fp32 and bf16:
 
 1. Throughput: `Scorer.score` over every pair after a warm-up batch; the model arithmetic it
