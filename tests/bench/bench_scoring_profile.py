@@ -2,8 +2,8 @@
 
     .venv/bin/python tests/bench/bench_scoring_profile.py [--pairs 15] [--batch-size 64] [--top 12]
 
-Part of `make bench`; its "peer" is the machine's own matmul peak. The model and pairs are bench_blimp's (`build_model`, the
-first --pairs of every paradigm). For fp32 and bf16:
+Part of `make bench`; its "peer" is the machine's own matmul peak. The model and pairs are
+bench_blimp's (`build_model`, the first --pairs of every paradigm). For fp32 and bf16:
 
 1. Throughput: `Scorer.score` over every pair after a warm-up batch; the model arithmetic it
    does (2 FLOPs per weight of the decoder layers and the LM head, per real token, attention
