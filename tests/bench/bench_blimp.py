@@ -50,6 +50,7 @@ from vlmerge.hf import quiet_transformers
 
 REPO = Path(__file__).resolve().parents[2]
 PEER_PYTHON = REPO / ".venv-peers" / "bin" / "python"
+SHARED_BLIMP = REPO.parent / "shared" / "data" / "blimp"  # CI puts ../shared beside the checkout
 
 # Written to a temp dir at run time and run by the peers' python: scores every sentence with
 # minicons in batches of `batch_size`, timing the scoring loop only (model load excluded).
@@ -155,7 +156,7 @@ def ours(model, tokenizer, requests: list[Request], dtype: str, batch_size: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blimp", type=Path, default=REPO / ".." / "shared" / "data" / "blimp")
+    ap.add_argument("--blimp", type=Path, default=SHARED_BLIMP, help="a folder of BLiMP <UID>.jsonl files")
     ap.add_argument("--pairs", type=int, default=15, help="pairs per paradigm (default 15; --full: all)")
     ap.add_argument("--full", action="store_true", help="all 67,000 pairs")
     ap.add_argument("--batch-size", type=int, default=64, help="ours (minicons: 32)")

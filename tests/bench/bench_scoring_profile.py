@@ -30,7 +30,7 @@ from vlmerge.evaluate.scoring import Scorer
 from vlmerge.evaluate.tasks import Request
 from vlmerge.hf import quiet_transformers
 
-from bench_blimp import REPO, build_model, load_pairs
+from bench_blimp import SHARED_BLIMP, build_model, load_pairs
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROWS = 64 * 16  # a batch of 64 sentences of ~16 tokens
@@ -57,7 +57,7 @@ def peak(dtype: torch.dtype, shapes: list[tuple[int, int]], repeats: int = 20) -
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blimp", type=Path, default=REPO / ".." / "shared" / "data" / "blimp")
+    ap.add_argument("--blimp", type=Path, default=SHARED_BLIMP, help="a folder of BLiMP <UID>.jsonl files")
     ap.add_argument("--pairs", type=int, default=15, help="pairs per paradigm")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--top", type=int, default=12)

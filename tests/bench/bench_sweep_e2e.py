@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench_blimp import PEER_PYTHON, REPO, build_model, load_pairs, peer
+from bench_blimp import PEER_PYTHON, SHARED_BLIMP, build_model, load_pairs, peer
 from bench_merge import run as run_measured
 
 # One sweep work item in a fresh process: argv[1] a job JSON, argv[2] where the decisions go.
@@ -138,7 +138,7 @@ def gib(n: float) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blimp", type=Path, default=REPO / ".." / "shared" / "data" / "blimp")
+    ap.add_argument("--blimp", type=Path, default=SHARED_BLIMP, help="a folder of BLiMP <UID>.jsonl files")
     ap.add_argument("--per-paradigm", type=int, default=30)
     ap.add_argument("--alphas", type=int, default=11, help="an even grid over [0, 1] (default 11: 0, 0.1, …, 1)")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="ours (minicons: fp32)")

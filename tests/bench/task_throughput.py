@@ -30,7 +30,7 @@ from vlmerge.evaluate.tasks import get_task
 from vlmerge.hf import quiet_transformers
 from vlmerge.problems import ProblemLog
 
-from bench_blimp import REPO, build_model, load_pairs
+from bench_blimp import SHARED_BLIMP, build_model, load_pairs
 
 THINGS = ["apple", "ball", "book", "box", "cake", "car", "cup", "hat", "key", "kite", "lamp", "shoe", "toy"]
 
@@ -109,7 +109,7 @@ def datasets(tmp: Path, blimp: Path, items: int) -> dict[str, Path]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--blimp", type=Path, default=REPO / ".." / "shared" / "data" / "blimp")
+    ap.add_argument("--blimp", type=Path, default=SHARED_BLIMP, help="a folder of BLiMP <UID>.jsonl files")
     ap.add_argument("--items", type=int, default=300, help="items per task (BLiMP: per 67 paradigms)")
     ap.add_argument("--train-steps", type=int, default=5)
     ap.add_argument("--batch-size", type=int, default=64)
