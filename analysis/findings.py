@@ -31,7 +31,7 @@ import pandas as pd
 
 from vlmerge.analysis.stats import percentile_interval, spearman
 from vlmerge.analysis.tables import Merges
-from vlmerge.results import CHECKPOINT_PAIR
+from vlmerge.results import CHECKPOINT_PAIR, MM_ALPHA
 
 @dataclasses.dataclass(frozen=True)
 class Finding:
@@ -157,6 +157,13 @@ def merge_effects(all_merges: list[Merges], best: pd.DataFrame) -> Iterator[Find
                               {"experiment": experiment, "words": words, "method": method, "method_params": params})
                 continue
             alpha = float(row.best_alpha.iloc[0])
+            details = {"experiment": experiment, "words": words, "method": method, "method_params": params}
+            if alpha == MM_ALPHA:  # no weight on the text twin: nothing of it is kept, so say that plainly
+                yield Finding("merge", first.task.task, f"At {words:,} words only α = 0 of {name}, no weight on the "
+                              "text twin, keeps every multimodal drop within the tolerance: no merge keeps any of "
+                              f"the text twin's advantage on {first.task.label} without losing image abilities.", 0.0, math.nan,
+                              math.nan, 0.0, None, False, {**details, "alpha": alpha})
+                continue
             i = part.index[part.alpha == alpha][0]
             gap = interval(first.task.sign * (first.text[i] - first.mm[i]))
             keep = interval(first.retention[i])
@@ -173,8 +180,7 @@ def merge_effects(all_merges: list[Merges], best: pd.DataFrame) -> Iterator[Find
             lost = f" and loses {', '.join(s for *_, s in losses)}" if losses else ""
             yield Finding("merge", first.task.task, f"At {words:,} words {name} at α = {alpha:g} {clause}{lost}.",
                           *keep, 0.0, None, excludes(keep[1], keep[2], 0.0),
-                          {"experiment": experiment, "words": words, "method": method, "method_params": params,
-                           "alpha": alpha, "drops": {t: list(d) for t, d, _ in losses}})
+                          {**details, "alpha": alpha, "drops": {t: list(d) for t, d, _ in losses}})
 
 
 def _same_model(keys: pd.DataFrame, row: pd.Series) -> int | None:

@@ -63,6 +63,16 @@ def test_merge_finding_states_the_best_alphas_retention_and_multimodal_loss(anal
     assert "loses 0.025 [" in merge.text
 
 
+def test_merge_finding_says_so_when_only_the_multimodal_twin_keeps_the_image_abilities(tmp_path):
+    # Planted: only α = 0 (the multimodal twin's weights) keeps the multimodal drop within the tolerance.
+    write_results(tmp_path, alphas=[0.0, 0.75, 1.0])
+    (merge,) = by_kind(compute(load([tmp_path / "results/synth"]), OPTIONS), "merge", "blimp")
+    assert merge.details["alpha"] == 0.0 and merge.value == 0.0 and not merge.effect
+    assert merge.text == (f"At {WORDS[LAST]:,} words only α = 0 of linear, no weight on the text twin, keeps every "
+                          "multimodal drop within the tolerance: no merge keeps any of the text twin's advantage on "
+                          "blimp accuracy without losing image abilities.")
+
+
 def test_alpha_trend_is_spearmans_rho_over_the_planted_scores(analysis):
     alphas = [0.0, 0.25, 0.5, 0.75, 1.0]
     for task, score, word in (("blimp", text_score, "rises"), ("winoground", mm_score, "falls")):
