@@ -79,9 +79,9 @@ class PooledLlavaForConditionalGeneration(LlavaForConditionalGeneration):
         self.post_init()
 
 
-def is_multimodal(config: dict) -> bool:
-    """Whether a checkpoint's config.json is one of our image-taking models (plain or with experts)."""
-    return config.get("model_type") in (MODEL_TYPE, EXPERT_MODEL_TYPE)
+def is_multimodal(model_type: str | None) -> bool:
+    """Whether a model type is one of our image-taking models (plain or with experts)."""
+    return model_type in (MODEL_TYPE, EXPERT_MODEL_TYPE)
 
 
 AutoConfig.register(MODEL_TYPE, PooledLlavaConfig)

@@ -49,7 +49,7 @@ def load_model(path: Path):
     config = path / "config.json"
     if not config.is_file():
         raise VlmergeError(f"{path}: not a model directory (no config.json)")
-    auto = AutoModelForImageTextToText if is_multimodal(json.loads(config.read_text())) else AutoModelForCausalLM
+    auto = AutoModelForImageTextToText if is_multimodal(json.loads(config.read_text()).get("model_type")) else AutoModelForCausalLM
     try:
         with quiet_transformers():
             return auto.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
@@ -183,7 +183,7 @@ def aoa_command(cfg: Config, checkpoints: Sequence[Path], words: Path, cdi: Path
     per_checkpoint = []
     for ckpt in sorted(checkpoints, key=checkpoint_words):
         model, tokenizer = load_model(ckpt)
-        features = FeatureTable(cfg.eval_store_path) if is_multimodal(model.config.to_dict()) else None
+        features = FeatureTable(cfg.eval_store_path) if is_multimodal(model.config.model_type) else None
         scorer = config_scorer(cfg, model, tokenizer, features, dtype=dtype)
         (result,) = evaluate(scorer, [task])
         per_checkpoint.append((checkpoint_words(ckpt), [(i.item_id, i.value) for i in result.items]))
@@ -223,7 +223,7 @@ def aoa_sweep_command(cfg: Config, cdi: Path, *, out: Path) -> list[dict]:
     write_json(out, series)
     print(f"{'run or merge':40} {'alpha':>6} {'points':>6} {'pearson':>8} {'words':>6}")
     for s in series:
-        name = s["text_run"] or s["mm_run"] if s["method"] == "none" else f"{s['method']} {s['method_params']}"
+        name = (s["text_run"] or s["mm_run"]) if s["method"] == "none" else f"{s['method']} {s['method_params']}"
         value = "-" if s["value"] is None else f"{s['value']:.4f}"
         print(f"{name[:40]:40} {s['alpha']:6.2f} {len(s['words_seen']):6d} {value:>8} {s['n_words']:6d}")
     print(f"aoa: {len(series)} series (fewer than 3 checkpoints: no fit, value null) -> {out}")
@@ -241,7 +241,7 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
     remove_stale_temps(out)
     model, tokenizer = load_model(model_dir)
     store = Path(features) if features else cfg.eval_store_path
-    needs_store = is_multimodal(model.config.to_dict()) or any(t.needs_images for t, _ in specs)
+    needs_store = is_multimodal(model.config.model_type) or any(t.needs_images for t, _ in specs)
     table_ = FeatureTable(store) if needs_store else None
     if shuffle_features is not None:
         if table_ is None:

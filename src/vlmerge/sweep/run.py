@@ -29,8 +29,8 @@ from vlmerge.merge.distance import distance_rows, write_parquet
 from vlmerge.merge.grams import write_grams
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
-from vlmerge.layout import (RESULT_DATASETS, babylm_export_dir, babylm_exports_root, best_text_cache, endpoint_name, result_dataset_dir,
-                            result_file)
+from vlmerge.layout import (RESULT_DATASETS, babylm_export_dir, babylm_exports_root, best_text_cache, endpoint_name,
+                            result_dataset_dir, result_file)
 from vlmerge.results import (ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, ModelKey, checkpoint_run,
                              compacted_item_ids, write_rows)
 from vlmerge.sweep.plan import WorkItem, eval_salt, run_checkpoints, sweep_tasks
