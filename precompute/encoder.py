@@ -1,11 +1,13 @@
-"""A DINOv2 encoder that returns one pooled vector per image, from a chosen hidden layer."""
+"""A DINOv2 encoder that returns one pooled vector per image (or a grid of them), from a chosen hidden layer."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoImageProcessor, AutoModel
 
@@ -26,6 +28,24 @@ def pool(hidden: torch.Tensor, pooling: Pooling, num_prefix_tokens: int = 1) -> 
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
+def grid_pool(hidden: torch.Tensor, grid: int, num_prefix_tokens: int = 1) -> torch.Tensor:
+    """[B, T, D] token states -> [B, grid², D]: grid×grid cell means of the patch tokens, row-major.
+
+    The patch tokens (after the CLS/register prefix) are laid out on their square side×side grid
+    and pooled by adaptive average pooling: when `grid` divides the side every cell is the exact
+    mean of a side/grid × side/grid block; otherwise cell i is the mean of patches ⌊i·side/grid⌋
+    to ⌈(i+1)·side/grid⌉ − 1 along each axis: cells may differ in size, and neighbours may share a
+    row or column of patches.
+    """
+    patches = hidden[:, num_prefix_tokens:]
+    b, n, d = patches.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise VlmergeError(f"features.grid: the encoder gives {n} patch tokens, not a square grid of them")
+    cells = F.adaptive_avg_pool2d(patches.transpose(1, 2).reshape(b, d, side, side), grid)
+    return cells.flatten(2).transpose(1, 2)
+
+
 def blocks_needed(layer: int, num_layers: int) -> int:
     """How many transformer blocks produce `hidden_states[layer]` (index 0 = the embeddings)."""
     index = layer if layer >= 0 else num_layers + 1 + layer
@@ -40,19 +60,22 @@ def blocks_needed(layer: int, num_layers: int) -> int:
 class PooledEncoder(nn.Module):
     """Embeddings + the first k blocks of a DINOv2 model, then pooling.
 
-    Equal to `pool(model(x, output_hidden_states=True).hidden_states[layer])`, but the blocks
-    after `layer` and the final LayerNorm are never run: they would be thrown away.
+    Equal to `pool(model(x, output_hidden_states=True).hidden_states[layer])` (`grid_pool` for a
+    grid > 1, whose cells are patch means whatever `pooling` says), but the blocks after `layer`
+    and the final LayerNorm are never run: they would be thrown away.
     """
 
-    def __init__(self, model: nn.Module, layer: int, pooling: Pooling):
+    def __init__(self, model: nn.Module, layer: int, pooling: Pooling, grid: int = 1):
         super().__init__()
         num_layers = model.config.num_hidden_layers
         k = blocks_needed(layer, num_layers)
         self.embeddings = model.embeddings
         self.blocks = nn.ModuleList(model.encoder.layer[:k])
-        self.pooling = pooling
+        self.pooling, self.grid = pooling, grid
         self.num_prefix_tokens = 1 + getattr(model.config, "num_register_tokens", 0)
         self.dim = model.config.hidden_size
+        # One image's row in the store: a vector [D], or grid² of them [G², D]
+        self.row_shape = (self.dim,) if grid == 1 else (grid * grid, self.dim)
 
     @torch.inference_mode()
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -61,10 +84,12 @@ class PooledEncoder(nn.Module):
             hidden = block(hidden)
             # Blocks return a tensor in recent transformers, a tuple in older ones.
             hidden = hidden[0] if isinstance(hidden, tuple) else hidden
+        if self.grid > 1:
+            return grid_pool(hidden, self.grid, self.num_prefix_tokens)
         return pool(hidden, self.pooling, self.num_prefix_tokens)
 
 
-def load_encoder(path: str, layer: int, pooling: Pooling, revision: str | None = None):
+def load_encoder(path: str, layer: int, pooling: Pooling, revision: str | None = None, grid: int = 1):
     """(PooledEncoder in eval mode, image processor) from a local `save_pretrained` directory."""
     if not Path(path).is_dir():
         raise VlmergeError(f"features.encoder: {path}: no such directory (a DINOv2 saved with save_pretrained)")
@@ -77,7 +102,10 @@ def load_encoder(path: str, layer: int, pooling: Pooling, revision: str | None =
         raise VlmergeError(f"features.encoder: {path}: cannot load a DINOv2 model and image processor ({first})") from None
     if not hasattr(model, "embeddings") or not hasattr(getattr(model, "encoder", None), "layer"):
         raise VlmergeError(f"features.encoder: {path}: {type(model).__name__} is not a DINOv2-style ViT")
-    return PooledEncoder(model, layer, pooling).eval(), processor
+    if grid > 1 and grid > (side := crop_size(processor) // model.config.patch_size):
+        raise VlmergeError(f"features.grid: {grid} exceeds the encoder's {side}×{side} patch grid "
+                           f"({crop_size(processor)}-pixel images, {model.config.patch_size}-pixel patches)")
+    return PooledEncoder(model, layer, pooling, grid).eval(), processor
 
 
 def crop_size(processor) -> int:

@@ -107,7 +107,7 @@ class Runtime:
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[fc.precision]
         if not cuda and dtype == torch.float16:
             raise VlmergeError("features.precision: fp16 needs a GPU; use fp32 or bf16 on the CPU")
-        encoder, processor = load_encoder(fc.encoder, fc.layer, fc.pooling, fc.revision)
+        encoder, processor = load_encoder(fc.encoder, fc.layer, fc.pooling, fc.revision, fc.grid)
         device = torch.device("cuda" if cuda else "cpu")
         return cls(encoder.to(device=device, dtype=dtype), processor, device, dtype)
 
@@ -116,7 +116,7 @@ class Runtime:
         return self.encoder(pixels).float().cpu().numpy()
 
     def null_feature(self) -> np.ndarray:
-        """The feature of an all-black image (the input of text-only examples)."""
+        """The feature of an all-black image (the input of text-only examples), of the store's row shape."""
         size = crop_size(self.processor)
         black = Image.new("RGB", (size, size))
         return self.encode(self.processor(images=[black], return_tensors="pt")["pixel_values"])[0]
@@ -142,22 +142,25 @@ class ShardResult:
 
 def store_attrs(cfg: Config, ids_fp: str, rt: Runtime) -> dict:
     fc = cfg.features
+    # A grid enters the fingerprint only when there is one: stores of single vectors keep theirs.
+    grid = [fc.grid] if fc.grid > 1 else []
     return {
         "encoder": fc.encoder,
         "encoder_revision": fc.revision or "",
         "layer": fc.layer,
         "pooling": fc.pooling,
+        "grid": fc.grid,
         "image_size": crop_size(rt.processor),
         "dtype": fc.dtype,
         "code_version": code_version(),
-        "fingerprint": fingerprint([fc.encoder, fc.revision, fc.layer, fc.pooling, fc.dtype, ids_fp]),
+        "fingerprint": fingerprint([fc.encoder, fc.revision, fc.layer, fc.pooling, fc.dtype, ids_fp, *grid]),
     }
 
 
-def _open_shard(path: Path, ids: list[str], dim: int, attrs: dict) -> store.Shard:
+def _open_shard(path: Path, ids: list[str], row_shape: tuple[int, ...], attrs: dict) -> store.Shard:
     """Open the shard at `path`, creating it if absent; refuse one made from other inputs."""
     if not path.exists():
-        store.create_shard(path, ids, dim, attrs["dtype"], attrs)
+        store.create_shard(path, ids, row_shape, attrs["dtype"], attrs)
     shard = store.Shard(path)
     if shard.attr("fingerprint") != attrs["fingerprint"]:
         shard.file.close()
@@ -177,7 +180,7 @@ def run_shard(
     path = shard_path(cfg, index, count)
     result = ShardResult(images=len(mine))
     t0 = time.perf_counter()
-    with _open_shard(path, [it.image_id for it in mine], rt.encoder.dim, attrs) as shard:
+    with _open_shard(path, [it.image_id for it in mine], rt.encoder.row_shape, attrs) as shard:
         done = shard.done()
         result.already_done = int(done.sum())
         if shard.complete and not retry_failures:
@@ -271,7 +274,7 @@ def import_npy(cfg: Config, release: Release, dim: int, attrs: dict) -> list[str
             if s.complete and s.attr("fingerprint") == attrs["fingerprint"]:
                 return ids
         path.unlink()
-    store.create_shard(path, ids, dim, attrs["dtype"], attrs)
+    store.create_shard(path, ids, (dim,), attrs["dtype"], attrs)  # release vectors: one per image, never a grid
     with store.Shard(path) as s:
         offset = 0
         for part in release.parts:

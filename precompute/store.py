@@ -7,6 +7,7 @@ that opens, and whose `done` rows are exactly the rows whose features were writt
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,16 +21,17 @@ STR = h5py.string_dtype("utf-8")
 COPY_ROWS = 1 << 16  # rows per block when joining shards (bounded memory)
 
 
-def _chunk_rows(dim: int, itemsize: int) -> int:
-    return max(1, (1 << 20) // (dim * itemsize))  # about 1 MiB per chunk
+def _chunk_rows(row_shape: tuple[int, ...], itemsize: int) -> int:
+    return max(1, (1 << 20) // (math.prod(row_shape) * itemsize))  # about 1 MiB per chunk
 
 
-def create_shard(path: Path, ids: list[str], dim: int, dtype: str, attrs: dict) -> None:
-    """Write an empty shard for `ids`: zero features, nothing done, all space allocated."""
+def create_shard(path: Path, ids: list[str], row_shape: tuple[int, ...], dtype: str, attrs: dict) -> None:
+    """Write an empty shard for `ids` (one row of `row_shape` each: [D], or [G², D] for a grid):
+    zero features, nothing done, all space allocated."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("image_ids", data=np.array(ids, dtype=object), dtype=STR)
         # Writing the zeros allocates the contiguous storage now, not on first write.
-        f.create_dataset("features", data=np.zeros((len(ids), dim), dtype=dtype), track_times=False)
+        f.create_dataset("features", data=np.zeros((len(ids), *row_shape), dtype=dtype), track_times=False)
         f.create_dataset("done", data=np.zeros(len(ids), dtype=bool), track_times=False)
         f.attrs.update(attrs)
         f.attrs["complete"] = False
@@ -114,14 +116,13 @@ def link(
                 raise VlmergeError(f"{path}: shard incomplete ({int(s.done().sum())}/{len(s.ids())} done); run it again")
             stored += [i for i, d in zip(s.ids(), s.done(), strict=True) if d]
             failures += s.failures()
-            dim, dtype = s.file["features"].shape[1], s.file["features"].dtype
+            row_shape, dtype = s.file["features"].shape[1:], s.file["features"].dtype
     _check_coverage(stored, [i for i, _ in failures], expected_ids)
 
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         n = len(stored)
-        feats = f.create_dataset(
-            "features", shape=(n, dim), dtype=dtype, chunks=(min(max(n, 1), _chunk_rows(dim, dtype.itemsize)), dim)
-        )
+        rows = min(max(n, 1), _chunk_rows(row_shape, dtype.itemsize))
+        feats = f.create_dataset("features", shape=(n, *row_shape), dtype=dtype, chunks=(rows, *row_shape))
         row = 0
         for path in shard_paths:
             with Shard(path) as s:
@@ -155,6 +156,6 @@ def _check_coverage(stored: list[str], failed: list[str], expected: list[str]) -
 
 
 def read_store(path: Path) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """(image ids, features [N, D], null feature [D]) of a linked store."""
+    """(image ids, features [N, D] or [N, G², D], null feature [D] or [G², D]) of a linked store."""
     with h5py.File(path, "r") as f:
         return list(f["image_ids"].asstr()[:]), f["features"][:], f["null_feature"][:]

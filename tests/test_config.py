@@ -42,6 +42,10 @@ def test_overrides_are_typed_and_placeholders_follow_the_root():
         ("tokenizer.vocab_size=10", "tokenizer.vocab_size: Input should be greater than or equal to 300"),
         ("features.images=[{manifest: a, bogus: 1}]", "unknown key 'features.images.0.bogus'; allowed here: manifest, format, images_dir"),
         ("train", "expected KEY.PATH=VALUE"),
+        ("features={grid: 2, pooling: cls}", "features.grid: Value error, a grid of 2×2 cells needs pooling: "
+                                             "mean_patch"),
+        ("features={grid: 2, imports: [{captions: c.json, npy: [a.npy], prefix: cc, encoder: e, layer: -2, "
+         "pooling: mean_patch}]}", "features.grid: Value error, a grid cannot take features.imports"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(override, expected):

@@ -132,6 +132,8 @@ class FeaturesConfig(_Section):
     pooling: Literal["mean_patch", "cls", "mean_all"] = "mean_patch"
     images: list[ImageSource] = []
     imports: list[NpyImport] = []
+    grid: int = Field(1, ge=1, description="keep a G×G grid of patch means per image ([N, G², D]; the model then "
+                                           "takes G² image tokens); 1: the paper's single vector")
     dtype: Literal["float16", "float32"] = "float16"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -140,6 +142,17 @@ class FeaturesConfig(_Section):
     num_shards: int = Field(1, ge=1)
 
     _name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
+
+    @field_validator("grid")
+    @classmethod
+    def _grid(cls, v: int, info: ValidationInfo) -> int:  # after pooling and imports: they are checked first
+        if v > 1 and info.data.get("pooling", "mean_patch") != "mean_patch":
+            raise ValueError(f"a grid of {v}×{v} cells needs pooling: mean_patch (each cell is a mean of patch "
+                             f"tokens), not {info.data['pooling']}")
+        if v > 1 and info.data.get("imports"):
+            raise ValueError("a grid cannot take features.imports (the release's vectors are single pooled "
+                             "vectors); use grid: 1 or drop the imports")
+        return v
 
 
 class ModelConfig(_Section):

@@ -104,7 +104,11 @@ def word_start_table(tokenizer) -> np.ndarray:
 
 
 class FeatureTable:
-    """A linked feature store held in memory: rows by image id, and the null (black image) feature."""
+    """A linked feature store held in memory: rows by image id, and the null (black image) feature.
+
+    A row is one vector [D], or, in a store of `features.grid` G > 1, G² cell vectors [G², D]: one
+    image token each.
+    """
 
     def __init__(self, path: Path):
         if not path.is_file():
@@ -120,7 +124,12 @@ class FeatureTable:
 
     @property
     def dim(self) -> int:
-        return int(self.null.shape[0])
+        return int(self.null.shape[-1])
+
+    @property
+    def tokens(self) -> int:
+        """Image tokens per image: 1, or G² for a grid store."""
+        return 1 if self.null.dim() == 1 else int(self.null.shape[0])
 
     def rows(self, image_ids: np.ndarray) -> np.ndarray:
         """Row of each id in the store, -1 where the store has no feature for it."""
@@ -181,7 +190,8 @@ def piece_tokens(tokens: np.ndarray, piece: Piece, words: int, starts: np.ndarra
 
 @dataclasses.dataclass(frozen=True)
 class Collator:
-    """Pieces -> model inputs: [BOS, <image>, text…, EOS] with the image's feature (or the null)."""
+    """Pieces -> model inputs: [BOS, <image> × tokens, text…, EOS] with the image's feature (or the
+    null): `pixel_values` [B, D], or [B, G², D] from a grid store (one <image> token per cell)."""
 
     samples: Samples
     starts: np.ndarray
@@ -196,7 +206,12 @@ class Collator:
         words = int(self.samples.words[piece.sample])
         text = piece_tokens(self.samples.tokens(piece.sample), piece, words, self.starts).tolist()
         end = [self.eos] if piece.stop == words else []
-        return ([self.bos, self.image_token] + text + end)[: self.max_length]
+        return ([self.bos] + [self.image_token] * self.samples.features.tokens + text + end)[: self.max_length]
+
+    @property
+    def prefix(self) -> int:
+        """Positions before the text: BOS and the image tokens."""
+        return 1 + self.samples.features.tokens
 
     def __call__(self, pieces: Sequence[Piece]) -> dict[str, torch.Tensor]:
         seqs = [self.sequence(p) for p in pieces]
@@ -207,7 +222,7 @@ class Collator:
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
         labels = ids.masked_fill(mask == 0, -100)
-        labels[:, :2] = -100  # BOS and the image token are context, not targets
+        labels[:, : self.prefix] = -100  # BOS and the image tokens are context, not targets
         rows = torch.from_numpy(self.samples.feature_row[[p.sample for p in pieces]])
         feats = self.samples.features.features[rows.clamp(min=0)].float()
         feats[rows < 0] = self.samples.features.null
@@ -218,7 +233,7 @@ class Collator:
 
     def tokens_in(self, pieces: Sequence[Piece]) -> int:
         """Target tokens the pieces hold (text + EOS), for tokens-seen accounting."""
-        return sum(len(self.sequence(p)) - 2 for p in pieces)
+        return sum(len(self.sequence(p)) - self.prefix for p in pieces)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,6 +251,9 @@ def run_data(cfg: Config, sources: Sequence[str], problems: ProblemLog, *, multi
     `multimodal_flags`: batches say which samples carry an image (the expert model routes by it)."""
     tokenizer = load_tokenizer(cfg.layout.tokenizer_dir, cfg.tokenizer)
     features = FeatureTable(cfg.store_path)
+    if cfg.model.max_length < features.tokens + 2:
+        raise VlmergeError(f"model.max_length: {cfg.model.max_length} leaves no room for text after BOS and the "
+                           f"store's {features.tokens} image tokens per image")
     samples = Samples({s: TokenShards(cfg.layout.corpus_source_dir(s)) for s in sources}, features, problems)
     if not len(samples):
         raise VlmergeError(f"no training samples in {', '.join(sources)}")

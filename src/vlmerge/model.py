@@ -1,10 +1,12 @@
-"""The LLaVA-style model fed one precomputed, pooled image vector per example.
+"""The LLaVA-style model fed precomputed, pooled image vectors: one per example, or K of them.
 
 `PooledLlavaForConditionalGeneration` is `LlavaForConditionalGeneration` without a vision
 tower: `pixel_values` is the pooled DINOv2 feature `[B, D]`, which the multimodal projector
-(Linear -> GELU -> Linear) maps into the embedding of the single `<image>` token. Parameter
-names are LLaVA's (`model.multi_modal_projector.*`, `model.language_model.*`, `lm_head.*`).
-Importing this module registers the classes with transformers' Auto classes.
+(Linear -> GELU -> Linear) maps into the embedding of the single `<image>` token; or, from a
+store of `features.grid` G, `[B, K, D]` with K = G² (`config.image_seq_length`), one vector per
+`<image>` token, K of them per example. Parameter names are LLaVA's
+(`model.multi_modal_projector.*`, `model.language_model.*`, `lm_head.*`). Importing this module
+registers the classes with transformers' Auto classes.
 
 `ExpertLlavaForConditionalGeneration` is the modality-specific variant of Sung et al. (2023, §3):
 chosen modules of each decoder layer (`model.experts`: all, attention, ffn, layernorm) hold one
@@ -63,9 +65,13 @@ class PooledLlavaModel(LlavaModel):
         self.post_init()
 
     def get_image_features(self, pixel_values: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
-        """Pooled features `[B, D]` -> one projected token per image, as LLaVA's list of `[1, H]`."""
+        """Pooled features `[B, D]` (one token per image) or `[B, K, D]` (K tokens per image) -> the
+        projected tokens, as LLaVA's list of `[K, H]`."""
         dtype = self.multi_modal_projector.linear_1.weight.dtype
-        projected = self.multi_modal_projector(pixel_values.to(dtype)).unsqueeze(1)
+        tokens = pixel_values.reshape(len(pixel_values), -1, pixel_values.shape[-1])  # [B, K, D]
+        # Projected as rows [B·K, D], as a single vector always was: RegMean's Gram hooks read a
+        # 3-D input as [batch, text positions] and would mask it with the attention mask.
+        projected = self.multi_modal_projector(tokens.flatten(0, 1).to(dtype)).unflatten(0, tokens.shape[:2])
         return BaseModelOutputWithPooling(pooler_output=list(projected))
 
 
@@ -174,8 +180,9 @@ class ExpertLlavaForConditionalGeneration(PooledLlavaForConditionalGeneration):
                 parent = layer.get_submodule(parent_path) if parent_path else layer
                 setattr(parent, attr, Routed(getattr(parent, attr), layer_experts(config, i)))
 
-    # The black image's feature, when known: a sample whose image is exactly it counts as text-only
-    # where no `multimodal` flags are given (evaluation passes only the pixel values).
+    # The black image's feature ([D], or [K, D] for K image tokens), when known: a sample whose image
+    # is exactly it counts as text-only where no `multimodal` flags are given (evaluation passes only
+    # the pixel values).
     null_feature: torch.Tensor | None = None
 
     def forward(self, input_ids: torch.LongTensor | None = None, *args, multimodal: torch.Tensor | None = None,
@@ -187,7 +194,7 @@ class ExpertLlavaForConditionalGeneration(PooledLlavaForConditionalGeneration):
         if multimodal is None:
             pixels = kwargs.get("pixel_values", args[0] if args else None)
             if self.null_feature is not None and pixels is not None:
-                multimodal = (pixels.float() != self.null_feature.to(pixels.device)).any(-1)
+                multimodal = (pixels.float() != self.null_feature.to(pixels.device)).flatten(1).any(-1)
             else:
                 multimodal = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
         layers = self.model.language_model.layers
@@ -227,9 +234,10 @@ def experts_from_agnostic(model: PooledLlavaForConditionalGeneration, experts: s
 
 
 def build_config(mc: ModelConfig, tokenizer, feature_dim: int, feature_layer: int = -2,
-                 *, experts: bool = False) -> PooledLlavaConfig:
-    """The model config from the experiment's `model` section, tokenizer and feature size; the
-    expert variant (`model.experts`) when `experts`."""
+                 *, image_tokens: int = 1, experts: bool = False) -> PooledLlavaConfig:
+    """The model config from the experiment's `model` section, tokenizer, feature size and image
+    tokens per image (G² for a store of `features.grid` G); the expert variant (`model.experts`)
+    when `experts`."""
     text = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=mc.hidden_size,
@@ -249,7 +257,7 @@ def build_config(mc: ModelConfig, tokenizer, feature_dim: int, feature_layer: in
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.convert_tokens_to_ids(tokenizer.image_token),
-        image_seq_length=1,
+        image_seq_length=image_tokens,
         vision_feature_layer=feature_layer,
         vision_feature_select_strategy="default",
         projector_hidden_act="gelu",

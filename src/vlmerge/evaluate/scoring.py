@@ -13,9 +13,12 @@ evaluation-pipeline-2025), so that scores compare with the leaderboard:
 - `takmaz2025` (Takmaz et al.'s fork, github.com/ecekt/evaluation-pipeline-2025, the same
   function): the model's BOS, then `"<image> " + sentence` tokenised without special tokens,
   the same span rule; the image token carries the request's image feature, or the store's
-  null feature (a black image through the encoder) for text-only tasks.
-- `legacy`: this project's earlier convention, kept as a named option: BOS and `<image>`,
-  then the context and the completion tokenised separately, every completion token scored.
+  null feature (a black image through the encoder) for text-only tasks. A model of K image
+  tokens per image (`config.image_seq_length`, a `features.grid` store's G²) reads `<image>`
+  K times, then the space.
+- `legacy`: this project's earlier convention, kept as a named option: BOS and the `<image>`
+  token(s), then the context and the completion tokenised separately, every completion token
+  scored.
 - `auto` (the default): `takmaz2025` for a model with an image token, else `text`.
 
 Requests are tokenised once, grouped (the candidates of an item stay together), sorted by
@@ -44,7 +47,7 @@ from vlmerge.evaluate.tasks import Request, Scores
 _CHUNK = 64
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPTS = ("auto", "takmaz2025", "text", "legacy")
-IMAGE_PROMPT = "<image> "  # Takmaz et al.: every prompt starts with the image token and a space
+IMAGE_TOKEN = "<image>"  # Takmaz et al.: every prompt starts with the image token and a space
 
 
 def completion_span(offsets: Sequence[tuple[int, int]], start_char: int) -> tuple[int, int]:
@@ -111,9 +114,14 @@ class Scorer:
         self.use_image = self.prompt != "text" and image_token is not None
         if self.use_image and features is None:
             raise VlmergeError("a multimodal model needs the feature store (its null feature at least)")
+        # Image tokens per image: 1, or G² for a model trained on a store of features.grid G
+        self.image_tokens = getattr(model.config, "image_seq_length", 1)
+        if self.use_image and features.tokens != self.image_tokens:
+            raise VlmergeError(f"the feature store gives {features.tokens} image tokens per image but the model "
+                               f"takes {self.image_tokens}; use the features.grid the model was trained with")
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         # legacy: our own prefix; takmaz2025: the fork prepends the tokenizer's BOS when it has one
-        self.prefix = {"legacy": [bos, image_token] if self.use_image else [bos],
+        self.prefix = {"legacy": [bos] + [image_token] * self.image_tokens if self.use_image else [bos],
                        "takmaz2025": [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id],
                        "text": []}[self.prompt]
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos
@@ -165,7 +173,8 @@ class Scorer:
         A request `apart` (reading's word surprisal, reading/evaluation_functions.py `get_p2`) has
         its context tokenised as a sentence and its target's tokens appended, all of them scored.
         """
-        lead = IMAGE_PROMPT if self.prompt == "takmaz2025" else ""
+        # Takmaz et al.'s "<image> "; K image tokens: the image token K times, then the space
+        lead = IMAGE_TOKEN * self.image_tokens + " " if self.prompt == "takmaz2025" else ""
         texts = [lead + r.context + ("" if r.apart else r.target) for r in requests]
         table = self._with_offsets(texts)
         targets = dict(zip((r.target for r in requests if r.apart),
@@ -232,7 +241,9 @@ class Scorer:
         return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(predicts)
 
     def _features(self, images: list[str | None]) -> torch.Tensor:
-        out = self.features.null.expand(len(images), -1).clone()
+        """The pixel values of a batch: `[B, D]`, or `[B, K, D]` for K image tokens per image."""
+        null = self.features.null
+        out = null.expand(len(images), *null.shape).clone()
         named = [(row, img) for row, img in enumerate(images) if img is not None]
         if named:
             rows = self.features.rows(np.array([img for _, img in named]))

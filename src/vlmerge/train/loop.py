@@ -59,8 +59,10 @@ def _run_fingerprint(cfg: Config, run: str) -> str:
     t = cfg.train.model_dump(exclude={"log_every", "check_replicas"})
     # The expert fields shape the expert run only: the other runs keep the fingerprints they had.
     model = cfg.model.model_dump(exclude=None if run == EXPERT_RUN else {"experts", "cross_modal_layers"})
+    # A feature grid shapes the model (G² image tokens); grid 1 runs keep the fingerprints they had.
+    features = [cfg.features.name] + ([cfg.features.grid] if cfg.features.grid > 1 else [])
     return fingerprint([model, t, cfg.checkpoints.words, getattr(cfg.runs, run).model_dump(),
-                        cfg.runs.seed_pretraining, cfg.data.model_dump(), cfg.features.name, cfg.tokenizer.model_dump()])
+                        cfg.runs.seed_pretraining, cfg.data.model_dump(), *features, cfg.tokenizer.model_dump()])
 
 
 class Trainer:
@@ -86,7 +88,7 @@ class Trainer:
         self.samples, self.collate = data.samples, data.collate
         self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
         model = self._initial_model(build_config(cfg.model, data.tokenizer, data.features.dim, cfg.features.layer,
-                                                 experts=run == EXPERT_RUN))
+                                                 image_tokens=data.features.tokens, experts=run == EXPERT_RUN))
         self.total_steps = self._count_steps()
         self.engine = self._engine(model)
         self.states = StateStore(self.run_dir, cfg.checkpoints.keep_states, rank, world)
