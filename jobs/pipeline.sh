@@ -5,7 +5,7 @@
 #
 #   demo-data (if the config reads the demo world) → tokenizer → corpus ─┐
 #   precompute array (features.num_shards) → link ───────────────────────┴→ [seed run] →
-#   text run ∥ multimodal run → sweep submitter → sweep array (%sweep.array_throttle) → results
+#   text run ∥ multimodal run (or the expert run) → sweep submitter → sweep array (%sweep.array_throttle) → results
 #   compact → analyze (the report in reports/<experiment>/report.html)
 #
 # The sweep's size depends on the checkpoints, so a small job after training plans it and
@@ -14,34 +14,12 @@
 # Cluster options for every job (partition, account, GPUs…) go in VLMERGE_SBATCH_ARGS, e.g.
 #   VLMERGE_SBATCH_ARGS="--partition=gpu --gpus-per-node=1 --cpus-per-task=8" bash jobs/pipeline.sh …
 set -euo pipefail
-read -r -a site <<< "${VLMERGE_SBATCH_ARGS:-}"
-sbatch() { command sbatch "${site[@]}" "$@"; }
-
 mode=all
 if [ "${1:-}" = "--submit-sweep" ]; then mode=sweep; shift; fi
 config="${1:?usage: bash jobs/pipeline.sh CONFIG [KEY=VALUE ...]}"
 shift
 overrides=("$@")
-source env/cluster.sh  # the project's python, here on the login node as in the jobs
-
-# One vlmerge stage as a job; sbatch passes the words on as they are (no shell string to quote).
-job() {  # job NAME DEPENDENCY VLMERGE ARGS...
-    local name="$1" dependency="$2"
-    shift 2
-    local dep=()
-    [ -n "$dependency" ] && dep=(--dependency="afterok:${dependency}" --kill-on-invalid-dep=yes)
-    sbatch --parsable --job-name="vlmerge-${name}" "${dep[@]}" jobs/vlmerge.sbatch "$@" \
-        --config "$config" "${overrides[@]}" | cut -d';' -f1
-}
-
-value() {  # a value of the resolved config
-    python -m vlmerge config --get "$1" --config "$config" "${overrides[@]}"
-}
-
-# Job logs go under the output root, not into the repository.
-logs="$(value paths.root)/logs/$(value experiment)"
-mkdir -p "$logs"
-export SBATCH_OUTPUT="$logs/%x-%j.out"  # sbatch's own variable: every sbatch below writes there
+source jobs/submit.sh  # sbatch with the site's options, job, value, $logs
 
 if [ "$mode" = sweep ]; then
     read -r tasks per_task < <(python -m vlmerge sweep plan --array --config "$config" "${overrides[@]}")
@@ -67,9 +45,14 @@ if [ "$(value runs.seed_pretraining)" = "True" ]; then
     ready=$(sbatch --parsable --dependency="afterok:${ready}" jobs/pretrain.sbatch "$config" seed \
         "${overrides[@]}" | cut -d';' -f1)
 fi
-text=$(sbatch --parsable --dependency="afterok:${ready}" jobs/pretrain.sbatch "$config" text "${overrides[@]}" | cut -d';' -f1)
-mm=$(sbatch --parsable --dependency="afterok:${ready}" jobs/pretrain.sbatch "$config" multimodal "${overrides[@]}" | cut -d';' -f1)
+# The runs whose checkpoints the sweep merges: the twins (text ∥ multimodal), the expert run, or all three.
+trained=()
+for run in $(python -m vlmerge sweep plan --runs --config "$config" "${overrides[@]}"); do
+    trained+=("$(sbatch --parsable --dependency="afterok:${ready}" jobs/pretrain.sbatch "$config" "$run" \
+        "${overrides[@]}" | cut -d';' -f1)")
+done
 # The submitter is a plain batch step: it runs this script again, which sbatches the array.
-submitter=$(sbatch --parsable --job-name=vlmerge-sweep-submit --cpus-per-task=1 --dependency="afterok:${text}:${mm}" \
+submitter=$(sbatch --parsable --job-name=vlmerge-sweep-submit --cpus-per-task=1 \
+    --dependency="afterok:$(IFS=:; echo "${trained[*]}")" \
     jobs/pipeline.sh --submit-sweep "$config" "${overrides[@]}" | cut -d';' -f1)
-echo "pipeline: submitted; the sweep is planned by job $submitter once both runs have finished"
+echo "pipeline: submitted; the sweep is planned by job $submitter once the runs have finished"

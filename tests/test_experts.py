@@ -270,7 +270,7 @@ def test_seed_then_experts_then_merge_then_eval_on_the_demo_world(fresh_root, tm
     from safetensors.torch import load_file
 
     from conftest import FAST_TRAIN, SMALL_WORLD, vlmerge_cli
-    from vlmerge.layout import list_checkpoints
+    from vlmerge.layout import checkpoint_words, list_checkpoints
     from vlmerge.modelkey import ModelKey
 
     root = fresh_root()
@@ -317,6 +317,28 @@ def test_seed_then_experts_then_merge_then_eval_on_the_demo_world(fresh_root, tm
     assert r.returncode == 0, r.stderr
     rows = pd.read_parquet(tmp_path / "msa" / "results.parquet")
     assert set(rows.method) == {"none"} and set(rows.mm_run) == {"experts"} and set(rows.task) == {"blimp", "winoground"}
+    msa_blimp = rows[(rows.task == "blimp") & (rows.metric == "accuracy") & (rows.subtask == "")].value.item()
+
+    # The sweep's expert family: every expert checkpoint merged in memory at each setting, each
+    # setting scored as the same merge written to disk and evaluated (above: regmean at α = 0.5).
+    sweep = [*common, "sweep.alphas=[0.5, 1.0]", "sweep.tasks=[blimp]", "sweep.methods=[{name: experts_interpolation}, "
+             "{name: experts_regmean}, {name: experts_arithmetic, grid: {lam: [0.5, 1]}}]"]
+    r = vlmerge_cli("sweep", "run", "--quiet", *sweep)
+    assert r.returncode == 0, r.stderr
+    got = pd.concat(pd.read_parquet(f) for f in (root / "results/demo/metrics").glob("*.parquet"))
+    got = got[(got.task == "blimp") & (got.metric == "accuracy") & (got.subtask == "")]
+    merged = got[got.method != "none"]
+    assert set(merged.mm_words) == {checkpoint_words(c) for c in experts[1:]}  # every checkpoint after step 0
+    last = merged[merged.mm_words == checkpoint_words(experts[-1])]
+    settings = {(m, a if a == a else None, p) for m, a, p in zip(last.method, last.alpha, last.method_params)}
+    assert settings == {("experts_interpolation", 0.5, "{}"), ("experts_interpolation", 1.0, "{}"),
+                        ("experts_regmean", 0.5, '{"gamma": 0.9}'), ("experts_regmean", 1.0, '{"gamma": 0.9}'),
+                        ("experts_arithmetic", None, '{"lam": 0.5}'), ("experts_arithmetic", None, '{"lam": 1.0}')}
+    disk = pd.read_parquet(tmp_path / "eval" / "results.parquet")
+    disk = disk[(disk.metric == "accuracy") & (disk.subtask == "")].value.item()
+    assert last[(last.method == "experts_regmean") & (last.alpha == 0.5)].value.item() == disk
+    msa = got[(got.method == "none") & (got.mm_words == checkpoint_words(experts[-1]))]
+    assert msa.value.item() == msa_blimp and set(msa.mm_run) == {"experts"}
 
 
 def test_expert_distances_compare_the_experts_over_the_transformer(expert_checkpoint, tmp_path):

@@ -220,3 +220,22 @@ def test_a_rerun_removes_what_killed_items_left_and_compact_keeps_foreign_files(
     assert "left alone (not this sweep's): my-notes.parquet" in r.stdout
     assert foreign.read_bytes() == b"PAR1 a user's file"
     assert len(list((results / "metrics").glob("compact-*.parquet"))) == 1
+
+
+def test_expert_methods_take_alpha_from_the_grid_and_need_only_the_expert_run():
+    from vlmerge.errors import VlmergeError
+    from vlmerge.sweep.plan import method_grid, sweep_runs
+
+    cfg = load_config(None, ["sweep.methods=[{name: experts_regmean, grid: {gamma: [0.5, 1]}}, "
+                             "{name: experts_arithmetic}]"])
+    assert method_grid(cfg) == [("experts_regmean", {"gamma": 0.5}), ("experts_regmean", {"gamma": 1.0}),
+                                ("experts_arithmetic", {"lam": 0.5})]
+    assert sweep_runs(cfg) == ["experts"]
+    both = load_config(None, ["sweep.methods=[{name: linear}, {name: experts_interpolation}]"])
+    assert sweep_runs(both) == ["text", "multimodal", "experts"]
+    assert sweep_runs(load_config(None, [])) == ["text", "multimodal"]
+    for bad, says in (("{name: experts_interpolation, params: {alpha: 0.3}}", "α comes from sweep.alphas"),
+                      ("{name: experts_regmean, grid: {lam: [1]}}", "unknown parameter 'lam'"),
+                      ("{name: experts_ties}", "unknown expert merge method 'ties'")):
+        with pytest.raises(VlmergeError, match=says):
+            method_grid(load_config(None, [f"sweep.methods=[{bad}]"]))

@@ -13,6 +13,7 @@ import yaml
 from vlmerge import launch
 from vlmerge.config import RUN_NAMES, Config, alpha_problem, load_config
 from vlmerge.errors import PREEMPTED_EXIT, Preempted, VlmergeError
+from vlmerge.study import PARTS as study_parts
 
 Handler = Callable[[Config, argparse.Namespace], object]
 
@@ -103,7 +104,11 @@ def _aoa(cfg: Config, args: argparse.Namespace) -> None:
 def _sweep(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge.sweep import commands
 
-    if args.action == "plan":
+    if args.action == "plan" and args.runs:  # for pipeline.sh: what to train before the sweep
+        from vlmerge.sweep.plan import sweep_runs
+
+        print(*sweep_runs(cfg))
+    elif args.action == "plan":
         items = commands.current_plan(cfg)
         max_size = launch.max_array_size()
         layout = launch.array_layout(len(items), max_size)
@@ -136,9 +141,15 @@ def _pipeline(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _study(cfg: Config, args: argparse.Namespace) -> None:
-    from vlmerge.study import run_study
+    from vlmerge import study
 
-    run_study(cfg, progress=_progress(args))
+    if args.array:  # for jobs/study.sh: "TRAINING_TASKS SETTING_TASKS"
+        print(*study.array_sizes(cfg))
+    elif args.part is None:
+        study.run_study(cfg, progress=_progress(args))
+    else:
+        index = args.index if args.index is not None else launch.array_task_index()
+        study.run_part(cfg, args.part, index, progress=_progress(args))
 
 
 def _results(cfg: Config, args: argparse.Namespace) -> None:
@@ -304,6 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
               actions=("plan", "run"))
     p.add_argument("--json", action="store_true", help="plan: the items as JSON")
     p.add_argument("--array", action="store_true", help="plan: print 'TASKS ITEMS_PER_TASK' for a Slurm array")
+    p.add_argument("--runs", action="store_true", help="plan: print the runs whose checkpoints the sweep merges")
     p.add_argument("--item", help="run: this item id only")
     p.add_argument("--index", type=int, help="run: array task index (default: SLURM_ARRAY_TASK_ID, else all items)")
     p.add_argument("--per-task", type=int, default=1, help="run: items per array task (packed arrays)")
@@ -312,7 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--get", metavar="KEY.PATH", help="print this value only, e.g. features.num_shards")
 
     stage("pipeline", _pipeline, "every stage in order on this machine (the demo world first if the config uses it)")
-    stage("study", _study, "Sung et al.'s study: seed lengths, expert variants, merges, MSA/MAA, report")
+    p = stage("study", _study, "Sung et al.'s study: seed lengths, expert variants, merges, MSA/MAA, report")
+    p.add_argument("--part", choices=study_parts,
+                   help="one part (jobs/study.sh): data, the training or settings array, or the report")
+    p.add_argument("--index", type=int, help="--part train|settings: this array task only "
+                                             "(default: SLURM_ARRAY_TASK_ID, else every task)")
+    p.add_argument("--array", action="store_true", help="print 'TRAINING_TASKS SETTING_TASKS' for the Slurm arrays")
     stage("results", _results, "consolidate the sweep's result files, without duplicates", actions=("compact",))
 
     from vlmerge.analysis import cli as analysis_cli

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from vlmerge.config import Config
 from vlmerge.sweep.commands import current_plan
+from vlmerge.sweep.plan import sweep_runs
 from vlmerge.sweep.run import run_items
 
 
@@ -35,7 +36,7 @@ def run_pipeline_until_sweep(cfg: Config, *, progress: bool = False) -> None:
     from vlmerge.train.loop import train
 
     run_data_stages(cfg, progress=progress)
-    runs = (["seed"] if cfg.runs.seed_pretraining else []) + ["text", "multimodal"]
+    runs = (["seed"] if cfg.runs.seed_pretraining else []) + sweep_runs(cfg)
     for run in runs:
         train(cfg, run, progress=progress)
 

@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from vlmerge.config import EXPERT_RUN, Config, merge_dicts
+from vlmerge.errors import VlmergeError
 from vlmerge.layout import (
     expert_merge_dir, maa_experiment, result_file, study_experiment, study_result_name,
 )
@@ -72,7 +73,6 @@ def train_seed(base: Config, sub: Config, k: int, progress: bool) -> None:
     from vlmerge.train.loop import train
 
     canonical = expert_config(base, "all", k)
-    share_inputs(base, canonical)
     train(canonical, "seed", progress=progress)
     here, there = sub.layout.run_dir("seed"), canonical.layout.run_dir("seed")
     if here != there and not here.exists():
@@ -118,17 +118,16 @@ def run_expert_setting(base: Config, sub: Config, evaluate: Evaluator, progress:
     from vlmerge.merge.distance import write_parquet
     from vlmerge.merge.experts import expert_distance_rows, merge_experts
     from vlmerge.merge.grams import write_grams
+    from vlmerge.sweep.plan import expert_seed
     from vlmerge.train.loop import train
 
-    share_inputs(base, sub)
     k = sub.runs.seed.epochs if sub.runs.seed_pretraining else 0
     if k:
         train_seed(base, sub, k, progress)
     run_dir = train(sub, EXPERT_RUN, progress=progress)
     checkpoints = list_checkpoints(run_dir)
     last = checkpoints[-1]
-    # W_seed: the seed run's last weights, or without seed pre-training the experts' shared start
-    seed = list_checkpoints(sub.layout.run_dir("seed"))[-1] if sub.runs.seed_pretraining else checkpoints[0]
+    seed = expert_seed(sub)
     write_grams(sub, last)
     by_method: dict[str, list[dict[str, float]]] = {}
     for method, params in merge_grid(base, sub.model.experts, k):
@@ -144,22 +143,79 @@ def run_expert_setting(base: Config, sub: Config, evaluate: Evaluator, progress:
         write_parquet(expert_distance_rows(last, seed), distances)
 
 
-def run_study(cfg: Config, *, progress: bool = False) -> Path:
-    """Every run, merge and evaluation of the study, then its report; returns the report's path."""
-    from vlmerge.analysis.sung import sung_report
-    from vlmerge.layout import list_checkpoints
+# The study in parts, for Slurm (jobs/study.sh): data → training array (MAA and each seed run) →
+# settings array (one expert setting each) → report. `run_study` runs them all in this process.
+PARTS = ("data", "train", "settings", "report")
+
+
+def training_tasks(cfg: Config) -> list[int | None]:
+    """The training array's tasks: MAA (None), then every seed run (K_seed > 0) the settings share."""
+    return [None, *sorted({k for _, k in expert_settings(cfg) if k > 0})]
+
+
+def prepare_study(cfg: Config, *, progress: bool = False) -> None:
+    """The world's data stages, and every sub-experiment's links to the tokenizer and corpus (made
+    here, once, so that array tasks never race to make them)."""
     from vlmerge.pipeline import run_data_stages
-    from vlmerge.train.loop import train
 
     run_data_stages(cfg, progress=progress)
-    evaluate = Evaluator(cfg)
-    maa = maa_config(cfg)
-    share_inputs(cfg, maa)
-    maa_last = list_checkpoints(train(maa, "multimodal", progress=progress))[-1]
-    evaluate(maa_last, study_result_name(maa.experiment, "maa"))
-    for variant, k in expert_settings(cfg):
-        print(f"study: {variant} experts, seed {k} of {cfg.study.total_epochs} epochs")
-        run_expert_setting(cfg, expert_config(cfg, variant, k), evaluate, progress)
+    seeds = [("all", k) for k in training_tasks(cfg)[1:]]  # where each seed run is trained
+    for sub in [maa_config(cfg), *(expert_config(cfg, v, k) for v, k in dict.fromkeys(expert_settings(cfg) + seeds))]:
+        share_inputs(cfg, sub)
+
+
+def run_training_task(cfg: Config, index: int, evaluate: Evaluator, *, progress: bool = False) -> None:
+    """Task `index` of `training_tasks`: MAA trained and evaluated, or one seed run trained."""
+    from vlmerge.layout import list_checkpoints
+    from vlmerge.train.loop import train
+
+    k = training_tasks(cfg)[index]
+    if k is None:
+        maa = maa_config(cfg)
+        maa_last = list_checkpoints(train(maa, "multimodal", progress=progress))[-1]
+        evaluate(maa_last, study_result_name(maa.experiment, "maa"))
+    else:
+        train_seed(cfg, expert_config(cfg, "all", k), k, progress)
+
+
+def run_setting_task(cfg: Config, index: int, evaluate: Evaluator, *, progress: bool = False) -> None:
+    """Setting `index` of `expert_settings`: its expert run, merges, evaluations and distances."""
+    variant, k = expert_settings(cfg)[index]
+    print(f"study: {variant} experts, seed {k} of {cfg.study.total_epochs} epochs")
+    run_expert_setting(cfg, expert_config(cfg, variant, k), evaluate, progress)
+
+
+def study_report(cfg: Config) -> Path:
+    from vlmerge.analysis.sung import sung_report
+
     report = sung_report([cfg.layout.results_dir], cfg.layout.report_dir, cfg.analysis)
     print(f"study: report {report}")
     return report
+
+
+def array_sizes(cfg: Config) -> tuple[int, int]:
+    """(training tasks, setting tasks): the sizes of the study's two Slurm arrays."""
+    return len(training_tasks(cfg)), len(expert_settings(cfg))
+
+
+def run_part(cfg: Config, part: str, index: int | None = None, *, progress: bool = False) -> None:
+    """One part of the study; for the arrays, task `index` or (None) every task in turn."""
+    if part == "data":
+        prepare_study(cfg, progress=progress)
+    elif part == "report":
+        study_report(cfg)
+    else:
+        task, count = (run_training_task, array_sizes(cfg)[0]) if part == "train" else \
+            (run_setting_task, array_sizes(cfg)[1])
+        if index is not None and not 0 <= index < count:
+            raise VlmergeError(f"study --part {part} --index {index}: expected 0..{count - 1}")
+        evaluate = Evaluator(cfg)
+        for i in range(count) if index is None else [index]:
+            task(cfg, i, evaluate, progress=progress)
+
+
+def run_study(cfg: Config, *, progress: bool = False) -> Path:
+    """Every run, merge and evaluation of the study, then its report; returns the report's path."""
+    for part in PARTS[:-1]:
+        run_part(cfg, part, progress=progress)
+    return study_report(cfg)

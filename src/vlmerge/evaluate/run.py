@@ -52,11 +52,17 @@ def load_model(path: Path):
     auto = AutoModelForImageTextToText if is_multimodal(json.loads(config.read_text()).get("model_type")) else AutoModelForCausalLM
     try:
         with quiet_transformers():
-            return auto.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+            return auto.from_pretrained(path).eval(), load_tokenizer(path)
     except (OSError, ValueError, SafetensorError) as e:  # weights missing, truncated or garbage
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise VlmergeError(f"{path}: cannot load the model ({first.strip()[:200]}); expected a Hugging Face "
                            "directory with complete safetensors weights") from None
+
+
+def load_tokenizer(path: Path):
+    """The tokenizer saved with a model directory."""
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(path)
 
 
 def task_specs(cfg: Config, given: Sequence[str]) -> list[tuple[Task, Path]]:

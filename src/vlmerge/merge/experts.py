@@ -34,8 +34,8 @@ from vlmerge.merge.core import RECORD, check_same, load_grams
 from vlmerge.merge.io import ModelDir, SafetensorsWriter
 from vlmerge.merge.methods.regmean import regmean_weight
 from vlmerge.model import (
-    CROSS, EXPERT_MODEL_TYPE, LANGUAGE, VISION, ExpertLlavaConfig, agnostic_config, copy_tokenizer_files,
-    expert_param, expert_param_name,
+    CROSS, EXPERT_MODEL_TYPE, LANGUAGE, VISION, ExpertLlavaConfig, PooledLlavaForConditionalGeneration,
+    agnostic_config, copy_tokenizer_files, expert_param, expert_param_name,
 )
 from vlmerge.registry import Registry, with_defaults
 
@@ -59,6 +59,12 @@ for _m in (ExpertMethod("interpolation", {"alpha": 0.5}),
            ExpertMethod("arithmetic", {"lam": 0.5}, needs_seed=True),
            ExpertMethod("regmean", {"alpha": 0.5, "gamma": 0.9}, needs_grams=True)):
     METHODS.add(_m.name, _m)
+
+
+def expert_method(name: str) -> ExpertMethod | None:
+    """The expert method that a sweep or results method name `experts_<method>` stands for; None
+    for the twins' methods."""
+    return METHODS.lookup(name.removeprefix(PREFIX)) if name.startswith(PREFIX) else None
 
 
 # -- the maths, per tensor ----------------------------------------------------------------------
@@ -128,17 +134,57 @@ def seed_tensor(seed: ModelDir, plain: str) -> torch.Tensor:
     return seed.get(name).float()
 
 
+@dataclasses.dataclass
+class ExpertInputs:
+    """An expert checkpoint opened for one method: its tensors grouped under the agnostic names,
+    with the seed weights and the experts' Grams where the method needs them."""
+
+    src: ModelDir
+    method: ExpertMethod
+    seed: ModelDir | None
+    grams: dict[str, torch.Tensor] | None
+    groups: dict[str, dict[str | None, str]]
+
+    @classmethod
+    def open(cls, checkpoint: str | Path, method: str, seed: str | Path | None = None) -> ExpertInputs:
+        spec = METHODS.lookup(method)
+        src = open_expert_checkpoint(checkpoint)
+        if spec.needs_seed and seed is None:
+            raise VlmergeError(f"merge-experts {method}: give the seed weights (--seed, the seed run's last checkpoint)")
+        return cls(src, spec, ModelDir(seed) if spec.needs_seed else None,
+                   load_grams(src.path) if spec.needs_grams else None, expert_groups(src.names()))
+
+    @property
+    def specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """dtype and shape of each agnostic tensor."""
+        return {plain: self.src.specs[next(iter(members.values()))] for plain, members in self.groups.items()}
+
+    def read(self, plain: str) -> torch.Tensor | tuple:
+        """A shared tensor as stored, or (expert weights in float32, W_seed, Grams) of an expert-specific one."""
+        members = self.groups[plain]
+        if None in members or not self.src.specs[next(iter(members.values()))][0].is_floating_point:
+            return self.src.get(members[next(iter(members))])  # shared: the trained shared weights
+        weights = {e: self.src.get(n).float() for e, n in members.items()}
+        w_seed = seed_tensor(self.seed, plain) if self.seed is not None else None
+        grams = None
+        if self.grams is not None and all(n in self.grams for n in members.values()):
+            grams = {e: self.grams[n] for e, n in members.items()}
+        return weights, w_seed, grams
+
+    def merge(self, read: torch.Tensor | tuple, params: dict[str, float]) -> torch.Tensor:
+        """The agnostic tensor of one setting from what `read` returned (float32 when merged)."""
+        if isinstance(read, torch.Tensor):
+            return read
+        return merge_tensor(self.method.name, params, *read)
+
+
 def merge_experts(checkpoint: str | Path, outs: Sequence[Path], method: str, settings: Sequence[dict[str, Any]],
                   *, seed: str | Path | None = None) -> list[Path]:
     """Write one agnostic checkpoint per parameter setting, reading the expert checkpoint once.
     An output that exists as this very merge is skipped; any other is an error."""
-    spec = METHODS.lookup(method)
-    settings = [spec.params(s) for s in settings]
-    src = open_expert_checkpoint(checkpoint)
-    if spec.needs_seed and seed is None:
-        raise VlmergeError(f"merge-experts {method}: give the seed weights (--seed, the seed run's last checkpoint)")
-    base = ModelDir(seed) if spec.needs_seed else None
-    records = [_record(spec, p, src, base) for p in settings]
+    x = ExpertInputs.open(checkpoint, method, seed)
+    settings = [x.method.params(s) for s in settings]
+    records = [_record(x.method, p, x.src, x.seed) for p in settings]
     todo = []
     for out, params, record in zip(outs, settings, records):
         if out.exists():
@@ -147,35 +193,46 @@ def merge_experts(checkpoint: str | Path, outs: Sequence[Path], method: str, set
             todo.append((out, params, record))
     if not todo:
         return list(outs)
-    grams = load_grams(src.path) if spec.needs_grams else None
-    groups = expert_groups(src.names())
-    specs = {plain: src.specs[next(iter(members.values()))] for plain, members in groups.items()}
-    config = agnostic_config(ExpertLlavaConfig.from_dict(src.config))
+    specs = x.specs
+    config = agnostic_config(ExpertLlavaConfig.from_dict(x.src.config))
     with contextlib.ExitStack() as stack:
         tmps = [stack.enter_context(atomic_path(out, is_dir=True)) for out, _, _ in todo]
         writers = [SafetensorsWriter(tmp / "model.safetensors", specs, {"format": "pt"}) for tmp in tmps]
         for w in writers:
             stack.callback(w.release)
-        for plain, members in groups.items():
-            dtype = specs[plain][0]
-            if None in members or not dtype.is_floating_point:  # shared: the trained shared weights
-                tensor = src.get(members[next(iter(members))])
-                for w in writers:
-                    w.write(plain, tensor)
-                continue
-            weights = {e: src.get(n).float() for e, n in members.items()}
-            w_seed = seed_tensor(base, plain) if base is not None else None
-            g = {e: grams[n] for e, n in members.items()} if grams is not None and all(
-                n in grams for n in members.values()) else None
+        for plain, (dtype, _) in specs.items():
+            read = x.read(plain)
             for w, (_, params, _) in zip(writers, todo):
-                w.write(plain, merge_tensor(method, params, weights, w_seed, g).to(dtype))
+                w.write(plain, x.merge(read, params).to(dtype))
         for w, tmp, (_, _, record) in zip(writers, tmps, todo):
             w.close()
             with quiet_transformers():
                 config.save_pretrained(tmp)
-            copy_tokenizer_files(src.path, tmp)
+            copy_tokenizer_files(x.src.path, tmp)
             write_json(tmp / RECORD, record)
     return list(outs)
+
+
+class ExpertMerger:
+    """The sweep's merger of an expert checkpoint: read once, each setting merged into one plain
+    (agnostic) model in place."""
+
+    def __init__(self, checkpoint: str | Path, method: str, seed: str | Path | None = None):
+        self.x = ExpertInputs.open(checkpoint, method, seed)
+        self.inputs = {plain: self.x.read(plain) for plain in self.x.groups}
+
+    def plain_model(self) -> PooledLlavaForConditionalGeneration:
+        """An agnostic model of the checkpoint's shape (its weights are set by `merge_into`)."""
+        with torch.random.fork_rng(devices=[]), quiet_transformers():
+            return PooledLlavaForConditionalGeneration(agnostic_config(ExpertLlavaConfig.from_dict(self.x.src.config)))
+
+    def merge_into(self, model: torch.nn.Module, params: dict[str, Any]) -> None:
+        """Overwrite every weight of `model` with the merge of this setting."""
+        full = self.x.method.params(params)
+        state = dict(model.named_parameters()) | dict(model.named_buffers())
+        with torch.no_grad():
+            for plain, read in self.inputs.items():
+                state[plain].data.copy_(self.x.merge(read, full))
 
 
 def _record(spec: ExpertMethod, params: dict[str, float], src: ModelDir, seed: ModelDir | None) -> dict:

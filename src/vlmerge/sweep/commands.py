@@ -25,7 +25,7 @@ def plan_command(cfg: Config, items: list[WorkItem], *, as_json: bool, array_tas
         print(f"{it.item_id:<13} {it.method:<16} {it.text.split('/')[-1]:<28} {it.mm.split('/')[-1]:<28} "
               f"{len(it.alphas):>3} {'yes' if is_done(cfg, it) else 'no'}")
     tasks, per_task = array_tasks
-    print(f"sweep: {len(items)} work items ({done} done), {len(items) * len(cfg.sweep.alphas)} merged models; "
+    print(f"sweep: {len(items)} work items ({done} done), {sum(max(len(it.alphas), 1) for it in items)} merged models; "
           f"as a Slurm array: {tasks} task(s) × {per_task} item(s)"
           + (f" (more items than MaxArraySize {max_array_size}: packed)" if per_task > 1 else ""))
 

@@ -1,5 +1,10 @@
 """The sweep's plan: every checkpoint pair × method (× parameter combination), each with all its α.
 
+The expert methods (`experts_interpolation`, `experts_arithmetic`, `experts_regmean`: Sung et al.'s
+merges of a modality-expert model into one agnostic model) plan one item per checkpoint of the
+`experts` run instead of per pair: the checkpoint is both `text` and `mm`, `base` is W_seed, and α
+(the vision expert's weight) runs over the grid for the methods that have one.
+
 A work item is identified by a hash of everything that determines its result (the two
 checkpoints, the base, the method and its parameters, the α grid, the tasks and how they are
 scored), so that a rerun recognises finished work and a changed config never reuses stale rows.
@@ -13,9 +18,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from vlmerge.config import Config
+from vlmerge.config import EXPERT_RUN, Config
 from vlmerge.errors import VlmergeError
 from vlmerge.io import fingerprint
+from vlmerge.merge.experts import expert_method
 from vlmerge.merge.methods import get_method
 from vlmerge.layout import checkpoint_words, list_checkpoints
 
@@ -42,11 +48,38 @@ def method_grid(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     """(method, parameters) for every method of the sweep and every combination of its grid."""
     out = []
     for spec in cfg.sweep.methods:
-        get_method(spec.name).params({**spec.params, **{k: v[0] for k, v in spec.grid.items() if v}})
+        first = {**spec.params, **{k: v[0] for k, v in spec.grid.items() if v}}
+        experts = expert_method(spec.name)
+        if experts is None:
+            get_method(spec.name).params(first)
+        elif "alpha" in first:
+            raise VlmergeError(f"sweep.methods: {spec.name}: α comes from sweep.alphas (the vision expert's weight), "
+                               "not from params or grid")
+        else:
+            experts.params(first)
         keys = list(spec.grid)
         for combo in itertools.product(*(spec.grid[k] for k in keys)):
-            out.append((spec.name, {**spec.params, **dict(zip(keys, combo))}))
+            params = {**spec.params, **dict(zip(keys, combo))}
+            if experts is not None:  # floats and no α, as the merge record of `vlmerge merge-experts` has them
+                params = {k: v for k, v in experts.params(params).items() if k != "alpha"}
+            out.append((spec.name, params))
     return out
+
+
+def sweep_runs(cfg: Config) -> list[str]:
+    """The runs whose checkpoints the sweep merges: the twins, the expert run, or both."""
+    experts = [expert_method(m) is not None for m, _ in method_grid(cfg)]
+    return (["text", "multimodal"] if not all(experts) else []) + ([EXPERT_RUN] if any(experts) else [])
+
+
+def expert_seed(cfg: Config) -> Path:
+    """W_seed of the expert run: the seed run's last checkpoint, or without seed pre-training the
+    experts' shared initialisation (the expert run's step 0)."""
+    run = "seed" if cfg.runs.seed_pretraining else EXPERT_RUN
+    ckpts = list_checkpoints(cfg.layout.run_dir(run))
+    if not ckpts:
+        raise VlmergeError(f"{cfg.layout.run_dir(run)}: no checkpoints; train the {run} run first")
+    return ckpts[-1] if cfg.runs.seed_pretraining else ckpts[0]
 
 
 def eval_salt(cfg: Config, tasks: list[str]) -> str:
@@ -95,16 +128,28 @@ def plan(cfg: Config, best_text: dict[Path, Path] | None = None) -> list[WorkIte
     """Every work item of the sweep, in a stable order."""
     tasks = sweep_tasks(cfg)
     salt = eval_salt(cfg, tasks)
-    base = list_checkpoints(cfg.layout.run_dir("text"))[:1]
+    grid = method_grid(cfg)
+    twins = [(m, p) for m, p in grid if expert_method(m) is None]
+    experts = [(m, p) for m, p in grid if expert_method(m) is not None]
+
+    def rel(path: Path) -> str:
+        return str(path.relative_to(cfg.root))
+
     items = []
-    for text, mm in pairs(cfg, best_text):
-        for method, params in method_grid(cfg):
-            needs_base = get_method(method).needs_base
-            if needs_base and not base:
-                raise VlmergeError(f"method {method} needs the text run's initial (step 0) checkpoint")
-            items.append(WorkItem(
-                str(text.relative_to(cfg.root)), str(mm.relative_to(cfg.root)), method,
-                json.dumps(params, sort_keys=True), tuple(cfg.sweep.alphas),
-                str(base[0].relative_to(cfg.root)) if needs_base else None, salt,
-            ))
+    if twins:
+        base = list_checkpoints(cfg.layout.run_dir("text"))[:1]
+        for text, mm in pairs(cfg, best_text):
+            for method, params in twins:
+                needs_base = get_method(method).needs_base
+                if needs_base and not base:
+                    raise VlmergeError(f"method {method} needs the text run's initial (step 0) checkpoint")
+                items.append(WorkItem(rel(text), rel(mm), method, json.dumps(params, sort_keys=True),
+                                      tuple(cfg.sweep.alphas), rel(base[0]) if needs_base else None, salt))
+    if experts:
+        seed = rel(expert_seed(cfg))
+        for ckpt in run_checkpoints(cfg, EXPERT_RUN):
+            for method, params in experts:
+                alphas = tuple(cfg.sweep.alphas) if "alpha" in expert_method(method).defaults else ()
+                items.append(WorkItem(rel(ckpt), rel(ckpt), method, json.dumps(params, sort_keys=True), alphas,
+                                      seed, salt))
     return items

@@ -16,16 +16,20 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+import pandas as pd
 
 from vlmerge.config import Config
 from vlmerge.data import FeatureTable
-from vlmerge.evaluate.run import (TaskResult, config_scorer, evaluate, export_babylm, load_model, prepare, result_rows,
-                                  task_specs)
+from vlmerge.evaluate.run import (TaskResult, config_scorer, evaluate, export_babylm, load_model, load_tokenizer,
+                                  prepare, result_rows, task_specs)
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.io import fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.merge.core import Pair, PairMerger
 from vlmerge.merge.distance import distance_rows, write_parquet
+from vlmerge.merge.experts import ExpertMerger, expert_distance_rows, expert_method
 from vlmerge.merge.grams import write_grams
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
@@ -92,8 +96,10 @@ class ItemRunner:
         """Run one item unless it is done; returns its timing (None when skipped)."""
         if is_done(self.cfg, item):
             return None
-        timing, t0 = Timing(), time.perf_counter()
-        root = self.cfg.root
+        return (self._run_pair if expert_method(item.method) is None else self._run_experts)(item, Timing())
+
+    def _run_pair(self, item: WorkItem, timing: Timing) -> Timing:
+        t0, root = time.perf_counter(), self.cfg.root
         text, mm = root / item.text, root / item.mm
         method = get_method(item.method)
         if method.needs_grams:
@@ -106,16 +112,47 @@ class ItemRunner:
         timing.load = time.perf_counter() - t0
 
         self._endpoints(item, merger, model, scorer)
-        self._distances(item, pair)
+        self._distances(item, lambda: distance_rows(pair.text, pair.mm, pair.base))
         key = ModelKey.of_pair(checkpoint_run(text), checkpoint_run(mm), item.method, item.params)
+        params = json.loads(item.params)
+        return self._merges(item, model, scorer, key, lambda a: merger.merge_into(model, item.method, a, params),
+                            timing)
+
+    def _run_experts(self, item: WorkItem, timing: Timing) -> Timing:
+        """An expert checkpoint merged into the plain model at every setting (α: the vision
+        expert's weight); the unmerged expert model (MSA) is its endpoint."""
+        t0 = time.perf_counter()
+        ckpt, seed = self.cfg.root / item.text, self.cfg.root / item.base
+        method = expert_method(item.method)
+        if method.needs_grams:
+            write_grams(self.cfg, ckpt)
+        merger = ExpertMerger(ckpt, method.name, seed)
+        model, tokenizer = merger.plain_model(), load_tokenizer(ckpt)
+        scorer = config_scorer(self.cfg, model, tokenizer, self.features)
+        timing.load = time.perf_counter() - t0
+
+        name = endpoint_id(item, item.text)
+        if not finished(self.cfg, name):
+            msa, _ = load_model(ckpt)
+            self._write_endpoint(name, ckpt, config_scorer(self.cfg, msa, tokenizer, self.features))
+        self._distances(item, lambda: expert_distance_rows(ckpt, seed))
+        key = ModelKey.of_pair(*[checkpoint_run(ckpt)] * 2, item.method, item.params)
+        params = json.loads(item.params)
+        return self._merges(item, model, scorer, key,
+                            lambda a: merger.merge_into(model, params if a is None else params | {"alpha": a}), timing)
+
+    def _merges(self, item: WorkItem, model, scorer: Scorer, key: ModelKey, merge_at: Callable[[float | None], None],
+                timing: Timing) -> Timing:
+        """Merge at each α of the item (once, α None, for a method without one), score, write the rows."""
         rows, items = [], []
-        for alpha in item.alphas:
+        for alpha in item.alphas or (None,):
             t = time.perf_counter()
-            merger.merge_into(model, item.method, alpha, json.loads(item.params))
+            merge_at(alpha)
             timing.merge += time.perf_counter() - t
             t = time.perf_counter()
             results = evaluate(scorer, self.tasks)
-            self._export(item, alpha, key.mm_words, results)
+            if alpha is not None:
+                self._export(item, alpha, key.mm_words, results)
             r, i = result_rows(dataclasses.replace(key, alpha=alpha), results,
                                item_id=item.item_id, config_hash=self.cfg.hash(), job_id=self.job_id)
             timing.evaluate += time.perf_counter() - t
@@ -130,14 +167,16 @@ class ItemRunner:
         bitwise, so the pair already in memory serves)."""
         for rel, alpha in ((item.text, TEXT_ALPHA), (item.mm, MM_ALPHA)):
             name = endpoint_id(item, rel)
-            if finished(self.cfg, name):
-                continue
-            merger.merge_into(model, "linear", alpha)
-            key = ModelKey.twin(checkpoint_run(self.cfg.root / rel))
-            rows, items = result_rows(key, evaluate(scorer, self.tasks), item_id=name,
-                                      config_hash=self.cfg.hash(), job_id=self.job_id)
-            write_rows(items, ITEMS_SCHEMA, items_path(self.cfg, name))
-            write_rows(rows, RESULTS_SCHEMA, metrics_path(self.cfg, name))
+            if not finished(self.cfg, name):
+                merger.merge_into(model, "linear", alpha)
+                self._write_endpoint(name, self.cfg.root / rel, scorer)
+
+    def _write_endpoint(self, name: str, checkpoint: Path, scorer: Scorer) -> None:
+        """The scores of the unmerged model of `checkpoint`, which `scorer` holds."""
+        rows, items = result_rows(ModelKey.twin(checkpoint_run(checkpoint)), evaluate(scorer, self.tasks),
+                                  item_id=name, config_hash=self.cfg.hash(), job_id=self.job_id)
+        write_rows(items, ITEMS_SCHEMA, items_path(self.cfg, name))
+        write_rows(rows, RESULTS_SCHEMA, metrics_path(self.cfg, name))
 
     def _export(self, item: WorkItem, alpha: float, words: int, results: list[TaskResult]) -> None:
         """BabyLM's prediction files of a merge that sweep.export_babylm selects (before the item's
@@ -146,12 +185,13 @@ class ItemRunner:
         if any(spec.selects(item.method, params, alpha, words) for spec in self.cfg.sweep.export_babylm):
             export_babylm(results, babylm_export_dir(self.cfg.layout.results_dir, item.method, params, alpha, words))
 
-    def _distances(self, item: WorkItem, pair: Pair) -> None:
+    def _distances(self, item: WorkItem, rows: Callable[[], pd.DataFrame]) -> None:
+        """The distances of the item's inputs, once for all items of the same inputs."""
         if not self.cfg.sweep.distances:
             return
         out = result_file(self.cfg.layout.results_dir, "distances", fingerprint([item.text, item.mm, item.base])[:12])
         if not out.is_file():
-            write_parquet(distance_rows(pair.text, pair.mm, pair.base), out)
+            write_parquet(rows(), out)
 
 
 def run_items(cfg: Config, items: list[WorkItem], *, progress: bool = False, job_id: str = "") -> int:
