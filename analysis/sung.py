@@ -168,6 +168,15 @@ def variant_figure(drops: pd.DataFrame) -> Figure:
     return fig
 
 
+def seed_trend(drops: Sequence[float]) -> str:
+    """How the drops (shortest seed first) move: with every longer seed, only from end to end, or not."""
+    if all(b < a for a, b in zip(drops, drops[1:])):
+        return "shrinks with every longer seed"
+    if drops[-1] < drops[0]:
+        return "is smaller at the longest seed than at the shortest, but not at every step"
+    return "does not shrink from the shortest to the longest seed"
+
+
 def findings(seed_drops: pd.DataFrame, methods: pd.DataFrame, table5: pd.DataFrame) -> list[str]:
     """The paper's three findings, each checked on these results in one sentence with its numbers."""
     out = []
@@ -178,9 +187,8 @@ def findings(seed_drops: pd.DataFrame, methods: pd.DataFrame, table5: pd.DataFra
             out.append(f"Longer seed → smaller drop? On {task} merging costs nothing even without a long seed, so "
                        f"there is no drop to shrink ({steps}).")
             continue
-        trend = "shrinks" if r["drop"].iloc[-1] < r["drop"].iloc[0] else "does not shrink"
-        out.append(f"Longer seed → smaller drop? On {task} the drop after merging {trend} from the shortest to the "
-                   f"longest seed ({steps}).")
+        out.append(f"Longer seed → smaller drop? On {task} the drop after merging {seed_trend(r['drop'].tolist())} "
+                   f"({steps}).")
     if len(methods):
         for task in [c for c in methods.columns if c not in ("method", "model")]:
             best = methods.groupby("method")[task].max()

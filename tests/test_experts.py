@@ -436,7 +436,7 @@ def test_the_sung_report_shows_the_five_views_with_the_planted_numbers(tmp_path)
     expected = np.corrcoef([tssd_of[k] for k in (0, 1, 2)], [drop[k] for k in (0, 1, 2)])[0, 1]
     assert t5.loc["tssd", "pearson"] == pytest.approx(expected)
     text = report.read_text()
-    assert "shrinks from the shortest to the longest seed" in text and "the highest is tssd (as Sung et al.)" in text
+    assert "shrinks with every longer seed" in text and "the highest is tssd (as Sung et al.)" in text
     assert "best interpolation 0.7200, best RegMean 0.7100" in text
 
 
@@ -447,3 +447,11 @@ def test_analyze_adds_the_sung_views_when_the_results_are_a_study(tmp_path):
     results, *_ = planted_study(tmp_path)
     report = analyze([results], tmp_path / "report", AnalysisConfig(bootstrap=0))
     assert "sung.html" in report.read_text() and (tmp_path / "report" / "table5_distance_vs_drop.csv").is_file()
+
+
+def test_the_seed_finding_says_whether_the_drop_shrinks_at_every_step():
+    from vlmerge.analysis.sung import seed_trend
+
+    assert seed_trend([0.3, 0.2, 0.1]) == "shrinks with every longer seed"
+    assert seed_trend([0.24, 0.33, 0.14]) == "is smaller at the longest seed than at the shortest, but not at every step"
+    assert seed_trend([0.1, 0.05, 0.1]) == "does not shrink from the shortest to the longest seed"
