@@ -19,7 +19,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vlmerge import layout
+from vlmerge.config import EXPERT_RUN
 from vlmerge.errors import VlmergeError
+from vlmerge.modelkey import EXPERT_METHOD_PREFIX
 from vlmerge.results import CHECKPOINT_PAIR, MODEL, PAIR, SCHEMAS, newest_rows
 
 __all__ = ["CHECKPOINT_PAIR", "MODEL", "PAIR", "NO_WORDS", "Results", "load"]
@@ -119,3 +121,16 @@ def load(results: Sequence[Path], runs: Sequence[Path] | None = None) -> Results
     logs = [read_training(r, notes) for r in runs]
     training = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=TRAINING_COLUMNS)
     return Results(frames["metrics"], frames["items"], frames["distances"], training, notes)
+
+
+def twin_results(results: Results) -> Results:
+    """The results without Sung et al.'s modality-expert models (their merges, the unmerged expert
+    run, the distances between experts), which `vlmerge.analysis.sung` reports."""
+
+    def models(frame: pd.DataFrame) -> pd.DataFrame:
+        expert = frame.method.astype(str).str.startswith(EXPERT_METHOD_PREFIX) | (frame.mm_run == EXPERT_RUN)
+        return frame[~expert]
+
+    d = results.distances
+    return dataclasses.replace(results, metrics=models(results.metrics), items=models(results.items),
+                               distances=d[~d.text_run.astype(str).str.startswith(EXPERT_RUN + ":")])

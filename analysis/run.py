@@ -15,7 +15,7 @@ from vlmerge.analysis import plots, sung
 from vlmerge.analysis.findings import Finding, findings, to_json, to_markdown
 from vlmerge.analysis.correlations import COLUMNS as CORRELATION_COLUMNS
 from vlmerge.analysis.correlations import correlations, too_few_points
-from vlmerge.analysis.load import CHECKPOINT_PAIR, Results, load
+from vlmerge.analysis.load import CHECKPOINT_PAIR, Results, load, twin_results
 from vlmerge.analysis.report import Section, html_report, markdown_summary, markdown_table
 from vlmerge.analysis.scores import chance, task_metrics, task_scores
 from vlmerge.analysis.tables import BEST_COLUMNS, SCORE_COLUMNS, Merges, best_alpha, merges, multimodal_drop
@@ -153,7 +153,8 @@ def write_tables(a: Analysis, out: Path) -> dict[str, pd.DataFrame]:
 
 def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: Sequence[Path] | None = None) -> Path:
     """Read, compute, draw and write everything into `out`; returns the report's path."""
-    a = compute(load(results, runs), options)
+    loaded = load(results, runs)
+    a = compute(twin_results(loaded), options)  # the expert models have Sung et al.'s views (below)
     out.mkdir(parents=True, exist_ok=True)
     tables = write_tables(a, out)
     figures = draw(a, out / "figures")
@@ -176,7 +177,7 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
                 [("distance vs drop", tables["headline"])]),
         *figures,
     ]
-    if sung.is_study(a.results.metrics):  # `vlmerge study`'s results: Sung et al.'s views beside
+    if sung.is_study(loaded.metrics):  # `vlmerge study`'s results: Sung et al.'s views beside
         sung_html = sung.sung_report(results, out, options)
         intro += f" Sung et al.'s views of the study: {sung_html.name}."
     title = "vlmerge report: " + (", ".join(experiments) or "no results")

@@ -30,8 +30,8 @@ from vlmerge.analysis.scores import TaskMetric, task_metrics, task_scores
 from vlmerge.config import AnalysisConfig
 from vlmerge.io import write_text
 from vlmerge.layout import parse_study_experiment
+from vlmerge.modelkey import EXPERT_METHOD_PREFIX
 
-MERGE_PREFIX = "experts_"
 MAIN_ALPHA = 0.5  # the merge of Figures 3 and 4 and Table 5: interpolation at α = 0.5 (as MB)
 DISTANCE_PAIR = ("experts:language", "experts:vision")  # W^l against W^v
 DISTANCE_SCOPE = "transformer"
@@ -41,7 +41,7 @@ def label(method: str, params: str, alpha: float) -> str:
     """`MSA`, or `interpolation α=0.5`, `regmean α=0.75 gamma=0.9`, `arithmetic lam=1` …"""
     if method == "none":
         return "MSA"
-    parts = [method.removeprefix(MERGE_PREFIX)]
+    parts = [method.removeprefix(EXPERT_METHOD_PREFIX)]
     if alpha == alpha and alpha is not None:  # NaN: a method without α
         parts.append(f"α={alpha:g}")
     parts += [f"{k}={v:g}" for k, v in sorted(json.loads(params or "{}").items())]

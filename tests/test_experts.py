@@ -447,6 +447,10 @@ def test_analyze_adds_the_sung_views_when_the_results_are_a_study(tmp_path):
     results, *_ = planted_study(tmp_path)
     report = analyze([results], tmp_path / "report", AnalysisConfig(bootstrap=0))
     assert "sung.html" in report.read_text() and (tmp_path / "report" / "table5_distance_vs_drop.csv").is_file()
+    # The twins' views leave the expert models out: no MSA read as a "multimodal twin", no expert
+    # merge as a merge of twins (only MAA, a multimodal run from scratch, is left for them).
+    scores = (tmp_path / "report" / "scores.csv").read_text()
+    assert "experts" not in scores and "experts" not in (tmp_path / "report" / "findings.md").read_text()
 
 
 def test_the_seed_finding_says_whether_the_drop_shrinks_at_every_step():

@@ -17,6 +17,9 @@ TEXT_ALPHA = 1.0  # an unmerged text twin's α
 MM_ALPHA = 0.0  # an unmerged multimodal twin's α
 UNMERGED = "none"  # the method of an unmerged twin's rows
 TEXT_RUN = "text"
+# Sung et al.'s modality-expert models: a merge of one is method `experts_<method>`, the unmerged
+# expert model is run `experts`, and the distances between its experts name them `experts:<expert>`.
+EXPERT_METHOD_PREFIX = "experts_"
 
 
 def checkpoint_run(path: Path) -> dict[str, Any]:

@@ -37,9 +37,10 @@ from vlmerge.model import (
     CROSS, EXPERT_MODEL_TYPE, LANGUAGE, VISION, ExpertLlavaConfig, PooledLlavaForConditionalGeneration,
     agnostic_config, copy_tokenizer_files, expert_param, expert_param_name,
 )
+from vlmerge.modelkey import EXPERT_METHOD_PREFIX
 from vlmerge.registry import Registry, with_defaults
 
-PREFIX = "experts_"  # the results' method column: experts_interpolation, … (apart from the twins' methods)
+PREFIX = EXPERT_METHOD_PREFIX  # the results' method column: experts_interpolation, … (apart from the twins' methods)
 
 
 @dataclasses.dataclass(frozen=True)
