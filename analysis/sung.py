@@ -203,7 +203,18 @@ def findings(seed_drops: pd.DataFrame, methods: pd.DataFrame, table5: pd.DataFra
             out.append(f"Best predictor of the drop: mean Pearson r over tasks (weights, n = {int(w.n.max())} seed "
                        f"lengths): " + ", ".join(f"{m} {r:+.3f}" for m, r in ranking.items())
                        + f"; the highest is {ranking.index[0]}" + (" (as Sung et al.)" if ranking.index[0] == "tssd"
-                                                                    else " (Sung et al.: TSSD)") + ".")
+                                                                    else " (Sung et al.: TSSD)")
+                       + ". Per task, the highest r: " + "; ".join(best_per_task(w)) + ".")
+    return out
+
+
+def best_per_task(table5: pd.DataFrame) -> list[str]:
+    """`task: metric r [interval]` of the distance with the highest Pearson r on each task."""
+    out = []
+    for task, rows in table5.dropna(subset=["pearson"]).groupby("task"):
+        top = rows.sort_values("pearson", ascending=False).iloc[0]
+        interval = f" [{top.ci_low:.2f}, {top.ci_high:.2f}]" if pd.notna(top.ci_low) else ""
+        out.append(f"{task} {top.metric} {top.pearson:+.3f}{interval}")
     return out
 
 

@@ -437,6 +437,7 @@ def test_the_sung_report_shows_the_five_views_with_the_planted_numbers(tmp_path)
     assert t5.loc["tssd", "pearson"] == pytest.approx(expected)
     text = report.read_text()
     assert "shrinks with every longer seed" in text and "the highest is tssd (as Sung et al.)" in text
+    assert f"Per task, the highest r: blimp tssd {expected:+.3f}." in text  # bootstrap 0: no interval
     assert "best interpolation 0.7200, best RegMean 0.7100" in text
 
 
