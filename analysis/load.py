@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from vlmerge import layout
 from vlmerge.config import EXPERT_RUN
 from vlmerge.errors import VlmergeError
-from vlmerge.modelkey import EXPERT_METHOD_PREFIX
+from vlmerge.modelkey import EXPERT_DISTANCE_PREFIX, EXPERT_METHOD_PREFIX
 from vlmerge.results import CHECKPOINT_PAIR, MODEL, PAIR, SCHEMAS, newest_rows
 
 __all__ = ["CHECKPOINT_PAIR", "MODEL", "PAIR", "NO_WORDS", "Results", "load"]
@@ -133,4 +133,4 @@ def twin_results(results: Results) -> Results:
 
     d = results.distances
     return dataclasses.replace(results, metrics=models(results.metrics), items=models(results.items),
-                               distances=d[~d.text_run.astype(str).str.startswith(EXPERT_RUN + ":")])
+                               distances=d[~d.text_run.astype(str).str.startswith(EXPERT_DISTANCE_PREFIX)])

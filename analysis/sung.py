@@ -30,10 +30,10 @@ from vlmerge.analysis.scores import TaskMetric, task_metrics, task_scores
 from vlmerge.config import AnalysisConfig
 from vlmerge.io import write_text
 from vlmerge.layout import parse_study_experiment
-from vlmerge.modelkey import EXPERT_METHOD_PREFIX
+from vlmerge.modelkey import EXPERT_METHOD_PREFIX, expert_distance_run
 
 MAIN_ALPHA = 0.5  # the merge of Figures 3 and 4 and Table 5: interpolation at α = 0.5 (as MB)
-DISTANCE_PAIR = ("experts:language", "experts:vision")  # W^l against W^v
+DISTANCE_PAIR = (expert_distance_run("language"), expert_distance_run("vision"))  # W^l against W^v
 DISTANCE_SCOPE = "transformer"
 
 

@@ -209,10 +209,11 @@ def _distance(args: argparse.Namespace) -> None:
         if args.a or args.b:
             raise VlmergeError("distance: give either --experts or --a and --b")
         from vlmerge.merge.experts import expert_distance_rows
+        from vlmerge.modelkey import expert_distance_run
 
         rows = expert_distance_rows(args.experts, args.base, per_layer=not args.model_only)
         write_parquet(rows, Path(args.out))
-        vl = rows[(rows.scope == "transformer") & (rows.mm_run == "experts:vision")]
+        vl = rows[(rows.scope == "transformer") & (rows.mm_run == expert_distance_run("vision"))]
         print(vl.pivot(index="metric", columns="space", values="value").to_string(float_format=lambda v: f"{v:.6g}"))
         print(f"distance: {len(rows)} rows -> {args.out}")
         return

@@ -20,6 +20,12 @@ TEXT_RUN = "text"
 # Sung et al.'s modality-expert models: a merge of one is method `experts_<method>`, the unmerged
 # expert model is run `experts`, and the distances between its experts name them `experts:<expert>`.
 EXPERT_METHOD_PREFIX = "experts_"
+EXPERT_DISTANCE_PREFIX = "experts:"
+
+
+def expert_distance_run(expert: str) -> str:
+    """The run column of one expert in the distances between experts: `experts:language`, …"""
+    return EXPERT_DISTANCE_PREFIX + expert
 
 
 def checkpoint_run(path: Path) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from vlmerge.model import (
     CROSS, EXPERT_MODEL_TYPE, LANGUAGE, VISION, ExpertLlavaConfig, PooledLlavaForConditionalGeneration,
     agnostic_config, copy_tokenizer_files, expert_param, expert_param_name,
 )
-from vlmerge.modelkey import EXPERT_METHOD_PREFIX
+from vlmerge.modelkey import EXPERT_METHOD_PREFIX, expert_distance_run
 from vlmerge.registry import Registry, with_defaults
 
 PREFIX = EXPERT_METHOD_PREFIX  # the results' method column: experts_interpolation, … (apart from the twins' methods)
@@ -294,5 +294,5 @@ def expert_distance_rows(checkpoint: str | Path, seed: str | Path | None = None,
         if base_dir is not None:
             base = ExpertView(base_dir, None if plains[0] in base_dir.specs else LANGUAGE, plains)
         rows = distance_rows(ExpertView(src, a, plains), ExpertView(src, b, plains), base, per_layer=per_layer)
-        frames.append(rows.assign(text_run=f"experts:{a}", mm_run=f"experts:{b}"))
+        frames.append(rows.assign(text_run=expert_distance_run(a), mm_run=expert_distance_run(b)))
     return pd.concat(frames, ignore_index=True)

@@ -52,11 +52,9 @@ def method_grid(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
         experts = expert_method(spec.name)
         if experts is None:
             get_method(spec.name).params(first)
-        elif "alpha" in first:
+        elif "alpha" in first:  # (the other expert parameters are checked with each combination below)
             raise VlmergeError(f"sweep.methods: {spec.name}: α comes from sweep.alphas (the vision expert's weight), "
                                "not from params or grid")
-        else:
-            experts.params(first)
         keys = list(spec.grid)
         for combo in itertools.product(*(spec.grid[k] for k in keys)):
             params = {**spec.params, **dict(zip(keys, combo))}
