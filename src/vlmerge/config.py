@@ -275,6 +275,8 @@ class EvalConfig(_Section):
                             "model with an image token, else text")
     dtype: Literal["fp32", "bf16"] = "fp32"
     batch_size: int = Field(64, ge=1)
+    share_prefix: bool = Field(True, description="the candidates of an item (same image) share one row: their "
+                                                 "common token prefix computed once; the same scores up to rounding")
 
 
 class AnalysisConfig(_Section):

@@ -6,8 +6,9 @@ Part of `make bench`; its "peer" is the machine's own matmul peak. The model and
 bench_blimp's (`build_model`, the first --pairs of every paradigm). For fp32 and bf16:
 
 1. Throughput: `Scorer.score` over every pair after a warm-up batch; the model arithmetic it
-   does (2 FLOPs per weight of the decoder layers and the LM head, per real token, attention
-   scores left out) per second.
+   runs per second: 2 FLOPs per weight of the decoder layers per token it runs (a pair's shared
+   prefix once: `eval.share_prefix`) and of the LM head per position whose logits it reads,
+   attention scores left out.
 2. The machine's matmul peak at the model's shapes: `F.linear` of 64 × 16 token rows through
    each of the model's weight shapes (768 → 768, 768 → 1760, 1760 → 768, 768 → 16000), best of
    several runs each; the peak is the best shape's FLOP/s. Throughput ÷ peak is the share.
@@ -36,10 +37,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 ROWS = 64 * 16  # a batch of 64 sentences of ~16 tokens
 
 
-def matmul_flops(model) -> int:
-    """FLOPs per token of the decoder layers' and LM head's weights (2 per weight)."""
+def matmul_flops(model) -> tuple[int, int]:
+    """FLOPs per token of the decoder layers' weights, and per logit row of the LM head (2 per weight)."""
     layers = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n and p.dim() == 2)
-    return 2 * (layers + model.lm_head.weight.numel())
+    return 2 * layers, 2 * model.lm_head.weight.numel()
 
 
 def peak(dtype: torch.dtype, shapes: list[tuple[int, int]], repeats: int = 20) -> float:
@@ -75,20 +76,25 @@ def main() -> None:
     cfg = models["fp32"].config
     shapes = [(cfg.hidden_size, cfg.hidden_size), (cfg.hidden_size, cfg.intermediate_size),
               (cfg.intermediate_size, cfg.hidden_size), (cfg.hidden_size, cfg.vocab_size)]
-    flops = matmul_flops(models["fp32"])
-    print(f"profile: {len(pairs)} BLiMP pairs, {tokens} tokens, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, {flops / 1e6:.0f} MFLOP per token")
+    layer_flops, head_flops = matmul_flops(models["fp32"])
     for name, dtype in DTYPES.items():
         scorer = Scorer(models[name], tokenizer, dtype=name, batch_size=args.batch_size)
+        prepared = scorer.prepare(requests)
+        run = sum(int((b.segments >= 0).sum()) for b in prepared.batches)
+        rows = sum(int(b.keep.sum()) for b in prepared.batches)
+        if name == "fp32":
+            print(f"profile: {len(pairs)} BLiMP pairs, {tokens} tokens, {run} run (shared prefixes once), "
+                  f"{rows} logit rows, batch {args.batch_size}, {torch.get_num_threads()} threads, "
+                  f"{layer_flops / 1e6:.0f} MFLOP per token + {head_flops / 1e6:.0f} per logit row")
         scorer.score(requests[: args.batch_size])
         t0 = time.perf_counter()
-        scorer.score(requests)
+        scorer.score(prepared)
         seconds = time.perf_counter() - t0
-        achieved, best = flops * tokens / seconds, peak(dtype, shapes)
+        achieved, best = (layer_flops * run + head_flops * rows) / seconds, peak(dtype, shapes)
         print(f"\n== {name}: {len(pairs) / seconds:.1f} pairs/s, {achieved / 1e12:.3f} TFLOP/s of model "
               f"arithmetic; matmul peak at the model's shapes {best / 1e12:.3f} TFLOP/s: {achieved / best:.0%} of it")
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-            scorer.score(requests)
+            scorer.score(prepared)
         events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
         total = sum(e.self_cpu_time_total for e in events)
         for e in events[: args.top]:

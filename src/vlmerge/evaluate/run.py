@@ -163,7 +163,7 @@ def config_scorer(cfg: Config, model, tokenizer, features: FeatureTable | None, 
     if isinstance(model, ExpertLlavaForConditionalGeneration) and features is not None:
         model.null_feature = features.null
     return Scorer(model, tokenizer, features=features, prompt=cfg.eval.prompt, dtype=dtype or cfg.eval.dtype,
-                  batch_size=cfg.eval.batch_size)
+                  batch_size=cfg.eval.batch_size, share_prefix=cfg.eval.share_prefix)
 
 
 def export_babylm(results: Sequence[TaskResult], out: Path) -> list[Path]:

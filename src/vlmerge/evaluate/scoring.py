@@ -21,10 +21,14 @@ evaluation-pipeline-2025), so that scores compare with the leaderboard:
   scored.
 - `auto` (the default): `takmaz2025` for a model with an image token, else `text`.
 
-Requests are tokenised once, grouped (the candidates of an item stay together), sorted by
-length and packed into batches, so that padding is small and every forward is full. bf16 runs
-the model with bf16 weights and keeps the log-softmax in fp32. Logits are computed only at the
-positions whose next token is scored (not at the prefix, the context or padding).
+Requests are tokenised once. The candidates of an item that share an image share a row: their
+common token prefix once, then each candidate's own tokens, each attending to the prefix and to
+itself only (a tree-shaped attention mask, each token at its own sequence's position), so the
+prefix (the prompt, a shared context, a minimal pair's first words) is computed once
+(`share_prefix`; every score is the one its sequence alone gives, up to float rounding). Rows are
+sorted by length and packed into batches, so that padding is small and every forward is full.
+bf16 runs the model with bf16 weights and keeps the log-softmax in fp32. Logits are computed
+only at the positions whose next token is scored (not at the prompt, the context or padding).
 """
 
 from __future__ import annotations
@@ -65,13 +69,90 @@ def completion_span(offsets: Sequence[tuple[int, int]], start_char: int) -> tupl
     return hits[0], hits[-1] + 1
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(targets[i]) under logits[i] (`[N, V]`, any float dtype), computed in fp32."""
-    out = torch.empty(len(targets), dtype=torch.float32, device=logits.device)
-    for i in range(0, len(targets), _CHUNK):
-        lp = torch.log_softmax(logits[i : i + _CHUNK], dim=-1, dtype=torch.float32)
-        out[i : i + _CHUNK] = lp.gather(-1, targets[i : i + _CHUNK, None]).squeeze(-1)
-    return out
+def target_logprobs(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log p(targets[e]) under logits[rows[e]] (`logits` `[N, V]`, any float dtype), in fp32.
+
+    A row may serve several entries (a shared prefix's position predicts each candidate's token).
+    """
+    lse = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
+    for i in range(0, len(logits), _CHUNK):
+        lse[i : i + _CHUNK] = torch.logsumexp(logits[i : i + _CHUNK].float(), dim=-1)
+    return logits[rows, targets].float() - lse[rows]
+
+
+def common_prefix(seqs: Sequence[Sequence[int]]) -> int:
+    """The number of leading tokens all `seqs` share."""
+    n = min(map(len, seqs))
+    for i in range(n):
+        if any(s[i] != seqs[0][i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def tree_mask(segments: torch.Tensor) -> torch.Tensor:
+    """`[R, 1, W, W]` bool attention of packed rows: a token sees the earlier tokens of the shared
+    prefix (segment 0) and of its own segment. `segments` `[R, W]`: 0 prefix, c + 1 candidate c,
+    -1 padding (which sees the prefix and earlier padding, so that no row of the mask is empty)."""
+    width = segments.shape[1]
+    causal = torch.ones(width, width, dtype=torch.bool, device=segments.device).tril()
+    same = (segments[:, None, :] == 0) | (segments[:, None, :] == segments[:, :, None])
+    return (causal & same)[:, None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One forward: packed rows, right-padded, and the scored tokens as entries."""
+
+    requests: np.ndarray  # [Q] the requests it scores
+    images: list[str | None]  # [R] each row's image
+    ids: torch.Tensor  # [R, W]
+    positions: torch.Tensor  # [R, W] each token's position in its own sequence
+    segments: torch.Tensor  # [R, W] see tree_mask
+    keep: torch.Tensor  # [R, W] bool: the positions whose logits are read
+    rows: torch.Tensor  # [E] the kept position (flattened, row-major) that predicts entry e
+    targets: torch.Tensor  # [E] the token entry e scores
+    owners: torch.Tensor  # [E] the request (index into `requests`) entry e adds to
+
+
+def pack_batch(seqs: Sequence[Sequence[int]], target_lengths: Sequence[int], packs: Sequence[Sequence[int]],
+               images: Sequence[str | None], pad: int) -> Batch:
+    """The Batch of `packs` (lists of indices into `seqs`), one row each: the pack's common prefix,
+    then each member's remaining tokens. A sequence's last `target_lengths` tokens are scored."""
+    members = [q for pack in packs for q in pack]
+    local = {q: k for k, q in enumerate(members)}
+    layout = []  # per row: (ids, positions, segments)
+    for pack in packs:
+        shared = common_prefix([seqs[q] for q in pack]) if len(pack) > 1 else 0
+        ids, pos, seg = list(seqs[pack[0]][:shared]), list(range(shared)), [0] * shared
+        for c, q in enumerate(pack):
+            own = seqs[q][shared:]
+            ids += own
+            pos += range(shared, shared + len(own))
+            seg += [c + 1] * len(own)
+        layout.append((ids, pos, seg, shared))
+    width = max(len(ids) for ids, *_ in layout)
+    out_ids = np.full((len(packs), width), pad, dtype=np.int64)
+    out_pos = np.zeros((len(packs), width), dtype=np.int64)
+    out_seg = np.full((len(packs), width), -1, dtype=np.int64)
+    keep = np.zeros((len(packs), width), dtype=bool)
+    entries = []  # (row, column, target, owner)
+    for r, (pack, (ids, pos, seg, shared)) in enumerate(zip(packs, layout)):
+        n = len(ids)
+        out_ids[r, :n], out_pos[r, :n], out_seg[r, :n] = ids, pos, seg
+        start = shared
+        for q in pack:
+            seq = seqs[q]
+            for j in range(max(1, len(seq) - target_lengths[q]), len(seq)):  # token j is predicted at j - 1
+                col = j - 1 if j - 1 < shared else start + (j - 1 - shared)
+                keep[r, col] = True
+                entries.append((r, col, seq[j], local[q]))
+            start += len(seq) - shared
+    flat = np.cumsum(keep.ravel()) - 1  # the kept logits come flattened, row-major
+    e = np.array(entries, dtype=np.int64).reshape(-1, 4)
+    return Batch(np.array(members, dtype=np.int64), [images[pack[0]] for pack in packs],
+                 torch.from_numpy(out_ids), torch.from_numpy(out_pos), torch.from_numpy(out_seg),
+                 torch.from_numpy(keep), torch.from_numpy(flat[e[:, 0] * width + e[:, 1]]),
+                 torch.from_numpy(e[:, 2].copy()), torch.from_numpy(e[:, 3].copy()))
 
 
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -89,9 +170,8 @@ class Prepared:
     """Requests tokenised (prefix + context + target) and packed into batches."""
 
     requests: list[Request]
-    seqs: list[list[int]]
     target_lengths: list[int]
-    batches: list[list[int]]
+    batches: list[Batch]
 
 
 class Scorer:
@@ -102,9 +182,9 @@ class Scorer:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, features: FeatureTable | None = None,
-                 prompt: str = "auto", dtype: str = "fp32", batch_size: int = 64):
+                 prompt: str = "auto", dtype: str = "fp32", batch_size: int = 64, share_prefix: bool = True):
         self.model, self.tokenizer, self.features = model.eval(), tokenizer, features
-        self.batch_size = batch_size
+        self.batch_size, self.share_prefix = batch_size, share_prefix
         image_token = getattr(model.config, "image_token_index", None)
         if prompt not in PROMPTS:
             raise VlmergeError(f"eval.prompt {prompt!r}: expected one of {', '.join(PROMPTS)}")
@@ -145,19 +225,36 @@ class Scorer:
         table = dict(zip(unique, ids))
         return [table[t] for t in texts]
 
-    def _batches(self, requests: Sequence[Request], lengths: list[int]) -> list[list[int]]:
-        """Request indices in batches: whole groups, longest first, at most batch_size rows each."""
+    def _batches(self, requests: Sequence[Request], seqs: list[list[int]], target_lengths: list[int]) -> list[Batch]:
+        """Whole groups, longest row first, at most batch_size requests per batch (a larger group
+        alone). With share_prefix, the requests of a group that share an image share a row."""
         groups: dict[int, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
             groups[r.group].append(i)
-        ordered = sorted(groups.values(), key=lambda g: -max(lengths[i] for i in g))
+        images = [r.image for r in requests]
+
+        def packs(group: list[int]) -> list[list[int]]:
+            if not self.share_prefix:
+                return [[q] for q in group]
+            by_image: dict[str | None, list[int]] = defaultdict(list)
+            for q in group:
+                by_image[images[q]].append(q)
+            return list(by_image.values())
+
+        def row_length(pack: list[int]) -> int:
+            shared = common_prefix([seqs[q] for q in pack])
+            return shared + sum(len(seqs[q]) - shared for q in pack)
+
+        ordered = sorted((packs(g) for g in groups.values()), key=lambda ps: -max(map(row_length, ps)))
         batches, current = [], []
-        for g in ordered:
-            if current and len(current) + len(g) > self.batch_size:
+        for group_packs in ordered:
+            size = sum(map(len, group_packs))
+            if current and sum(map(len, current)) + size > self.batch_size:
                 batches.append(current)
                 current = []
-            current = current + g
-        return batches + ([current] if current else [])
+            current = current + group_packs
+        batches += [current] if current else []
+        return [pack_batch(seqs, target_lengths, b, images, self.pad) for b in batches]
 
     def _with_offsets(self, texts: Sequence[str]) -> dict[str, tuple[list[int], list[tuple[int, int]]]]:
         """text -> (ids, offsets), with the model's own special tokens under the `text` prompt."""
@@ -203,42 +300,27 @@ class Scorer:
             lengths = [len(t) for t in targets]
         else:
             seqs, lengths = self._spans(requests)
-        return Prepared(list(requests), seqs, lengths, self._batches(requests, [len(s) for s in seqs]))
+        return Prepared(list(requests), lengths, self._batches(requests, seqs, lengths))
 
     def score(self, requests: Sequence[Request] | Prepared) -> Scores:
         """Σ log p of each request's target; in the requests' order."""
         p = requests if isinstance(requests, Prepared) else self.prepare(requests)
-        requests, seqs = p.requests, p.seqs
-        logprob = np.zeros(len(requests))
-        tokens = np.array(p.target_lengths, dtype=np.int64)
+        logprob = np.zeros(len(p.requests))
         # The scored sequences are short (tens of tokens): there SDPA's math kernel (in fp32 for
         # bf16 inputs on CPU) is faster than its flash kernel, whose tiling is made for long ones.
         with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
-            for batch in p.batches:
-                ids, mask, predicts = self._batch([seqs[i] for i in batch], [p.target_lengths[i] for i in batch])
-                inputs = {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
+            for b in p.batches:
+                segments = b.segments.to(self.device)
+                inputs = {"input_ids": b.ids.to(self.device), "position_ids": b.positions.to(self.device),
+                          "attention_mask": tree_mask(segments)}
                 if self.use_image:
-                    inputs["pixel_values"] = self._features([requests[i].image for i in batch]).to(self.device)
-                predicts = predicts.to(self.device)
+                    inputs["pixel_values"] = self._features(b.images).to(self.device)
                 # A boolean logits_to_keep gives the logits of the True positions only, flattened.
-                logits = self.model(**inputs, logits_to_keep=predicts).logits
-                lp = target_logprobs(logits, inputs["input_ids"][:, 1:][predicts[:, :-1]])
-                rows = predicts.nonzero()[:, 0]  # the batch row of each scored token, in the same order
-                sums = torch.zeros(len(batch), dtype=torch.float64, device=self.device).index_add_(0, rows, lp.double())
-                logprob[batch] = sums.cpu().numpy()
-        return Scores(logprob, tokens)
-
-    def _batch(self, seqs: list[list[int]], target_lengths: list[int]) -> tuple[torch.Tensor, ...]:
-        """Right-padded ids, attention mask, and `predicts[b, t]`: whether ids[b, t + 1] is a target token."""
-        lengths = np.array([len(s) for s in seqs])
-        width = int(lengths.max())
-        cols = np.arange(width)
-        mask = cols < lengths[:, None]
-        ids = np.full((len(seqs), width), self.pad, dtype=np.int64)
-        ids[mask] = np.concatenate(seqs)
-        first = lengths - np.array(target_lengths)  # index of each row's first target token
-        predicts = (cols + 1 >= first[:, None]) & (cols + 1 < lengths[:, None])
-        return torch.from_numpy(ids), torch.from_numpy(mask.astype(np.int64)), torch.from_numpy(predicts)
+                logits = self.model(**inputs, logits_to_keep=b.keep.to(self.device)).logits
+                lp = target_logprobs(logits, b.rows.to(self.device), b.targets.to(self.device))
+                sums = torch.zeros(len(b.requests), dtype=torch.float64, device=self.device)
+                logprob[b.requests] = sums.index_add_(0, b.owners.to(self.device), lp.double()).cpu().numpy()
+        return Scores(logprob, np.array(p.target_lengths, dtype=np.int64))
 
     def _features(self, images: list[str | None]) -> torch.Tensor:
         """The pixel values of a batch: `[B, D]`, or `[B, K, D]` for K image tokens per image."""
