@@ -120,7 +120,7 @@ def pack_batch(seqs: Sequence[Sequence[int]], target_lengths: Sequence[int], pac
     then each member's remaining tokens. A sequence's last `target_lengths` tokens are scored."""
     members = [q for pack in packs for q in pack]
     local = {q: k for k, q in enumerate(members)}
-    layout = []  # per row: (ids, positions, segments)
+    layout = []  # per row: (ids, positions, segments, shared prefix length)
     for pack in packs:
         shared = common_prefix([seqs[q] for q in pack]) if len(pack) > 1 else 0
         ids, pos, seg = list(seqs[pack[0]][:shared]), list(range(shared)), [0] * shared
