@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole study as a Slurm dependency DAG (run it on a login node, from the repository root):
 #
-#   bash jobs/pipeline.sh CONFIG [KEY=VALUE ...]
+#   bash jobs/pipeline.sh [--dry-run] CONFIG [KEY=VALUE ...]
 #
 #   demo-data (if the config reads the demo world) → tokenizer → corpus ─┐
 #   precompute array (features.num_shards) → link ───────────────────────┴→ [seed run] →
@@ -9,30 +9,49 @@
 #   compact → analyze (the report in reports/<experiment>/report.html)
 #
 # The sweep's size depends on the checkpoints, so a small job after training plans it and
-# submits the array (`--submit-sweep`). Every job skips work that is already complete: the
-# same command resumes a broken DAG. `squeue -n vlmerge-analyze` shows when the end is near.
-# Cluster options for every job (partition, account, GPUs…) go in VLMERGE_SBATCH_ARGS, e.g.
+# submits the array (`--submit-sweep`); with compute.device=cuda each array task asks for one GPU.
+# Every job skips work that is already complete: the same command resumes a broken DAG.
+# `squeue -n vlmerge-analyze` shows when the end is near. --dry-run prints every job (its options,
+# array and dependencies) and submits none; where Slurm answers, each is checked with
+# `sbatch --test-only`. Cluster options for every job (partition, account, GPUs…) go in
+# VLMERGE_SBATCH_ARGS, e.g.
 #   VLMERGE_SBATCH_ARGS="--partition=gpu --gpus-per-node=1 --cpus-per-task=8" bash jobs/pipeline.sh …
 set -euo pipefail
 mode=all
-if [ "${1:-}" = "--submit-sweep" ]; then mode=sweep; shift; fi
-config="${1:?usage: bash jobs/pipeline.sh CONFIG [KEY=VALUE ...]}"
+dry_run=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --submit-sweep) mode=sweep; shift ;;
+        --dry-run) dry_run=1; shift ;;
+        *) break ;;
+    esac
+done
+config="${1:?usage: bash jobs/pipeline.sh [--dry-run] CONFIG [KEY=VALUE ...]}"
 shift
 overrides=("$@")
 source jobs/submit.sh  # sbatch with the site's options, job, value, $logs
 
-if [ "$mode" = sweep ]; then
-    read -r tasks per_task < <(python -m vlmerge sweep plan --array --config "$config" "${overrides[@]}")
-    throttle="$(value sweep.array_throttle)"
-    echo "pipeline: sweep of $tasks array task(s), $per_task item(s) each"
-    sweep=$(sbatch --parsable --array="0-$((tasks - 1))%${throttle}" --output="$logs/%x-%A_%a.out" jobs/sweep.sbatch "$config" \
-        --per-task "$per_task" "${overrides[@]}" | cut -d';' -f1)
+# The sweep array (sized by the plan), then the compaction and the analysis after it.
+submit_sweep() {  # submit_sweep DEPENDENCY ("": none)
+    local tasks per_task gpus dep=() gpu=()
+    read -r tasks per_task gpus < <(python -m vlmerge sweep plan --array --config "$config" "${overrides[@]}")
+    [ -n "$1" ] && dep=(--dependency="afterok:$1" --kill-on-invalid-dep=yes)
+    [ "$gpus" -gt 0 ] && gpu=(--gpus-per-task="$gpus")
+    echo "pipeline: sweep of $tasks array task(s), $per_task item(s) each" >&2
+    local sweep results analysis
+    sweep=$(sbatch --parsable --array="0-$((tasks - 1))%$(value sweep.array_throttle)" "${gpu[@]}" "${dep[@]}" \
+        --output="$logs/%x-%A_%a.out" jobs/sweep.sbatch "$config" --per-task "$per_task" "${overrides[@]}" | cut -d';' -f1)
     results=$(job results "$sweep" results compact)
     analysis=$(job analyze "$results" analyze --quiet)
-    echo "pipeline: analysis job $analysis writes the report after the sweep"
+    echo "pipeline: analysis job $analysis writes the report after the sweep" >&2
+}
+
+if [ "$mode" = sweep ]; then
+    submit_sweep ""
     exit 0
 fi
 
+[ "$dry_run" = 1 ] && echo "pipeline (dry run): $config ${overrides[*]}" >&2
 data=$(job demo-data "" demo-data --quiet --if-needed)
 tok=$(job tokenizer "$data" tokenizer --quiet)
 corpus=$(job corpus "$tok" corpus --quiet)
@@ -55,4 +74,16 @@ done
 submitter=$(sbatch --parsable --job-name=vlmerge-sweep-submit --cpus-per-task=1 \
     --dependency="afterok:$(IFS=:; echo "${trained[*]}")" \
     jobs/pipeline.sh --submit-sweep "$config" "${overrides[@]}" | cut -d';' -f1)
+if [ "$dry_run" = 1 ]; then
+    # What the submitter will submit, when the runs' checkpoints are there to plan from
+    if python -m vlmerge sweep plan --array --config "$config" "${overrides[@]}" >/dev/null 2>&1; then
+        echo "job $submitter submits, once the runs are trained:" >&2
+        submit_sweep "$submitter"
+    else
+        echo "job $submitter plans the sweep array once the runs are trained (no checkpoints to size it from yet;" \
+             "vlmerge sweep plan --estimate --words-per-epoch RUN=N projects it)" >&2
+    fi
+    dry_run_summary
+    exit
+fi
 echo "pipeline: submitted; the sweep is planned by job $submitter once the runs have finished"

@@ -22,6 +22,7 @@ from vlmerge.precompute.encoder import PooledEncoder, crop_size, load_encoder
 from vlmerge.precompute.manifests import ImageItem, read_image_source, unique_images
 from vlmerge import code_version, layout
 from vlmerge.config import Config, FeaturesConfig, NpyImport, save_resolved
+from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
 from vlmerge.io import check_writable, fingerprint, remove_stale_temps, write_jsonl
 from vlmerge.problems import ProblemLog
@@ -101,14 +102,11 @@ class Runtime:
 
     @classmethod
     def create(cls, fc: FeaturesConfig) -> Runtime:
-        cuda = fc.device == "cuda" or (fc.device == "auto" and torch.cuda.is_available())
-        if fc.device == "cuda" and not torch.cuda.is_available():
-            raise VlmergeError("features.device: cuda requested but no GPU is visible")
+        device = resolve_device(fc.device, "features.device")
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[fc.precision]
-        if not cuda and dtype == torch.float16:
+        if device.type == "cpu" and dtype == torch.float16:
             raise VlmergeError("features.precision: fp16 needs a GPU; use fp32 or bf16 on the CPU")
         encoder, processor = load_encoder(fc.encoder, fc.layer, fc.pooling, fc.revision, fc.grid)
-        device = torch.device("cuda" if cuda else "cpu")
         return cls(encoder.to(device=device, dtype=dtype), processor, device, dtype)
 
     def encode(self, pixels: torch.Tensor) -> np.ndarray:

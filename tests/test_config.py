@@ -37,7 +37,7 @@ def test_overrides_are_typed_and_placeholders_follow_the_root():
 @pytest.mark.parametrize(
     "override, expected",
     [
-        ("train.lrr=1", "unknown key 'train.lrr'; allowed here: epochs, micro_batch_size, grad_accum, lr, "),
+        ("train.lrr=1", "unknown key 'train.lrr'; allowed here: epochs, micro_batch_size, grad_accum, global_batch, lr, "),
         ("features.pooling=max", "features.pooling: Input should be 'mean_patch', 'cls' or 'mean_all'"),
         ("tokenizer.vocab_size=10", "tokenizer.vocab_size: Input should be greater than or equal to 300"),
         ("features.images=[{manifest: a, bogus: 1}]", "unknown key 'features.images.0.bogus'; allowed here: manifest, format, images_dir"),

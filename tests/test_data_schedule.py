@@ -3,7 +3,8 @@ import pytest
 
 from vlmerge.data import Piece, count_batches, epoch_order, piece_tokens, plan_batches
 from vlmerge.launch import rendezvous_env
-from vlmerge.train.schedule import babylm_words, checkpoint_words, lr_factor
+from vlmerge.errors import VlmergeError
+from vlmerge.train.schedule import babylm_words, batch_shape, checkpoint_words, lr_factor, rank_micro_batches
 
 
 def test_babylm_schedule():
@@ -64,6 +65,24 @@ def test_piece_tokens_split_at_word_starts():
     assert piece_tokens(tokens, Piece(0, 0, 3), 3, starts).tolist() == [1, 2, 3, 4, 2]
     assert piece_tokens(tokens, Piece(0, 0, 1), 3, starts).tolist() == [1, 2]
     assert piece_tokens(tokens, Piece(0, 1, 3), 3, starts).tolist() == [3, 4, 2]
+
+
+def test_a_global_batch_keeps_its_size_on_any_number_of_ranks():
+    assert batch_shape(32, 1, 512, world=2) == (512, 8)  # the paper: 2 GPUs × 32 × accumulation 8
+    assert batch_shape(32, 1, 512, world=1) == (512, 16)
+    assert batch_shape(32, 3, None, world=2) == (192, 3)  # without it the batch grows with the ranks
+    with pytest.raises(VlmergeError, match="global_batch 512 is not a multiple of micro_batch_size 32 × 3 rank"):
+        batch_shape(32, 1, 512, world=3)
+
+
+@pytest.mark.parametrize("world, accum", [(1, 4), (2, 2), (4, 1)])
+def test_micro_batches_are_the_same_slots_whoever_runs_them(world, accum):
+    pieces = list(range(14))  # a short batch: 14 of 4 × 4 = 16 pieces, the last slot partly empty
+    mine = [rank_micro_batches(pieces, 4, rank, world, accum) for rank in range(world)]
+    slots = {rank + world * i: chunk for rank in range(world) for i, chunk in enumerate(mine[rank])}
+    assert [slots[j] for j in range(4)] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    assert all(len(m) == accum for m in mine)  # every rank runs its accumulation steps, empty or not
+    assert rank_micro_batches(pieces[:3], 4, 1, 2, 1) == [[]]  # nothing left for rank 1: a stand-in step
 
 
 def test_lr_warms_up_then_decays_to_the_floor():

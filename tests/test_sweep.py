@@ -14,8 +14,7 @@ import pytest
 from conftest import FAST_TRAIN, REPO, SMALL_WORLD, stale_temp, vlmerge_cli
 from vlmerge.config import load_config
 from vlmerge.results import DEDUPE, RESULTS_SCHEMA, read_results
-from vlmerge.launch import array_layout
-from vlmerge.sweep.plan import plan
+from vlmerge.sweep.plan import array_layout, plan
 from vlmerge.layout import list_checkpoints
 
 SWEEP = [*SMALL_WORLD, *FAST_TRAIN, "sweep.alphas=[0.0, 0.5, 1.0]", "sweep.tasks=[blimp, winoground]",
@@ -132,6 +131,22 @@ def test_results_hold_one_row_per_planned_key(swept):
     # the unmerged twins: once per checkpoint, not once per item
     endpoints = frame[frame.method == "none"]
     assert endpoints.groupby(["item_id"]).ngroups == 3 + 3
+
+
+@pytest.mark.slow
+def test_sweep_workers_share_the_items_and_write_what_one_process_does(twins, swept, tmp_path):
+    # compute.workers (default: one per visible GPU): each worker process runs its share of the items
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
+    r = vlmerge_cli("sweep", "run", "--quiet", f"paths.root={root}", *SWEEP, "compute.workers=2", "compute.device=cpu")
+    assert r.returncode == 0, r.stderr
+    assert "sweep: 2 workers" in r.stderr
+    assert r.stdout.count("sweep item 1/") == 2  # each worker numbers its own share
+    key = ["item_id", *DEDUPE["metrics"]]
+    ours = read_results(root / "results/demo").set_index(key).value.sort_index()
+    one = read_results(swept / "results/demo").set_index(key).value.sort_index()
+    assert ours.index.equals(one.index)
+    np.testing.assert_allclose(ours.to_numpy(), one.to_numpy(), rtol=0, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Training on a small demo world, on the CPU, through the real CLI and DeepSpeed (gloo)."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -145,6 +146,80 @@ def test_two_ranks_hold_identical_weights_after_every_step(root):
     rows = [json.loads(l) for l in (root / "runs/demo/multimodal/metrics.jsonl").read_text().splitlines()]
     assert len(rows) > 20 and all(len(set(row["replica_digests"])) == 1 and len(row["replica_digests"]) == 2
                                   for row in rows)
+
+
+# A fixed global batch of 8 in micro-batches of 4: one rank accumulates 2, two ranks 1 each.
+RESIZABLE = ["train.micro_batch_size=4", "train.global_batch=8"]
+
+
+def train_on(root: Path, ranks: int, run: str = "text", extra: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`vlmerge train` on `ranks` ranks (torchrun for more than one: gloo on the CPU, NCCL on GPUs),
+    started, not waited for."""
+    args = ["train", "--quiet", "--run", run, f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, *RESIZABLE, *extra]
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks), "-m", "vlmerge", "--"]
+    cmd = [sys.executable, *(launcher if ranks > 1 else ["-m", "vlmerge"]), *args]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def stop_midway(proc: subprocess.Popen, root: Path, ranks: int, steps: int = 30) -> int:
+    """SIGUSR1 to the training process(es) once `steps` steps are logged; the step its state was saved at."""
+    metrics = root / "runs/demo/text/metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+            pid = proc.pid
+            # torchrun's workers are its children; a flag on any rank stops every rank at the same step
+            workers = Path(f"/proc/{pid}/task/{pid}/children").read_text().split() if ranks > 1 else [pid]
+            for worker in workers:
+                os.kill(int(worker), signal.SIGUSR1)
+            break
+        time.sleep(0.01)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, err[-2000:]  # 75, or torchrun's 1 for its workers' 75
+    states = root / "runs/demo/text/deepspeed"
+    return json.loads((states / (states / "latest").read_text().strip() / "state.json").read_text())["step"]
+
+
+def metrics(root: Path) -> list[dict]:
+    return [json.loads(line) for line in (root / "runs/demo/text/metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_a_run_resumes_on_another_number_of_ranks_with_the_same_batches(fresh_root, before, after):
+    reference = fresh_root()
+    straight = train_on(reference, 1)
+    _, err = straight.communicate(timeout=600)
+    assert straight.returncode == 0, err[-2000:]
+    root = fresh_root()
+    assert stop_midway(train_on(root, before), root, before) >= 30
+    resumed = train_on(root, after)
+    _, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+
+    # The same samples in the same steps (a digest of every batch, logged per step)...
+    assert [(r["step"], r["data"], r["tokens"]) for r in metrics(root)] == \
+           [(r["step"], r["data"], r["tokens"]) for r in metrics(reference)]
+    # ...and the same weights at every checkpoint, up to the order of fp32 sums (here: bitwise).
+    ours, theirs = (list_checkpoints(r / "runs/demo/text") for r in (root, reference))
+    assert [c.name for c in ours] == [c.name for c in theirs]
+    for a, b in zip(ours, theirs):
+        ta, tb = tensors(a), tensors(b)
+        assert all(torch.allclose(ta[k], tb[k], rtol=1e-5, atol=1e-6) for k in ta), a.name
+
+
+def test_a_state_resumes_on_other_ranks_only_when_the_batch_and_the_optimizer_state_allow(tmp_path):
+    from vlmerge.errors import VlmergeError
+    from vlmerge.train.checkpoint import StateStore
+
+    on_one = StateStore(tmp_path, 2, rank=0, world=1, global_batch=8)
+    assert on_one._source_rank(tmp_path, {"world": 2, "global_batch": 8}, zero=False) == 0
+    assert StateStore(tmp_path, 2, rank=1, world=2, global_batch=8)._source_rank(
+        tmp_path, {"world": 1, "global_batch": 8}, zero=False) == 0  # rank 1 of 2 takes the one saved rank's
+    with pytest.raises(VlmergeError, match="global batch of 16 examples; on 1 rank.s. it would be 8: set train.global_batch"):
+        on_one._source_rank(tmp_path, {"world": 2, "global_batch": 16}, zero=False)
+    with pytest.raises(VlmergeError, match="with ZeRO, which partitions the optimizer state over the ranks; resume it on 2"):
+        on_one._source_rank(tmp_path, {"world": 2, "global_batch": 8}, zero=True)
 
 
 @pytest.mark.parametrize(

@@ -103,23 +103,48 @@ def _aoa(cfg: Config, args: argparse.Namespace) -> None:
 
 def _sweep(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge.sweep import commands
+    from vlmerge.sweep.plan import array_layout
 
     if args.action == "plan" and args.runs:  # for pipeline.sh: what to train before the sweep
         from vlmerge.sweep.plan import sweep_runs
 
         print(*sweep_runs(cfg))
+    elif args.action == "plan" and args.estimate:
+        from vlmerge.sweep.estimate import counts_arg, estimate_command
+
+        estimate_command(cfg, words_per_epoch=counts_arg(args.words_per_epoch, "--words-per-epoch"),
+                         counts=counts_arg(args.items, "--items"),
+                         calibrate_with=Path(args.calibrate_with) if args.calibrate_with else None, sample=args.sample,
+                         max_array_size=launch.max_array_size(), time_limit=launch.partition_time_limit(args.partition),
+                         as_json=args.json)
     elif args.action == "plan":
         items = commands.current_plan(cfg)
         max_size = launch.max_array_size()
-        layout = launch.array_layout(len(items), max_size)
-        if args.array:  # for jobs/sweep.sbatch and pipeline.sh: "TASKS PER_TASK"
-            print(*layout)
+        layout = array_layout(len(items), max_size)
+        if args.array:  # for jobs/sweep.sbatch and pipeline.sh: "TASKS PER_TASK GPUS_PER_TASK"
+            print(*layout, launch.sweep_gpus_per_task(cfg.compute.device))
         else:
             commands.plan_command(cfg, items, as_json=args.json, array_tasks=layout, max_array_size=max_size)
     else:
         index = args.index if args.index is not None else launch.array_task_index()
+        if args.worker is None:
+            from vlmerge.device import cuda_count
+
+            envs = launch.worker_envs(cfg.compute.workers, cfg.compute.device, cuda_count())
+            if len(envs) > 1:  # one process per GPU (or compute.workers), each running its share
+                print(f"sweep: {len(envs)} workers", file=sys.stderr)
+                launch.run_workers(_sweep_worker_command(args, index), envs)
+                return
         commands.run_command(cfg, item_id=args.item, index=index, per_task=args.per_task, progress=_progress(args),
-                             job_id=launch.job_id())
+                             job_id=launch.job_id(), worker=args.worker)
+
+
+def _sweep_worker_command(args: argparse.Namespace, index: int | None) -> list[str]:
+    """The `vlmerge sweep run` of this process again, for its workers (each adds `--worker k/n`)."""
+    words = [sys.executable, "-m", "vlmerge", "sweep", "run", "--per-task", str(args.per_task)]
+    for flag, value in (("--config", args.config), ("--item", args.item), ("--index", index)):
+        words += [flag, str(value)] if value is not None else []
+    return words + (["--quiet"] if args.quiet else []) + args.overrides
 
 
 def _config(cfg: Config, args: argparse.Namespace) -> None:
@@ -202,16 +227,18 @@ def _merge_experts(args: argparse.Namespace) -> None:
 
 
 def _distance(args: argparse.Namespace) -> None:
+    from vlmerge.device import resolve_device
     from vlmerge.merge.distance import distance_rows, write_parquet
     from vlmerge.merge.io import ModelDir
 
+    device = resolve_device(args.device)
     if args.experts:
         if args.a or args.b:
             raise VlmergeError("distance: give either --experts or --a and --b")
         from vlmerge.merge.experts import expert_distance_rows
         from vlmerge.modelkey import expert_distance_run
 
-        rows = expert_distance_rows(args.experts, args.base, per_layer=not args.model_only)
+        rows = expert_distance_rows(args.experts, args.base, per_layer=not args.model_only, device=device)
         write_parquet(rows, Path(args.out))
         vl = rows[(rows.scope == "transformer") & (rows.mm_run == expert_distance_run("vision"))]
         print(vl.pivot(index="metric", columns="space", values="value").to_string(float_format=lambda v: f"{v:.6g}"))
@@ -220,7 +247,7 @@ def _distance(args: argparse.Namespace) -> None:
     if not (args.a and args.b):
         raise VlmergeError("distance: give --a and --b (two models), or --experts (an expert checkpoint)")
     base = ModelDir(args.base) if args.base else None
-    rows = distance_rows(ModelDir(args.a), ModelDir(args.b), base, per_layer=not args.model_only)
+    rows = distance_rows(ModelDir(args.a), ModelDir(args.b), base, per_layer=not args.model_only, device=device)
     write_parquet(rows, Path(args.out))
     model = rows[rows.scope == "model"].pivot(index="metric", columns="space", values="value")
     print(model.to_string(float_format=lambda v: f"{v:.6g}"))
@@ -237,6 +264,24 @@ def _alphas(text: str, allow_extrapolation: bool) -> list[float]:
     if problem:
         raise VlmergeError(f"--alpha {text!r}: {problem.replace('allow extrapolation', 'pass --allow-extrapolation')}")
     return alphas
+
+
+def _worker(text: str) -> tuple[int, int]:
+    """`--worker K/N`: worker K (from 0) of N."""
+    k, _, n = text.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K/N with 0 <= K < N, e.g. 0/2")
+    return int(k), int(n)
+
+
+def _device(text: str) -> str:
+    """A --device value, by the rule of compute.device."""
+    from vlmerge.device import check_device_spec
+
+    try:
+        return check_device_spec(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{text!r}: {e}") from None
 
 
 def _params(items: list[str]) -> dict:
@@ -315,11 +360,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("sweep", _sweep, "plan the sweep, or run its work items (all, one, or an array task's)",
               actions=("plan", "run"))
     p.add_argument("--json", action="store_true", help="plan: the items as JSON")
-    p.add_argument("--array", action="store_true", help="plan: print 'TASKS ITEMS_PER_TASK' for a Slurm array")
+    p.add_argument("--array", action="store_true",
+                   help="plan: print 'TASKS ITEMS_PER_TASK GPUS_PER_TASK' for a Slurm array")
     p.add_argument("--runs", action="store_true", help="plan: print the runs whose checkpoints the sweep merges")
+    p.add_argument("--estimate", action="store_true",
+                   help="plan: calibrate on this machine and compute.device (one pair loaded, one α merged, a sample "
+                        "of each task scored) and print the sweep's cost: hours per array task and in all, memory, disk")
+    p.add_argument("--words-per-epoch", action="append", default=[], metavar="RUN=N",
+                   help="--estimate before training: a run's words per epoch (default: its corpus's)")
+    p.add_argument("--items", action="append", default=[], metavar="TASK=N",
+                   help="--estimate: count N items for TASK (e.g. a full set), calibrating on its data's sample")
+    p.add_argument("--calibrate-with", metavar="DIR", help="--estimate: a model directory of the runs' architecture "
+                                                            "(default: the plan's first checkpoint, else an untrained one)")
+    p.add_argument("--sample", type=int, help="--estimate: items scored per task (default: 200 on the CPU, 2000 on a GPU)")
+    p.add_argument("--partition", help="--estimate: the Slurm partition whose time limit to check (default: the "
+                                       "cluster's default partition)")
     p.add_argument("--item", help="run: this item id only")
     p.add_argument("--index", type=int, help="run: array task index (default: SLURM_ARRAY_TASK_ID, else all items)")
     p.add_argument("--per-task", type=int, default=1, help="run: items per array task (packed arrays)")
+    p.add_argument("--worker", type=_worker, metavar="K/N",
+                   help="run: be worker K of N, running its share of the items (set by the parent process: "
+                        "compute.workers, one per visible GPU by default)")
 
     p = stage("config", _config, "print the resolved config, or one value of it (for scripts)")
     p.add_argument("--get", metavar="KEY.PATH", help="print this value only, e.g. features.num_shards")
@@ -365,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experts", help="instead of --a/--b: an expert checkpoint, W^l vs W^v (and vs W^vl)")
     p.add_argument("--base", help="shared initialisation (experts: the seed): also measure the task vectors")
     p.add_argument("--model-only", action="store_true", help="whole-model distances only, no per-layer rows")
+    p.add_argument("--device", default="auto", type=_device, help="auto (the GPU when one is visible), cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, help="Parquet file to write")
     p.set_defaults(handler=None, command=_distance)
 

@@ -18,6 +18,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from vlmerge.device import DEVICE_RULE, check_device_spec
 from vlmerge.errors import VlmergeError
 from vlmerge.io import write_text
 from vlmerge.layout import Layout
@@ -39,6 +40,13 @@ def _safe_name(v: str) -> str:
     """`v` when it is usable as one path component under the output root; else ValueError."""
     if not _SAFE_NAME.fullmatch(v) or v in (".", ".."):
         raise ValueError(f"must be {SAFE_NAME_RULE}")
+    return v
+
+
+def _auto_or_positive(v: int | str) -> int | str:
+    """`v` when it is "auto" or a whole number of at least 1; else ValueError."""
+    if v != "auto" and v < 1:
+        raise ValueError("expected auto or a whole number, at least 1")
     return v
 
 
@@ -136,12 +144,13 @@ class FeaturesConfig(_Section):
                                            "takes G² image tokens); 1: the paper's single vector")
     dtype: Literal["float16", "float32"] = "float16"
     precision: Literal["fp32", "fp16", "bf16"] = "fp32"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: str = Field("auto", description=f"the encoder's device: {DEVICE_RULE}")
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(2, ge=0)
     num_shards: int = Field(1, ge=1)
 
     _name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
+    _device = field_validator("device")(classmethod(lambda cls, v: check_device_spec(v)))
 
     @field_validator("grid")
     @classmethod
@@ -180,7 +189,11 @@ class TrainConfig(_Section):
 
     epochs: int = Field(10, ge=1)
     micro_batch_size: int = Field(32, ge=1, description="examples per rank per forward")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per rank per step, when global_batch is not set")
+    global_batch: int | None = Field(None, ge=1, description="examples per optimizer step, on any number of ranks: "
+                                     "grad_accum = global_batch / (micro_batch_size × ranks), so that a run resumes "
+                                     "on another number of GPUs with the same batches (null: micro_batch_size × "
+                                     "grad_accum × ranks)")
     lr: float = Field(3e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1, description="cosine decays to lr * min_lr_ratio")
     warmup_steps: int = Field(0, ge=0)
@@ -274,9 +287,15 @@ class EvalConfig(_Section):
                             "legacy: BOS + <image>, context and target tokenised apart; auto: takmaz2025 for a "
                             "model with an image token, else text")
     dtype: Literal["fp32", "bf16"] = "fp32"
-    batch_size: int = Field(64, ge=1)
+    batch_size: int | Literal["auto"] = Field("auto", description="requests per batch at most; auto: 64 on the CPU, "
+                                                                  "no limit but batch_tokens on a GPU")
+    batch_tokens: int | Literal["auto"] = Field(
+        "auto", description="padded tokens (rows × the longest row) per batch at most, a larger item alone; auto: "
+                            "16384 on the CPU, 65536 on a GPU")
     share_prefix: bool = Field(True, description="the candidates of an item (same image) share one row: their "
                                                  "common token prefix computed once; the same scores up to rounding")
+
+    _batch = field_validator("batch_size", "batch_tokens")(classmethod(lambda cls, v: _auto_or_positive(v)))
 
 
 class AnalysisConfig(_Section):
@@ -301,6 +320,14 @@ class ComputeConfig(_Section):
 
     threads: int = Field(0, ge=0, description="CPU threads per process (0: the CPUs it may use: its affinity "
                                               "mask, SLURM_CPUS_PER_TASK where smaller)")
+    device: str = Field("auto", description=f"where eval, sweep, study, grams and distance run models: {DEVICE_RULE} "
+                                            "(auto: the GPU when one is visible)")
+    workers: int | Literal["auto"] = Field(
+        "auto", description="`vlmerge sweep run` outside an array task: worker processes, each with its share of the "
+                            "items; auto: one per visible GPU (each sees only its own), 1 on the CPU")
+
+    _device = field_validator("device")(classmethod(lambda cls, v: check_device_spec(v)))
+    _workers = field_validator("workers")(classmethod(lambda cls, v: _auto_or_positive(v)))
 
 
 class StudyConfig(_Section):

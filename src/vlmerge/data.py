@@ -11,6 +11,7 @@ with the data seed it is all a resumed run needs to continue with the very same 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -42,6 +43,14 @@ class Batch:
     cursor: int  # position in the epoch order after this batch
     offset: int  # words of the sample at `cursor` already consumed
     words_seen: int  # in the whole run, after this batch
+
+
+def data_digest(previous: str, batch: Batch) -> str:
+    """A running digest of the data a run has trained on: `previous` (hex, "" at the start) and the
+    batch's pieces. Two runs that saw the same pieces in the same steps have the same digests."""
+    h = hashlib.blake2b(bytes.fromhex(previous), digest_size=8)
+    h.update(np.array([(p.sample, p.start, p.stop) for p in batch.pieces], dtype=np.int64).tobytes())
+    return h.hexdigest()
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> np.ndarray:

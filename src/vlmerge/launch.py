@@ -7,7 +7,6 @@ submitit sweep (`slurm/sweep.py`) is a thin shell around `submit_sweep`.
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
@@ -61,11 +60,33 @@ def max_array_size() -> int:
     return DEFAULT_MAX_ARRAY_SIZE
 
 
-def array_layout(n_items: int, max_size: int) -> tuple[int, int]:
-    """(array tasks, items per task): one item per task when the array fits (indices 0..max−1),
-    else as few items per task as make it fit."""
-    per_task = max(1, math.ceil(n_items / max_size))
-    return math.ceil(n_items / per_task), per_task
+def slurm_seconds(text: str) -> float | None:
+    """Seconds of a Slurm duration: MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS; None for UNLIMITED."""
+    if text.upper() in ("UNLIMITED", "INFINITE", "NONE"):
+        return None
+    days, dash, clock = text.rpartition("-")
+    parts = [float(p) for p in clock.split(":")]
+    if dash:  # after the days the fields start at hours
+        h, m, s = (parts + [0.0, 0.0])[:3]
+    else:  # without days: minutes, minutes:seconds, or hours:minutes:seconds
+        h, m, s = [0.0, parts[0], 0.0] if len(parts) == 1 else [0.0, *parts] if len(parts) == 2 else parts
+    return ((float(days or 0) * 24 + h) * 60 + m) * 60 + s
+
+
+def partition_time_limit(partition: str | None = None) -> tuple[str, float | None] | None:
+    """(partition, its MaxTime in seconds or None) of `partition`, or of the cluster's default
+    partition, from `scontrol show partition`; None where Slurm does not answer."""
+    try:
+        out = subprocess.run(["scontrol", "show", "partition", "--oneliner"], capture_output=True, text=True,
+                             timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        fields = dict(f.split("=", 1) for f in line.split() if "=" in f)
+        name = fields.get("PartitionName")
+        if name and (name == partition or (partition is None and fields.get("Default") == "YES")):
+            return name, slurm_seconds(fields.get("MaxTime", "UNLIMITED"))
+    return None
 
 
 def first_host(nodelist: str) -> str:
@@ -138,6 +159,51 @@ def use_allotted_cpus(threads: int = 0, env: MutableMapping[str, str] = os.envir
     return n
 
 
+def sweep_gpus_per_task(device: str) -> int:
+    """GPUs each sweep array task asks for: one when compute.device names CUDA (a worker per GPU;
+    Slurm then shows the task only its own through CUDA_VISIBLE_DEVICES), none for auto or cpu."""
+    return 1 if device.startswith("cuda") else 0
+
+
+# Sweep workers: one per visible GPU (or compute.workers), each with its share of the items
+def visible_gpus(count: int, env: Mapping[str, str] = os.environ) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES ids of the `count` GPUs this process sees (indices or UUIDs; CUDA
+    stops at the first invalid entry, so only the first `count` count)."""
+    listed = env.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [d.strip() for d in listed.split(",") if d.strip()][:count]
+
+
+def worker_envs(workers: int | str, device: str, gpus: int, env: Mapping[str, str] = os.environ) -> list[dict[str, str]]:
+    """The environment of each sweep worker. `workers` auto: one per visible GPU when `device` may
+    use any of them (auto, cuda), each seeing only its own; else one. N workers on GPUs take them in
+    turn; on the CPU (or a named cuda:N, shared) they split the CPU threads."""
+    ids = visible_gpus(gpus, env) if device in ("auto", "cuda") else []
+    n = (len(ids) or 1) if workers == "auto" else int(workers)
+    threads = str(max(1, allotted_cpus(env) // n))
+    out = []
+    for k in range(n):
+        worker = {**env, "OMP_NUM_THREADS": threads}
+        if ids:
+            worker["CUDA_VISIBLE_DEVICES"] = ids[k % len(ids)]
+        out.append(worker)
+    return out
+
+
+def run_workers(command: list[str], envs: list[dict[str, str]]) -> None:
+    """Run `command` once per environment, worker k of n with `--worker k/n` appended; raise when
+    any of them fails (after all have finished: a finished item is kept either way)."""
+    procs = [subprocess.Popen([*command, "--worker", f"{k}/{len(envs)}"], env=env) for k, env in enumerate(envs)]
+    codes = [p.wait() for p in procs]
+    failed = [(k, c) for k, c in enumerate(codes) if c != 0]
+    if failed:
+        k, code = failed[0]
+        gpu = envs[k].get("CUDA_VISIBLE_DEVICES")
+        raise VlmergeError(f"sweep worker {k}/{len(envs)}{f' (GPU {gpu})' if gpu else ''} exited with {code} "
+                           f"({len(failed)} of {len(envs)} failed); run the same command again to finish their items")
+
+
 # The sweep as a submitit array (slurm/sweep.py)
 def run_chunk(config: str | None, overrides: list[str], item_ids: list[str]) -> int:
     """One array task: run these items of the plan (on the worker)."""
@@ -152,6 +218,8 @@ def run_chunk(config: str | None, overrides: list[str], item_ids: list[str]) -> 
 
 def chunks(ids: list[str], max_tasks: int) -> list[list[str]]:
     """The item ids split into at most `max_tasks` array tasks."""
+    from vlmerge.sweep.plan import array_layout
+
     tasks, per_task = array_layout(len(ids), max_tasks)
     return [ids[k * per_task : (k + 1) * per_task] for k in range(tasks)]
 
@@ -172,7 +240,9 @@ def submit_sweep(config: str | None, overrides: list[str], executor_kind: str, p
         return []
     groups = chunks(todo, max_array_size() if executor_kind == "slurm" else len(todo))
     executor = submitit.AutoExecutor(folder=folder / "%j", cluster=executor_kind)
-    executor.update_parameters(name=f"vlmerge-sweep-{cfg.experiment}", **profile)
+    gpus = sweep_gpus_per_task(cfg.compute.device)
+    executor.update_parameters(name=f"vlmerge-sweep-{cfg.experiment}", **profile,
+                               **({"slurm_gpus_per_task": gpus} if gpus and executor_kind == "slurm" else {}))
     jobs = executor.map_array(run_chunk, [config] * len(groups), [overrides] * len(groups), groups)
     note = f", {len(groups[0])} items per task (MaxArraySize)" if len(groups[0]) > 1 else ""
     print(f"sweep: {len(todo)} items in {len(jobs)} array task(s){note}; job {jobs[0].job_id.split('_')[0]}")

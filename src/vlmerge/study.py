@@ -99,12 +99,13 @@ class Evaluator:
 
     def __call__(self, model_dir: Path, name: str) -> None:
         """Score the model in `model_dir` (plain, merged or expert) unless its results exist."""
+        from vlmerge.device import resolve_device
         from vlmerge.evaluate.run import config_scorer, evaluate, load_model, result_rows
         from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, write_rows
 
         if self.done(name):
             return
-        model, tokenizer = load_model(model_dir)
+        model, tokenizer = load_model(model_dir, resolve_device(self.cfg.compute.device))
         results = evaluate(config_scorer(self.cfg, model, tokenizer, self.features), self.tasks)
         rows, items = result_rows(ModelKey.of_directory(model_dir), results, config_hash=self.cfg.hash())
         results_dir = self.cfg.layout.results_dir
@@ -114,6 +115,7 @@ class Evaluator:
 
 def run_expert_setting(base: Config, sub: Config, evaluate: Evaluator, progress: bool) -> None:
     """Seed, experts, Grams, merges, their evaluation, MSA and the expert distances of one setting."""
+    from vlmerge.device import resolve_device
     from vlmerge.layout import list_checkpoints
     from vlmerge.merge.distance import write_parquet
     from vlmerge.merge.experts import expert_distance_rows, merge_experts
@@ -140,7 +142,7 @@ def run_expert_setting(base: Config, sub: Config, evaluate: Evaluator, progress:
     evaluate(last, study_result_name(sub.experiment, "msa"))
     distances = result_file(base.layout.results_dir, "distances", sub.experiment)
     if not distances.is_file():
-        write_parquet(expert_distance_rows(last, seed), distances)
+        write_parquet(expert_distance_rows(last, seed, device=resolve_device(base.compute.device)), distances)
 
 
 # The study in parts, for Slurm (jobs/study.sh): data → training array (MAA and each seed run) →

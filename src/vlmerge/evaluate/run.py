@@ -8,11 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
 from vlmerge.config import Config
 from vlmerge.data import FeatureTable
+from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.evaluate.tasks import ItemScore, Metric, Prediction, Task, get_task
@@ -44,15 +46,16 @@ class TaskResult:
     dataset: str = ""
 
 
-def load_model(path: Path):
-    """(model, tokenizer) of one of our checkpoints or merges, or of any causal LM directory."""
+def load_model(path: Path, device: torch.device | str = "cpu"):
+    """(model, tokenizer) of one of our checkpoints or merges, or of any causal LM directory, the
+    model on `device` (read into host memory first: safetensors maps the file)."""
     config = path / "config.json"
     if not config.is_file():
         raise VlmergeError(f"{path}: not a model directory (no config.json)")
     auto = AutoModelForImageTextToText if is_multimodal(json.loads(config.read_text()).get("model_type")) else AutoModelForCausalLM
     try:
         with quiet_transformers():
-            return auto.from_pretrained(path).eval(), load_tokenizer(path)
+            return auto.from_pretrained(path).to(device).eval(), load_tokenizer(path)
     except (OSError, ValueError, SafetensorError) as e:  # weights missing, truncated or garbage
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise VlmergeError(f"{path}: cannot load the model ({first.strip()[:200]}); expected a Hugging Face "
@@ -158,12 +161,14 @@ def babylm_files(results: Sequence[TaskResult]) -> dict[tuple[str, str], dict]:
 
 
 def config_scorer(cfg: Config, model, tokenizer, features: FeatureTable | None, *, dtype: str | None = None) -> Scorer:
-    """A Scorer with the experiment's prompt convention, dtype (or `dtype`) and batch size. An expert
-    model learns the store's null feature: a sample whose image is the black one routes as text."""
+    """A Scorer on the model's device with the experiment's prompt convention, dtype (or `dtype`) and
+    batch limits. An expert model learns the store's null feature: a sample whose image is the black
+    one routes as text."""
     if isinstance(model, ExpertLlavaForConditionalGeneration) and features is not None:
         model.null_feature = features.null
     return Scorer(model, tokenizer, features=features, prompt=cfg.eval.prompt, dtype=dtype or cfg.eval.dtype,
-                  batch_size=cfg.eval.batch_size, share_prefix=cfg.eval.share_prefix)
+                  batch_size=cfg.eval.batch_size, batch_tokens=cfg.eval.batch_tokens,
+                  share_prefix=cfg.eval.share_prefix)
 
 
 def export_babylm(results: Sequence[TaskResult], out: Path) -> list[Path]:
@@ -186,9 +191,9 @@ def aoa_command(cfg: Config, checkpoints: Sequence[Path], words: Path, cdi: Path
         raise VlmergeError(f"aoa: {len(checkpoints)} checkpoint(s); a sigmoid needs at least 3")
     cdi_table, problems = aoa.read_cdi(cdi), ProblemLog()
     (task,) = prepare([(get_task("aoa"), words)], None, problems)
-    per_checkpoint = []
+    per_checkpoint, device = [], resolve_device(cfg.compute.device)
     for ckpt in sorted(checkpoints, key=checkpoint_words):
-        model, tokenizer = load_model(ckpt)
+        model, tokenizer = load_model(ckpt, device)
         features = FeatureTable(cfg.eval_store_path) if is_multimodal(model.config.model_type) else None
         scorer = config_scorer(cfg, model, tokenizer, features, dtype=dtype)
         (result,) = evaluate(scorer, [task])
@@ -245,7 +250,7 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
         raise VlmergeError(f"{out}: --out is a file; expected a folder for {files}")
     check_creatable(out)  # before scoring, not after
     remove_stale_temps(out)
-    model, tokenizer = load_model(model_dir)
+    model, tokenizer = load_model(model_dir, resolve_device(cfg.compute.device))
     store = Path(features) if features else cfg.eval_store_path
     needs_store = is_multimodal(model.config.model_type) or any(t.needs_images for t, _ in specs)
     table_ = FeatureTable(store) if needs_store else None

@@ -46,9 +46,13 @@ from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.tasks import Request, Scores
 
 
-# Rows of logits per log-softmax call: a chunk (64 × a 16k vocabulary in fp32, 4 MiB) stays in
-# cache between the max, exp-sum and gather passes; the whole batch's logits would not.
-_CHUNK = 64
+# Rows of logits per log-softmax call. CPU: a chunk (64 × a 16k vocabulary in fp32, 4 MiB) stays in
+# cache between the max, exp-sum and gather passes; the whole batch's logits would not. GPU: few
+# launches matter more (4096 × 16k in fp32 is 256 MiB of scratch).
+_CHUNK = {"cpu": 64, "cuda": 4096}
+# eval.batch_size and eval.batch_tokens when "auto", per device type: a CPU is not swamped by long
+# rows (activations stay within its caches' reach); a GPU is kept full by the token budget alone.
+AUTO_BATCH = {"cpu": (64, 16384), "cuda": (None, 65536)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 PROMPTS = ("auto", "takmaz2025", "text", "legacy")
 IMAGE_TOKEN = "<image>"  # Takmaz et al.: every prompt starts with the image token and a space
@@ -75,8 +79,9 @@ def target_logprobs(logits: torch.Tensor, rows: torch.Tensor, targets: torch.Ten
     A row may serve several entries (a shared prefix's position predicts each candidate's token).
     """
     lse = torch.empty(len(logits), dtype=torch.float32, device=logits.device)
-    for i in range(0, len(logits), _CHUNK):
-        lse[i : i + _CHUNK] = torch.logsumexp(logits[i : i + _CHUNK].float(), dim=-1)
+    chunk = _CHUNK.get(logits.device.type, _CHUNK["cpu"])
+    for i in range(0, len(logits), chunk):
+        lse[i : i + chunk] = torch.logsumexp(logits[i : i + chunk].float(), dim=-1)
     return logits[rows, targets].float() - lse[rows]
 
 
@@ -112,6 +117,11 @@ class Batch:
     rows: torch.Tensor  # [E] the kept position (flattened, row-major) that predicts entry e
     targets: torch.Tensor  # [E] the token entry e scores
     owners: torch.Tensor  # [E] the request (index into `requests`) entry e adds to
+
+    def pinned(self) -> Batch:
+        """The same batch in page-locked host memory, which a GPU copies from without blocking."""
+        return dataclasses.replace(self, **{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), torch.Tensor)})
 
 
 def pack_batch(seqs: Sequence[Sequence[int]], target_lengths: Sequence[int], packs: Sequence[Sequence[int]],
@@ -155,6 +165,31 @@ def pack_batch(seqs: Sequence[Sequence[int]], target_lengths: Sequence[int], pac
                  torch.from_numpy(e[:, 2].copy()), torch.from_numpy(e[:, 3].copy()))
 
 
+def batch_limits(device: torch.device, batch_size: int | str, batch_tokens: int | str) -> tuple[int | None, int | None]:
+    """(requests, padded tokens) per batch at most (None: no limit), "auto" resolved for the device."""
+    size, tokens = AUTO_BATCH.get(device.type, AUTO_BATCH["cpu"])
+    return (size if batch_size == "auto" else int(batch_size)), (tokens if batch_tokens == "auto" else int(batch_tokens))
+
+
+def group_batches(groups: Sequence[tuple[int, Sequence[int]]], max_requests: int | None,
+                  max_tokens: int | None) -> list[list[int]]:
+    """Groups, each (requests, its rows' lengths), into batches of group indices, in order: a batch
+    takes the next group while its requests stay within `max_requests` and its padded tokens (rows ×
+    the longest row) within `max_tokens` (None: no limit); a group over a limit is a batch alone."""
+    batches: list[list[int]] = []
+    requests = rows = width = 0
+    for g, (n, lengths) in enumerate(groups):
+        w = max(lengths)
+        if batches and (max_requests is None or requests + n <= max_requests) and (
+                max_tokens is None or (rows + len(lengths)) * max(width, w) <= max_tokens):
+            batches[-1].append(g)
+            requests, rows, width = requests + n, rows + len(lengths), max(width, w)
+        else:
+            batches.append([g])
+            requests, rows, width = n, len(lengths), w
+    return batches
+
+
 def cast_parameters(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the model's floating parameters to `dtype` in place (buffers such as rotary
     frequencies stay as they are). Weights written later with `copy_` (the sweep's merges,
@@ -182,9 +217,10 @@ class Scorer:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, features: FeatureTable | None = None,
-                 prompt: str = "auto", dtype: str = "fp32", batch_size: int = 64, share_prefix: bool = True):
+                 prompt: str = "auto", dtype: str = "fp32", batch_size: int | str = "auto",
+                 batch_tokens: int | str = "auto", share_prefix: bool = True):
         self.model, self.tokenizer, self.features = model.eval(), tokenizer, features
-        self.batch_size, self.share_prefix = batch_size, share_prefix
+        self.share_prefix = share_prefix
         image_token = getattr(model.config, "image_token_index", None)
         if prompt not in PROMPTS:
             raise VlmergeError(f"eval.prompt {prompt!r}: expected one of {', '.join(PROMPTS)}")
@@ -210,6 +246,9 @@ class Scorer:
         self.dtype = dtype
         cast_parameters(model, DTYPES[dtype])
         self.device = next(model.parameters()).device
+        self.batch_size, self.batch_tokens = batch_limits(self.device, batch_size, batch_tokens)
+        self._cuda = self.device.type == "cuda"
+        self._null = features.null.to(self.device) if features is not None else None
         self._memo: dict[int, tuple[list[Request], Prepared]] = {}
 
     def prepared(self, requests: list[Request]) -> Prepared:
@@ -226,8 +265,9 @@ class Scorer:
         return [table[t] for t in texts]
 
     def _batches(self, requests: Sequence[Request], seqs: list[list[int]], target_lengths: list[int]) -> list[Batch]:
-        """Whole groups, longest row first, at most batch_size requests per batch (a larger group
-        alone). With share_prefix, the requests of a group that share an image share a row."""
+        """Whole groups, longest row first, within the batch limits (`group_batches`). With
+        share_prefix, the requests of a group that share an image share a row. On a GPU the
+        batches are pinned, once: the sweep copies them to the device at every α."""
         groups: dict[int, list[int]] = defaultdict(list)
         for i, r in enumerate(requests):
             groups[r.group].append(i)
@@ -245,16 +285,12 @@ class Scorer:
             shared = common_prefix([seqs[q] for q in pack])
             return shared + sum(len(seqs[q]) - shared for q in pack)
 
-        ordered = sorted((packs(g) for g in groups.values()), key=lambda ps: -max(map(row_length, ps)))
-        batches, current = [], []
-        for group_packs in ordered:
-            size = sum(map(len, group_packs))
-            if current and sum(map(len, current)) + size > self.batch_size:
-                batches.append(current)
-                current = []
-            current = current + group_packs
-        batches += [current] if current else []
-        return [pack_batch(seqs, target_lengths, b, images, self.pad) for b in batches]
+        ordered = sorted(([(p, row_length(p)) for p in packs(g)] for g in groups.values()),
+                         key=lambda rows: -max(length for _, length in rows))
+        sizes = [(sum(len(p) for p, _ in rows), [length for _, length in rows]) for rows in ordered]
+        batches = [pack_batch(seqs, target_lengths, [p for g in b for p, _ in ordered[g]], images, self.pad)
+                   for b in group_batches(sizes, self.batch_size, self.batch_tokens)]
+        return [b.pinned() for b in batches] if self._cuda else batches
 
     def _with_offsets(self, texts: Sequence[str]) -> dict[str, tuple[list[int], list[tuple[int, int]]]]:
         """text -> (ids, offsets), with the model's own special tokens under the `text` prompt."""
@@ -302,35 +338,44 @@ class Scorer:
             seqs, lengths = self._spans(requests)
         return Prepared(list(requests), lengths, self._batches(requests, seqs, lengths))
 
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        # Host tensors of a GPU scorer are pinned: the copy is queued, and the host goes on.
+        return t.to(self.device, non_blocking=self._cuda)
+
     def score(self, requests: Sequence[Request] | Prepared) -> Scores:
         """Σ log p of each request's target; in the requests' order."""
         p = requests if isinstance(requests, Prepared) else self.prepare(requests)
-        logprob = np.zeros(len(p.requests))
-        # The scored sequences are short (tens of tokens): there SDPA's math kernel (in fp32 for
-        # bf16 inputs on CPU) is faster than its flash kernel, whose tiling is made for long ones.
-        with torch.inference_mode(), sdpa_kernel(SDPBackend.MATH):
+        sums = []
+        # CPU: the scored sequences are short (tens of tokens): there SDPA's math kernel (in fp32 for
+        # bf16 inputs) is faster than its flash kernel, whose tiling is made for long ones. GPU: the
+        # tree mask rules flash out; the memory-efficient kernel takes it.
+        kernels = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH] if self._cuda else [SDPBackend.MATH]
+        with torch.inference_mode(), sdpa_kernel(kernels):
             for b in p.batches:
-                segments = b.segments.to(self.device)
-                inputs = {"input_ids": b.ids.to(self.device), "position_ids": b.positions.to(self.device),
-                          "attention_mask": tree_mask(segments)}
+                inputs = {"input_ids": self._to_device(b.ids), "position_ids": self._to_device(b.positions),
+                          "attention_mask": tree_mask(self._to_device(b.segments))}
                 if self.use_image:
-                    inputs["pixel_values"] = self._features(b.images).to(self.device)
+                    inputs["pixel_values"] = self._features(b.images)
                 # A boolean logits_to_keep gives the logits of the True positions only, flattened.
-                logits = self.model(**inputs, logits_to_keep=b.keep.to(self.device)).logits
-                lp = target_logprobs(logits, b.rows.to(self.device), b.targets.to(self.device))
-                sums = torch.zeros(len(b.requests), dtype=torch.float64, device=self.device)
-                logprob[b.requests] = sums.index_add_(0, b.owners.to(self.device), lp.double()).cpu().numpy()
+                logits = self.model(**inputs, logits_to_keep=self._to_device(b.keep)).logits
+                lp = target_logprobs(logits, self._to_device(b.rows), self._to_device(b.targets))
+                total = torch.zeros(len(b.requests), dtype=torch.float64, device=self.device)
+                sums.append(total.index_add_(0, self._to_device(b.owners), lp.double()))
+        logprob = np.zeros(len(p.requests))
+        if sums:  # one copy back, after every batch is queued
+            logprob[np.concatenate([b.requests for b in p.batches])] = torch.cat(sums).cpu().numpy()
         return Scores(logprob, np.array(p.target_lengths, dtype=np.int64))
 
     def _features(self, images: list[str | None]) -> torch.Tensor:
-        """The pixel values of a batch: `[B, D]`, or `[B, K, D]` for K image tokens per image."""
-        null = self.features.null
-        out = null.expand(len(images), *null.shape).clone()
+        """The pixel values of a batch on the device: `[B, D]`, or `[B, K, D]` for K image tokens per
+        image (the null feature where a row has no image)."""
+        out = self._null.expand(len(images), *self._null.shape).clone()
         named = [(row, img) for row, img in enumerate(images) if img is not None]
         if named:
             rows = self.features.rows(np.array([img for _, img in named]))
             if (rows < 0).any():
                 missing = named[int(np.flatnonzero(rows < 0)[0])][1]
                 raise VlmergeError(f"image {missing!r} has no feature in the store")
-            out[[row for row, _ in named]] = self.features.features[rows].float()
+            host = self.features.features[rows].float()
+            out[[row for row, _ in named]] = self._to_device(host.pin_memory() if self._cuda else host)
         return out

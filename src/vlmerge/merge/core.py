@@ -264,12 +264,13 @@ def _copy_all(writer: SafetensorsWriter, pair: Pair, role: str) -> None:
 
 
 class PairMerger:
-    """The sweep's merger: both models read once, every α merged into one model in place."""
+    """The sweep's merger: both models read once onto `device`, every α merged there into one model
+    in place (the model lives on the same device)."""
 
-    def __init__(self, pair: Pair, *, allow_extrapolation: bool = False):
+    def __init__(self, pair: Pair, *, allow_extrapolation: bool = False, device: torch.device | str = "cpu"):
         self.pair, self.allow_extrapolation = pair, allow_extrapolation
         names = [n for n in pair.text.names() if pair.text.specs[n][0].is_floating_point]
-        self.inputs = {n: pair.inputs(n) for n in names}
+        self.inputs = {n: pair.inputs(n).to(device) for n in names}
         self._resolved: dict[str, tuple[Method, dict]] = {}
 
     def merge_into(self, model: torch.nn.Module, method_name: str, alpha: float, params: dict | None = None) -> None:

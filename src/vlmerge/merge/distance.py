@@ -112,17 +112,20 @@ class _Sums:
         }
 
 
-def _vectors(a: ModelDir, b: ModelDir, base: ModelDir | None, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = a.get(name).double(), b.get(name).double()
+def _vectors(a: ModelDir, b: ModelDir, base: ModelDir | None, name: str,
+             device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = a.get(name).to(device).double(), b.get(name).to(device).double()
     if base is not None:
-        z = base.get(name).double()
+        z = base.get(name).to(device).double()
         x, y = x - z, y - z
     return x.flatten(), y.flatten()
 
 
-def distances(a: ModelDir, b: ModelDir, base: ModelDir | None = None, *, per_layer: bool = True) -> dict[str, dict[str, float]]:
+def distances(a: ModelDir, b: ModelDir, base: ModelDir | None = None, *, per_layer: bool = True,
+              device: torch.device | str = "cpu") -> dict[str, dict[str, float]]:
     """{scope: {metric: value}}; in task-vector space when `base` is given. Two passes over the
-    tensors: the first finds each scope's TSSD thresholds, the second accumulates the sums."""
+    tensors (each read onto `device`): the first finds each scope's TSSD thresholds, the second
+    accumulates the sums."""
     check_compatible(a, b, what="the two models")
     if base is not None:
         check_compatible(a, base, what="the model and the base")
@@ -131,7 +134,7 @@ def distances(a: ModelDir, b: ModelDir, base: ModelDir | None = None, *, per_lay
 
     magnitudes: dict[str, tuple[list, list]] = defaultdict(lambda: ([], []))
     for name in names:
-        x, y = _vectors(a, b, base, name)
+        x, y = _vectors(a, b, base, name, device)
         for scope in keep(scopes_of(name)):
             magnitudes[scope][0].append(x.abs().float())
             magnitudes[scope][1].append(y.abs().float())
@@ -141,7 +144,7 @@ def distances(a: ModelDir, b: ModelDir, base: ModelDir | None = None, *, per_lay
 
     sums: dict[str, _Sums] = defaultdict(_Sums)
     for name in names:
-        x, y = _vectors(a, b, base, name)
+        x, y = _vectors(a, b, base, name, device)
         for scope in keep(scopes_of(name)):
             s = sums[scope]
             s.sq += (x - y).pow(2).sum().item()
@@ -156,14 +159,15 @@ def distances(a: ModelDir, b: ModelDir, base: ModelDir | None = None, *, per_lay
     return {scope: s.values() for scope, s in sums.items()}
 
 
-def distance_rows(text: ModelDir, mm: ModelDir, base: ModelDir | None, *, per_layer: bool = True) -> pd.DataFrame:
+def distance_rows(text: ModelDir, mm: ModelDir, base: ModelDir | None, *, per_layer: bool = True,
+                  device: torch.device | str = "cpu") -> pd.DataFrame:
     """Rows of the distances dataset (DESIGN.md): weights space, and task-vector space with a base."""
     t, m = checkpoint_run(text.path), checkpoint_run(mm.path)
     rows = []
     for space, b in (("weights", None), ("task_vector", base)):
         if space == "task_vector" and base is None:
             continue
-        for scope, values in distances(text, mm, b, per_layer=per_layer).items():
+        for scope, values in distances(text, mm, b, per_layer=per_layer, device=device).items():
             rows += [{"experiment": t["experiment"] or m["experiment"], "text_run": t["run"], "mm_run": m["run"],
                       "text_words": t["words"], "mm_words": m["words"], "space": space, "scope": scope,
                       "metric": metric, "value": values[metric]} for metric in METRICS]

@@ -215,12 +215,13 @@ def merge_experts(checkpoint: str | Path, outs: Sequence[Path], method: str, set
 
 
 class ExpertMerger:
-    """The sweep's merger of an expert checkpoint: read once, each setting merged into one plain
-    (agnostic) model in place."""
+    """The sweep's merger of an expert checkpoint: read once onto `device`, each setting merged
+    there into one plain (agnostic) model in place."""
 
-    def __init__(self, checkpoint: str | Path, method: str, seed: str | Path | None = None):
+    def __init__(self, checkpoint: str | Path, method: str, seed: str | Path | None = None, *,
+                 device: torch.device | str = "cpu"):
         self.x = ExpertInputs.open(checkpoint, method, seed)
-        self.inputs = {plain: self.x.read(plain) for plain in self.x.groups}
+        self.inputs = {plain: _on(device, self.x.read(plain)) for plain in self.x.groups}
 
     def plain_model(self) -> PooledLlavaForConditionalGeneration:
         """An agnostic model of the checkpoint's shape (its weights are set by `merge_into`)."""
@@ -234,6 +235,17 @@ class ExpertMerger:
         with torch.no_grad():
             for plain, read in self.inputs.items():
                 state[plain].data.copy_(self.x.merge(read, full))
+
+
+def _on(device: torch.device | str, read: Any) -> Any:
+    """What `ExpertInputs.read` returned, its tensors moved to `device`."""
+    if isinstance(read, torch.Tensor):
+        return read.to(device)
+    if isinstance(read, tuple):
+        return tuple(_on(device, x) for x in read)
+    if isinstance(read, dict):
+        return {k: _on(device, v) for k, v in read.items()}
+    return read
 
 
 def _record(spec: ExpertMethod, params: dict[str, float], src: ModelDir, seed: ModelDir | None) -> dict:
@@ -274,7 +286,8 @@ class ExpertView:
 EXPERT_PAIRS = ((LANGUAGE, VISION), (LANGUAGE, CROSS), (VISION, CROSS))
 
 
-def expert_distance_rows(checkpoint: str | Path, seed: str | Path | None = None, *, per_layer: bool = True):
+def expert_distance_rows(checkpoint: str | Path, seed: str | Path | None = None, *, per_layer: bool = True,
+                         device: torch.device | str = "cpu"):
     """Distance rows between W^l and W^v (and each with W^vl) over the expert-specific tensors,
     `text_run`/`mm_run` naming the two experts (`experts:language`, …); with the seed weights,
     also between their task vectors."""
@@ -293,6 +306,7 @@ def expert_distance_rows(checkpoint: str | Path, seed: str | Path | None = None,
         base = None
         if base_dir is not None:
             base = ExpertView(base_dir, None if plains[0] in base_dir.specs else LANGUAGE, plains)
-        rows = distance_rows(ExpertView(src, a, plains), ExpertView(src, b, plains), base, per_layer=per_layer)
+        rows = distance_rows(ExpertView(src, a, plains), ExpertView(src, b, plains), base, per_layer=per_layer,
+                             device=device)
         frames.append(rows.assign(text_run=expert_distance_run(a), mm_run=expert_distance_run(b)))
     return pd.concat(frames, ignore_index=True)

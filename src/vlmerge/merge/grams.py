@@ -18,6 +18,7 @@ from torch import nn
 
 from vlmerge.config import EXPERT_RUN, Config
 from vlmerge.data import epoch_order, plan_batches, run_data
+from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
 from vlmerge.hf import quiet_transformers
 from vlmerge.io import atomic_path
@@ -27,8 +28,9 @@ from vlmerge.problems import ProblemLog
 
 
 def compute_grams(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> tuple[dict[str, torch.Tensor], int]:
-    """({'<linear>.weight': G}, tokens seen): sums over the non-padding positions of `batches`
-    (for an expert's linear layer: over the positions routed to that expert)."""
+    """({'<linear>.weight': G}, tokens seen): sums over the non-padding positions of `batches`, run on
+    the model's device (for an expert's linear layer: over the positions routed to that expert)."""
+    device = next(model.parameters()).device
     grams: dict[str, torch.Tensor] = {}
     mask: list[torch.Tensor] = []  # the current batch's attention mask, read by the hooks
     # An expert's linear layer runs on every token (see Routed): its module name -> (router, index)
@@ -55,6 +57,7 @@ def compute_grams(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) 
     try:
         with torch.inference_mode():
             for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
                 mask[:] = [batch["attention_mask"]]
                 model(**{k: v for k, v in batch.items() if k != "labels"})
                 tokens += int(batch["attention_mask"].sum())
@@ -65,7 +68,8 @@ def compute_grams(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) 
 
 
 def write_grams(cfg: Config, checkpoint: Path) -> Path:
-    """Compute and save the Gram matrices of one run checkpoint (skipped if already saved)."""
+    """Compute and save the Gram matrices of one run checkpoint on compute.device (skipped if already
+    saved)."""
     from transformers import AutoModelForImageTextToText
 
     out = grams_file(checkpoint)
@@ -80,9 +84,9 @@ def write_grams(cfg: Config, checkpoint: Path) -> Path:
     plan = plan_batches(order, data.samples.words, cfg.train.micro_batch_size, [], 0)
     batches = (data.collate(b.pieces) for _, b in zip(range(cfg.sweep.gram_batches), plan))
     with quiet_transformers():
-        model = AutoModelForImageTextToText.from_pretrained(checkpoint).eval()  # plain or expert model
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint).to(resolve_device(cfg.compute.device)).eval()
     grams, tokens = compute_grams(model, batches)
     with atomic_path(out) as tmp:
-        save_file({k: v.contiguous() for k, v in grams.items()}, tmp,
+        save_file({k: v.cpu().contiguous() for k, v in grams.items()}, tmp,
                   metadata={"run": run, "batches": str(cfg.sweep.gram_batches), "tokens": str(tokens)})
     return out

@@ -6,7 +6,7 @@ import json
 
 from vlmerge.config import Config
 from vlmerge.errors import VlmergeError
-from vlmerge.sweep.plan import WorkItem, plan
+from vlmerge.sweep.plan import WorkItem, plan, worker_share
 from vlmerge.sweep.run import best_text_pairing, is_done, run_items
 
 def current_plan(cfg: Config) -> list[WorkItem]:
@@ -31,8 +31,9 @@ def plan_command(cfg: Config, items: list[WorkItem], *, as_json: bool, array_tas
 
 
 def run_command(cfg: Config, *, item_id: str | None, index: int | None, per_task: int, progress: bool,
-                job_id: str = "") -> None:
-    """Run one item, the items of one array task (`index`), or every item."""
+                job_id: str = "", worker: tuple[int, int] | None = None) -> None:
+    """Run one item, the items of one array task (`index`), or every item; as worker k of n
+    (`worker`), this worker's share of them (`worker_share`)."""
     items = current_plan(cfg)
     if item_id is not None:
         chosen = [it for it in items if it.item_id == item_id]
@@ -42,5 +43,7 @@ def run_command(cfg: Config, *, item_id: str | None, index: int | None, per_task
         chosen = items if index is None else items[index * per_task : (index + 1) * per_task]
         if index is not None and not chosen:
             raise VlmergeError(f"array index {index} × {per_task} is past the plan's {len(items)} items")
+    if worker is not None:
+        chosen = worker_share(chosen, *worker)
     ran = run_items(cfg, chosen, progress=progress, job_id=job_id)
     print(f"sweep: {ran} item(s) run, {len(chosen) - ran} already done")

@@ -15,6 +15,8 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +46,27 @@ class WorkItem:
         return {"item_id": self.item_id, **dataclasses.asdict(self), "params": json.loads(self.params)}
 
 
+def array_layout(n_items: int, max_size: int) -> tuple[int, int]:
+    """(array tasks, items per task): one item per task when the array fits (indices 0..max−1),
+    else as few items per task as make it fit."""
+    per_task = max(1, math.ceil(n_items / max_size))
+    return math.ceil(n_items / per_task), per_task
+
+
+def worker_share(items: list[WorkItem], worker: int, workers: int) -> list[WorkItem]:
+    """Worker `worker`'s items of `workers`: the items of a checkpoint pair stay together (they share
+    its endpoints and distances); pairs go, in plan order, to the worker with the fewest merges."""
+    pairs: dict[tuple[str, str], list[WorkItem]] = {}
+    for it in items:
+        pairs.setdefault((it.text, it.mm), []).append(it)
+    loads, shares = [0] * workers, [[] for _ in range(workers)]
+    for group in pairs.values():
+        k = loads.index(min(loads))
+        shares[k] += group
+        loads[k] += sum(max(len(it.alphas), 1) for it in group)
+    return shares[worker]
+
+
 def method_grid(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     """(method, parameters) for every method of the sweep and every combination of its grid."""
     out = []
@@ -70,11 +93,20 @@ def sweep_runs(cfg: Config) -> list[str]:
     return (["text", "multimodal"] if not all(experts) else []) + ([EXPERT_RUN] if any(experts) else [])
 
 
-def expert_seed(cfg: Config) -> Path:
+# A run's checkpoints, step 0 included, by run name: what is on disk (None), or a projection of what
+# training will write (`vlmerge sweep plan --estimate` before the runs are trained).
+Checkpoints = Mapping[str, list[Path]] | None
+
+
+def all_checkpoints(cfg: Config, run: str, runs: Checkpoints = None) -> list[Path]:
+    return list(runs[run]) if runs is not None and run in runs else list_checkpoints(cfg.layout.run_dir(run))
+
+
+def expert_seed(cfg: Config, runs: Checkpoints = None) -> Path:
     """W_seed of the expert run: the seed run's last checkpoint, or without seed pre-training the
     experts' shared initialisation (the expert run's step 0)."""
     run = "seed" if cfg.runs.seed_pretraining else EXPERT_RUN
-    ckpts = list_checkpoints(cfg.layout.run_dir(run))
+    ckpts = all_checkpoints(cfg, run, runs)
     if not ckpts:
         raise VlmergeError(f"{cfg.layout.run_dir(run)}: no checkpoints; train the {run} run first")
     return ckpts[-1] if cfg.runs.seed_pretraining else ckpts[0]
@@ -101,17 +133,17 @@ def sweep_tasks(cfg: Config) -> list[str]:
     return tasks
 
 
-def run_checkpoints(cfg: Config, run: str) -> list[Path]:
+def run_checkpoints(cfg: Config, run: str, runs: Checkpoints = None) -> list[Path]:
     """A run's checkpoints after step 0 (step 0 is the shared initialisation, the base)."""
-    ckpts = [c for c in list_checkpoints(cfg.layout.run_dir(run)) if checkpoint_words(c) > 0]
+    ckpts = [c for c in all_checkpoints(cfg, run, runs) if checkpoint_words(c) > 0]
     if not ckpts:
         raise VlmergeError(f"{cfg.layout.run_dir(run)}: no checkpoints; train the {run} run first")
     return ckpts
 
 
-def pairs(cfg: Config, best_text: dict[Path, Path] | None = None) -> list[tuple[Path, Path]]:
+def pairs(cfg: Config, best_text: dict[Path, Path] | None = None, runs: Checkpoints = None) -> list[tuple[Path, Path]]:
     """(text checkpoint, multimodal checkpoint) pairs of the configured pairing strategy."""
-    text, mm = run_checkpoints(cfg, "text"), run_checkpoints(cfg, "multimodal")
+    text, mm = run_checkpoints(cfg, "text", runs), run_checkpoints(cfg, "multimodal", runs)
     if cfg.sweep.pairing == "all_pairs":
         return [(t, m) for t in text for m in mm]
     if cfg.sweep.pairing == "same_words":
@@ -122,8 +154,8 @@ def pairs(cfg: Config, best_text: dict[Path, Path] | None = None) -> list[tuple[
     return [(best_text[m], m) for m in mm]
 
 
-def plan(cfg: Config, best_text: dict[Path, Path] | None = None) -> list[WorkItem]:
-    """Every work item of the sweep, in a stable order."""
+def plan(cfg: Config, best_text: dict[Path, Path] | None = None, runs: Checkpoints = None) -> list[WorkItem]:
+    """Every work item of the sweep, in a stable order (of the checkpoints `runs` projects, if given)."""
     tasks = sweep_tasks(cfg)
     salt = eval_salt(cfg, tasks)
     grid = method_grid(cfg)
@@ -135,8 +167,8 @@ def plan(cfg: Config, best_text: dict[Path, Path] | None = None) -> list[WorkIte
 
     items = []
     if twins:
-        base = list_checkpoints(cfg.layout.run_dir("text"))[:1]
-        for text, mm in pairs(cfg, best_text):
+        base = all_checkpoints(cfg, "text", runs)[:1]
+        for text, mm in pairs(cfg, best_text, runs):
             for method, params in twins:
                 needs_base = get_method(method).needs_base
                 if needs_base and not base:
@@ -144,8 +176,8 @@ def plan(cfg: Config, best_text: dict[Path, Path] | None = None) -> list[WorkIte
                 items.append(WorkItem(rel(text), rel(mm), method, json.dumps(params, sort_keys=True),
                                       tuple(cfg.sweep.alphas), rel(base[0]) if needs_base else None, salt))
     if experts:
-        seed = rel(expert_seed(cfg))
-        for ckpt in run_checkpoints(cfg, EXPERT_RUN):
+        seed = rel(expert_seed(cfg, runs))
+        for ckpt in run_checkpoints(cfg, EXPERT_RUN, runs):
             for method, params in experts:
                 alphas = tuple(cfg.sweep.alphas) if "alpha" in expert_method(method).defaults else ()
                 items.append(WorkItem(rel(ckpt), rel(ckpt), method, json.dumps(params, sort_keys=True), alphas,

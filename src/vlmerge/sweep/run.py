@@ -23,6 +23,7 @@ import pandas as pd
 
 from vlmerge.config import Config
 from vlmerge.data import FeatureTable
+from vlmerge.device import resolve_device
 from vlmerge.evaluate.run import (TaskResult, config_scorer, evaluate, export_babylm, load_model, load_tokenizer,
                                   prepare, result_rows, task_specs)
 from vlmerge.evaluate.scoring import Scorer
@@ -83,10 +84,12 @@ class Timing:
 
 
 class ItemRunner:
-    """Runs items on one process, reusing the feature table across items."""
+    """Runs items on one process and its device (compute.device), reusing the feature table and the
+    prepared tasks across items."""
 
     def __init__(self, cfg: Config, progress: bool = False, job_id: str = ""):
         self.cfg, self.progress, self.job_id = cfg, progress, job_id
+        self.device = resolve_device(cfg.compute.device)
         self.features = FeatureTable(cfg.eval_store_path)
         problems = ProblemLog()
         self.tasks = prepare(task_specs(cfg, sweep_tasks(cfg)), self.features, problems)
@@ -106,13 +109,13 @@ class ItemRunner:
             for ckpt in (text, mm):
                 write_grams(self.cfg, ckpt)
         pair = Pair.open(text, mm, root / item.base if item.base else None, grams=method.needs_grams)
-        merger = PairMerger(pair, allow_extrapolation=self.cfg.sweep.allow_extrapolation)
-        model, tokenizer = load_model(text)
+        merger = PairMerger(pair, allow_extrapolation=self.cfg.sweep.allow_extrapolation, device=self.device)
+        model, tokenizer = load_model(text, self.device)
         scorer = config_scorer(self.cfg, model, tokenizer, self.features)
         timing.load = time.perf_counter() - t0
 
         self._endpoints(item, merger, model, scorer)
-        self._distances(item, lambda: distance_rows(pair.text, pair.mm, pair.base))
+        self._distances(item, lambda: distance_rows(pair.text, pair.mm, pair.base, device=self.device))
         key = ModelKey.of_pair(checkpoint_run(text), checkpoint_run(mm), item.method, item.params)
         params = json.loads(item.params)
         return self._merges(item, model, scorer, key, lambda a: merger.merge_into(model, item.method, a, params),
@@ -126,16 +129,16 @@ class ItemRunner:
         method = expert_method(item.method)
         if method.needs_grams:
             write_grams(self.cfg, ckpt)
-        merger = ExpertMerger(ckpt, method.name, seed)
-        model, tokenizer = merger.plain_model(), load_tokenizer(ckpt)
+        merger = ExpertMerger(ckpt, method.name, seed, device=self.device)
+        model, tokenizer = merger.plain_model().to(self.device), load_tokenizer(ckpt)
         scorer = config_scorer(self.cfg, model, tokenizer, self.features)
         timing.load = time.perf_counter() - t0
 
         name = endpoint_id(item, item.text)
         if not finished(self.cfg, name):
-            msa, _ = load_model(ckpt)
+            msa, _ = load_model(ckpt, self.device)
             self._write_endpoint(name, ckpt, config_scorer(self.cfg, msa, tokenizer, self.features))
-        self._distances(item, lambda: expert_distance_rows(ckpt, seed))
+        self._distances(item, lambda: expert_distance_rows(ckpt, seed, device=self.device))
         key = ModelKey.of_pair(*[checkpoint_run(ckpt)] * 2, item.method, item.params)
         params = json.loads(item.params)
         return self._merges(item, model, scorer, key,
@@ -221,9 +224,9 @@ def best_text_pairing(cfg: Config) -> dict[Path, Path]:
     if scores.get("salt") != salt:
         features = FeatureTable(cfg.eval_store_path)
         tasks = prepare(task_specs(cfg, [task]), features, ProblemLog())
-        scores = {"salt": salt, "task": task, "accuracy": {}}
+        scores, device = {"salt": salt, "task": task, "accuracy": {}}, resolve_device(cfg.compute.device)
         for ckpt in run_checkpoints(cfg, "text"):
-            model, tokenizer = load_model(ckpt)
+            model, tokenizer = load_model(ckpt, device)
             scorer = config_scorer(cfg, model, tokenizer, features)
             (result,) = evaluate(scorer, tasks)
             acc = next(m.value for m in result.metrics if m.subtask == "" and m.metric == "accuracy")

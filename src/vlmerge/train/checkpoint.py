@@ -36,6 +36,7 @@ class TrainState:
     step: int = 0
     words_seen: int = 0
     tokens_seen: int = 0
+    data: str = ""  # digest of every batch so far (vlmerge.data.data_digest)
     loss: float | None = None
 
 
@@ -58,10 +59,16 @@ class StateStore:
 
     Written by vlmerge itself as JSON + safetensors (`vlmerge.train.safestate`), never with
     DeepSpeed's pickled `.pt` files, so that resuming a copied run directory cannot run code.
+
+    World-size-free: without ZeRO every rank holds the whole optimizer state (fp32, and DeepSpeed's
+    fp16/bf16 optimizer with its fp32 master weights), so a state saved by W ranks resumes on any
+    number, as long as the global batch (and so the data order and the steps) is the same:
+    `train.global_batch`. ZeRO partitions the state over the ranks: it resumes on as many.
     """
 
-    def __init__(self, run_dir: Path, keep: int, rank: int, world: int = 1):
+    def __init__(self, run_dir: Path, keep: int, rank: int, world: int = 1, global_batch: int | None = None):
         self.root, self.keep, self.rank, self.world = states_dir(run_dir), keep, rank, world
+        self.global_batch = global_batch
 
     def latest(self) -> str | None:
         """The tag named in `latest`, checked to be one of this run's own state folders."""
@@ -93,7 +100,8 @@ class StateStore:
         if self.rank == 0:
             save_state(tmp, STATE_MODULE, engine.module.state_dict())
             save_state(tmp, STATE_ENGINE, {**{k: getattr(engine, k) for k in _ENGINE_COUNTERS},
-                                           "lr_scheduler": engine.lr_scheduler.state_dict(), "world": self.world})
+                                           "lr_scheduler": engine.lr_scheduler.state_dict(), "world": self.world,
+                                           "global_batch": self.global_batch})
         _barrier()
         if self.rank == 0:
             write_json(tmp / STATE_POSITION, dataclasses.asdict(state))
@@ -119,14 +127,14 @@ class StateStore:
         except (OSError, ValueError, TypeError) as e:
             raise VlmergeError(f"{folder / STATE_POSITION}: expected the run's position as JSON ({e})") from None
         saved = load_state(folder, STATE_ENGINE)
-        if not isinstance(saved, dict) or saved.get("world") != self.world:
-            raise VlmergeError(f"{folder}: state saved by {saved.get('world') if isinstance(saved, dict) else '?'} "
-                               f"rank(s); resume it with the same number ({self.world} now)")
+        if not isinstance(saved, dict) or not isinstance(saved.get("world"), int):
+            raise VlmergeError(f"{folder / STATE_ENGINE}: expected the engine state that vlmerge writes")
+        source = self._source_rank(folder, saved, engine.zero_optimization())
         template = {"optimizer": engine.optimizer.state_dict(), "rng": None}
-        mine = load_state(folder, state_rank_part(self.rank), template)
+        mine = load_state(folder, state_rank_part(source), template)
         try:
             engine.module.load_state_dict(load_state(folder, STATE_MODULE))
-            if engine.zero_optimization():  # ZeRO wants every rank's partition
+            if engine.zero_optimization():  # ZeRO wants every rank's partition (same world: _source_rank)
                 parts = [mine["optimizer"] if r == self.rank else
                          load_state(folder, state_rank_part(r), template)["optimizer"] for r in range(self.world)]
                 engine.optimizer.load_state_dict(state_dict_list=parts, load_optimizer_states=True,
@@ -138,12 +146,33 @@ class StateStore:
             engine.lr_scheduler.load_state_dict(saved["lr_scheduler"])
             for k in _ENGINE_COUNTERS:
                 setattr(engine, k, int(saved[k]))
+            if saved["world"] != self.world:  # micro-batches per step differ: keep steps on the boundary
+                engine.micro_steps = engine.global_steps * engine.gradient_accumulation_steps()
             set_rng_state(mine["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as e:
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise VlmergeError(f"{folder}: training state does not fit this run's model and optimizer "
                                f"({first.strip()})") from None
         return state
+
+
+    def _source_rank(self, folder: Path, saved: dict, zero: bool) -> int:
+        """The saved rank whose part this rank loads: its own, or, on another number of ranks, one
+        that holds the whole (replicated) optimizer state; one-line errors where it cannot be."""
+        was = saved["world"]
+        if was == self.world:
+            return self.rank
+        if zero:
+            raise VlmergeError(f"{folder}: saved by {was} rank(s) with ZeRO, which partitions the optimizer state "
+                               f"over the ranks; resume it on {was} (now {self.world}), or train with zero_stage 0")
+        batch = saved.get("global_batch")
+        if batch != self.global_batch:
+            raise VlmergeError(f"{folder}: saved by {was} rank(s) with a global batch of {batch} examples; on "
+                               f"{self.world} rank(s) it would be {self.global_batch}: set train.global_batch when a "
+                               f"run starts to resume it on another number of ranks (now resume on {was})")
+        # Every rank of a replicated state holds the same optimizer state; its RNG state then comes
+        # from the saved rank of the same number, or from rank 0.
+        return self.rank if self.rank < was else 0
 
 
 _ENGINE_COUNTERS = ("global_steps", "global_samples", "skipped_steps", "micro_steps")

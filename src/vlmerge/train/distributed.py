@@ -7,6 +7,7 @@ import logging
 import os
 import socket
 
+from vlmerge.errors import VlmergeError
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -20,6 +21,17 @@ def single_process_env() -> dict[str, str]:
             "MASTER_PORT": str(_free_port())}
 
 
+def local_gpu(local_rank: int, visible: int) -> int:
+    """The GPU index of this rank on its node: its own when the task sees only one (Slurm's
+    --gpus-per-task=1), else its local rank among the node's (torchrun, --gpus-per-node=N)."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise VlmergeError(f"local rank {local_rank} but this process sees {visible} GPU(s): give each task its own "
+                           "GPU (--gpus-per-task=1) or every task the node's (--gpus-per-node=N, N = tasks per node)")
+    return local_rank
+
+
 def setup() -> tuple[int, int]:
     """Start the process group from the rendezvous variables; return (rank, world size)."""
     import deepspeed
@@ -31,6 +43,6 @@ def setup() -> tuple[int, int]:
         os.environ.update(single_process_env())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(local_gpu(int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()))
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vlmerge.config import EXPERT_RUN, RUN_NAMES, Config, merge_dicts, save_resolved
-from vlmerge.data import Batch, Piece, count_batches, epoch_order, plan_batches, run_data
+from vlmerge.data import Batch, Piece, count_batches, data_digest, epoch_order, plan_batches, run_data
 from vlmerge.errors import Preempted, VlmergeError
 from vlmerge.hf import quiet_transformers
 from vlmerge.io import atomic_path, fingerprint, read_json, remove_stale_temps, write_json
@@ -24,16 +24,16 @@ from vlmerge.train import distributed
 from vlmerge.layout import checkpoints_dir, list_checkpoints, run_config, run_metrics_log, states_dir
 from vlmerge.train.checkpoint import StateStore, TrainState, write_checkpoint
 from vlmerge.train.preemption import StopFlag
-from vlmerge.train.schedule import checkpoint_words, lr_factor
+from vlmerge.train.schedule import batch_shape, checkpoint_words, lr_factor, rank_micro_batches
 
 
-
-def deepspeed_config(cfg: Config) -> dict:
-    """The DeepSpeed config generated from `train`, with `train.deepspeed` merged over it."""
+def deepspeed_config(cfg: Config, grad_accum: int) -> dict:
+    """The DeepSpeed config generated from `train` (with this world size's accumulation), with
+    `train.deepspeed` merged over it."""
     t = cfg.train
     generated = {
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": {"stage": t.zero_stage},
         "bf16": {"enabled": t.precision == "bf16"},
@@ -56,7 +56,8 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
 
 def _run_fingerprint(cfg: Config, run: str) -> str:
     """What determines a run's weights: a run directory is never continued under other settings."""
-    t = cfg.train.model_dump(exclude={"log_every", "check_replicas"})
+    # A fixed global batch is not a setting of the old runs: their fingerprints stay as they were.
+    t = cfg.train.model_dump(exclude={"log_every", "check_replicas"} | ({"global_batch"} if cfg.train.global_batch is None else set()))
     # The expert fields shape the expert run only: the other runs keep the fingerprints they had.
     model = cfg.model.model_dump(exclude=None if run == EXPERT_RUN else {"experts", "cross_modal_layers"})
     # A feature grid shapes the model (G² image tokens); grid 1 runs keep the fingerprints they had.
@@ -73,6 +74,9 @@ class Trainer:
             raise VlmergeError(f"--run {run!r}: expected one of {', '.join(RUN_NAMES)}")
         if run == "seed" and not cfg.runs.seed_pretraining:
             raise VlmergeError("--run seed: seed pre-training is off (set runs.seed_pretraining=true)")
+        if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+            raise VlmergeError("train.precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
+                               "use bf16 or fp32 on the CPU")
         self.cfg, self.run, self.rank, self.world, self.progress = cfg, run, rank, world, progress
         self.spec = getattr(cfg.runs, run)
         self.run_dir = cfg.layout.run_dir(run)
@@ -86,12 +90,13 @@ class Trainer:
         if self.rank == 0:
             problems.report(f"train {run}")
         self.samples, self.collate = data.samples, data.collate
-        self.global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world
+        t = cfg.train
+        self.global_batch, self.accum = batch_shape(t.micro_batch_size, t.grad_accum, t.global_batch, world)
         model = self._initial_model(build_config(cfg.model, data.tokenizer, data.features.dim, cfg.features.layer,
                                                  image_tokens=data.features.tokens, experts=run == EXPERT_RUN))
         self.total_steps = self._count_steps()
         self.engine = self._engine(model)
-        self.states = StateStore(self.run_dir, cfg.checkpoints.keep_states, rank, world)
+        self.states = StateStore(self.run_dir, cfg.checkpoints.keep_states, rank, world, self.global_batch)
         self.replica_digests: list[str] = []
 
     def _check_run_dir(self) -> None:
@@ -132,7 +137,7 @@ class Trainer:
         )
         try:
             engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=schedule,
-                                              config=deepspeed_config(self.cfg))
+                                              config=deepspeed_config(self.cfg, self.accum))
         except Exception as e:  # DeepSpeed reports bad config values with many exception types
             first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
             raise VlmergeError(f"train.deepspeed: DeepSpeed rejected the config: {first.strip()}") from None
@@ -158,10 +163,12 @@ class Trainer:
                 order = epoch_order(len(self.samples), self.cfg.train.seed, state.epoch)
                 for batch in plan_batches(order, self.samples.words, self.global_batch, self.thresholds,
                                           state.words_seen, state.cursor, state.offset):
-                    loss = self._step(batch)
+                    tokens = self.collate.tokens_in(batch.pieces)
+                    loss = self._step(batch, tokens)
                     state.step += 1
                     state.cursor, state.offset, state.words_seen = batch.cursor, batch.offset, batch.words_seen
-                    state.tokens_seen += self.collate.tokens_in(batch.pieces)
+                    state.tokens_seen += tokens
+                    state.data = data_digest(state.data, batch)
                     bar.update()
                     scheduled = state.words_seen in self.thresholds
                     if scheduled or state.step % self.cfg.train.log_every == 0:
@@ -183,21 +190,26 @@ class Trainer:
                 self.states.save(self.engine, state)
         return self.run_dir
 
-    def _step(self, batch: Batch) -> torch.Tensor:
-        """One optimizer step over the global batch: this rank's pieces in grad_accum micro-batches."""
-        mine = batch.pieces[self.rank :: self.world]
-        k = self.cfg.train.grad_accum
-        chunks = [mine[i * len(mine) // k : (i + 1) * len(mine) // k] for i in range(k)]
+    def _step(self, batch: Batch, tokens: int) -> torch.Tensor:
+        """One optimizer step over the global batch (`tokens` target tokens): this rank's micro-batches.
+
+        Each micro-batch's mean loss is weighted by its share of the batch's tokens, times the number
+        of micro-batches (DeepSpeed divides by the accumulation steps, the all-reduce by the ranks): the
+        gradient is that of the mean over every token of the batch, however the ranks share it.
+        """
+        micro = self.cfg.train.micro_batch_size
+        slots = self.accum * self.world
         total = torch.zeros(())
-        for chunk in chunks:
+        for chunk in rank_micro_batches(batch.pieces, micro, self.rank, self.world, self.accum):
             # A rank with nothing to do still runs a step, on a zero-weighted stand-in, so that
             # every rank joins the same gradient all-reduce.
             inputs = self.collate(chunk or [Piece(0, 0, int(self.samples.words[0]))])
+            weight = int((inputs["labels"][:, 1:] != -100).sum()) * slots / tokens if chunk else 0.0
             inputs = {key: v.to(self.engine.device) for key, v in inputs.items()}
-            loss = self.engine(**inputs).loss * (1.0 if chunk else 0.0)
+            loss = self.engine(**inputs).loss * weight
             self.engine.backward(loss)
             self.engine.step()
-            total += loss.detach().float().cpu() / k
+            total += loss.detach().float().cpu() / self.accum
         if self.cfg.train.check_replicas:
             self.replica_digests = self._check_replicas()
         return total
@@ -244,7 +256,7 @@ class Trainer:
         if self.rank != 0:
             return
         row = {"step": state.step, "epoch": state.epoch, "words": state.words_seen, "tokens": state.tokens_seen,
-               "loss": state.loss, "lr": self.engine.get_lr()[0], "words_per_s": round(words_per_s, 1),
+               "data": state.data, "loss": state.loss, "lr": self.engine.get_lr()[0], "words_per_s": round(words_per_s, 1),
                "tokens_per_s": round(tokens_per_s, 1), "time": time.time()}
         if self.cfg.train.check_replicas:
             row["replica_digests"] = self.replica_digests

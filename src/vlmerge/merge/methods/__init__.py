@@ -28,6 +28,14 @@ class TensorInputs:
     base: torch.Tensor | None = None
     grams: tuple[torch.Tensor, torch.Tensor] | None = None  # RegMean: (G_text, G_mm) of a linear layer
 
+    def to(self, device: torch.device | str) -> TensorInputs:
+        """The same inputs on `device` (where the sweep merges them at every α)."""
+        def move(t):
+            return None if t is None else t.to(device)
+
+        grams = None if self.grams is None else (move(self.grams[0]), move(self.grams[1]))
+        return TensorInputs(self.name, move(self.text), move(self.mm), move(self.base), grams)
+
     def task_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.base is None:
             raise VlmergeError(f"{self.name}: this method needs a base model (--base)")

@@ -9,9 +9,11 @@ from vlmerge.merge.methods import TensorInputs, register
 
 
 def drop_and_rescale(tau: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """`generator` is a CPU generator: the mask is drawn on the host, so that a merge on a GPU drops
+    the same entries as on the CPU."""
     if p == 0:
         return tau
-    keep = torch.rand(tau.shape, generator=generator) >= p
+    keep = (torch.rand(tau.shape, generator=generator) >= p).to(tau.device)
     return torch.where(keep, tau / (1 - p), torch.zeros_like(tau))
 
 
