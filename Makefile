@@ -12,7 +12,7 @@ PEERS_STAMP := $(PEERS_VENV)/.installed
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS)
 
-.PHONY: setup peers demo test test-fast bench clean
+.PHONY: setup peers demo test test-fast bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -44,6 +44,11 @@ test-fast: setup
 
 bench: setup peers
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+# Every stage that runs a model, on this machine's GPU(s), against the CPU (about 8 minutes; without a
+# GPU it says so in one line). tests/test_gpu.py holds the CUDA paths' tests (make test runs them).
+gpu-check: setup
+	$(PY) tests/bench/gpu_check.py
 
 clean:
 	rm -rf outputs
