@@ -65,3 +65,35 @@ def test_submitit_runs_the_sweep_as_a_slurm_array(slurm_cluster, twins, tmp_path
     assert "array task(s)" in r.stdout and "item(s) run" in r.stdout
     assert_complete(root, SWEEP)
     assert list((root / "results/demo/submitit").iterdir())
+
+
+def test_pipeline_sh_dry_run_prints_the_dag_checks_every_job_and_submits_none(slurm_cluster, twins, tmp_path):
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)  # trained: the sweep array is sized too
+    before = our_jobs("vlmerge-")
+    r = subprocess.run(["bash", "jobs/pipeline.sh", "--dry-run", "configs/demo.yaml", f"paths.root={root}", *SWEEP],
+                       cwd=REPO, env=slurm_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    jobs = [line for line in lines if line.startswith("job ") and ": sbatch" in line]
+    # demo-data, tokenizer, corpus, precompute array, link, text, multimodal, the submitter; its sweep array,
+    # compaction and analysis
+    assert len(jobs) == 11 and "--array=0-0" in jobs[3] and "--dependency=afterok:6:7" in jobs[7]
+    assert "--array=0-2%8" in jobs[8] and "--dependency=afterok:8" in jobs[8]
+    assert sum("test-only: Job" in line for line in lines) == 11
+    assert "sbatch --test-only accepted every one" in r.stdout
+    assert our_jobs("vlmerge-") == before and not (root / "logs").exists()  # nothing submitted, nothing written
+
+    refused = subprocess.run(["bash", "jobs/pipeline.sh", "--dry-run", "configs/demo.yaml", f"paths.root={root}",
+                              *SWEEP, "compute.device=cuda"], cwd=REPO, env=slurm_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert refused.returncode == 1  # the array's --gpus-per-task=1 on a cluster without GPUs
+    assert "test-only FAILED" in refused.stderr and "1 of 11 job(s) refused by sbatch --test-only" in refused.stderr
+
+
+def test_the_estimate_reads_the_partitions_time_limit(slurm_cluster):
+    from vlmerge.launch import partition_time_limit
+
+    name, limit = partition_time_limit()  # the local cluster's default partition
+    assert name == "debug" and limit is None  # MaxTime=UNLIMITED
+    assert partition_time_limit("no-such-partition") is None

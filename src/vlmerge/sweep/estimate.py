@@ -40,15 +40,16 @@ from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.run import (PreparedTask, babylm_files, config_scorer, evaluate, load_model, prepare, result_rows,
                                   task_specs)
-from vlmerge.layout import checkpoint_dir, checkpoint_words, list_checkpoints
+from vlmerge.io import read_json
+from vlmerge.layout import best_text_cache, checkpoint_dir, checkpoint_words, list_checkpoints
 from vlmerge.merge.core import Pair, PairMerger
 from vlmerge.merge.distance import distance_rows
 from vlmerge.merge.experts import expert_method
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, write_rows
-from vlmerge.sweep.plan import (Checkpoints, WorkItem, all_checkpoints, array_layout, plan, run_checkpoints, sweep_runs,
-                                sweep_tasks)
+from vlmerge.sweep.plan import (Checkpoints, WorkItem, all_checkpoints, array_layout, eval_salt, plan, run_checkpoints,
+                                sweep_runs, sweep_tasks)
 from vlmerge.sweep.run import endpoint_id, finished
 from vlmerge.train.schedule import checkpoint_words as schedule_words
 
@@ -302,6 +303,7 @@ class Estimate:
     pairs: int
     task_seconds: list[float]
     one_process_seconds: float  # every item in one process (`vlmerge sweep run` outside an array)
+    best_text_seconds: float  # pairing best_text: scoring the text checkpoints first, where the plan is made
     peak_rss: int
     peak_gpu: int
     results_bytes: float
@@ -347,7 +349,23 @@ def array_seconds(cfg: Config, todo: Sequence[WorkItem], cal: Calibration,
     return tasks, endpoints, pairs
 
 
-def estimate(cfg: Config, items: Sequence[WorkItem], cal: Calibration, per_task: int) -> Estimate:
+def best_text_seconds(cfg: Config, cal: Calibration, runs: Checkpoints) -> float:
+    """Pairing best_text: every text checkpoint scored on sweep.best_text_task before the plan exists
+    (in the job that plans the sweep), unless its scores are kept already."""
+    cache = best_text_cache(cfg.layout.results_dir)
+    if cfg.sweep.pairing != "best_text" or (cache.is_file() and read_json(cache).get("salt") ==
+                                            eval_salt(cfg, [cfg.sweep.best_text_task])):
+        return 0.0
+    task = next((t for t in cal.tasks if t.task == cfg.sweep.best_text_task), None)
+    if task is None:
+        raise VlmergeError(f"sweep plan --estimate: pairing best_text scores the text checkpoints on "
+                           f"{cfg.sweep.best_text_task}, which is not among the sweep's tasks to calibrate on")
+    per_checkpoint = cal.load_s + task.scale(task.prepare_s + task.score_s)
+    return len(run_checkpoints(cfg, "text", runs)) * per_checkpoint
+
+
+def estimate(cfg: Config, items: Sequence[WorkItem], cal: Calibration, per_task: int,
+             runs: Checkpoints = None) -> Estimate:
     """The cost of the items not done yet, as an array of `per_task` items per task."""
     todo = [it for it in items if not finished(cfg, it.item_id)]
     tasks, seen_endpoints, seen_pairs = array_seconds(cfg, todo, cal, per_task)
@@ -359,7 +377,8 @@ def estimate(cfg: Config, items: Sequence[WorkItem], cal: Calibration, per_task:
     rows = (models + len(seen_endpoints)) * (cal.metric_rows * cal.metric_row_bytes + cal.item_rows * cal.item_row_bytes)
     prepared = sum(t.scale(t.bytes) for t in cal.tasks)
     return Estimate(len(todo), models, len(seen_endpoints), len(seen_pairs), tasks, one_process,
-                    int(cal.peak_rss + prepared), cal.peak_gpu, rows, exported * cal.export_bytes)
+                    best_text_seconds(cfg, cal, runs), int(cal.peak_rss + prepared), cal.peak_gpu, rows,
+                    exported * cal.export_bytes)
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -394,6 +413,8 @@ def report(cal: Calibration, est: Estimate, *, plan_source: str, array: tuple[in
         f"{hours(est.total_seconds / max(len(est.task_seconds), 1))} on average; "
         f"total {est.total_seconds / 3600:.2f} {'GPU' if cal.device.startswith('cuda') else 'CPU-node'}-hours; "
         f"in one process (sweep run, no array): {hours(est.one_process_seconds)}",
+        *([f"  before the array: pairing best_text scores every text checkpoint first, in the job that plans "
+           f"the sweep: {hours(est.best_text_seconds)}"] if est.best_text_seconds else []),
         f"  peak memory of a worker: {est.peak_rss / GIB:.2f} GiB RSS"
         + (f", {est.peak_gpu / GIB:.2f} GiB on the GPU" if est.peak_gpu else ""),
         f"  disk: results {est.results_bytes / 2**20:.1f} MiB, BabyLM exports {est.export_bytes / 2**20:.1f} MiB",
@@ -437,7 +458,7 @@ def estimate_command(cfg: Config, *, words_per_epoch: Mapping[str, int], counts:
     with calibration_model(cfg, calibrate_with, items) as model_dir:
         cal = calibrate(cfg, model_dir, methods, sample, counts)
     layout = array_layout(len([it for it in items if not finished(cfg, it.item_id)]) or 1, max_array_size)
-    est = estimate(cfg, items, cal, layout[1])
+    est = estimate(cfg, items, cal, layout[1], runs)
     if as_json:
         print(json.dumps({"calibration": dataclasses.asdict(cal), "estimate": est.as_json(), "array": layout}, indent=1))
     else:
