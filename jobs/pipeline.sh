@@ -5,8 +5,8 @@
 #
 #   demo-data (if the config reads the demo world) → tokenizer → corpus ─┐
 #   precompute array (features.num_shards) → link ───────────────────────┴→ [seed run] →
-#   text run ∥ multimodal run (or the expert run) → sweep submitter → sweep array (%sweep.array_throttle) → results
-#   compact → analyze (the report in reports/<experiment>/report.html)
+#   text run ∥ multimodal run (or the expert run) → [best text checkpoint] → sweep submitter → sweep array
+#   (%sweep.array_throttle) → results compact → analyze (the report in reports/<experiment>/report.html)
 #
 # The sweep's size depends on the checkpoints, so a small job after training plans it and
 # submits the array (`--submit-sweep`); with compute.device=cuda each array task asks for one GPU.
@@ -70,9 +70,19 @@ for run in $(python -m vlmerge sweep plan --runs --config "$config" "${overrides
     trained+=("$(sbatch --parsable --dependency="afterok:${ready}" jobs/pretrain.sbatch "$config" "$run" \
         "${overrides[@]}" | cut -d';' -f1)")
 done
+planned=$(IFS=:; echo "${trained[*]}")
+# pairing best_text: every text checkpoint is scored to pick the best, in a job of the sweep's
+# device (its scores are kept in results/<exp>/best_text.json, which the plan then reads)
+if [ "$(value sweep.pairing)" = best_text ]; then
+    gpu=()
+    gpus=$(python -m vlmerge sweep plan --gpus --config "$config" "${overrides[@]}")
+    [ "$gpus" -gt 0 ] && gpu=(--gpus-per-task="$gpus")
+    planned=$(sbatch --parsable --job-name=vlmerge-best-text "${gpu[@]}" --dependency="afterok:${planned}" \
+        --kill-on-invalid-dep=yes jobs/vlmerge.sbatch sweep plan --quiet --config "$config" "${overrides[@]}" \
+        | cut -d';' -f1)
+fi
 # The submitter is a plain batch step: it runs this script again, which sbatches the array.
-submitter=$(sbatch --parsable --job-name=vlmerge-sweep-submit --cpus-per-task=1 \
-    --dependency="afterok:$(IFS=:; echo "${trained[*]}")" \
+submitter=$(sbatch --parsable --job-name=vlmerge-sweep-submit --cpus-per-task=1 --dependency="afterok:${planned}" \
     jobs/pipeline.sh --submit-sweep "$config" "${overrides[@]}" | cut -d';' -f1)
 if [ "$dry_run" = 1 ]; then
     # What the submitter will submit, when the runs' checkpoints are there to plan from

@@ -109,6 +109,8 @@ def _sweep(cfg: Config, args: argparse.Namespace) -> None:
         from vlmerge.sweep.plan import sweep_runs
 
         print(*sweep_runs(cfg))
+    elif args.action == "plan" and args.gpus:  # for pipeline.sh: the GPUs of each sweep job
+        print(launch.sweep_gpus_per_task(cfg.compute.device))
     elif args.action == "plan" and args.estimate:
         from vlmerge.sweep.estimate import counts_arg, estimate_command
 
@@ -363,6 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--array", action="store_true",
                    help="plan: print 'TASKS ITEMS_PER_TASK GPUS_PER_TASK' for a Slurm array")
     p.add_argument("--runs", action="store_true", help="plan: print the runs whose checkpoints the sweep merges")
+    p.add_argument("--gpus", action="store_true", help="plan: print the GPUs each sweep job asks for (compute.device)")
     p.add_argument("--estimate", action="store_true",
                    help="plan: calibrate on this machine and compute.device (one pair loaded, one α merged, a sample "
                         "of each task scored) and print the sweep's cost: hours per array task and in all, memory, disk")

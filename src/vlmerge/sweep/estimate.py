@@ -258,7 +258,7 @@ def calibrate(cfg: Config, model_dir: Path, methods: Sequence[str], sample: int 
         costs.append(TaskCost(task.task.name, counts.get(task.task.name, len(task.items)), len(part.items),
                               prepare_s, score_s, size))
         (result,) = evaluate(scorer, [part])
-        results.append((result, len(task.items) / len(part.items)))
+        results.append((result, costs[-1].items / costs[-1].sampled))
     rows, items = result_rows(ModelKey.of_directory(model_dir), [r for r, _ in results])
     item_rows = sum(len(r.items) * scale for r, scale in results)
     exports = sum(len(json.dumps(content)) * scale for (r, scale) in results
@@ -303,7 +303,7 @@ class Estimate:
     pairs: int
     task_seconds: list[float]
     one_process_seconds: float  # every item in one process (`vlmerge sweep run` outside an array)
-    best_text_seconds: float  # pairing best_text: scoring the text checkpoints first, where the plan is made
+    best_text_seconds: float  # pairing best_text: scoring the text checkpoints first, before the array
     peak_rss: int
     peak_gpu: int
     results_bytes: float
@@ -351,7 +351,7 @@ def array_seconds(cfg: Config, todo: Sequence[WorkItem], cal: Calibration,
 
 def best_text_seconds(cfg: Config, cal: Calibration, runs: Checkpoints) -> float:
     """Pairing best_text: every text checkpoint scored on sweep.best_text_task before the plan exists
-    (in the job that plans the sweep), unless its scores are kept already."""
+    (jobs/pipeline.sh's best-text job), unless its scores are kept already."""
     cache = best_text_cache(cfg.layout.results_dir)
     if cfg.sweep.pairing != "best_text" or (cache.is_file() and read_json(cache).get("salt") ==
                                             eval_salt(cfg, [cfg.sweep.best_text_task])):
@@ -411,10 +411,10 @@ def report(cal: Calibration, est: Estimate, *, plan_source: str, array: tuple[in
         f"  worker start: imports {cal.import_s:.1f} s, features and task data {cal.setup_s:.1f} s",
         f"  array: {tasks} task(s) × {per_task} item(s); per task {hours(longest)} at most, "
         f"{hours(est.total_seconds / max(len(est.task_seconds), 1))} on average; "
-        f"total {est.total_seconds / 3600:.2f} {'GPU' if cal.device.startswith('cuda') else 'CPU-node'}-hours; "
+        f"total {est.total_seconds / 3600:.2f} worker-hours; "
         f"in one process (sweep run, no array): {hours(est.one_process_seconds)}",
-        *([f"  before the array: pairing best_text scores every text checkpoint first, in the job that plans "
-           f"the sweep: {hours(est.best_text_seconds)}"] if est.best_text_seconds else []),
+        *([f"  before the array: pairing best_text scores every text checkpoint first (pipeline.sh's best-text "
+           f"job): {hours(est.best_text_seconds)}"] if est.best_text_seconds else []),
         f"  peak memory of a worker: {est.peak_rss / GIB:.2f} GiB RSS"
         + (f", {est.peak_gpu / GIB:.2f} GiB on the GPU" if est.peak_gpu else ""),
         f"  disk: results {est.results_bytes / 2**20:.1f} MiB, BabyLM exports {est.export_bytes / 2**20:.1f} MiB",
