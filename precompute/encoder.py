@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Literal
@@ -106,6 +107,24 @@ def load_encoder(path: str, layer: int, pooling: Pooling, revision: str | None =
         raise VlmergeError(f"features.grid: {grid} exceeds the encoder's {side}×{side} patch grid "
                            f"({crop_size(processor)}-pixel images, {model.config.patch_size}-pixel patches)")
     return PooledEncoder(model, layer, pooling, grid).eval(), processor
+
+
+# The feature width of DINOv2's public checkpoints (their hidden size): what a release's vectors
+# must have when an import declares one of them (the BabyLM release's are DINOv2-base, 768).
+PUBLIC_WIDTHS = {"facebook/dinov2-small": 384, "facebook/dinov2-base": 768, "facebook/dinov2-large": 1024,
+                 "facebook/dinov2-giant": 1536}
+
+
+def declared_width(encoder: str) -> int | None:
+    """The width of the vectors `encoder` makes: a local `save_pretrained` directory's hidden size, a
+    public DINOv2's, or None for an encoder this cannot know."""
+    config = Path(encoder) / "config.json"
+    if config.is_file():
+        try:
+            return int(json.loads(config.read_text())["hidden_size"])
+        except (ValueError, KeyError, TypeError):
+            return None
+    return PUBLIC_WIDTHS.get(encoder.rstrip("/"))
 
 
 def crop_size(processor) -> int:

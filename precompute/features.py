@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from vlmerge.precompute import store
-from vlmerge.precompute.encoder import PooledEncoder, crop_size, load_encoder
+from vlmerge.precompute.encoder import PUBLIC_WIDTHS, PooledEncoder, crop_size, declared_width, load_encoder
 from vlmerge.precompute.manifests import ImageItem, read_image_source, unique_images
 from vlmerge import code_version, layout
 from vlmerge.config import Config, FeaturesConfig, NpyImport, save_resolved
@@ -231,8 +231,9 @@ class Release:
         return [f"{self.imp.prefix}-{i:08d}" for i in range(len(self.captions))]
 
 
-def read_release(imp: NpyImport, dim: int) -> Release:
-    """Read an import's caption JSON and open its `.npy` parts; one line for anything that does not fit."""
+def read_release(imp: NpyImport, dim: int, where: str = "features.imports") -> Release:
+    """Read an import's caption JSON and open its `.npy` parts; one line for anything that does not fit:
+    vectors whose width is not that of the encoder the import declares, or not the store's."""
     try:
         captions = json.loads(Path(imp.captions).read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -252,6 +253,12 @@ def read_release(imp: NpyImport, dim: int) -> Release:
             parts.append(np.load(p, mmap_mode="r", allow_pickle=False))
         except (OSError, ValueError) as e:
             raise VlmergeError(f"{p}: not a readable .npy array ({e})") from None
+        width, declared = parts[-1].shape[-1], declared_width(imp.encoder)
+        if parts[-1].ndim == 2 and declared is not None and width != declared:
+            known = [name for name, w in PUBLIC_WIDTHS.items() if w == width]
+            raise VlmergeError(f"{p}: vectors are {width}-d but {where}.encoder {imp.encoder} makes {declared}-d ones"
+                               + (f" ({known[0]} makes {width}-d)" if known else "")
+                               + ": declare the encoder that made them")
         if parts[-1].ndim != 2 or parts[-1].shape[1] != dim:
             raise VlmergeError(f"{p}: expected features of shape [N, {dim}] (the encoder's hidden size), "
                                f"got {list(parts[-1].shape)}")
@@ -323,7 +330,8 @@ def precompute(
         return out
 
     # Inputs checked before anything is written: a bad import fails here, not after the shards.
-    releases = [read_release(imp, rt.encoder.dim) for imp in fc.imports] if index is None else []
+    releases = ([read_release(imp, rt.encoder.dim, f"features.imports[{k}]") for k, imp in enumerate(fc.imports)]
+                if index is None else [])
     null = null_feature(fc, rt) if index is None else None
     indices = [index] if index is not None else ([] if link_only else range(count))
     for i in indices:

@@ -1,4 +1,15 @@
-"""`vlmerge tokenizer`: a byte-level BPE tokenizer trained on the experiment's text sources."""
+"""`vlmerge tokenizer`: a BPE tokenizer trained on the experiment's text sources, by one of two recipes
+(`tokenizer.recipe`):
+
+- `bytelevel`: byte-level BPE as GPT-2: every byte is a symbol (no unknown token), a word-initial
+  token carries its space ('Ġ'), a prefix space makes a sentence's first word like any other;
+- `llava_bpe`: Takmaz et al.'s (BabyLM 2025, §4 and fn. 7): BPE over a BERT pre-tokenizer (words
+  split at whitespace and punctuation, the spaces dropped), an unknown token for a character never
+  seen in training, 30,000 tokens with the image token in their config.
+
+Neither recipe's markers matter downstream: the corpus stores which tokens begin a word from the
+character offsets (`vlmerge.precompute.corpus.word_starts`).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +29,7 @@ ENCODE_BATCH = 10_000  # lines per call into the (parallel, Rust) batch encoder
 
 
 def normalize(text: str) -> str:
-    """Words separated by single spaces: then every whitespace word starts exactly one 'Ġ' token."""
+    """Words separated by single spaces: a word boundary is one space, whatever the tokenizer."""
     return " ".join(text.split())
 
 
@@ -49,20 +60,26 @@ def training_text(cfg: Config, problems: ProblemLog) -> Iterator[str]:
 
 
 def special_tokens(tc: TokenizerConfig) -> list[str]:
-    return [tc.pad_token, tc.bos_token, tc.eos_token, tc.image_token]
+    return [tc.pad_token, tc.bos_token, tc.eos_token, tc.image_token] + ([tc.unk_token] if tc.recipe == "llava_bpe" else [])
 
 
 def train_bpe(lines: Iterable[str], tc: TokenizerConfig, *, progress: bool = True) -> PreTrainedTokenizerFast:
-    """Byte-level BPE (no unknown tokens) with a leading space before every text, as GPT-2."""
-    tok = Tokenizer(models.BPE())
-    # A prefix space makes a sentence's first word the same token as anywhere else.
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
+    """A BPE tokenizer of `tc.recipe` (see the module's docstring) trained on `lines`."""
+    if tc.recipe == "bytelevel":
+        tok = Tokenizer(models.BPE())
+        # A prefix space makes a sentence's first word the same token as anywhere else.
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+        tok.decoder = decoders.ByteLevel()
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok = Tokenizer(models.BPE(unk_token=tc.unk_token))
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        alphabet = []
     trainer = trainers.BpeTrainer(
         vocab_size=tc.vocab_size,
         min_frequency=tc.min_frequency,
         special_tokens=special_tokens(tc),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=alphabet,
         show_progress=progress,
     )
     tok.train_from_iterator(lines, trainer)
@@ -71,6 +88,7 @@ def train_bpe(lines: Iterable[str], tc: TokenizerConfig, *, progress: bool = Tru
         bos_token=tc.bos_token,
         eos_token=tc.eos_token,
         pad_token=tc.pad_token,
+        **({"unk_token": tc.unk_token} if tc.recipe == "llava_bpe" else {}),
         extra_special_tokens={"image_token": tc.image_token},
     )
 
@@ -111,7 +129,7 @@ def run(cfg: Config, *, progress: bool = True) -> Path:
     """Train and save the tokenizer with its stats; skip if an identical one is already saved."""
     out = cfg.layout.tokenizer_dir
     check_writable(cfg.root)
-    fp = fingerprint([cfg.tokenizer.model_dump(), cfg.data.text, cfg.data.captions])
+    fp = fingerprint([cfg.tokenizer.identity(), cfg.data.text, cfg.data.captions])
     if (out / "stats.json").is_file():
         if read_json(out / "stats.json").get("fingerprint") == fp:
             print(f"tokenizer: {out} is up to date")

@@ -75,3 +75,19 @@ def test_resolved_config_round_trips(tmp_path):
     save_resolved(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
     assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == 0.01
+
+
+def test_a_config_extends_another_and_overrides_what_it_names(tmp_path):
+    (tmp_path / "base.yaml").write_text("experiment: base\ntrain: {lr: 0.1, epochs: 3}\nsweep: {alphas: [0.0, 1.0]}\n")
+    (tmp_path / "small.yaml").write_text("extends: base.yaml\nexperiment: small\ntrain: {epochs: 1}\n")
+    cfg = load_config(tmp_path / "small.yaml")
+    assert (cfg.experiment, cfg.train.lr, cfg.train.epochs, cfg.sweep.alphas) == ("small", 0.1, 1, [0.0, 1.0])
+    (tmp_path / "base.yaml").write_text("extends: small.yaml\n")
+    with pytest.raises(ConfigError, match="base.yaml: extends small.yaml: a loop of configs extending each other"):
+        load_config(tmp_path / "small.yaml")
+    (tmp_path / "odd.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="odd.yaml: extends: expected the path of the config this one overlays"):
+        load_config(tmp_path / "odd.yaml")
+    (tmp_path / "lost.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
+        load_config(tmp_path / "lost.yaml")

@@ -60,8 +60,8 @@ def test_epoch_order_depends_on_seed_and_epoch_only():
 
 
 def test_piece_tokens_split_at_word_starts():
-    starts = np.array([False, True, False, True, True])  # ids 1, 3, 4 begin a word
     tokens = np.array([1, 2, 3, 4, 2])  # words: [1 2] [3] [4 2]
+    starts = np.array([True, False, True, True, False])
     assert piece_tokens(tokens, Piece(0, 0, 3), 3, starts).tolist() == [1, 2, 3, 4, 2]
     assert piece_tokens(tokens, Piece(0, 0, 1), 3, starts).tolist() == [1, 2]
     assert piece_tokens(tokens, Piece(0, 1, 3), 3, starts).tolist() == [3, 4, 2]

@@ -235,10 +235,10 @@ def test_import_of_release_npy_features(make_cfg, tmp_path):
 
 def test_an_import_from_another_encoder_brings_its_own_black_image_row(make_cfg, tmp_path):
     parts, fields = _release(tmp_path)
-    other = f"{fields}, encoder: facebook/dinov2-large, layer: -1, pooling: cls"
+    other = f"{fields}, encoder: some-lab/encoder-64, layer: -1, pooling: cls"
     # Its vectors are not the local encoder's: the local black image would be a wrong null feature...
     with pytest.raises(VlmergeError, match=r"imports\[0\].null_feature: the import's vectors come from "
-                                           "facebook/dinov2-large layer -1 cls, not the local"):
+                                           "some-lab/encoder-64 layer -1 cls, not the local"):
         precompute(make_cfg("features.name=rel", "features.images=[]", f"features.imports=[{{{other}}}]"),
                    progress=False)
     # ...and the store cannot mix them with locally encoded images.
@@ -252,7 +252,28 @@ def test_an_import_from_another_encoder_brings_its_own_black_image_row(make_cfg,
     np.testing.assert_array_equal(feats, np.concatenate(parts))
     np.testing.assert_array_equal(null, black.astype(null.dtype))
     with h5py.File(store) as f:  # stamped with the provenance the user declared, not the local encoder's
-        assert (f.attrs["encoder"], int(f.attrs["layer"]), f.attrs["pooling"]) == ("facebook/dinov2-large", -1, "cls")
+        assert (f.attrs["encoder"], int(f.attrs["layer"]), f.attrs["pooling"]) == ("some-lab/encoder-64", -1, "cls")
+
+
+def test_an_import_refuses_vectors_of_another_width_than_its_declared_encoders(make_cfg, tmp_path):
+    # The BabyLM release's vectors are DINOv2-base's, 768-d: declared as dinov2-large's they are refused...
+    from vlmerge.demo.world import save_random_dinov2
+
+    _, fields = _release(tmp_path, dim=768)
+    np.save(tmp_path / "black.npy", np.zeros(768, dtype=np.float32))
+    base = f"{fields}, layer: -2, pooling: mean_patch, null_feature: '{tmp_path / 'black.npy'}'"
+    large = make_cfg("features.name=osf", "features.images=[]",
+                     f"features.imports=[{{{base}, encoder: facebook/dinov2-large}}]")
+    with pytest.raises(VlmergeError, match=r"part0.npy: vectors are 768-d but features.imports\[0\].encoder "
+                                           r"facebook/dinov2-large makes 1024-d ones \(facebook/dinov2-base makes "
+                                           r"768-d\): declare the encoder that made them"):
+        precompute(large, progress=False)
+    # ...and accepted as dinov2-base's (in a store of 768-d features: the local encoder's width)
+    encoder = save_random_dinov2(tmp_path / "enc768", 0, hidden_size=768, num_hidden_layers=1, num_attention_heads=4)
+    true = make_cfg("features.name=osf", "features.images=[]", f"features.encoder={encoder}",
+                    f"features.imports=[{{{base}, encoder: facebook/dinov2-base}}]")
+    ids, feats, _ = read_store(precompute(true, progress=False))
+    assert feats.shape == (8, 768) and ids[0] == "cc-00000000"
 
 
 def test_shard_bounds_cover_every_row_once():

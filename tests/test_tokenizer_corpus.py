@@ -48,7 +48,7 @@ def test_text_shards_keep_every_line_and_its_exact_word_count(built, demo_world)
     assert len(shards) == len(lines)
     assert shards.index["words"] == sum(len(l.split()) for l in lines) == demo_world.words
     for i in (0, 1, len(lines) // 2, len(lines) - 1):
-        ids, words, image = shards[i]
+        ids, words, image, _ = shards[i]
         assert tok.decode(list(ids)).strip() == lines[i]
         assert words == len(lines[i].split()) and image is None
 
@@ -60,6 +60,40 @@ def test_caption_shards_carry_their_image_ids(built, demo_world):
     assert len(shards) == len(rows)
     assert [shards[i][2] for i in (0, len(rows) - 1)] == [rows[0]["image_id"], rows[-1]["image_id"]]
     assert shards.index["words"] == sum(len(r["caption"].split()) for r in rows)
+
+
+@pytest.mark.parametrize("recipe", ["bytelevel", "llava_bpe"])
+def test_a_sample_splits_at_any_word_into_that_words_own_tokens(make_cfg, demo_world, recipe):
+    # Training splits a sample where a scheduled word count falls: the piece must be exactly the tokens
+    # of its words, whatever the tokenizer marks (byte-level 'Ġ', or nothing after a BERT pre-tokenizer).
+    import numpy as np
+
+    from vlmerge.data import Piece, piece_tokens
+
+    cfg = make_cfg(f"tokenizer.recipe={recipe}", "tokenizer.vocab_size=400")
+    tokenizer.run(cfg, progress=False)
+    corpus.run(cfg)
+    tok = load_tokenizer(cfg.layout.tokenizer_dir, cfg.tokenizer)
+    lines = [l.strip() for l in demo_world.text_train.read_text().splitlines() if l.strip()]
+    shards = TokenShards(cfg.layout.corpus_source_dir("text"))
+    rng = np.random.default_rng(0)
+    for i in rng.choice(len(lines), 200, replace=False):
+        ids, n, _, starts = shards[int(i)]
+        words = lines[i].split()
+        assert n == len(words) == starts.sum()
+        a = int(rng.integers(0, n))
+        b = int(rng.integers(a + 1, n + 1))
+        own = tok(" ".join(words[a:b]), add_special_tokens=False)["input_ids"]
+        assert piece_tokens(np.asarray(ids), Piece(0, a, b), n, np.asarray(starts)).tolist() == own, (lines[i], a, b)
+
+
+def test_the_papers_recipe_splits_at_punctuation_and_knows_an_unknown_token(tmp_path):
+    tc = TokenizerConfig(recipe="llava_bpe", vocab_size=300)
+    tok = train_bpe(["the red circle is here ."] * 50, tc, progress=False)
+    assert tok.unk_token == "<unk>" and "<unk>" in tok.get_vocab() and "<image>" in tok.get_vocab()
+    pieces = tok.convert_ids_to_tokens(tok("here.", add_special_tokens=False)["input_ids"])
+    assert pieces[-1] == "." and not any("Ġ" in p for p in pieces)
+    assert tok.convert_ids_to_tokens(tok("é", add_special_tokens=False)["input_ids"]) == ["<unk>"]
 
 
 def test_small_shards_split_the_corpus(make_cfg):

@@ -93,12 +93,24 @@ class DataConfig(_Section):
 
 
 class TokenizerConfig(_Section):
-    vocab_size: int = Field(16_000, ge=300)
+    """The BPE tokenizer trained on the experiment's text (`vlmerge tokenizer`)."""
+
+    recipe: Literal["bytelevel", "llava_bpe"] = Field(
+        "bytelevel", description="bytelevel: byte-level BPE, a space marker on word-initial tokens (GPT-2); "
+                                 "llava_bpe: BPE over a BERT pre-tokenizer (whitespace and punctuation), an unknown "
+                                 "token for unseen characters (Takmaz et al. 2025)")
+    vocab_size: int = Field(16_000, ge=300, description="tokens, the special ones included")
     min_frequency: int = Field(2, ge=1)
     image_token: str = "<image>"
     bos_token: str = "<s>"
     eos_token: str = "</s>"
     pad_token: str = "<pad>"
+    unk_token: str = Field("<unk>", description="llava_bpe only: the token of a character never seen in training")
+
+    def identity(self) -> dict:
+        """What makes the tokenizer what it is (the byte-level recipe's settings as they were before
+        there were recipes, so that its tokenizers and runs keep their fingerprints)."""
+        return self.model_dump(exclude={"recipe", "unk_token"} if self.recipe == "bytelevel" else None)
 
 
 class CorpusConfig(_Section):
@@ -477,9 +489,8 @@ def _one_line(err: ValidationError, source: str) -> str:
     return f"{source}: {msg}" + (f" (+{more} more)" if more else "")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (the embedded demo config when `path` is None) and apply overrides."""
-    path = Path(path) if path is not None else default_config_path()
+def read_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """A config file's mapping, over the file it `extends` (a path relative to it), recursively."""
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except FileNotFoundError:
@@ -496,6 +507,22 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
         raise ConfigError(f"{path}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends: expected the path of the config this one overlays, got {base!r}")
+    base_path = (path.parent / base).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise ConfigError(f"{path}: extends {base}: a loop of configs extending each other")
+    return merge_dicts(read_raw(base_path, (*seen, path.resolve())), raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (the embedded demo config when `path` is None), over the config it
+    `extends` if it names one, and apply overrides."""
+    path = Path(path) if path is not None else default_config_path()
+    raw = read_raw(path)
     # Start from the defaults, so that an override may set one field of a section the file omits.
     raw = merge_dicts(Config().model_dump(mode="json"), raw)
     for text in overrides:

@@ -26,8 +26,6 @@ from vlmerge.config import Config
 from vlmerge.errors import VlmergeError
 from vlmerge.problems import ProblemLog
 
-WORD_START = "Ġ"  # byte-level BPE's marker of a preceding space
-
 
 @dataclasses.dataclass(frozen=True)
 class Piece:
@@ -104,14 +102,6 @@ def count_batches(order: np.ndarray, words: np.ndarray, batch_size: int, thresho
     return batches + -(-(len(w) - first) // batch_size)
 
 
-def word_start_table(tokenizer) -> np.ndarray:
-    """table[token id] is True when the token begins a whitespace word."""
-    table = np.zeros(len(tokenizer), dtype=bool)
-    for token, i in tokenizer.get_vocab().items():
-        table[i] = token.startswith(WORD_START)
-    return table
-
-
 class FeatureTable:
     """A linked feature store held in memory: rows by image id, and the null (black image) feature.
 
@@ -181,15 +171,18 @@ class Samples:
     def __len__(self) -> int:
         return len(self.words)
 
-    def tokens(self, sample: int) -> np.ndarray:
-        return self.shards[self.shard_of[sample]][int(self.local[sample])][0]
+    def tokens(self, sample: int) -> tuple[np.ndarray, np.ndarray]:
+        """A sample's token ids, and which of them begin a word."""
+        tokens, _, _, starts = self.shards[self.shard_of[sample]][int(self.local[sample])]
+        return tokens, starts
 
 
 def piece_tokens(tokens: np.ndarray, piece: Piece, words: int, starts: np.ndarray) -> np.ndarray:
-    """The tokens of words [piece.start, piece.stop) of a sample."""
+    """The tokens of words [piece.start, piece.stop) of a sample (`starts`: per token, whether it
+    begins a word)."""
     if piece.start == 0 and piece.stop == words:
         return tokens
-    at = np.flatnonzero(starts[tokens])
+    at = np.flatnonzero(starts)
     if len(at) != words:
         raise VlmergeError(f"a sample has {words} words but {len(at)} word-start tokens; rebuild the corpus")
     lo = at[piece.start]
@@ -203,7 +196,6 @@ class Collator:
     null): `pixel_values` [B, D], or [B, G², D] from a grid store (one <image> token per cell)."""
 
     samples: Samples
-    starts: np.ndarray
     bos: int
     eos: int
     pad: int
@@ -213,7 +205,8 @@ class Collator:
 
     def sequence(self, piece: Piece) -> list[int]:
         words = int(self.samples.words[piece.sample])
-        text = piece_tokens(self.samples.tokens(piece.sample), piece, words, self.starts).tolist()
+        tokens, starts = self.samples.tokens(piece.sample)
+        text = piece_tokens(tokens, piece, words, starts).tolist()
         end = [self.eos] if piece.stop == words else []
         return ([self.bos] + [self.image_token] * self.samples.features.tokens + text + end)[: self.max_length]
 
@@ -267,7 +260,7 @@ def run_data(cfg: Config, sources: Sequence[str], problems: ProblemLog, *, multi
     if not len(samples):
         raise VlmergeError(f"no training samples in {', '.join(sources)}")
     collate = Collator(
-        samples, word_start_table(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id,
+        samples, tokenizer.bos_token_id, tokenizer.eos_token_id,
         tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids(tokenizer.image_token), cfg.model.max_length,
         multimodal_flags,
     )

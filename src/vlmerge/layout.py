@@ -38,7 +38,7 @@ RESULT_DATASETS = ("metrics", "items", "distances")
 ENDPOINT_PREFIX = "endpoint-"
 COMPACT_PREFIX = "compact-"
 GRAMS_FILE = "regmean-grams.safetensors"
-CORPUS_ARRAYS = ("tokens", "offsets", "words", "images")
+CORPUS_ARRAYS = ("tokens", "offsets", "words", "starts", "images")
 
 _CHECKPOINT = re.compile(r"words-(\d{12})")
 _STUDY = re.compile(r"(?P<base>.+)-(?P<variant>all|attention|ffn|layernorm)-seed(?P<k>\d+)")
@@ -122,7 +122,7 @@ def store_import_shard(store: Path, prefix: str) -> Path:
 
 # Token shards of one corpus source
 def corpus_array(folder: Path, kind: str, k: int) -> Path:
-    """`<kind>-<k>.npy` of a corpus source folder (kind: tokens, offsets, words, images)."""
+    """`<kind>-<k>.npy` of a corpus source folder (kind: tokens, offsets, words, starts, images)."""
     assert kind in CORPUS_ARRAYS, kind
     return folder / f"{kind}-{k:05d}.npy"
 

@@ -11,8 +11,9 @@ is calibrated on what is: real BLiMP (../shared/data/blimp) and the demo world's
 fast sets (--fast items, about 16k per model) and the full sets (--full, over 100k), Winoground
 at its full 400: the other tasks are counted as BLiMP pairs (EWoK's and entity tracking's items
 are longer: the full-set figure is a floor). The model calibrated is an untrained one of the
-paper's shape (6 layers, width 768, vocabulary 16000), its tokenizer a BPE trained on BLiMP
-(built here, in a temp folder).
+paper config's shape (6 layers, width 768, its vocabulary of 30,000), its tokenizer the config's
+recipe trained on BLiMP (built here, in a temp folder; BLiMP's words need fewer tokens, the model
+has the config's head).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vlmerge.config import TokenizerConfig, load_config
+from vlmerge.config import load_config
 from vlmerge.data import FeatureTable
 from vlmerge.hf import quiet_transformers
 from vlmerge.model import build_config, init_model
@@ -34,17 +35,16 @@ from bench_blimp import SHARED_BLIMP, load_pairs
 
 REPO = Path(__file__).resolve().parents[2]
 PAPER = REPO / "configs" / "babylm-takmaz2025.yaml"
-VOCAB = 16000
 
 
 def stand_in(folder: Path, root: Path) -> Path:
-    """An untrained model of the paper config's shape with a BPE tokenizer trained on BLiMP."""
+    """An untrained model of the paper config's shape with its recipe's tokenizer trained on BLiMP."""
     cfg = load_config(PAPER, [f"paths.root={root}"])
     _, sentences, _ = load_pairs(SHARED_BLIMP, None)
-    tokenizer = train_bpe(sentences, TokenizerConfig(vocab_size=VOCAB), progress=False)
+    tokenizer = train_bpe(sentences, cfg.tokenizer, progress=False)
     features = FeatureTable(root / "features" / "demo.h5")  # the demo's Winoground images
     config = build_config(cfg.model, tokenizer, features.dim, cfg.features.layer)
-    config.text_config.vocab_size = VOCAB  # BLiMP's words use fewer tokens; the model has the paper's head
+    config.text_config.vocab_size = cfg.tokenizer.vocab_size  # BLiMP's words use fewer; the model has the config's head
     with quiet_transformers():
         init_model(config, 0).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -54,7 +54,7 @@ def stand_in(folder: Path, root: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", required=True, type=Path, help="an output root holding the demo world and its features")
-    ap.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"], help="eval.dtype (the paper config's: bf16)")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="eval.dtype (the paper config's: fp32)")
     ap.add_argument("--fast", type=int, default=16000, help="items per model of the fast sets")
     ap.add_argument("--full", type=int, default=100000, help="items per model of the full sets")
     args = ap.parse_args()

@@ -63,7 +63,7 @@ def _run_fingerprint(cfg: Config, run: str) -> str:
     # A feature grid shapes the model (G² image tokens); grid 1 runs keep the fingerprints they had.
     features = [cfg.features.name] + ([cfg.features.grid] if cfg.features.grid > 1 else [])
     return fingerprint([model, t, cfg.checkpoints.words, getattr(cfg.runs, run).model_dump(),
-                        cfg.runs.seed_pretraining, cfg.data.model_dump(), *features, cfg.tokenizer.model_dump()])
+                        cfg.runs.seed_pretraining, cfg.data.model_dump(), *features, cfg.tokenizer.identity()])
 
 
 class Trainer:
