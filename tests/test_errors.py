@@ -91,6 +91,7 @@ def world(tmp_path_factory) -> Path:
     np.save(w / "part.npy", rng.standard_normal((3, ENCODER_DIM)).astype(np.float32))
     np.save(w / "narrow.npy", rng.standard_normal((3, ENCODER_DIM - 1)).astype(np.float32))
     np.save(w / "black.npy", np.zeros(ENCODER_DIM + 1, dtype=np.float32))
+    np.save(w / "null.npy", np.zeros(ENCODER_DIM, dtype=np.float32))
     (w / "captions.json").write_text(json.dumps(["a", "b", "c"]))
     (w / "latin1.json").write_bytes(b'["a", "caf\xe9", "c"]')
 
@@ -211,6 +212,9 @@ CASES = [
     Case("import of another encoder with a local null", lambda w: _precompute(w, _import(w, encoder="dinov2-small")),
          ("features.imports[0].null_feature", "dinov2-small", "black-image row")),
     Case("import of another width", lambda w: _precompute(w, _import(w, npy=f"['{w}/narrow.npy']")),
+         ("narrow.npy", f"makes {ENCODER_DIM}-d ones: declare the encoder that made them")),
+    Case("import of another width than the store's",  # an encoder of unknown width: the store's is checked
+         lambda w: _precompute(w, _import(w, encoder="x", npy=f"['{w}/narrow.npy']", null_feature=f"{w}/null.npy")),
          ("narrow.npy", f"expected features of shape [N, {ENCODER_DIM}]")),
     Case("import null row of another width", lambda w: _precompute(w, _import(w, encoder="x", null_feature=f"{w}/black.npy")),
          ("black.npy", f"black image's feature of shape [{ENCODER_DIM}]")),
