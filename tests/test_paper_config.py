@@ -82,6 +82,7 @@ def test_the_data_split_and_word_counts_are_documented_where_they_differ():
 
 def test_best_text_pairing_and_the_papers_alphas():
     assert (cfg.sweep.pairing, cfg.sweep.best_text_task) == ("best_text", "blimp")
+    assert cfg.sweep.best_text_data.endswith("full_eval/blimp_filtered")  # picked on the full BLiMP
     assert {0.0, 0.3, 0.5, 0.8} <= set(cfg.sweep.alphas) and [m.name for m in cfg.sweep.methods] == ["linear"]
 
 

@@ -254,3 +254,29 @@ def test_expert_methods_take_alpha_from_the_grid_and_need_only_the_expert_run():
                       ("{name: experts_ties}", "unknown expert merge method 'ties'")):
         with pytest.raises(VlmergeError, match=says):
             method_grid(load_config(None, [f"sweep.methods=[{bad}]"]))
+
+
+def test_best_text_pairs_every_multimodal_checkpoint_with_the_text_checkpoint_best_on_its_own_data(twins, tmp_path,
+                                                                                                   real_blimp):
+    # Takmaz et al. pick the text checkpoint on the full BLiMP while the sweep scores the fast sets:
+    # sweep.best_text_data is the data that picks it.
+    from vlmerge.sweep.run import best_text_pairing
+
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
+    picking = tmp_path / "blimp-picking"
+    picking.mkdir()
+    for uid in ("anaphor_number_agreement", "determiner_noun_agreement_2", "npi_present_1"):
+        (picking / f"{uid}.jsonl").write_text("".join((real_blimp / f"{uid}.jsonl").read_text().splitlines(True)[:40]))
+    cfg = load_config(None, [f"paths.root={root}", *SWEEP, "sweep.pairing=best_text", f"sweep.best_text_data={picking}"])
+    pairing = best_text_pairing(cfg)
+    kept = json.loads((root / "results/demo/best_text.json").read_text())
+    assert kept["data"] == str(picking) and len(kept["accuracy"]) == len(list_checkpoints(root / "runs/demo/text")) - 1
+    best = max(kept["accuracy"], key=kept["accuracy"].get)
+    assert set(pairing.values()) == {root / best} and len(pairing) == len(list_checkpoints(root / "runs/demo/multimodal")) - 1
+    items = plan(cfg, pairing)
+    assert {it.text for it in items} == {best} and len(items) == len(pairing) * 3
+    # the picking data is part of what the kept scores are of: other data, scored again
+    other = load_config(None, [f"paths.root={root}", *SWEEP, "sweep.pairing=best_text"])
+    best_text_pairing(other)
+    assert json.loads((root / "results/demo/best_text.json").read_text())["data"] == other.eval.tasks["blimp"]

@@ -272,6 +272,9 @@ class SweepConfig(_Section):
     methods: list[MethodSpec] = [MethodSpec(name="linear")]
     pairing: Literal["same_words", "best_text", "all_pairs"] = "same_words"
     best_text_task: str = Field("blimp", description="best_text: the task whose mean accuracy picks the text checkpoint")
+    best_text_data: str | None = Field(None, description="best_text: the data of best_text_task that picks it (default: "
+                                                         "its eval.tasks path); Takmaz et al. pick on the full BLiMP "
+                                                         "while the sweep scores the fast sets")
     tasks: list[str] = Field([], description="tasks of eval.tasks to run (default: all)")
     distances: bool = True
     gram_batches: int = Field(16, ge=1, description="batches of its own data each model sees for RegMean")

@@ -38,6 +38,7 @@ from vlmerge.config import Config
 from vlmerge.data import FeatureTable
 from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
+from vlmerge.evaluate.tasks import get_task
 from vlmerge.evaluate.run import (PreparedTask, babylm_files, config_scorer, evaluate, load_model, prepare, result_rows,
                                   task_specs)
 from vlmerge.io import read_json
@@ -48,8 +49,8 @@ from vlmerge.merge.experts import expert_method
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, write_rows
-from vlmerge.sweep.plan import (Checkpoints, WorkItem, all_checkpoints, array_layout, eval_salt, plan, run_checkpoints,
-                                sweep_runs, sweep_tasks)
+from vlmerge.sweep.plan import (Checkpoints, WorkItem, all_checkpoints, array_layout, best_text_data, eval_salt, plan,
+                                run_checkpoints, sweep_runs, sweep_tasks)
 from vlmerge.sweep.run import endpoint_id, finished
 from vlmerge.train.schedule import checkpoint_words as schedule_words
 
@@ -352,15 +353,19 @@ def array_seconds(cfg: Config, todo: Sequence[WorkItem], cal: Calibration,
 def best_text_seconds(cfg: Config, cal: Calibration, runs: Checkpoints) -> float:
     """Pairing best_text: every text checkpoint scored on sweep.best_text_task before the plan exists
     (jobs/pipeline.sh's best-text job), unless its scores are kept already."""
-    cache = best_text_cache(cfg.layout.results_dir)
-    if cfg.sweep.pairing != "best_text" or (cache.is_file() and read_json(cache).get("salt") ==
-                                            eval_salt(cfg, [cfg.sweep.best_text_task])):
+    if cfg.sweep.pairing != "best_text":
         return 0.0
-    task = next((t for t in cal.tasks if t.task == cfg.sweep.best_text_task), None)
+    name, data = best_text_data(cfg)
+    cache = best_text_cache(cfg.layout.results_dir)
+    if cache.is_file() and read_json(cache).get("salt") == eval_salt(cfg, [name], {name: data}):
+        return 0.0
+    task = next((t for t in cal.tasks if t.task == name), None)
     if task is None:
-        raise VlmergeError(f"sweep plan --estimate: pairing best_text scores the text checkpoints on "
-                           f"{cfg.sweep.best_text_task}, which is not among the sweep's tasks to calibrate on")
-    per_checkpoint = cal.load_s + task.scale(task.prepare_s + task.score_s)
+        raise VlmergeError(f"sweep plan --estimate: pairing best_text scores the text checkpoints on {name}, which "
+                           "is not among the sweep's tasks to calibrate on")
+    # its own data (e.g. the full BLiMP beside the sweep's fast one), priced at the sample's rate per item
+    items = len(get_task(name).load(Path(data), ProblemLog())) if data != cfg.eval.tasks.get(name) else task.items
+    per_checkpoint = cal.load_s + (task.prepare_s + task.score_s) * items / task.sampled
     return len(run_checkpoints(cfg, "text", runs)) * per_checkpoint
 
 

@@ -112,15 +112,27 @@ def expert_seed(cfg: Config, runs: Checkpoints = None) -> Path:
     return ckpts[-1] if cfg.runs.seed_pretraining else ckpts[0]
 
 
-def eval_salt(cfg: Config, tasks: list[str]) -> str:
-    """What decides the scores besides the weights (paths under the root count relative to it,
-    so that a results folder moved with its root keeps its item ids)."""
+def eval_salt(cfg: Config, tasks: list[str], data: Mapping[str, str] | None = None) -> str:
+    """What decides the scores besides the weights: the tasks' data (eval.tasks, or `data`), how they
+    are scored (paths under the root count relative to it, so that a results folder moved with its
+    root keeps its item ids)."""
 
     def rel(path: str | None) -> str | None:
         return str(Path(path).relative_to(cfg.root)) if path and Path(path).is_relative_to(cfg.root) else path
 
-    return fingerprint([{t: rel(cfg.eval.tasks[t]) for t in tasks}, cfg.eval.prompt, cfg.eval.dtype,
-                        rel(cfg.eval.features), cfg.features.name])
+    paths = {**{t: cfg.eval.tasks[t] for t in tasks if t in cfg.eval.tasks}, **(data or {})}
+    return fingerprint([{t: rel(paths[t]) for t in tasks}, cfg.eval.prompt, cfg.eval.dtype, rel(cfg.eval.features),
+                        cfg.features.name])
+
+
+def best_text_data(cfg: Config) -> tuple[str, str]:
+    """(task, data path) that picks the text checkpoint of pairing best_text."""
+    task = cfg.sweep.best_text_task
+    data = cfg.sweep.best_text_data or cfg.eval.tasks.get(task)
+    if data is None:
+        raise VlmergeError(f"sweep.best_text_task {task}: no data to score the text checkpoints on; set "
+                           f"eval.tasks.{task} or sweep.best_text_data")
+    return task, data
 
 
 def sweep_tasks(cfg: Config) -> list[str]:

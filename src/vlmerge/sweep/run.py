@@ -38,7 +38,7 @@ from vlmerge.layout import (RESULT_DATASETS, babylm_export_dir, babylm_exports_r
                             result_dataset_dir, result_file)
 from vlmerge.results import (ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, ModelKey, checkpoint_run,
                              compacted_item_ids, write_rows)
-from vlmerge.sweep.plan import WorkItem, eval_salt, run_checkpoints, sweep_tasks
+from vlmerge.sweep.plan import WorkItem, best_text_data, eval_salt, run_checkpoints, sweep_tasks
 
 
 def metrics_path(cfg: Config, name: str) -> Path:
@@ -216,15 +216,16 @@ def run_items(cfg: Config, items: list[WorkItem], *, progress: bool = False, job
 
 def best_text_pairing(cfg: Config) -> dict[Path, Path]:
     """Every multimodal checkpoint -> the text checkpoint with the best mean accuracy on
-    sweep.best_text_task (the paper's pairing); the scores are kept in results/<exp>/best_text.json."""
+    sweep.best_text_task (on sweep.best_text_data, or its eval.tasks data: the paper's pairing);
+    the scores are kept in results/<exp>/best_text.json."""
     cache = best_text_cache(cfg.layout.results_dir)
-    task = cfg.sweep.best_text_task
-    salt = eval_salt(cfg, [task])
+    task, data = best_text_data(cfg)
+    salt = eval_salt(cfg, [task], {task: data})
     scores = read_json(cache) if cache.is_file() else {}
     if scores.get("salt") != salt:
         features = FeatureTable(cfg.eval_store_path)
-        tasks = prepare(task_specs(cfg, [task]), features, ProblemLog())
-        scores, device = {"salt": salt, "task": task, "accuracy": {}}, resolve_device(cfg.compute.device)
+        tasks = prepare(task_specs(cfg, [f"{task}={data}"]), features, ProblemLog())
+        scores, device = {"salt": salt, "task": task, "data": data, "accuracy": {}}, resolve_device(cfg.compute.device)
         for ckpt in run_checkpoints(cfg, "text"):
             model, tokenizer = load_model(ckpt, device)
             scorer = config_scorer(cfg, model, tokenizer, features)
