@@ -45,7 +45,7 @@ test-fast: setup
 bench: setup peers
 	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
 
-# Every stage that runs a model, on this machine's GPU(s), against the CPU (about 8 minutes; without a
+# Every stage that runs a model, on this machine's GPU(s), against the CPU (sized for 8 minutes; without a
 # GPU it says so in one line). tests/test_gpu.py holds the CUDA paths' tests (make test runs them).
 gpu-check: setup
 	$(PY) tests/bench/gpu_check.py

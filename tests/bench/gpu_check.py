@@ -2,7 +2,8 @@
 
     .venv/bin/python tests/bench/gpu_check.py [--root DIR] [--pairs 30] [--cpu-dry-run]
 
-Without a CUDA GPU it says so in one line and exits 0. With one (in about 8 minutes on one GPU):
+Without a CUDA GPU it says so in one line and exits 0. With one (sized for at most 8 minutes on one
+GPU; not yet run on one):
 
 1. precompute: the demo world's images through its DINOv2 in fp16 on the GPU (images/s), and
    against the same features in fp32 on the CPU;
