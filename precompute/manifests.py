@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 from vlmerge.config import ImageSource

@@ -19,7 +19,6 @@ has the config's head).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
