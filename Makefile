@@ -12,7 +12,7 @@ PEERS_STAMP := $(PEERS_VENV)/.installed
 TEST_WORKERS ?= 2
 PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS)
 
-.PHONY: setup peers demo test test-fast bench gpu-check clean
+.PHONY: setup peers demo test test-fast bench gpu-check rehearsal clean
 
 setup: $(STAMP)
 
@@ -49,6 +49,11 @@ bench: setup peers
 # GPU it says so in one line). tests/test_gpu.py holds the CUDA paths' tests (make test runs them).
 gpu-check: setup
 	$(PY) tests/bench/gpu_check.py
+
+# Takmaz et al.'s setup at the paper's shapes (6 × 768, 30,000 rows, length 150, fp32) on this machine's
+# CPUs: train → best-text sweep → report, each stage's wall time and peak memory (about 30 minutes on 2 cores).
+rehearsal: setup
+	$(PY) tests/bench/rehearsal.py
 
 clean:
 	rm -rf outputs

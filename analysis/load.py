@@ -37,6 +37,9 @@ class Results:
     distances: pd.DataFrame
     training: pd.DataFrame  # run, experiment, words, loss (one row per logged step)
     notes: list[str] = dataclasses.field(default_factory=list)
+    # the twins' checkpoints on the best-text data (pairing best_text's best_text.json): experiment, run,
+    # words, task, data, accuracy
+    best_text: pd.DataFrame = dataclasses.field(default_factory=lambda: pd.DataFrame(columns=BEST_TEXT_COLUMNS))
 
 
 def experiment_folders(path: Path) -> list[Path]:
@@ -88,6 +91,24 @@ def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 TRAINING_COLUMNS = ["experiment", "run", "words", "loss"]
+BEST_TEXT_COLUMNS = ["experiment", "run", "words", "task", "data", "accuracy"]
+
+
+def read_best_text(folders: Sequence[Path], notes: list[str]) -> pd.DataFrame:
+    """Every checkpoint score of each experiment's best_text.json (`vlmerge.sweep.run.best_text_scores`)."""
+    rows = []
+    for folder in folders:
+        path = layout.best_text_cache(folder)
+        if not path.is_file():
+            continue
+        try:
+            kept = json.loads(path.read_text(encoding="utf-8"))
+            rows += [{"experiment": folder.name, "run": run, "words": int(score["words"]), "task": str(kept["task"]),
+                      "data": str(kept["data"]), "accuracy": float(score["accuracy"])}
+                     for run, checkpoints in kept["accuracy"].items() for score in checkpoints.values()]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            notes.append(f"{path}: not the best-text scores of this vlmerge (an older one?); left out")
+    return pd.DataFrame(rows, columns=BEST_TEXT_COLUMNS)
 
 
 def read_training(runs: Path, notes: list[str]) -> pd.DataFrame:
@@ -120,7 +141,8 @@ def load(results: Sequence[Path], runs: Sequence[Path] | None = None) -> Results
     runs = [Path(r) for r in runs] if runs is not None else [r for r in map(layout.runs_dir_of_results, folders) if r.is_dir()]
     logs = [read_training(r, notes) for r in runs]
     training = pd.concat(logs, ignore_index=True) if logs else pd.DataFrame(columns=TRAINING_COLUMNS)
-    return Results(frames["metrics"], frames["items"], frames["distances"], training, notes)
+    return Results(frames["metrics"], frames["items"], frames["distances"], training, notes,
+                   read_best_text(folders, notes))
 
 
 def twin_results(results: Results) -> Results:

@@ -96,6 +96,29 @@ def distance_vs_drop(points: pd.DataFrame, title: str, drop_label: str) -> Figur
     return fig
 
 
+def curves(table: pd.DataFrame, x: str, title: str, ylabel: str, *, dashed: str | None = None,
+           chance: float | None = None) -> Figure:
+    """One line per column of `table` but `x` against `x` (words seen); the `dashed` column in black,
+    dashed (an unmerged twin beside merges); `chance`: a grey line at the score of guessing."""
+    fig = Figure(figsize=(7.5, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    table = table.sort_values(x)
+    lines = [c for c in table.columns if c != x]
+    for k, column in enumerate(lines):
+        style = (dict(color="black", linestyle="--") if column == dashed else
+                 dict(color=ALPHA_COLOURS(k / max(1, len(lines) - 1))))
+        rows = table[[x, column]].dropna()
+        ax.plot(rows[x], rows[column], marker="o", markersize=3, label=column, **style)
+    if chance is not None:
+        ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label=f"chance ({chance:.3g})")
+    _words_axis(ax, table[x], x)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return fig
+
+
 def training_curves(training: pd.DataFrame) -> Figure:
     """Loss against words seen, one line per run."""
     fig = Figure(figsize=(7.5, 4.0), layout="constrained")

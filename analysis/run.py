@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vlmerge.analysis import plots, sung
+from vlmerge.analysis import paper, plots, sung
 from vlmerge.analysis.findings import Finding, findings, to_json, to_markdown
 from vlmerge.analysis.correlations import COLUMNS as CORRELATION_COLUMNS
 from vlmerge.analysis.correlations import correlations, too_few_points
@@ -177,6 +177,10 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
                 [("distance vs drop", tables["headline"])]),
         *figures,
     ]
+    paper_views, paper_md = paper.section(a.results, a.scores, out / "figures")
+    if paper_views is not None:
+        sections.insert(2, paper_views)
+        write_text(out / "takmaz2025.md", paper_md)
     if sung.is_study(loaded.metrics):  # `vlmerge study`'s results: Sung et al.'s views beside
         sung_html = sung.sung_report(results, out, options)
         intro += f" Sung et al.'s views of the study: {sung_html.name}."

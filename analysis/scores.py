@@ -28,10 +28,8 @@ LOWER_IS_BETTER = {"perplexity", "loss"}
 # scores 1/4 and group score 1/6 (Thrush et al. 2022); BabyLM's VQA picks among 8 answers.
 CHANCE = {
     **{(task, "accuracy"): 0.5 for task in ("blimp", "blimp_supplement", "minimal_pairs", "ewok")},
-    ("winoground", "unpaired_accuracy"): 0.5,
-    ("winoground", "text_score"): 0.25,
-    ("winoground", "image_score"): 0.25,
-    ("winoground", "group_score"): 1 / 6,
+    **{(task, metric): p for task in ("winoground", "winoground_full") for metric, p in
+       {"unpaired_accuracy": 0.5, "text_score": 0.25, "image_score": 0.25, "group_score": 1 / 6}.items()},
     ("vqa", "accuracy"): 1 / 8,
 }
 CHUNK = 128  # replicates drawn at a time: bounds the counts matrix to CHUNK × items

@@ -5,12 +5,18 @@ Each source (`text`, `captions`) becomes a folder of shards; shard k is these `.
 whitespace words per sample, so that training counts words seen exactly), `starts-k` (bool per
 token: it begins a whitespace word, so that a sample splits at a word boundary whatever the
 tokenizer marks) and, for captions, `images-k` (the image id of each sample). `index.json` lists
-the shards and totals.
+the shards, the totals and each input file's samples and words ("files").
+
+After the sources, `run` prints the split of every dataset, to hold against a paper's table (Takmaz et
+al. 2025, Table 1): train samples (`data.text`, `data.captions`, counted while tokenising) beside
+validation samples (`data.dev_text`, `data.dev_captions`, read and counted, never tokenised). A
+training file and a validation file are one dataset when their names agree (`dataset_key`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from bisect import bisect_right
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -68,9 +74,11 @@ class _ShardBuffer:
 
 
 def write_source(
-    samples: Iterable[tuple[str | None, str]], tokenizer, out: Path, shard_samples: int, fp: str
+    samples: Iterable[tuple[str | None, str]], tokenizer, out: Path, shard_samples: int, fp: str,
+    files: list[dict] | None = None,
 ) -> dict:
-    """Tokenise (image_id or None, text) samples into shards under `out`, atomically."""
+    """Tokenise (image_id or None, text) samples into shards under `out`, atomically. `files`, the
+    per-file counts that `samples` fills as it is read (`_counted`), goes into the index as they are."""
     dtype = np.dtype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32)
     shards: list[dict] = []
     with atomic_path(out, is_dir=True) as tmp:
@@ -96,6 +104,8 @@ def write_source(
             "words": sum(s["words"] for s in shards),
             "shards": shards,
         }
+        if files is not None:
+            index["files"] = files
         write_json(tmp / "index.json", index)
     return index
 
@@ -144,10 +154,93 @@ class TokenShards:
         return tokens[span], int(words[j]), (str(images[j]) if images is not None else None), starts[span]
 
 
-def _source_samples(cfg: Config, source: str, problems: ProblemLog) -> Iterator[tuple[str | None, str]]:
-    if source == "text":
-        return ((None, line) for line in iter_text_lines(expand_paths(cfg.data.text, "data.text")))
-    return iter_captions(expand_paths(cfg.data.captions, "data.captions"), problems)
+def _counted(
+    source: str, paths: Sequence[Path], problems: ProblemLog, files: list[dict]
+) -> Iterator[tuple[str | None, str]]:
+    """(image_id or None, text) samples of `paths` (text files or caption manifests); `files` gets
+    {"path", "samples", "words"} per file, counted as the samples are read."""
+    for path in paths:
+        entry = {"path": str(path), "samples": 0, "words": 0}
+        files.append(entry)
+        if source == "text":
+            samples = ((None, line) for line in iter_text_lines([path]))
+        else:
+            samples = iter_captions([path], problems)
+        for image_id, text in samples:
+            entry["samples"] += 1
+            entry["words"] += len(text.split())
+            yield image_id, text
+
+
+# A split word at the end of a file's stem, and the '_' or '-' before it.
+_SPLIT_WORD = re.compile(r"(^|[_-])(train|dev|val|valid|validation|test)$", re.IGNORECASE)
+
+# One row of the split table: dataset, train samples, val samples, train words (None: no such file).
+SplitRow = tuple[str, int | None, int | None, int | None]
+
+
+def dataset_key(path: str) -> str:
+    """What pairs a training file with its validation file: the file name up to its first '.', less a
+    trailing split word (train, dev, val, valid, validation, test) and the '_' or '-' before it. So
+    bnc_spoken.train ~ bnc_spoken.dev, cc3m_train.jsonl ~ cc3m_val.jsonl, train.txt ~ dev.txt."""
+    return _SPLIT_WORD.sub("", Path(path).name.split(".")[0]).lower()
+
+
+def split_rows(source: str, train: list[dict] | None, val: list[dict], totals: dict | None = None) -> list[SplitRow]:
+    """The split table's rows of one source from per-file counts ({"path", "samples", "words"}).
+
+    A row per training file, labelled by its file name, with the first validation file of the same
+    `dataset_key` beside it; a validation file left over gets its own row (no training side); more
+    than one row, a "<source>, all files" row adds them up. `train` None (an index written before
+    per-file counts): one "<source>, all files" row of `totals` ({"samples", "words"}) and all of `val`.
+    """
+    if train is None:
+        val_samples = sum(v["samples"] for v in val) if val else None
+        return [(f"{source}, all files", totals["samples"], val_samples, totals["words"])]
+    left = list(val)
+    rows: list[SplitRow] = []
+    for t in train:
+        v = next((v for v in left if dataset_key(v["path"]) == dataset_key(t["path"])), None)
+        if v is not None:
+            left.remove(v)
+        rows.append((Path(t["path"]).name, t["samples"], v["samples"] if v else None, t["words"]))
+    rows += [(Path(v["path"]).name, None, v["samples"], None) for v in left]
+    if len(rows) > 1:
+        rows.append((f"{source}, all files",
+                     sum(t["samples"] for t in train) if train else None,
+                     sum(v["samples"] for v in val) if val else None,
+                     sum(t["words"] for t in train) if train else None))
+    return rows
+
+
+def format_split_table(rows: Sequence[SplitRow]) -> str:
+    """The rows as a text table: thousands separators, '-' where a side is missing, the val share
+    as val / (train + val) in percent."""
+    def num(n: int | None) -> str:
+        return "-" if n is None else f"{n:,}"
+
+    body = [(name, num(t), num(v), "-" if t is None or v is None or t + v == 0 else f"{100 * v / (t + v):.1f}", num(w))
+            for name, t, v, w in rows]
+    header = ("dataset", "train sentences", "val sentences", "val share (%)", "train words")
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(widths[0]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)).rstrip()
+                     for r in [header, *body])
+
+
+def _print_splits(indexes: dict[str, dict], dev: dict[str, list[Path]]) -> None:
+    """Count the validation files (read, not tokenised) and print the split table of every source."""
+    rows: list[SplitRow] = []
+    for source in SOURCES:
+        index = indexes.get(source)
+        if index is None and not dev[source]:
+            continue
+        problems, val = ProblemLog(), []
+        for _ in _counted(source, dev[source], problems, val):
+            pass
+        problems.report(f"corpus dev_{source}")
+        rows += split_rows(source, index.get("files") if index else [], val, index)
+    if rows:
+        print(format_split_table(rows))
 
 
 def run(cfg: Config) -> Path:
@@ -157,6 +250,9 @@ def run(cfg: Config) -> Path:
     tok_dir = cfg.layout.tokenizer_dir
     tokenizer = load_tokenizer(tok_dir, cfg.tokenizer)
     tok_fp = read_json(tok_dir / "stats.json")["fingerprint"]
+    # The validation files, found before the long work: a missing one is an error now, not after it.
+    dev = {s: expand_paths(getattr(cfg.data, f"dev_{s}"), f"data.dev_{s}") for s in SOURCES}
+    indexes: dict[str, dict] = {}
     for source in SOURCES:
         files = cfg.data.text if source == "text" else cfg.data.captions
         if not files:
@@ -164,18 +260,21 @@ def run(cfg: Config) -> Path:
         fp = fingerprint([source, files, tok_fp, cfg.corpus.shard_samples, FORMAT])
         folder = cfg.layout.corpus_source_dir(source)
         if (folder / "index.json").is_file():
-            if read_json(folder / "index.json")["fingerprint"] == fp:
+            if (index := read_json(folder / "index.json"))["fingerprint"] == fp:
                 print(f"corpus: {folder} is up to date")
+                indexes[source] = index
                 continue
             if not layout.corpus_array(folder, "starts", 0).is_file():
                 raise VlmergeError(f"{folder}: written by an older vlmerge (no word starts); remove it to rebuild")
             raise VlmergeError(f"{folder}: exists and was made from other inputs; remove it to rebuild")
-        problems = ProblemLog()
-        index = write_source(_source_samples(cfg, source, problems), tokenizer, folder, cfg.corpus.shard_samples, fp)
+        problems, counts = ProblemLog(), []
+        samples = _counted(source, expand_paths(files, f"data.{source}"), problems, counts)
+        index = indexes[source] = write_source(samples, tokenizer, folder, cfg.corpus.shard_samples, fp, counts)
         problems.report(f"corpus {source}")
         print(
             f"corpus: {folder}: {index['samples']} samples, {index['words']} words, {index['tokens']} tokens "
             f"in {len(index['shards'])} shard(s); {len(problems)} line(s) skipped"
         )
+    _print_splits(indexes, dev)
     save_resolved(cfg, out / "config.yaml")
     return out

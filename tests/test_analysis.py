@@ -207,7 +207,8 @@ def test_analyze_writes_tables_figures_and_one_self_contained_report(synth):
     report = analyze([synth / "results/synth"], out, OPTIONS)
     html = report.read_text()
     figures = sorted((out / "figures").glob("*.png"))
-    assert len(figures) == 2 * 3 + 1  # (curve, heatmap, distance fit) per task + training
+    # (curve, heatmap, distance fit) per task + training + Takmaz et al.'s Fig. 3 and 10 (no α = 0.3: no Fig. 11)
+    assert len(figures) == 2 * 3 + 1 + 2
     assert html.count('<img src="data:image/png;base64,') == len(figures) and "src=\"figures/" not in html
     # each embedded figure decodes to the PNG written beside it, a real plot: lines and heatmaps
     # bring far more colours than text alone
@@ -291,3 +292,56 @@ def test_a_subtask_key_scores_that_subtask_alone():
     assert set(metric_items(items, tm).subtask) == {"tag:attribute"}
     missing = task_metrics(metrics, {}, {"winoground/tag:object": "unpaired_accuracy"}, notes)
     assert missing == [] and notes == ["task winoground/tag:object: no 'unpaired_accuracy' rows (it has none); left out"]
+
+
+def paper_scores() -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Best-text pairing: every multimodal checkpoint with the text checkpoint at 2,000 words (the best
+    on the best-text data), plus an equal-words pair that the paper's views must leave out."""
+    rows = []
+    for mm_words, mm_twin in ((1000, 0.60), (2000, 0.62), (4000, 0.64)):
+        for alpha in (0.0, 0.1, 0.3, 0.5, 0.8, 1.0):
+            for task, metric, base in (("blimp", "accuracy", 0.7), ("winoground", "unpaired_accuracy", 0.4),
+                                       ("winoground_full", "unpaired_accuracy", 0.5)):
+                rows.append({"experiment": "paper", "method": "linear", "method_params": "{}", "text_run": "text",
+                             "mm_run": "multimodal", "text_words": 2000, "mm_words": mm_words, "alpha": alpha,
+                             "task": task, "metric": metric, "score": base + alpha / 10 + mm_words / 1e5,
+                             "text_twin": 0.75, "mm_twin": mm_twin if task == "blimp" else base})
+    rows.append({**rows[0], "text_words": 1000, "alpha": 0.3, "score": 0.0})  # not the best text checkpoint
+    best_text = pd.DataFrame([{"experiment": "paper", "run": run, "words": w, "task": "blimp", "data": "/full/blimp",
+                               "accuracy": acc} for run, w, acc in (("text", 1000, 0.70), ("text", 2000, 0.76),
+                                                                    ("text", 4000, 0.74), ("multimodal", 1000, 0.61),
+                                                                    ("multimodal", 2000, 0.66), ("multimodal", 4000, 0.65))])
+    return pd.DataFrame(rows), best_text
+
+
+def test_takmaz_views_hold_the_papers_series_and_numbers():
+    from vlmerge.analysis import paper
+    from vlmerge.analysis.load import Results
+
+    scores, best_text = paper_scores()
+    empty = pd.DataFrame()
+    results = Results(empty, empty, empty, empty, [], best_text)
+    views = {v.name: v for v in paper.views(results, scores, "paper")}
+    assert list(views) == ["Fig. 3", "Fig. 10", "Fig. 11"]
+    fig3 = views["Fig. 3"].table
+    assert fig3.to_dict("list") == {"words seen": [1000, 2000, 4000], "multimodal twin": [0.61, 0.66, 0.65],
+                                    "text twin": [0.70, 0.76, 0.74]}
+    assert "/full/blimp" in views["Fig. 3"].caption
+    # Fig. 10: the paper's α only, with the best text checkpoint (2,000 words), beside the multimodal twin
+    fig10 = views["Fig. 10"].table
+    assert list(fig10.columns) == ["words seen", "α = 0.3", "α = 0.5", "α = 0.8", "multimodal twin"]
+    assert fig10["words seen"].tolist() == [1000, 2000, 4000]
+    assert fig10["α = 0.3"].tolist() == pytest.approx([0.74, 0.75, 0.77])
+    assert fig10["multimodal twin"].tolist() == [0.60, 0.62, 0.64]
+    # Fig. 11: the full Winoground (not BabyLM's filtered one), α = 0.3, chance 0.5 drawn
+    fig11 = views["Fig. 11"]
+    assert "winoground_full" in fig11.caption and list(fig11.table.columns) == ["words seen", "α = 0.3", "multimodal twin"]
+    assert fig11.table["α = 0.3"].tolist() == pytest.approx([0.54, 0.55, 0.57])
+    ax = fig11.figure.axes[0]
+    assert [line.get_label() for line in ax.lines] == ["α = 0.3", "multimodal twin", "chance (0.5)"]
+    assert ax.lines[1].get_linestyle() == "--" and list(ax.lines[2].get_ydata()) == [0.5, 0.5]
+    ref = paper.reference(list(views.values()), scores, "paper").set_index("")
+    assert ref.loc["full BLiMP, best text-only checkpoint"].tolist() == ["74.82 (at 100M words)", "76.00 (at 2,000 words)"]
+    assert ref.loc["full BLiMP, best multimodal checkpoint", "this run (paper)"] == "66.00 (at 2,000 words)"
+    assert ref.loc["Winoground, multimodal twin and α = 0.3 merge (Fig. 11)", "this run (paper)"] == "50.00–57.00"
+    assert ref.loc["blimp, the twins' last checkpoints", "this run (paper)"].startswith("text-only ahead (0.75 vs 0.64")

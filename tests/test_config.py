@@ -91,3 +91,12 @@ def test_a_config_extends_another_and_overrides_what_it_names(tmp_path):
     (tmp_path / "lost.yaml").write_text("extends: nowhere.yaml\n")
     with pytest.raises(ConfigError, match="nowhere.yaml: config file not found"):
         load_config(tmp_path / "lost.yaml")
+
+
+def test_null_in_an_overlay_drops_the_base_configs_entry(tmp_path):
+    (tmp_path / "base.yaml").write_text("eval:\n  tasks: {blimp: /b, ewok: /e}\n  features: /store.h5\n"
+                                        "sweep: {best_text_data: /full}\n")
+    (tmp_path / "top.yaml").write_text("extends: base.yaml\neval:\n  tasks: {ewok: null, vqa: /v}\n  features: null\n")
+    cfg = load_config(tmp_path / "top.yaml")
+    assert cfg.eval.tasks == {"blimp": "/b", "vqa": "/v"}  # ewok dropped, vqa added
+    assert cfg.eval.features is None and cfg.sweep.best_text_data == "/full"  # the default back; the rest kept

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.metrics import (accuracy_by, first_is_best, logprob_per_token, macro_mean, perplexity,
                                       unpaired_correct, winoground_scores)
-from vlmerge.evaluate.tasks import TASKS, Request, Scores, get_task
+from vlmerge.evaluate.tasks import TASKS, Request, Scores, get_task, register
 from vlmerge.problems import ProblemLog
 
 
@@ -150,7 +151,7 @@ def test_unknown_task_lists_the_known_ones():
     with pytest.raises(VlmergeError, match="unknown task 'nope'") as e:
         get_task("nope")
     assert all(name in str(e.value) for name in ("blimp", "blimp_supplement", "ewok", "minimal_pairs",
-                                                  "perplexity", "vqa", "winoground"))
+                                                  "perplexity", "vqa", "winoground", "winoground_full"))
 
 
 # --- EWoK ----------------------------------------------------------------------------------------
@@ -248,6 +249,53 @@ def test_winoground_babylm_filtered_rows_map_to_feature_store_ids(tmp_path):
     _, _, m, _, _ = run("winoground", path.parent, wino_scores(reqs, hf_table()))
     # A: text, image, group right, unpaired 2/2; B: all wrong, and its image 1 comparison is wrong
     assert m[("", "text_score")] == (0.5, 2) and m[("", "unpaired_accuracy")] == (pytest.approx(2 / 3), 3)
+
+
+def hf_row(n: int, tag: str) -> dict:
+    return {"id": n, "caption_0": f"cap {n} 0", "caption_1": f"cap {n} 1", "image_0": f"ex_{n}_img_0",
+            "image_1": f"ex_{n}_img_1", "tag": "t", "secondary_tag": "", "num_main_preds": 1, "collapsed_tag": tag}
+
+
+def test_winoground_full_unpaired_text_score_counts_both_images_of_every_item(tmp_path):
+    # s(c, i):   s00  s01  s10  s11   | text (strict) | image | unpaired: s(own, i) >= s(other, i)
+    # 0 Object   -1   -2   -3   -0.5  |  1            |  1    | i0 -1 >= -3 ✓, i1 -0.5 >= -2 ✓
+    # 1 Relation -5   -2   -4   -2    |  0 (-5 < -4)  |  0    | i0 -5 < -4 ✗, i1 -2 >= -2 ✓ (a tie counts)
+    # text 1/2, image 1/2, group 1/2; unpaired 3/4 (n = 4 images); Object 2/2, Relation 1/2.
+    path = write_jsonl(tmp_path / "examples.jsonl", [hf_row(0, "Object"), hf_row(1, "Relation")])
+    table = {("cap 0 0", "ex_0_img_0"): -1, ("cap 0 0", "ex_0_img_1"): -2, ("cap 0 1", "ex_0_img_0"): -3,
+             ("cap 0 1", "ex_0_img_1"): -0.5, ("cap 1 0", "ex_1_img_0"): -5, ("cap 1 0", "ex_1_img_1"): -2,
+             ("cap 1 1", "ex_1_img_0"): -4, ("cap 1 1", "ex_1_img_1"): -2}
+    items, reqs, _, _, problems = run("winoground_full", path)
+    assert [it.unpaired for it in items] == [(0, 1), (0, 1)] and not problems
+    _, _, m, per_item, _ = run("winoground_full", path, wino_scores(reqs, table))
+    assert m[("", "unpaired_accuracy")] == (0.75, 4) and m[("", "text_score")] == (0.5, 2)
+    assert m[("", "image_score")] == (0.5, 2) and m[("", "group_score")] == (0.5, 2)
+    assert m[("tag:Object", "unpaired_accuracy")] == (1.0, 2) and m[("tag:Relation", "unpaired_accuracy")] == (0.5, 2)
+    values = {i.item_id: i.value for i in per_item}
+    assert values["1/unpaired_accuracy/ex_1_img_0"] == 0.0 and values["1/unpaired_accuracy/ex_1_img_1"] == 1.0
+    # the same metrics, by name and value, as winoground on the same file
+    assert m == run("winoground", path, wino_scores(reqs, table))[2]
+
+
+def test_winoground_full_records_a_filtered_line_as_a_problem_winoground_loads_it(tmp_path):
+    filtered = {"id": 0, "image_idx": 1, "image_key": "image_1", "caption_0": "cap 1 1", "caption_1": "cap 1 0",
+                "tag": "t", "secondary_tag": "", "collapsed_tag": "Object"}
+    path = write_jsonl(tmp_path / "mixed.jsonl", [hf_row(0, "Object"), filtered])
+    items, _, _, _, problems = run("winoground_full", path)
+    assert [(it.item_id, it.unpaired) for it in items] == [("0", (0, 1))]
+    assert [where for where, _ in problems.items] == [f"{path}:2"]
+    assert problems.kinds() == {"BabyLM's filtered per-image line": 1}
+    assert "point task winoground at this file" in problems.items[0][1]
+    items, _, _, _, problems = run("winoground", path)
+    assert [(it.item_id, it.unpaired) for it in items] == [("0", (0, 1)), ("1", (1,))] and not problems
+
+
+def test_winoground_full_has_no_babylm_export_and_its_name_is_taken():
+    task = get_task("winoground_full")
+    assert (task.predict, task.babylm, task.needs_images) == (None, "", True)
+    with pytest.raises(ValueError, match="task 'winoground_full' is registered twice"):
+        register(dataclasses.replace(task))
+    assert TASKS["winoground_full"] is task
 
 
 # --- VQA and perplexity --------------------------------------------------------------------------

@@ -76,6 +76,7 @@ def test_images_encoded_with_dinov2_large_here_and_the_releases_dinov2_base_vect
 
 def test_the_data_split_and_word_counts_are_documented_where_they_differ():
     assert "Table 1" in TEXT and "95/5" in TEXT and "vlmerge reads the split you give it" in TEXT
+    assert cfg.data.dev_text and cfg.data.dev_captions and "`vlmerge corpus` prints" in TEXT
     assert cfg.checkpoints.words == "babylm" and cfg.checkpoints.every_epoch
     assert "subwords ÷ 1.36" in TEXT and "counts the whitespace words" in TEXT
 
@@ -92,8 +93,26 @@ def test_evaluation_on_babylms_fast_sets_and_winoground():
             "wug_past": "wug_past_tense"}
     for task, folder in fast.items():
         assert cfg.eval.tasks[task].endswith(f"fast_eval/{folder}"), task
-    assert "winoground" in cfg.eval.tasks and "full HF set, 400 items" in TEXT
+    # the paper's full Hugging Face Winoground (its unpaired text score) beside BabyLM's filtered one
+    assert cfg.eval.tasks["winoground_full"].endswith("winoground/data/examples.jsonl")
+    assert cfg.eval.tasks["winoground"].endswith("full_eval/winoground_filtered") and "400 items × 2" in TEXT
+    assert cfg.analysis.multimodal_tasks["winoground_full"] == "unpaired_accuracy"
     assert cfg.eval.prompt == "takmaz2025"
+
+
+def test_the_rehearsal_keeps_the_papers_shapes_and_protocol_on_a_cpu():
+    rehearsal = load_config(REPO / "configs" / "rehearsal-takmaz2025.yaml")
+    m = rehearsal.model
+    assert (m.num_layers, m.hidden_size, m.vocab_size, m.max_length) == (6, 768, 30000, 150)
+    assert rehearsal.tokenizer == cfg.tokenizer and rehearsal.features.device == "auto"
+    assert (rehearsal.train.precision, rehearsal.eval.dtype) == ("fp32", "fp32")
+    same = ("lr", "global_batch", "micro_batch_size", "epochs")
+    assert [getattr(rehearsal.train, k) for k in same] == [getattr(cfg.train, k) for k in same]
+    assert (rehearsal.sweep.pairing, rehearsal.sweep.alphas) == ("best_text", [0.0, 0.3, 0.5, 0.8, 1.0])
+    # the tasks the demo world lacks are dropped from the paper's, the rest point into the rehearsal's root
+    assert set(rehearsal.eval.tasks) == {"blimp", "winoground_full", "entity_tracking", "wug_adj"}
+    assert all(path.startswith(str(rehearsal.root)) for path in rehearsal.eval.tasks.values())
+    assert rehearsal.eval.features is None and rehearsal.root != cfg.root
 
 
 def test_every_section_is_cited():

@@ -15,7 +15,7 @@ from conftest import FAST_TRAIN, REPO, SMALL_WORLD, stale_temp, vlmerge_cli
 from vlmerge.config import load_config
 from vlmerge.results import DEDUPE, RESULTS_SCHEMA, read_results
 from vlmerge.sweep.plan import array_layout, plan
-from vlmerge.layout import list_checkpoints
+from vlmerge.layout import checkpoint_words, list_checkpoints
 
 SWEEP = [*SMALL_WORLD, *FAST_TRAIN, "sweep.alphas=[0.0, 0.5, 1.0]", "sweep.tasks=[blimp, winoground]",
          "sweep.methods=[{name: linear}, {name: task_arithmetic, grid: {lam: [1.0, 1.5]}}]"]
@@ -271,9 +271,24 @@ def test_best_text_pairs_every_multimodal_checkpoint_with_the_text_checkpoint_be
     cfg = load_config(None, [f"paths.root={root}", *SWEEP, "sweep.pairing=best_text", f"sweep.best_text_data={picking}"])
     pairing = best_text_pairing(cfg)
     kept = json.loads((root / "results/demo/best_text.json").read_text())
-    assert kept["data"] == str(picking) and len(kept["accuracy"]) == len(list_checkpoints(root / "runs/demo/text")) - 1
-    best = max(kept["accuracy"], key=kept["accuracy"].get)
+    # both twins' checkpoints after step 0 are scored (the paper's Fig. 3); the text twin's pick
+    for run in ("text", "multimodal"):
+        ckpts = list_checkpoints(root / f"runs/demo/{run}")[1:]
+        assert {c: v["words"] for c, v in kept["accuracy"][run].items()} == {
+            str(c.relative_to(root)): checkpoint_words(c) for c in ckpts}
+        assert all(0 <= v["accuracy"] <= 1 for v in kept["accuracy"][run].values())
+    text = kept["accuracy"]["text"]
+    best = max(text, key=lambda c: text[c]["accuracy"])
     assert set(pairing.values()) == {root / best} and len(pairing) == len(list_checkpoints(root / "runs/demo/multimodal")) - 1
+    # kept scores are not scored again; a checkpoint missing from them is (a killed job resumes)
+    mtime = (root / "results/demo/best_text.json").stat().st_mtime_ns
+    assert best_text_pairing(cfg) == pairing and (root / "results/demo/best_text.json").stat().st_mtime_ns == mtime
+    dropped = next(iter(kept["accuracy"]["multimodal"]))
+    del kept["accuracy"]["multimodal"][dropped]
+    (root / "results/demo/best_text.json").write_text(json.dumps(kept))
+    best_text_pairing(cfg)
+    again = json.loads((root / "results/demo/best_text.json").read_text())["accuracy"]["multimodal"]
+    assert set(again) == {str(c.relative_to(root)) for c in list_checkpoints(root / "runs/demo/multimodal")[1:]}
     items = plan(cfg, pairing)
     assert {it.text for it in items} == {best} and len(items) == len(pairing) * 3
     # the picking data is part of what the kept scores are of: other data, scored again

@@ -1,4 +1,6 @@
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -129,3 +131,105 @@ def test_a_tokenizer_without_the_image_token_is_refused(tmp_path):
 def test_missing_text_file_is_one_clear_error(make_cfg):
     with pytest.raises(VlmergeError, match="data.text: /nonexistent/\\*.train: no such file"):
         tokenizer.run(make_cfg("data.text=['/nonexistent/*.train']"), progress=False)
+
+
+def test_split_rows_pair_a_datasets_files_by_name_and_add_them_up():
+    from vlmerge.precompute.corpus import dataset_key, format_split_table, split_rows
+
+    def c(path, samples, words=0):
+        return {"path": path, "samples": samples, "words": words}
+
+    assert [dataset_key(p) for p in ("/d/bnc_spoken.train", "bnc_spoken.dev", "cc3m_train.jsonl", "CC3M-val.jsonl",
+                                     "train.txt", "dev.txt", "ln.dev.jsonl", "contest.train")] == \
+           ["bnc_spoken", "bnc_spoken", "cc3m", "cc3m", "", "", "ln", "contest"]
+    train = [c("/t/bnc_spoken.train", 100, 1000), c("/t/childes.train", 3000, 20000), c("/t/gutenberg.train", 50, 500)]
+    val = [c("/v/childes.dev", 200), c("/v/switchboard.dev", 7), c("/v/bnc_spoken.dev", 5)]
+    assert split_rows("text", train, val) == [
+        ("bnc_spoken.train", 100, 5, 1000),
+        ("childes.train", 3000, 200, 20000),
+        ("gutenberg.train", 50, None, 500),
+        ("switchboard.dev", None, 7, None),
+        ("text, all files", 3150, 212, 21500),
+    ]
+    # One file a side: no total row; no validation files: '-'; an index without per-file counts: its totals.
+    assert split_rows("captions", [c("cc3m_train.jsonl", 9, 90)], [c("cc3m_val.jsonl", 1)]) == \
+           [("cc3m_train.jsonl", 9, 1, 90)]
+    assert split_rows("captions", [c("a.jsonl", 9, 90), c("b.jsonl", 1, 5)], []) == \
+           [("a.jsonl", 9, None, 90), ("b.jsonl", 1, None, 5), ("captions, all files", 10, None, 95)]
+    assert split_rows("text", None, [c("x.dev", 3), c("y.dev", 4)], {"samples": 70, "words": 700}) == \
+           [("text, all files", 70, 7, 700)]
+    table = format_split_table([("BabyLM text", 5_492_930, 289_102, 50_000_000), ("cc3m", 2_061_837, None, 25_000)])
+    assert table.splitlines() == [
+        "dataset      train sentences  val sentences  val share (%)  train words",
+        "BabyLM text        5,492,930        289,102            5.0   50,000,000",
+        "cc3m               2,061,837              -              -       25,000",
+    ]
+
+
+def _split_table(printed: str) -> dict[str, list[str]]:
+    """The printed split table: dataset -> its other columns."""
+    lines = printed.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("dataset "))
+    assert lines[head].split("  ")[0].strip() == "dataset" and "val share (%)" in lines[head]
+    return {cells[0]: cells[1:] for cells in (re.split(r"\s{2,}", line.strip()) for line in lines[head + 1:])}
+
+
+def test_corpus_prints_each_datasets_split_and_keeps_per_file_counts(make_cfg, tmp_path, capsys):
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "childes.train").write_text("the cat sat .\n\n  a dog  runs\nhere it is now .\n" * 10)  # 30 lines, 120 words
+    (d / "bnc_spoken.train").write_text("yes .\nno it is not .\n" * 5)  # 10 lines, 35 words
+    (d / "childes.dev").write_text("the dog sat .\n\nhere .\n")  # 2 lines
+    (d / "switchboard.dev").write_text("uh huh .\n")  # 1 line, no training file
+    (d / "cc3m_train.jsonl").write_text(
+        "".join(json.dumps({"image_id": f"i{i}", "caption": "a red circle is here ."}) + "\n" for i in range(12))
+        + '{"image_id": "bad"}\n')  # 12 valid lines of 6 words, 1 malformed
+    (d / "cc3m_val.jsonl").write_text(
+        "".join(json.dumps({"image_id": f"v{i}", "caption": "two blue squares ."}) + "\n" for i in range(3)))
+    cfg = make_cfg(f"data.text=['{d}/childes.train', '{d}/bnc_spoken.train']",
+                   f"data.dev_text=['{d}/*.dev']", f"data.captions=['{d}/cc3m_train.jsonl']",
+                   f"data.dev_captions=['{d}/cc3m_val.jsonl']", "tokenizer.vocab_size=300")
+    tokenizer.run(cfg, progress=False)
+    capsys.readouterr()
+    corpus.run(cfg)
+    want = {
+        "childes.train": ["30", "2", "6.2", "120"],
+        "bnc_spoken.train": ["10", "-", "-", "35"],
+        "switchboard.dev": ["-", "1", "-", "-"],
+        "text, all files": ["40", "3", "7.0", "155"],
+        "cc3m_train.jsonl": ["12", "3", "20.0", "72"],
+    }
+    assert _split_table(capsys.readouterr().out) == want
+    for source, files in [("text", [("childes.train", 30, 120), ("bnc_spoken.train", 10, 35)]),
+                          ("captions", [("cc3m_train.jsonl", 12, 72)])]:
+        shards = TokenShards(cfg.layout.corpus_source_dir(source))
+        index = shards.index
+        assert [(Path(f["path"]).name, f["samples"], f["words"]) for f in index["files"]] == files
+        assert sum(f["samples"] for f in index["files"]) == index["samples"] == len(shards)
+        assert sum(f["words"] for f in index["files"]) == index["words"] == int(shards.words().sum())
+    # Up to date: the same table from the index; an index from before per-file counts: its totals.
+    corpus.run(cfg)
+    assert _split_table(capsys.readouterr().out) == want
+    index_file = cfg.layout.corpus_source_dir("text") / "index.json"
+    index = json.loads(index_file.read_text())
+    del index["files"]
+    index_file.write_text(json.dumps(index))
+    corpus.run(cfg)
+    printed = capsys.readouterr().out
+    assert "corpus: " + str(index_file.parent) + " is up to date" in printed
+    assert _split_table(printed) == {"text, all files": ["40", "3", "7.0", "155"],
+                                     "cc3m_train.jsonl": ["12", "3", "20.0", "72"]}
+
+
+def test_a_missing_validation_file_is_one_clear_error_before_any_work(make_cfg):
+    cfg = make_cfg("data.dev_captions=['/nonexistent/val.jsonl']")
+    tokenizer.run(cfg, progress=False)
+    with pytest.raises(VlmergeError, match="data.dev_captions: /nonexistent/val.jsonl: no such file"):
+        corpus.run(cfg)
+    assert not cfg.layout.corpus_dir.exists()
+
+
+def test_no_dev_captions_leaves_the_data_section_as_it_was(make_cfg):
+    # Run fingerprints hold the data section: configs without dev_captions keep theirs.
+    assert list(make_cfg().data.model_dump()) == ["text", "dev_text", "captions"]
+    assert make_cfg("data.dev_captions=['v.jsonl']").data.model_dump()["dev_captions"] == ["v.jsonl"]

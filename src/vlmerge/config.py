@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 from vlmerge.device import DEVICE_RULE, check_device_spec
 from vlmerge.errors import VlmergeError
@@ -88,8 +89,20 @@ class DataConfig(_Section):
     """Training text: BabyLM `.train` files (one utterance per line) and caption manifests."""
 
     text: list[str] = []
-    dev_text: list[str] = []
+    dev_text: list[str] = Field(
+        [], description="text files of the validation split: counted by `vlmerge corpus`, not trained on")
     captions: list[str] = []
+    dev_captions: list[str] = Field(
+        [], description="caption manifests of the validation split: counted by `vlmerge corpus`, not trained on")
+
+    @model_serializer(mode="wrap")
+    def _leave_out_empty_dev_captions(self, handler):
+        # dev_captions came later: left out when empty, configs and run fingerprints (which hold the data
+        # section) stay as they were.
+        out = handler(self)
+        if not self.dev_captions:
+            out.pop("dev_captions", None)
+        return out
 
 
 class TokenizerConfig(_Section):
@@ -184,6 +197,10 @@ class ModelConfig(_Section):
     num_heads: int = Field(12, ge=1)
     intermediate_size: int = Field(3072, ge=8)
     max_length: int = Field(128, ge=8)
+    vocab_size: int | None = Field(
+        None, ge=8, description="rows of the embedding and the output layer, the tokenizer's tokens first and "
+                                "the rest never seen (a corpus whose tokenizer stops short of the paper's "
+                                "vocabulary keeps its shapes); None: the tokenizer's size")
     init_seed: int = 0
     experts: Literal["none", "all", "attention", "ffn", "layernorm"] = Field(
         "none", description="modality experts (Sung et al. 2023): which modules keep per-modality weights")
@@ -322,7 +339,7 @@ class AnalysisConfig(_Section):
          "perplexity": "logprob_per_token"},
         description="language tasks (the text twin's strength) -> the metric that scores them")
     multimodal_tasks: dict[str, str] = Field(
-        {"winoground": "unpaired_accuracy", "vqa": "accuracy"},
+        {"winoground": "unpaired_accuracy", "winoground_full": "unpaired_accuracy", "vqa": "accuracy"},
         description="grounding tasks (the multimodal twin's strength) -> the metric that scores them")
     tolerance: float = Field(0.02, ge=0, description="best alpha: the largest multimodal drop allowed (score units)")
     alpha: float = Field(0.5, description="the alpha of the distance-against-drop figures")
@@ -444,10 +461,15 @@ def apply_override(raw: dict, keys: list[str], value: Any) -> None:
 
 
 def merge_dicts(base: dict, top: dict) -> dict:
-    """`top` over `base`, recursively for mappings (lists and values are replaced)."""
+    """`top` over `base`, recursively for mappings (lists and values are replaced); a key that `top`
+    sets to null is dropped from `base`'s, so that an overlay removes an entry (a task of eval.tasks)
+    or gives a setting back its default."""
     out = dict(base)
     for k, v in top.items():
-        out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        if v is None and k in base:
+            del out[k]
+        else:
+            out[k] = merge_dicts(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

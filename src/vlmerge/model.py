@@ -238,8 +238,10 @@ def build_config(mc: ModelConfig, tokenizer, feature_dim: int, feature_layer: in
     """The model config from the experiment's `model` section, tokenizer, feature size and image
     tokens per image (G² for a store of `features.grid` G); the expert variant (`model.experts`)
     when `experts`."""
+    if mc.vocab_size is not None and mc.vocab_size < len(tokenizer):
+        raise VlmergeError(f"model.vocab_size {mc.vocab_size}: smaller than the tokenizer's {len(tokenizer)} tokens")
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
+        vocab_size=mc.vocab_size or len(tokenizer),
         hidden_size=mc.hidden_size,
         intermediate_size=mc.intermediate_size,
         num_hidden_layers=mc.num_layers,

@@ -42,8 +42,9 @@ def stand_in(folder: Path, root: Path) -> Path:
     _, sentences, _ = load_pairs(SHARED_BLIMP, None)
     tokenizer = train_bpe(sentences, cfg.tokenizer, progress=False)
     features = FeatureTable(root / "features" / "demo.h5")  # the demo's Winoground images
-    config = build_config(cfg.model, tokenizer, features.dim, cfg.features.layer)
-    config.text_config.vocab_size = cfg.tokenizer.vocab_size  # BLiMP's words use fewer; the model has the config's head
+    # BLiMP's words make fewer tokens: the model is padded to the config's 30,000 rows
+    model = cfg.model.model_copy(update={"vocab_size": cfg.tokenizer.vocab_size})
+    config = build_config(model, tokenizer, features.dim, cfg.features.layer)
     with quiet_transformers():
         init_model(config, 0).save_pretrained(folder)
         tokenizer.save_pretrained(folder)

@@ -48,8 +48,8 @@ from vlmerge.merge.experts import expert_method
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, write_rows
-from vlmerge.sweep.plan import (Checkpoints, WorkItem, all_checkpoints, array_layout, best_text_data, eval_salt, plan,
-                                run_checkpoints, sweep_runs, sweep_tasks)
+from vlmerge.sweep.plan import (BEST_TEXT_RUNS, Checkpoints, WorkItem, all_checkpoints, array_layout, best_text_data,
+                                best_text_salt, plan, run_checkpoints, sweep_runs, sweep_tasks)
 from vlmerge.sweep.run import endpoint_id, finished
 from vlmerge.train.schedule import checkpoint_words as schedule_words
 
@@ -350,22 +350,25 @@ def array_seconds(cfg: Config, todo: Sequence[WorkItem], cal: Calibration,
 
 
 def best_text_seconds(cfg: Config, cal: Calibration, runs: Checkpoints) -> float:
-    """Pairing best_text: every text checkpoint scored on sweep.best_text_task before the plan exists
-    (jobs/pipeline.sh's best-text job), unless its scores are kept already."""
+    """Pairing best_text: every checkpoint of both twins scored on sweep.best_text_task before the plan
+    exists (jobs/pipeline.sh's best-text job), less those whose scores are kept already."""
     if cfg.sweep.pairing != "best_text":
         return 0.0
     name, data = best_text_data(cfg)
     cache = best_text_cache(cfg.layout.results_dir)
-    if cache.is_file() and read_json(cache).get("salt") == eval_salt(cfg, [name], {name: data}):
+    kept = read_json(cache) if cache.is_file() else {}
+    scored = kept["accuracy"] if kept.get("salt") == best_text_salt(cfg) else {}
+    todo = sum(str(c.relative_to(cfg.root)) not in scored.get(run, {})
+               for run in BEST_TEXT_RUNS for c in run_checkpoints(cfg, run, runs))
+    if not todo:
         return 0.0
     task = next((t for t in cal.tasks if t.task == name), None)
     if task is None:
-        raise VlmergeError(f"sweep plan --estimate: pairing best_text scores the text checkpoints on {name}, which "
+        raise VlmergeError(f"sweep plan --estimate: pairing best_text scores the checkpoints on {name}, which "
                            "is not among the sweep's tasks to calibrate on")
     # its own data (e.g. the full BLiMP beside the sweep's fast one), priced at the sample's rate per item
     items = len(get_task(name).load(Path(data), ProblemLog())) if data != cfg.eval.tasks.get(name) else task.items
-    per_checkpoint = cal.load_s + (task.prepare_s + task.score_s) * items / task.sampled
-    return len(run_checkpoints(cfg, "text", runs)) * per_checkpoint
+    return todo * (cal.load_s + (task.prepare_s + task.score_s) * items / task.sampled)
 
 
 def estimate(cfg: Config, items: Sequence[WorkItem], cal: Calibration, per_task: int,

@@ -125,6 +125,9 @@ def eval_salt(cfg: Config, tasks: list[str], data: Mapping[str, str] | None = No
                         cfg.features.name])
 
 
+BEST_TEXT_RUNS = ("text", "multimodal")  # scored on the best-text data: the text twin picks, both are Fig. 3
+
+
 def best_text_data(cfg: Config) -> tuple[str, str]:
     """(task, data path) that picks the text checkpoint of pairing best_text."""
     task = cfg.sweep.best_text_task
@@ -133,6 +136,12 @@ def best_text_data(cfg: Config) -> tuple[str, str]:
         raise VlmergeError(f"sweep.best_text_task {task}: no data to score the text checkpoints on; set "
                            f"eval.tasks.{task} or sweep.best_text_data")
     return task, data
+
+
+def best_text_salt(cfg: Config) -> str:
+    """What the kept best-text scores are of: the task, its data, how it is scored, which runs."""
+    task, data = best_text_data(cfg)
+    return fingerprint([eval_salt(cfg, [task], {task: data}), BEST_TEXT_RUNS])
 
 
 def sweep_tasks(cfg: Config) -> list[str]:

@@ -34,11 +34,12 @@ from vlmerge.merge.experts import ExpertMerger, expert_distance_rows, expert_met
 from vlmerge.merge.grams import write_grams
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
-from vlmerge.layout import (RESULT_DATASETS, babylm_export_dir, babylm_exports_root, best_text_cache, endpoint_name,
-                            result_dataset_dir, result_file)
+from vlmerge.layout import (RESULT_DATASETS, babylm_export_dir, babylm_exports_root, best_text_cache,
+                            checkpoint_words, endpoint_name, result_dataset_dir, result_file)
 from vlmerge.results import (ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, ModelKey, checkpoint_run,
                              compacted_item_ids, write_rows)
-from vlmerge.sweep.plan import WorkItem, best_text_data, eval_salt, run_checkpoints, sweep_tasks
+from vlmerge.sweep.plan import (BEST_TEXT_RUNS, WorkItem, best_text_data, best_text_salt, run_checkpoints,
+                                sweep_tasks)
 
 
 def metrics_path(cfg: Config, name: str) -> Path:
@@ -214,24 +215,36 @@ def run_items(cfg: Config, items: list[WorkItem], *, progress: bool = False, job
     return ran
 
 
-def best_text_pairing(cfg: Config) -> dict[Path, Path]:
-    """Every multimodal checkpoint -> the text checkpoint with the best mean accuracy on
-    sweep.best_text_task (on sweep.best_text_data, or its eval.tasks data: the paper's pairing);
-    the scores are kept in results/<exp>/best_text.json."""
+def best_text_scores(cfg: Config) -> dict:
+    """Every checkpoint of both twins scored on sweep.best_text_task (on sweep.best_text_data, or its
+    eval.tasks data), kept in results/<exp>/best_text.json: {"salt", "task", "data", "accuracy":
+    {run: {checkpoint: {"words", "accuracy"}}}}. The text twin's pick the pairing; both twins' are
+    Takmaz et al.'s Fig. 3. Checkpoints scored already are kept (a killed job, or training that went on)."""
     cache = best_text_cache(cfg.layout.results_dir)
     task, data = best_text_data(cfg)
-    salt = eval_salt(cfg, [task], {task: data})
-    scores = read_json(cache) if cache.is_file() else {}
-    if scores.get("salt") != salt:
+    salt = best_text_salt(cfg)
+    kept = read_json(cache) if cache.is_file() else {}
+    scores = kept if kept.get("salt") == salt else {"salt": salt, "task": task, "data": data,
+                                                     "accuracy": {run: {} for run in BEST_TEXT_RUNS}}
+    todo = [(run, c) for run in BEST_TEXT_RUNS for c in run_checkpoints(cfg, run)
+            if str(c.relative_to(cfg.root)) not in scores["accuracy"][run]]
+    if todo:
         features = FeatureTable(cfg.eval_store_path)
         tasks = prepare(task_specs(cfg, [f"{task}={data}"]), features, ProblemLog())
-        scores, device = {"salt": salt, "task": task, "data": data, "accuracy": {}}, resolve_device(cfg.compute.device)
-        for ckpt in run_checkpoints(cfg, "text"):
-            model, tokenizer = load_model(ckpt, device)
-            scorer = config_scorer(cfg, model, tokenizer, features)
-            (result,) = evaluate(scorer, tasks)
-            acc = next(m.value for m in result.metrics if m.subtask == "" and m.metric == "accuracy")
-            scores["accuracy"][str(ckpt.relative_to(cfg.root))] = acc
-        write_json(cache, scores)
-    best = cfg.root / max(scores["accuracy"], key=scores["accuracy"].get)
+        device = resolve_device(cfg.compute.device)
+    for run, ckpt in todo:
+        model, tokenizer = load_model(ckpt, device)
+        (result,) = evaluate(config_scorer(cfg, model, tokenizer, features), tasks)
+        acc = next(m.value for m in result.metrics if m.subtask == "" and m.metric == "accuracy")
+        scores["accuracy"][run][str(ckpt.relative_to(cfg.root))] = {"words": checkpoint_words(ckpt), "accuracy": acc}
+        write_json(cache, scores)  # after each checkpoint: a killed job keeps what it scored
+        print(f"best text: {run} {ckpt.name}: {task} accuracy {acc:.4f} ({len(todo)} checkpoint(s) to score)")
+    return scores
+
+
+def best_text_pairing(cfg: Config) -> dict[Path, Path]:
+    """Every multimodal checkpoint -> the text checkpoint with the best accuracy of best_text_scores
+    (the paper's pairing)."""
+    text = best_text_scores(cfg)["accuracy"]["text"]
+    best = cfg.root / max(text, key=lambda c: text[c]["accuracy"])
     return {m: best for m in run_checkpoints(cfg, "multimodal")}

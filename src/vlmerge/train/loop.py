@@ -58,8 +58,10 @@ def _run_fingerprint(cfg: Config, run: str) -> str:
     """What determines a run's weights: a run directory is never continued under other settings."""
     # A fixed global batch is not a setting of the old runs: their fingerprints stay as they were.
     t = cfg.train.model_dump(exclude={"log_every", "check_replicas"} | ({"global_batch"} if cfg.train.global_batch is None else set()))
-    # The expert fields shape the expert run only: the other runs keep the fingerprints they had.
-    model = cfg.model.model_dump(exclude=None if run == EXPERT_RUN else {"experts", "cross_modal_layers"})
+    # The expert fields shape the expert run only, a padded vocabulary the runs that have one: the
+    # other runs keep the fingerprints they had.
+    model = cfg.model.model_dump(exclude=(set() if run == EXPERT_RUN else {"experts", "cross_modal_layers"})
+                                 | ({"vocab_size"} if cfg.model.vocab_size is None else set()))
     # A feature grid shapes the model (G² image tokens); grid 1 runs keep the fingerprints they had.
     features = [cfg.features.name] + ([cfg.features.grid] if cfg.features.grid > 1 else [])
     return fingerprint([model, t, cfg.checkpoints.words, getattr(cfg.runs, run).model_dump(),

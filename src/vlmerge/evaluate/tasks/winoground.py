@@ -1,5 +1,11 @@
 """Winoground (Thrush et al. 2022): text, image and group scores, and BabyLM's unpaired accuracy.
 
+Two tasks share the requests and metrics: `winoground` reads either format below (BabyLM's
+filtered set, exported for BabyLM's pipeline); `winoground_full` reads only the Hugging Face
+release, the full 400 items as Takmaz et al. (BabyLM 2025) evaluate them, whose "unpaired text
+score" is unpaired_accuracy over all 800 images. It has no BabyLM export (the pipeline has no
+such task); a filtered per-image line given to it is a per-line problem.
+
 Two formats, one JSON object per line, both read into the same 2 × 2 items:
 
 - the Hugging Face release (facebook/winoground, gated; `data/examples.jsonl`): `id`,
@@ -34,6 +40,9 @@ from vlmerge.evaluate.readers import optional_string, read_records, strings
 from vlmerge.problems import ProblemLog
 
 EXPECTED = "Winoground JSONL (Hugging Face examples.jsonl or BabyLM's winoground_filtered)"
+EXPECTED_FULL = "Winoground JSONL (Hugging Face examples.jsonl)"
+FILTERED_IN_FULL = ("BabyLM's filtered per-image line: the full set is Hugging Face's examples.jsonl; "
+                    "point task winoground at this file")
 IMAGE_KEYS = {"image_0": 0, "image_1": 1}
 
 
@@ -67,10 +76,14 @@ def _item(obj: dict, where: str, problems: ProblemLog) -> WinogroundItem | None:
                           (f"ex_{idx}_img_0", f"ex_{idx}_img_1"), tag, (k,))
 
 
-def load(path: Path, problems: ProblemLog) -> list[WinogroundItem]:
-    """The items of a file or folder, in first-seen order; BabyLM's per-image lines are merged."""
+def load(path: Path, problems: ProblemLog, *, full: bool = False) -> list[WinogroundItem]:
+    """The items of a file or folder, in first-seen order; BabyLM's per-image lines are merged,
+    or with `full` (Hugging Face lines only) each recorded as a problem and left out."""
     items: dict[str, WinogroundItem] = {}
-    for _, where, obj in read_records(path, problems, EXPECTED):
+    for _, where, obj in read_records(path, problems, EXPECTED_FULL if full else EXPECTED):
+        if full and "image_idx" in obj:
+            problems.add(where, FILTERED_IN_FULL)
+            continue
         item = _item(obj, where, problems)
         if item is None:
             continue
@@ -80,6 +93,11 @@ def load(path: Path, problems: ProblemLog) -> list[WinogroundItem]:
         elif first is not item:
             items[item.item_id] = dataclasses.replace(first, unpaired=tuple(sorted({*first.unpaired, *item.unpaired})))
     return list(items.values())
+
+
+def load_full(path: Path, problems: ProblemLog) -> list[WinogroundItem]:
+    """The Hugging Face items only, both images of each counting toward unpaired accuracy."""
+    return load(path, problems, full=True)
 
 
 def requests(items: Sequence[WinogroundItem]) -> list[Request]:
@@ -122,3 +140,4 @@ def predict(items: Sequence[WinogroundItem], scores: Scores) -> list[Prediction]
 
 
 register(Task("winoground", load, requests, evaluate, needs_images=True, predict=predict, babylm="winoground"))
+register(Task("winoground_full", load_full, requests, evaluate, needs_images=True))
