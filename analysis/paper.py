@@ -180,6 +180,6 @@ def reference(found: list[View], scores: pd.DataFrame, experiment: str) -> pd.Da
         text = twins.loc[twins.text_words.idxmax(), "text_twin"]
         mm = twins.loc[twins.mm_words.idxmax(), "mm_twin"]
         lead = "text-only ahead" if text > mm else "multimodal ahead" if mm > text else "even"
-        rows.append((f"{task}, the twins' last checkpoints", direction,
+        rows.append((f"{task}: the paired text twin vs the last multimodal checkpoint", direction,
                      f"{lead} ({fmt_number(text)} vs {fmt_number(mm)}; point values, Findings give intervals)"))
     return pd.DataFrame(rows, columns=["", "Takmaz et al. 2025", f"this run ({experiment})"])

@@ -71,8 +71,9 @@ for run in $(python -m vlmerge sweep plan --runs --config "$config" "${overrides
         "${overrides[@]}" | cut -d';' -f1)")
 done
 planned=$(IFS=:; echo "${trained[*]}")
-# pairing best_text: every text checkpoint is scored to pick the best, in a job of the sweep's
-# device (its scores are kept in results/<exp>/best_text.json, which the plan then reads)
+# pairing best_text: every checkpoint of both twins is scored on the best-text data (the text twin's
+# pick the best; both are the paper's Fig. 3), in a job of the sweep's device (the scores are kept in
+# results/<exp>/best_text.json, which the plan then reads)
 if [ "$(value sweep.pairing)" = best_text ]; then
     gpu=()
     gpus=$(python -m vlmerge sweep plan --gpus --config "$config" "${overrides[@]}")

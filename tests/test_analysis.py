@@ -344,4 +344,5 @@ def test_takmaz_views_hold_the_papers_series_and_numbers():
     assert ref.loc["full BLiMP, best text-only checkpoint"].tolist() == ["74.82 (at 100M words)", "76.00 (at 2,000 words)"]
     assert ref.loc["full BLiMP, best multimodal checkpoint", "this run (paper)"] == "66.00 (at 2,000 words)"
     assert ref.loc["Winoground, multimodal twin and α = 0.3 merge (Fig. 11)", "this run (paper)"] == "50.00–57.00"
-    assert ref.loc["blimp, the twins' last checkpoints", "this run (paper)"].startswith("text-only ahead (0.75 vs 0.64")
+    assert ref.loc["blimp: the paired text twin vs the last multimodal checkpoint", "this run (paper)"].startswith(
+        "text-only ahead (0.75 vs 0.64")

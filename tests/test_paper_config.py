@@ -3,6 +3,11 @@ paper states, row by row, is the config's value, or the config documents why it 
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+
+import pytest
 import torch
 import yaml
 
@@ -120,3 +125,27 @@ def test_every_section_is_cited():
     for section in ("§3", "§4", "§5", "§6"):
         assert any(section in line for line in comments), section
     assert yaml.safe_load(TEXT)["experiment"] == "babylm-takmaz2025"
+
+
+@pytest.mark.slow
+def test_the_rehearsal_runs_every_stage_and_ends_with_the_papers_views(tmp_path):
+    # `make rehearsal` at toy widths: the same config, driver and stages, in seconds instead of 30 minutes
+    root = tmp_path / "root"
+    small = [f"paths.root={root}", "model.num_layers=1", "model.hidden_size=32", "model.num_heads=2",
+             "model.intermediate_size=64", "model.vocab_size=1000", "demo.text_words=1000", "demo.n_images=100",
+             "demo.n_winoground=8", "checkpoints.words=[2000,4000]", "train.global_batch=64"]
+    run = subprocess.run([sys.executable, str(REPO / "tests/bench/rehearsal.py"), "--fast", "2", "--full", "3", *small],
+                         capture_output=True, text=True, cwd=REPO)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    summary = json.loads((root / "rehearsal.json").read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["demo world", "tokenizer", "corpus", "features", "train text",
+                                                       "train multimodal", "estimate", "best text", "sweep", "report"]
+    assert all(s["seconds"] > 0 and s["peak_rss_bytes"] > 2**20 for s in summary["stages"])
+    assert summary["blimp_pairs"] == {"fast": 2 * 67, "full": 3 * 67}
+    assert summary["runs"]["multimodal"]["checkpoints"] == [0, 2000, 4000] and summary["sweep"]["predicted_seconds"] > 0
+    views = (root / "reports/rehearsal-takmaz2025/takmaz2025.md").read_text()
+    for view in ("Fig. 3", "Fig. 10", "Fig. 11", "74.82 (at 100M words)"):
+        assert view in views, view
+    assert "not drawn" not in views and "/blimp/full (the best-text data)" in views
+    html = (root / "reports/rehearsal-takmaz2025/report.html").read_text()
+    assert "Takmaz et al. 2025: the paper&#x27;s views" in html and html.count("takmaz2025-fig") == 0  # embedded

@@ -62,8 +62,12 @@ def run_stage(args: list[str]) -> tuple[float, int, str]:
     """Run `vlmerge ARGS`, its output passed through; (wall seconds, peak RSS bytes, stdout)."""
     start = time.perf_counter()
     proc = subprocess.Popen([str(VLMERGE), *args], stdout=subprocess.PIPE, text=True)
-    out = proc.stdout.read()
-    sys.stdout.write(out)
+    lines = []
+    for line in proc.stdout:  # as it comes: a stage of minutes shows its progress
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        lines.append(line)
+    out = "".join(lines)
     _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
