@@ -324,7 +324,7 @@ def test_reading_matches_an_independent_r2_gain(tmp_path):
     assert len(words) == 58 and [w for w, _ in problems.items] == [f"{path}:7", f"{path}:10"]
     reqs = t.requests(words)
     # an empty item is read as "None" and an empty prev_item means no previous word, as pandas does for the pipeline
-    assert reqs[:2] == [Request("the", "None", None, 0, True), Request("dog", "the", None, 1, True)]
+    assert reqs[:2] == [Request("the", "None", None, 0, True), Request("dog", "the", None, 1, True)]  # by subword
     rng = np.random.default_rng(5)
     lp = -rng.uniform(1, 12, len(reqs))
     metrics, per_item = t.evaluate(words, Scores(lp, np.ones(len(reqs), np.int64)))
@@ -359,20 +359,54 @@ def test_reading_matches_an_independent_r2_gain(tmp_path):
     assert babylm_predictions(tmp_path, "reading", "reading") == tmp_path / "zero_shot/causal/reading/predictions.json"
 
 
-def test_reading_word_surprisal_appends_the_word_tokens(tmp_path, tiny_lm):
+def get_p2(lm, tok, sentence: str, word: str) -> float:
+    """reading/evaluation_functions.py `get_p2`, one word at a time, as log p: the first subword after
+    the sentence, then each next one after the sentence + the decoded subwords, retokenised."""
+    def next_logp(sentence: str, token: int) -> float:
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([tok(sentence)["input_ids"]])).logits[0, -1]
+        return logits.log_softmax(-1)[token].item()
+
+    target = tok(word, add_special_tokens=False)["input_ids"]
+    total, sentence = next_logp(sentence, target[0]), sentence + tok.decode(target[0])
+    for token in target[1:]:
+        piece = tok.decode(token)
+        total += next_logp(sentence, tok(piece, add_special_tokens=False)["input_ids"][0])
+        sentence += piece
+    return total
+
+
+def appended(lm, tok, sentence: str, word: str) -> float:
+    """The word's own tokens appended to the sentence's: what the pipeline's rule is not."""
+    ctx = tok(sentence)["input_ids"]
+    ids = ctx + tok(word, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = lm(input_ids=torch.tensor([ids])).logits.log_softmax(-1)[0]
+    return sum(logp[j - 1, ids[j]].item() for j in range(len(ctx), len(ids)))
+
+
+def test_reading_word_surprisal_is_the_pipelines_get_p2(tmp_path, tiny_lm):
     lm, tok = tiny_lm
     words = get_task("reading").load(reading_csv(tmp_path / "reading_data.csv", 12), ProblemLog())
-    got = Scorer(lm, tok).score(get_task("reading").requests(words[:4])).logprob
-    want = []
-    for w in words[:4]:
-        for item, word in [(w.item, w.word), *([w.prev] if w.prev else [])]:
-            ctx = tok(item)["input_ids"]
-            ids = ctx + tok(word, add_special_tokens=False)["input_ids"]
-            with torch.no_grad():
-                logp = lm(input_ids=torch.tensor([ids])).logits.log_softmax(-1)[0]
-            want.append(sum(logp[j - 1, ids[j]].item() for j in range(len(ctx), len(ids))))
+    # beside the file's words: subwords that merge across the join and a split UTF-8 character
+    extra = [reading_word(len(words) + k, item, word) for k, (item, word) in
+             enumerate([("I saw", "them"), ("a", "naïve"), ("the dog", "boxes"), ("", "ïï")])]
+    words = words[:4] + extra
+    got = Scorer(lm, tok).score(get_task("reading").requests(words)).logprob
+    pairs = [pair for w in words for pair in [(w.item, w.word), *([w.prev] if w.prev else [])]]
+    want = [get_p2(lm, tok, item, word) for item, word in pairs]
     np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
-    assert len(tok(" splinged", add_special_tokens=False)["input_ids"]) > 1  # a multi-token word is in the file
+    # these words are where the rule matters: the appended tokens would score them otherwise
+    differ = [word for (item, word), w in zip(pairs, want) if abs(appended(lm, tok, item, word) - w) > 1e-3]
+    assert {"them", "naïve", "ïï"} <= set(differ)
+    assert any("\ufffd" in tok.decode(t) for t in tok("ïï", add_special_tokens=False)["input_ids"])  # a partial character
+
+
+def reading_word(index: int, item: str, word: str):
+    """One reading row's word (no previous word), for the scorer."""
+    from vlmerge.evaluate.tasks.reading import NUMERIC, Word
+
+    return Word(index, item or "None", word, None, dict.fromkeys(NUMERIC, 1.0))
 
 
 # --- age of acquisition ------------------------------------------------------------------------------------------

@@ -59,9 +59,9 @@ def requests(features) -> list[Request]:
         # one candidate the start of the other, and a group of one
         Request("The cat sat", group=2), Request("The cat sat on the mat", group=2),
         Request("Birds fly south in winter", group=3),
-        # word surprisal (reading): context and target tokenised apart
-        Request("mat", context="The cat sat on the", group=4, apart=True),
-        Request("the", context="The cat sat on", group=4, apart=True),
+        # word surprisal (reading): subword by subword after the retokenised context
+        Request("mat", context="The cat sat on the", group=4, by_subword=True),
+        Request("the", context="The cat sat on", group=4, by_subword=True),
     ]
 
 

@@ -207,6 +207,7 @@ class Prepared:
     requests: list[Request]
     target_lengths: list[int]
     batches: list[Batch]
+    owners: np.ndarray  # the request each scored sequence adds to (a word by subword: one per subword)
 
 
 class Scorer:
@@ -300,32 +301,43 @@ class Scorer:
         enc = self.tokenizer(unique, add_special_tokens=self.prompt == "text", return_offsets_mapping=True)
         return {t: (list(i), [tuple(o) for o in offs]) for t, i, offs in zip(unique, enc["input_ids"], enc["offset_mapping"])}
 
-    def _spans(self, requests: Sequence[Request]) -> tuple[list[list[int]], list[int]]:
-        """The BabyLM rule: (ids up to the completion's last token, completion tokens) per request.
-
-        A request `apart` (reading's word surprisal, reading/evaluation_functions.py `get_p2`) has
-        its context tokenised as a sentence and its target's tokens appended, all of them scored.
-        """
+    def _spans(self, requests: Sequence[Request]) -> tuple[list[list[int]], list[int], list[int]]:
+        """The BabyLM rule: (ids up to the completion's last token, completion tokens, its request) per
+        scored sequence, one per request but a word scored `by_subword` (one per subword)."""
         # Takmaz et al.'s "<image> "; K image tokens: the image token K times, then the space
         lead = IMAGE_TOKEN * self.image_tokens + " " if self.prompt == "takmaz2025" else ""
-        texts = [lead + r.context + ("" if r.apart else r.target) for r in requests]
-        table = self._with_offsets(texts)
-        targets = dict(zip((r.target for r in requests if r.apart),
-                           self._encode([r.target for r in requests if r.apart])))
-        seqs, lengths = [], []
-        for r, text in zip(requests, texts):
+        steps = self._subword_steps([(i, lead + r.context, r.target) for i, r in enumerate(requests) if r.by_subword])
+        texts = [lead + r.context + r.target for r in requests if not r.by_subword]
+        table = self._with_offsets(texts + [context for _, context, _ in steps])
+        seqs, lengths, owners = [], [], []
+        for i, (r, text) in enumerate(zip((r for r in requests if not r.by_subword), texts)):
             ids, offsets = table[text]
-            if r.apart:
-                seqs.append(self.prefix + ids + targets[r.target])
-                lengths.append(len(targets[r.target]))
-                continue
             ids, offsets = self.prefix + list(ids), [(0, 0)] * len(self.prefix) + list(offsets)
             # text: the pipeline's `+ offset_mapping[start_idx][0]`; the fork adds nothing
             shift = offsets[0][0] if self.prompt == "text" else 0
             first, stop = completion_span(offsets, len(text) - len(r.target) + shift)
             seqs.append(ids[:stop])
             lengths.append(stop - first)
-        return seqs, lengths
+        owners = [i for i, r in enumerate(requests) if not r.by_subword]
+        for i, context, target in steps:
+            seqs.append(self.prefix + table[context][0] + [target])
+            lengths.append(1)
+            owners.append(i)
+        return seqs, lengths, owners
+
+    def _subword_steps(self, words: Sequence[tuple[int, str, str]]) -> list[tuple[int, str, int]]:
+        """(request, context, token) of every subword of every (request, context, word): the word's
+        first token after the context; then each next subword after the context extended by the
+        decoded subwords before it, retokenised, as the first token of that subword decoded and
+        encoded alone (reading/evaluation_functions.py `get_p2`, whose sentence + decoded subword may
+        merge across the join, e.g. "the" + "m", or hold a partial UTF-8 character's "\ufffd")."""
+        out = []
+        for (i, context, _), target in zip(words, self._encode([word for _, _, word in words])):
+            pieces = [self.tokenizer.decode(t) for t in target]
+            firsts = [target[0]] + [ids[0] if ids else t for ids, t in zip(self._encode(pieces[1:]), target[1:])]
+            for k, token in enumerate(firsts):
+                out.append((i, context + "".join(pieces[:k]), token))
+        return out
 
     def prepare(self, requests: Sequence[Request]) -> Prepared:
         """Tokenise and batch once; a sweep scores the same requests at every α."""
@@ -333,10 +345,13 @@ class Scorer:
             contexts = self._encode([r.context for r in requests])
             targets = self._encode([r.target for r in requests])
             seqs = [self.prefix + c + t for c, t in zip(contexts, targets)]
-            lengths = [len(t) for t in targets]
+            lengths, owners = [len(t) for t in targets], list(range(len(requests)))
         else:
-            seqs, lengths = self._spans(requests)
-        return Prepared(list(requests), lengths, self._batches(requests, seqs, lengths))
+            seqs, lengths, owners = self._spans(requests)
+        owners = np.array(owners, dtype=np.int64)
+        per_request = np.bincount(owners, weights=lengths, minlength=len(requests)).astype(np.int64).tolist()
+        return Prepared(list(requests), per_request, self._batches([requests[o] for o in owners], seqs, lengths),
+                        owners)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         # Host tensors of a GPU scorer are pinned: the copy is queued, and the host goes on.
@@ -361,9 +376,11 @@ class Scorer:
                 lp = target_logprobs(logits, self._to_device(b.rows), self._to_device(b.targets))
                 total = torch.zeros(len(b.requests), dtype=torch.float64, device=self.device)
                 sums.append(total.index_add_(0, self._to_device(b.owners), lp.double()))
-        logprob = np.zeros(len(p.requests))
+        sequences = np.zeros(len(p.owners))
         if sums:  # one copy back, after every batch is queued
-            logprob[np.concatenate([b.requests for b in p.batches])] = torch.cat(sums).cpu().numpy()
+            sequences[np.concatenate([b.requests for b in p.batches])] = torch.cat(sums).cpu().numpy()
+        # a request of one sequence gets its sum as it is (0 + x is x); a word by subword, its subwords' sum
+        logprob = np.bincount(p.owners, weights=sequences, minlength=len(p.requests))
         return Scores(logprob, np.array(p.target_lengths, dtype=np.int64))
 
     def _features(self, images: list[str | None]) -> torch.Tensor:

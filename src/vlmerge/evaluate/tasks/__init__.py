@@ -28,7 +28,7 @@ class Request:
     context: str = ""
     image: str | None = None  # an image id of the feature store; None: the null (black) image
     group: int = 0  # requests of one group are scored in the same batch (the two sides of a pair)
-    apart: bool = False  # context and target tokenised apart, every target token scored (word surprisal)
+    by_subword: bool = False  # a word's surprisal, subword by subword after the retokenised context (get_p2)
 
 
 @dataclasses.dataclass(frozen=True)

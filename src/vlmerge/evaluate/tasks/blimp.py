@@ -11,8 +11,10 @@ field "syntax_semantics" is spelled "syntax/semantics" (the original BLiMP uses 
 
 Each sentence is scored whole (empty context, the null image); a pair is correct iff
 log p(good) >= log p(bad) (the arg-max with the good sentence first: a tie counts, as in
-compute_results.py `rank_and_evaluate`; 7 real BLiMP pairs are identical sentences). Metrics: accuracy per subtask, their unweighted mean (subtask
-""), and per BLiMP field the unweighted mean over its paradigms ("field:<field>").
+compute_results.py `rank_and_evaluate`; 7 real BLiMP pairs are identical sentences). Metrics:
+accuracy per subtask, their unweighted mean (subtask ""), and per BLiMP field the accuracy over
+all its pairs ("field:<field>": `rank_and_evaluate` counts correct and total per metadata value,
+so a field pools its paradigms' pairs).
 
 The helpers here (`task_files`, `read_records`, `strings`, `optional_string`,
 `accuracy_metrics`) are shared by the other task modules.
@@ -25,7 +27,7 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
-from vlmerge.evaluate.metrics import first_is_best, macro_mean
+from vlmerge.evaluate.metrics import accuracy_by, first_is_best
 from vlmerge.evaluate.readers import optional_string, read_records, strings
 from vlmerge.evaluate.tasks import (ItemScore, Metric, Prediction, Request, Scores, Task, accuracy_metrics,
                                     choice_predictions, register)
@@ -63,14 +65,12 @@ def pair_requests(pairs: Sequence[Pair]) -> list[Request]:
 
 
 def evaluate_pairs(pairs: Sequence[Pair], scores: Scores) -> tuple[list[Metric], list[ItemScore]]:
-    """Accuracy per subtask, their macro mean, and the macro mean per BLiMP field."""
+    """Accuracy per subtask, their macro mean, and per BLiMP field over its pairs."""
     correct = first_is_best(scores.logprob, [2] * len(pairs))
     metrics = accuracy_metrics([p.subtask for p in pairs], correct)
-    per_subtask = {m.subtask: (m.value, m.n) for m in metrics if m.subtask}
-    field_of = {p.subtask: p.field for p in pairs if p.field}
-    for field in sorted(set(field_of.values())):
-        mean, n = macro_mean({s: per_subtask[s] for s, f in field_of.items() if f == field})
-        metrics.append(Metric(f"field:{field}", "accuracy", mean, n))
+    fielded = [(f"field:{p.field}", ok) for p, ok in zip(pairs, correct) if p.field]
+    metrics += [Metric(field, "accuracy", acc, n) for field, (acc, n) in
+                accuracy_by([f for f, _ in fielded], [ok for _, ok in fielded]).items()]
     return metrics, [ItemScore(p.item_id, p.subtask, float(ok)) for p, ok in zip(pairs, correct)]
 
 

@@ -8,10 +8,13 @@ string "None"): one row per word, with `item` (the text before the word), `word`
 not measured), and the predictors `Subtlex_log10` (frequency), `length`, `context_length` and
 `prev_length`. A row without a word, or with a value that is not a number, is malformed.
 
-Surprisal (reading/evaluation_functions.py `get_p2`): −Σ log p of the word's tokens
-(tokenised alone, without special tokens) after the tokenised `item`, in nats; the same for the
-previous word (`prev_pred`). (The pipeline re-tokenises item + decoded token at each subword;
-we append the word's tokens, which differs only where that re-tokenisation merges them.)
+Surprisal (reading/evaluation_functions.py `get_p2`), in nats: the word tokenised alone (no
+special tokens); −log p of its first token after the tokenised `item`, then, for each next
+subword, after `item` + the subwords before it decoded, tokenised again, of the first token of
+that subword decoded and tokenised alone; summed (the Scorer's `by_subword` requests). Where the
+tokenizer merges across that join ("the" + "m" → "them") or a subword is part of a UTF-8
+character, this is not the log-probability of the word's own tokens: the pipeline's rule is the
+score. The same for the previous word (`prev_pred`).
 
 Metric (collate_preds.py `_calculate_reading_results`, reading/run.py): for each eye-tracking
 measure, OLS of the measure on Subtlex_log10, length, context_length and their pairwise
@@ -91,9 +94,9 @@ def requests(words: Sequence[Word]) -> list[Request]:
     """Each word after its item, then (if any) the previous word after its item; one group per row."""
     out = []
     for k, w in enumerate(words):
-        out.append(Request(w.word, context=w.item, group=k, apart=True))
+        out.append(Request(w.word, context=w.item, group=k, by_subword=True))
         if w.prev is not None:
-            out.append(Request(w.prev[1], context=w.prev[0], group=k, apart=True))
+            out.append(Request(w.prev[1], context=w.prev[0], group=k, by_subword=True))
     return out
 
 
