@@ -98,3 +98,19 @@ def test_the_estimate_of_a_trained_sweep_prices_every_item_and_writes_nothing(tw
     assert sorted(p for p in root.rglob("*")) == before  # an estimate writes nothing
     text = vlmerge_cli("sweep", "plan", "--estimate", "--sample", "50", f"paths.root={root}", *SWEEP)
     assert "plan: 9 item(s) to run (the trained runs' checkpoints): 27 merged models" in text.stdout, text.stderr
+
+
+def test_the_best_text_data_is_read_before_any_calibrating(tmp_path, monkeypatch):
+    from vlmerge.sweep import estimate as est
+
+    monkeypatch.setattr(est, "calibration_model", lambda *a, **k: pytest.fail("calibrated before reading the data"))
+    cfg = load_config(PAPER, [f"paths.root={tmp_path}", f"sweep.best_text_data={tmp_path}/no-blimp"])
+    words = {"text": 50_000_000, "multimodal": 100_000_000}
+    with pytest.raises(VlmergeError, match=f"{tmp_path}/no-blimp: no such file or folder"):
+        est.estimate_command(cfg, words_per_epoch=words, counts={}, calibrate_with=None, sample=None,
+                             max_array_size=1000, time_limit=None, as_json=True)
+    # the picking data's items, whatever the sweep's own data of that task
+    picking = tmp_path / "blimp"
+    picking.mkdir()
+    (picking / "p.jsonl").write_text('{"sentence_good": "a b", "sentence_bad": "b a"}\n' * 3)
+    assert est.best_text_items(load_config(PAPER, [f"paths.root={tmp_path}", f"sweep.best_text_data={picking}"])) == 3

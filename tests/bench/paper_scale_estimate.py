@@ -66,7 +66,8 @@ def main() -> None:
                    f"paths.root={tmp}", "--words-per-epoch", "text=50000000", "--words-per-epoch", "multimodal=100000000",
                    "--calibrate-with", str(model), "--items", f"blimp={items - 400}", "--items", "winoground=400",
                    f"eval.tasks={{blimp: {SHARED_BLIMP}, winoground: {root}/demo/eval/winoground.jsonl}}",
-                   f"eval.features={root}/features/demo.h5", f"eval.dtype={args.dtype}", "sweep.tasks=[blimp, winoground]"]
+                   f"eval.features={root}/features/demo.h5", f"eval.dtype={args.dtype}", "sweep.tasks=[blimp, winoground]",
+                   f"sweep.best_text_data={SHARED_BLIMP}"]  # the whole real BLiMP picks the text checkpoint
             print(f"== the {name} sets: {items:,} items per model ({args.dtype})", flush=True)
             subprocess.run(cmd, check=True)
 

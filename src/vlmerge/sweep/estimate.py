@@ -305,7 +305,7 @@ class Estimate:
     pairs: int
     task_seconds: list[float]
     one_process_seconds: float  # every item in one process (`vlmerge sweep run` outside an array)
-    best_text_seconds: float  # pairing best_text: scoring the text checkpoints first, before the array
+    best_text_seconds: float  # pairing best_text: scoring both twins' checkpoints first, before the array
     peak_rss: int
     peak_gpu: int
     results_bytes: float
@@ -351,12 +351,24 @@ def array_seconds(cfg: Config, todo: Sequence[WorkItem], cal: Calibration,
     return tasks, endpoints, pairs
 
 
-def best_text_seconds(cfg: Config, cal: Calibration, runs: Checkpoints) -> float:
-    """Pairing best_text: every checkpoint of both twins scored on sweep.best_text_task before the plan
-    exists (jobs/pipeline.sh's best-text job), less those whose scores are kept already."""
+def best_text_items(cfg: Config) -> int:
+    """Pairing best_text: the items of the data that picks the text checkpoint (read before any
+    calibrating: a missing file stops the estimate at once); 0 without that pairing."""
+    if cfg.sweep.pairing != "best_text":
+        return 0
+    name, data = best_text_data(cfg)
+    if name not in sweep_tasks(cfg):
+        raise VlmergeError(f"sweep plan --estimate: pairing best_text scores the checkpoints on {name}, which "
+                           "is not among the sweep's tasks to calibrate on")
+    return len(get_task(name).load(Path(data), ProblemLog()))
+
+
+def best_text_seconds(cfg: Config, cal: Calibration, runs: Checkpoints, items: int) -> float:
+    """Pairing best_text: every checkpoint of both twins scored on `items` of sweep.best_text_task
+    before the plan exists (jobs/pipeline.sh's best-text job), less those whose scores are kept."""
     if cfg.sweep.pairing != "best_text":
         return 0.0
-    name, data = best_text_data(cfg)
+    name, _ = best_text_data(cfg)
     cache = best_text_cache(cfg.layout.results_dir)
     kept = read_json(cache) if cache.is_file() else {}
     scored = kept["accuracy"] if kept.get("salt") == best_text_salt(cfg) else {}
@@ -364,17 +376,13 @@ def best_text_seconds(cfg: Config, cal: Calibration, runs: Checkpoints) -> float
                for run in BEST_TEXT_RUNS for c in run_checkpoints(cfg, run, runs))
     if not todo:
         return 0.0
-    task = next((t for t in cal.tasks if t.task == name), None)
-    if task is None:
-        raise VlmergeError(f"sweep plan --estimate: pairing best_text scores the checkpoints on {name}, which "
-                           "is not among the sweep's tasks to calibrate on")
     # its own data (e.g. the full BLiMP beside the sweep's fast one), priced at the sample's rate per item
-    items = len(get_task(name).load(Path(data), ProblemLog())) if data != cfg.eval.tasks.get(name) else task.items
+    task = next(t for t in cal.tasks if t.task == name)
     return todo * (cal.load_s + (task.prepare_s + task.score_s) * items / task.sampled)
 
 
 def estimate(cfg: Config, items: Sequence[WorkItem], cal: Calibration, per_task: int,
-             runs: Checkpoints = None) -> Estimate:
+             runs: Checkpoints = None, best_text_items: int = 0) -> Estimate:
     """The cost of the items not done yet, as an array of `per_task` items per task."""
     todo = [it for it in items if not finished(cfg, it.item_id)]
     tasks, seen_endpoints, seen_pairs = array_seconds(cfg, todo, cal, per_task)
@@ -386,7 +394,7 @@ def estimate(cfg: Config, items: Sequence[WorkItem], cal: Calibration, per_task:
     rows = (models + len(seen_endpoints)) * (cal.metric_rows * cal.metric_row_bytes + cal.item_rows * cal.item_row_bytes)
     prepared = sum(t.scale(t.bytes) for t in cal.tasks)
     return Estimate(len(todo), models, len(seen_endpoints), len(seen_pairs), tasks, one_process,
-                    best_text_seconds(cfg, cal, runs), int(cal.peak_rss + prepared), cal.peak_gpu, rows,
+                    best_text_seconds(cfg, cal, runs, best_text_items), int(cal.peak_rss + prepared), cal.peak_gpu, rows,
                     exported * cal.export_bytes)
 
 
@@ -422,8 +430,8 @@ def report(cal: Calibration, est: Estimate, *, plan_source: str, array: tuple[in
         f"{hours(est.total_seconds / max(len(est.task_seconds), 1))} on average; "
         f"total {est.total_seconds / 3600:.2f} worker-hours; "
         f"in one process (sweep run, no array): {hours(est.one_process_seconds)}",
-        *([f"  before the array: pairing best_text scores every text checkpoint first (pipeline.sh's best-text "
-           f"job): {hours(est.best_text_seconds)}"] if est.best_text_seconds else []),
+        *([f"  before the array: pairing best_text scores every checkpoint of both twins first (pipeline.sh's "
+           f"best-text job): {hours(est.best_text_seconds)}"] if est.best_text_seconds else []),
         f"  peak memory of a worker: {est.peak_rss / GIB:.2f} GiB RSS"
         + (f", {est.peak_gpu / GIB:.2f} GiB on the GPU" if est.peak_gpu else ""),
         f"  disk: results {est.results_bytes / 2**20:.1f} MiB, BabyLM exports {est.export_bytes / 2**20:.1f} MiB",
@@ -464,10 +472,11 @@ def estimate_command(cfg: Config, *, words_per_epoch: Mapping[str, int], counts:
     best_text = best_text_stand_in(cfg, runs) if cfg.sweep.pairing == "best_text" else None
     items = plan(cfg, best_text, runs)
     methods = sorted({it.method if expert_method(it.method) is None else "linear" for it in items})
+    picking = best_text_items(cfg)
     with calibration_model(cfg, calibrate_with, items) as model_dir:
         cal = calibrate(cfg, model_dir, methods, sample, counts)
     layout = array_layout(len([it for it in items if not finished(cfg, it.item_id)]) or 1, max_array_size)
-    est = estimate(cfg, items, cal, layout[1], runs)
+    est = estimate(cfg, items, cal, layout[1], runs, picking)
     if as_json:
         print(json.dumps({"calibration": dataclasses.asdict(cal), "estimate": est.as_json(), "array": layout}, indent=1))
     else:
