@@ -307,10 +307,11 @@ class Scorer:
         # Takmaz et al.'s "<image> "; K image tokens: the image token K times, then the space
         lead = IMAGE_TOKEN * self.image_tokens + " " if self.prompt == "takmaz2025" else ""
         steps = self._subword_steps([(i, lead + r.context, r.target) for i, r in enumerate(requests) if r.by_subword])
-        texts = [lead + r.context + r.target for r in requests if not r.by_subword]
+        whole = [(i, r) for i, r in enumerate(requests) if not r.by_subword]
+        texts = [lead + r.context + r.target for _, r in whole]
         table = self._with_offsets(texts + [context for _, context, _ in steps])
-        seqs, lengths, owners = [], [], []
-        for i, (r, text) in enumerate(zip((r for r in requests if not r.by_subword), texts)):
+        seqs, lengths = [], []
+        for (_, r), text in zip(whole, texts):
             ids, offsets = table[text]
             ids, offsets = self.prefix + list(ids), [(0, 0)] * len(self.prefix) + list(offsets)
             # text: the pipeline's `+ offset_mapping[start_idx][0]`; the fork adds nothing
@@ -318,7 +319,7 @@ class Scorer:
             first, stop = completion_span(offsets, len(text) - len(r.target) + shift)
             seqs.append(ids[:stop])
             lengths.append(stop - first)
-        owners = [i for i, r in enumerate(requests) if not r.by_subword]
+        owners = [i for i, _ in whole]
         for i, context, target in steps:
             seqs.append(self.prefix + table[context][0] + [target])
             lengths.append(1)
