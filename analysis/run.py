@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 
 from vlmerge.analysis import paper, plots, sung
+from vlmerge.analysis.finetune import finetune_table, without_finetune
 from vlmerge.analysis.findings import Finding, findings, to_json, to_markdown
 from vlmerge.analysis.correlations import COLUMNS as CORRELATION_COLUMNS
 from vlmerge.analysis.correlations import correlations, too_few_points
@@ -154,7 +155,9 @@ def write_tables(a: Analysis, out: Path) -> dict[str, pd.DataFrame]:
 def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: Sequence[Path] | None = None) -> Path:
     """Read, compute, draw and write everything into `out`; returns the report's path."""
     loaded = load(results, runs)
-    a = compute(twin_results(loaded), options)  # the expert models have Sung et al.'s views (below)
+    finetuned = finetune_table(loaded, options.bootstrap, np.random.default_rng(options.seed))
+    # the expert models have Sung et al.'s views (below), the fine-tuned models their table
+    a = compute(twin_results(without_finetune(loaded)), options)
     out.mkdir(parents=True, exist_ok=True)
     tables = write_tables(a, out)
     figures = draw(a, out / "figures")
@@ -177,6 +180,14 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
                 [("distance vs drop", tables["headline"])]),
         *figures,
     ]
+    if len(finetuned):
+        write_text(out / "finetune.csv", finetuned.to_csv(index=False))
+        write_text(out / "finetune.md", markdown_table(finetuned) + "\n")
+        sections.insert(2, Section(
+            "Fine-tuning", "BabyLM's (Super)GLUE fine-tuning of the twins and of the merges chosen in "
+            "sweep.finetune, on the valid split of each task (the epoch of best valid score kept, as the "
+            "pipeline does); accuracy's 95% bootstrap interval resamples the valid items (finetune.csv).",
+            [("fine-tuning", finetuned)]))
     paper_views, paper_md = paper.section(a.results, a.scores, out / "figures")
     if paper_views is not None:
         sections.insert(2, paper_views)

@@ -20,7 +20,7 @@ SOURCES = {REPO / "src" / "vlmerge": "vlmerge", REPO / "precompute": "vlmerge.pr
 SOURCES_ROOT = REPO / "src" / "vlmerge"
 CORE = {"config", "layout", "modelkey", "io", "errors", "results", "registry", "problems", "hf", "configs", "device"}
 ORCHESTRATION = {"sweep", "launch", "pipeline", "study", "cli"}
-STAGES = {"precompute", "data", "model", "train", "merge", "evaluate", "demo"}
+STAGES = {"precompute", "data", "model", "train", "merge", "evaluate", "finetune", "demo"}
 
 
 def group(module: str) -> str | None:

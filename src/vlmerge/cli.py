@@ -79,6 +79,22 @@ def _grams(cfg: Config, args: argparse.Namespace) -> None:
 
 
 def _eval(cfg: Config, args: argparse.Namespace) -> None:
+    if args.harness is not None:
+        # both would write the same results.parquet; lm-eval's tasks have no BabyLM 2025 export nor images
+        if args.task or args.export or args.shuffle_features is not None:
+            raise VlmergeError("--harness runs lm-eval's tasks alone: leave out --task, --export and "
+                               "--shuffle-features (run those with another --out)")
+        tasks = [t.strip() for t in args.harness.split(",") if t.strip()]
+        if not tasks:
+            raise VlmergeError("--harness: no task named; give TASK[,TASK…]")
+        from vlmerge.evaluate.run import harness_command
+
+        harness_command(cfg, Path(args.model), tasks, out=Path(args.out),
+                        include_path=[Path(d) for d in args.harness_include], dtype=args.dtype,
+                        features=args.features, job_id=launch.job_id())
+        return
+    if args.harness_include:
+        raise VlmergeError("--harness-include goes with --harness")
     from vlmerge.evaluate.run import eval_command
 
     if args.export and args.export[0] != "babylm":
@@ -86,6 +102,29 @@ def _eval(cfg: Config, args: argparse.Namespace) -> None:
     export = Path(args.export[1]) if args.export else None
     eval_command(cfg, Path(args.model), args.task, dtype=args.dtype, features=args.features, out=Path(args.out),
                  job_id=launch.job_id(), export=export, shuffle_features=args.shuffle_features)
+
+
+def _finetune(cfg: Config, args: argparse.Namespace) -> None:
+    from vlmerge.finetune.run import finetune_command
+
+    finetune_command(cfg, Path(args.model), args.task, out=Path(args.out), progress=_progress(args),
+                     job_id=launch.job_id())
+
+
+def _export_babylm(cfg: Config, args: argparse.Namespace) -> None:
+    from vlmerge.evaluate.babylm_submission import check_command, export_command
+
+    if args.check:
+        if args.run or args.out or args.text_only:
+            raise VlmergeError("--check reads a pipeline results folder: give it without --run, --out, --text-only")
+        if not args.track:
+            raise VlmergeError("--check needs --track (strict-small, strict, multimodal or interaction): it "
+                               "decides the revisions and the files collate_preds.py reads")
+        check_command(Path(args.check), args.track)
+    elif args.run and args.out:
+        export_command(cfg.layout.run_dir(args.run), Path(args.out), text_only=args.text_only)
+    else:
+        raise VlmergeError("give --run RUN --out DIR (export), or --check RESULTS/<model> --track TRACK")
 
 
 def _aoa(cfg: Config, args: argparse.Namespace) -> None:
@@ -119,6 +158,10 @@ def _sweep(cfg: Config, args: argparse.Namespace) -> None:
                          calibrate_with=Path(args.calibrate_with) if args.calibrate_with else None, sample=args.sample,
                          max_array_size=launch.max_array_size(), time_limit=launch.partition_time_limit(args.partition),
                          as_json=args.json)
+    elif args.action == "finetune":
+        index = args.index if args.index is not None else launch.array_task_index()
+        commands.finetune_command(cfg, index=index, count_only=args.array, progress=_progress(args),
+                                  job_id=launch.job_id())
     elif args.action == "plan":
         items = commands.current_plan(cfg)
         max_size = launch.max_array_size()
@@ -344,9 +387,38 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a control: every image gets another image's feature (seeded); the model's use of "
                         "the images is lost, the text is not")
     p.add_argument("--out", required=True, help="folder for results.parquet and items.parquet")
+    p.add_argument("--harness", metavar="TASK[,TASK]",
+                   help="lm-evaluation-harness tasks instead of --task (log-likelihood ones, scored by our Scorer; "
+                        "offline); lm-eval's results to OUT/harness/results.json")
+    p.add_argument("--harness-include", action="append", default=[], metavar="DIR",
+                   help="a folder of custom lm-eval task YAMLs (repeatable)")
     p.add_argument("--export", nargs=2, metavar=("FORMAT", "DIR"),
                    help="also write the predictions for submission: `babylm DIR` writes BabyLM 2025's "
                         "DIR/zero_shot/causal/<task>/<dataset>/predictions.json (DIR = its results/<model>/<revision>)")
+
+    p = stage("finetune", _finetune, "BabyLM's (Super)GLUE fine-tuning of a model (its recipe and head), task by task")
+    p.add_argument("--model", required=True, help="a checkpoint, a merge, or any causal-LM directory")
+    p.add_argument("--task", action="append", default=[], metavar="NAME[=FOLDER]",
+                   help="a task (boolq, cola, mnli, mrpc, multirc, qnli, qqp, rte, sst2, wsc) and the folder of its "
+                        "<task>.train.jsonl and <task>.valid.jsonl unless finetune.tasks has it (repeatable; "
+                        "default: finetune.tasks)")
+    p.add_argument("--out", required=True,
+                   help="folder of BabyLM's finetune/<task>/{results.txt,predictions.json} (DIR = its "
+                        "results/<model>/<revision>) and our results.parquet, items.parquet beside them")
+
+    from vlmerge.evaluate.babylm_submission import TRACKS as babylm_tracks
+
+    p = stage("export-babylm", _export_babylm,
+              "a run's checkpoints as BabyLM 2025's leaderboard revisions (chck_1M … chck_1000M, main = the last), "
+              "or --check a pipeline results folder before collate_preds.py")
+    p.add_argument("--run", choices=RUN_NAMES, help="the run whose checkpoints to export")
+    p.add_argument("--out", help="folder of the revisions: <out>/chck_<n>M/, <out>/main/ (Hugging Face folders)")
+    p.add_argument("--text-only", action="store_true",
+                   help="each revision as export-text's LlamaForCausalLM (the pipeline's text tasks load it)")
+    p.add_argument("--check", metavar="RESULTS/MODEL",
+                   help="instead: list the files collate_preds.py --fast reads under the pipeline's results/<model> "
+                        "and their item counts; exit non-zero if any is missing or wrong")
+    p.add_argument("--track", choices=babylm_tracks, help="--check: the submission track (its revisions and files)")
 
     p = stage("aoa", _aoa, "age of acquisition over a run's checkpoints, or over each merge setting's: Pearson r with "
                                      "children's AoA (BabyLM)")
@@ -359,11 +431,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "bf16"], help="default: eval.dtype")
     p.add_argument("--out", required=True, help="JSON file for the result")
 
-    p = stage("sweep", _sweep, "plan the sweep, or run its work items (all, one, or an array task's)",
-              actions=("plan", "run"))
+    p = stage("sweep", _sweep, "plan the sweep, or run its work items (all, one, or an array task's); then "
+                               "fine-tune the merges of sweep.finetune and their twins (one item per model and task)",
+              actions=("plan", "run", "finetune"))
     p.add_argument("--json", action="store_true", help="plan: the items as JSON")
     p.add_argument("--array", action="store_true",
-                   help="plan: print 'TASKS ITEMS_PER_TASK GPUS_PER_TASK' for a Slurm array")
+                   help="plan: print 'TASKS ITEMS_PER_TASK GPUS_PER_TASK' for a Slurm array; finetune: print the "
+                        "number of fine-tuning items (one array task each)")
     p.add_argument("--runs", action="store_true", help="plan: print the runs whose checkpoints the sweep merges")
     p.add_argument("--gpus", action="store_true", help="plan: print the GPUs each sweep job asks for (compute.device)")
     p.add_argument("--estimate", action="store_true",
@@ -379,7 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", help="--estimate: the Slurm partition whose time limit to check (default: the "
                                        "cluster's default partition)")
     p.add_argument("--item", help="run: this item id only")
-    p.add_argument("--index", type=int, help="run: array task index (default: SLURM_ARRAY_TASK_ID, else all items)")
+    p.add_argument("--index", type=int, help="run, finetune: array task index (default: SLURM_ARRAY_TASK_ID, "
+                                             "else all items)")
     p.add_argument("--per-task", type=int, default=1, help="run: items per array task (packed arrays)")
     p.add_argument("--worker", type=_worker, metavar="K/N",
                    help="run: be worker K of N, running its share of the items (set by the parent process: "

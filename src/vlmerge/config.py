@@ -283,6 +283,17 @@ class ExportSpec(_Section):
                 and self.params in (None, params) and self.words in (None, words))
 
 
+class FinetuneSpec(_Section):
+    """Merges of the sweep that are also fine-tuned (finetune.*), beside the twins of their pairs."""
+
+    method: str
+    alpha: float | Literal["best"] = Field(description='an α of sweep.alphas, or "best": per pair, the analysis\'s '
+                                                       "best α (analysis.tolerance) on the first of analysis.text_tasks")
+    params: dict[str, Any] | None = Field(None, description="the method's parameters (default: any)")
+    words: int | None = Field(None, description="the multimodal checkpoint's words seen (default: the last pair's)")
+    tasks: list[str] = Field([], description="tasks of finetune.tasks (default: all of them)")
+
+
 class SweepConfig(_Section):
     allow_extrapolation: bool = Field(False, description="allow alphas outside [0, 1]")  # before alphas: checked first
     alphas: list[float] = [round(0.1 * i, 1) for i in range(11)]
@@ -299,6 +310,9 @@ class SweepConfig(_Section):
     export_babylm: list[ExportSpec] = Field(
         [], description="merges whose predictions are written in BabyLM's submission layout, under "
                         "results/<exp>/babylm/<model>/main")
+    finetune: list[FinetuneSpec] = Field(
+        [], description="merges fine-tuned after the sweep (vlmerge sweep finetune: one array item per model and "
+                        "task), the twins of their pairs always with them")
 
     @field_validator("alphas")
     @classmethod
@@ -328,6 +342,33 @@ class EvalConfig(_Section):
                                                  "common token prefix computed once; the same scores up to rounding")
 
     _batch = field_validator("batch_size", "batch_tokens")(classmethod(lambda cls, v: _auto_or_positive(v)))
+
+
+class FinetuneConfig(_Section):
+    """(Super)GLUE fine-tuning: BabyLM 2025's recipe, its defaults those of eval_finetuning.sh and
+    evaluation_pipeline/finetune/run.py."""
+
+    tasks: dict[str, str] = Field({}, description="task (boolq, cola, mnli, mrpc, multirc, qnli, qqp, rte, sst2, wsc) "
+                                                  "-> the folder of its <task>.train.jsonl and <task>.valid.jsonl "
+                                                  "(BabyLM's glue_filtered)")
+    lr: float = Field(3e-5, gt=0)
+    batch_size: int = Field(32, ge=1)
+    big_batch_size: int = Field(16, ge=1, description="the batch of boolq and multirc")
+    epochs: int = Field(10, ge=1)
+    wsc_epochs: int = Field(30, ge=1, description="the epochs of wsc")
+    seed: int = 42
+    max_length: int = Field(512, ge=2, description="tokens of an input at most (truncated beyond)")
+    valid_batch_size: int = Field(64, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1, description="the classifier head's")
+    layer_norm_eps: float = Field(1e-5, gt=0, description="the classifier head's")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_proportion: float = Field(0.06, ge=0, le=1)
+    min_factor: float = Field(0.1, ge=0, le=1, description="cosine decay to lr * min_factor")
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = Field(1e-8, gt=0)
+    padding_side: Literal["left", "right"] = Field(
+        "left", description="the head reads the last real token on either side; left is the pipeline's setting "
+                            "for decoders (--padding_side left --take_final)")
 
 
 class AnalysisConfig(_Section):
@@ -404,6 +445,7 @@ class Config(_Section):
     runs: RunsConfig = RunsConfig()
     sweep: SweepConfig = SweepConfig()
     eval: EvalConfig = EvalConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
     analysis: AnalysisConfig = AnalysisConfig()
     study: StudyConfig = StudyConfig()
     compute: ComputeConfig = ComputeConfig()

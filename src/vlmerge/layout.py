@@ -21,6 +21,10 @@ Under the output root (`paths.root`):
     runs/<exp>/experts/merges/<method>-<k><v>…/          the study's merged expert checkpoints
     logs/<exp>/                                          Slurm job logs
     <eval --export babylm DIR>/zero_shot/causal/<task>/[<dataset>/]predictions.json  BabyLM's layout
+    <export-babylm --out DIR>/chck_<n>M/, main/          a run's checkpoints as BabyLM's revisions, each
+                                                         with vlmerge-export.json (its source)
+    <finetune --out DIR>/finetune/<task>/{results.txt,predictions.json}  BabyLM's fine-tuning layout,
+                                         with our results.parquet and items.parquet beside them
 
 A checkpoint knows its experiment, run and words seen from its path alone (`CheckpointRef`).
 """
@@ -215,6 +219,22 @@ def eval_items_file(out: Path) -> Path:
     return out / "items.parquet"
 
 
+# `vlmerge finetune --out DIR`: BabyLM's results/<model>/<revision>/finetune/<task>/ (evaluation_pipeline/
+# finetune/run.py), one folder per task, written whole; our results.parquet and items.parquet beside
+def finetune_dir(out: Path, task: str) -> Path:
+    return out / "finetune" / task
+
+
+def finetune_scores_file(folder: Path) -> Path:
+    """The pipeline's results.txt: `metric: value` lines."""
+    return folder / "results.txt"
+
+
+def finetune_predictions_file(folder: Path) -> Path:
+    """The pipeline's predictions.json of a fine-tuning task (`{task: {"predictions": [{id, pred}, …]}}`)."""
+    return folder / "predictions.json"
+
+
 # Merges written to disk
 def merge_outputs(out: Path, alphas: list[float] | tuple[float, ...]) -> list[Path]:
     """`out` itself for one α; `out/alpha-0.30` and so on for several."""
@@ -246,6 +266,46 @@ def babylm_export_dir(results_dir: Path, method: str, params: dict, alpha: float
 
 def babylm_exports_root(results_dir: Path) -> Path:
     return results_dir / "babylm"
+
+
+# BabyLM 2025's leaderboard revisions: `chck_<n>M` at n million words seen, n = 1…10, 20…100 by 10,
+# 200…1000 by 100 (the pipeline's eval_zero_shot_fast_all_revisions.sh loops, README "Checkpoints";
+# collate_preds.py lines 16-17), and `main`, the final model.
+BABYLM_MAIN = "main"
+BABYLM_REVISION_MILLIONS = (*range(1, 11), *range(20, 101, 10), *range(200, 1001, 100))
+_BABYLM_REVISION = re.compile(r"chck_([1-9]\d*)M")
+BABYLM_EXPORT_SOURCE = "vlmerge-export.json"
+
+
+def babylm_revision(words: int) -> str | None:
+    """`chck_<n>M` of a checkpoint at exactly n million words seen (n a leaderboard revision's); else None."""
+    n, rest = divmod(int(words), 1_000_000)
+    return f"chck_{n}M" if words == int(words) and not rest and n in BABYLM_REVISION_MILLIONS else None
+
+
+def babylm_revision_words(revision: str) -> int | None:
+    """Words seen of a `chck_<n>M` leaderboard revision; None for any other name (`main` too)."""
+    m = _BABYLM_REVISION.fullmatch(revision)
+    return int(m[1]) * 1_000_000 if m and int(m[1]) in BABYLM_REVISION_MILLIONS else None
+
+
+def babylm_export_source(revision_dir: Path) -> Path:
+    """What `export-babylm` wrote a revision folder from (experiment, run, words, text_only)."""
+    return revision_dir / BABYLM_EXPORT_SOURCE
+
+
+# More of what collate_preds.py reads under results/<model>/<revision> (`out`), besides `babylm_predictions`
+def babylm_finetune_predictions(out: Path, task: str) -> Path:
+    return finetune_predictions_file(finetune_dir(out, task))
+
+
+def babylm_aoa_surprisal(out: Path) -> Path:
+    return out / "zero_shot" / "causal" / "AoA_word" / "surprisal.json"
+
+
+def babylm_devbench_file(out: Path, name: str) -> Path:
+    """`zero_shot/devbench/<name>` (no backend folder: devbench/eval.py writes it beside them)."""
+    return out / "zero_shot" / "devbench" / name
 
 
 def _param_words(params: dict) -> list[str]:

@@ -49,6 +49,10 @@ def run_pipeline(cfg: Config, *, progress: bool = False) -> Path:
     items = current_plan(cfg)
     run_items(cfg, items, progress=progress)
     print(f"pipeline: {len(items)} work items; results in {cfg.layout.results_dir}")
+    if cfg.sweep.finetune:
+        from vlmerge.sweep.commands import finetune_command
+
+        finetune_command(cfg, index=None, count_only=False, progress=progress)
     report = analyze([cfg.layout.results_dir], cfg.layout.report_dir, cfg.analysis)
     print(f"pipeline: report {report}")
     return report

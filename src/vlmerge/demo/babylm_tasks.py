@@ -9,6 +9,12 @@ and the metrics of `entity_tracking` and `wug_adj` end to end, not to measure an
 - `eval/wug_adj_nominalization/wug_adj_nominalization.jsonl` (`decode_wug`'s format): made-up
   adjectives with "-ness" and "-ity" nominalisations, tab-separated, and a made-up human ratio
   for the "-ness" form (some 0).
+- `eval/glue/cola.{train,valid}.jsonl` (BabyLM's glue_filtered format of CoLA: `sentence`,
+  `label`): acceptability of the demo grammar's agreement, for `vlmerge finetune`. Each minimal
+  pair of the BLiMP builders (on the training words, unlike the demo BLiMP) gives one of its two
+  sentences, the grammatical (1) or the other (0) at random; three quarters of each phenomenon's
+  pairs train, the rest are the valid split. Whether a model can tell them apart after
+  fine-tuning rests on what it learnt of agreement.
 """
 
 from __future__ import annotations
@@ -17,9 +23,13 @@ import random
 from collections.abc import Sequence
 from pathlib import Path
 
+from vlmerge.demo.grammar import Grammar, Lexicon
+from vlmerge.demo.tasks import PHENOMENA, minimal_pairs
 from vlmerge.io import write_jsonl
 
 ENTITY_TRACKING = "eval/entity_tracking"
+GLUE = "eval/glue"
+TRAIN_SHARE = 0.75  # of each phenomenon's acceptability pairs
 WUG_ADJ = "eval/wug_adj_nominalization"
 SYLLABLES = ("ba", "blick", "dax", "fep", "glor", "ki", "lum", "mo", "nad", "pim", "ru", "tov", "wug", "zo")
 
@@ -64,3 +74,24 @@ def write_babylm_tasks(root: Path, things: Sequence[str], rng: random.Random, n:
     stories = write_jsonl(root / ENTITY_TRACKING / "regular.jsonl", entity_stories(things, n, rng))
     wugs = write_jsonl(root / WUG_ADJ / "wug_adj_nominalization.jsonl", wug_items(n, rng))
     return {"entity_tracking": stories, "wug_adj": wugs}
+
+
+def acceptability_splits(lexicon: Lexicon, words: Lexicon, pairs: int, rng: random.Random) -> dict[str, list[dict]]:
+    """CoLA-format train and valid rows: one sentence of each of `pairs` pairs per phenomenon on `words`."""
+    splits: dict[str, list[dict]] = {"train": [], "valid": []}
+    for phenomenon in PHENOMENA:
+        rows = minimal_pairs(phenomenon, Grammar(lexicon, rng), words, pairs)
+        cut = round(TRAIN_SHARE * len(rows))
+        for k, row in enumerate(rows):
+            label = rng.randrange(2)
+            splits["train" if k < cut else "valid"].append(
+                {"sentence": row["sentence_good"] if label else row["sentence_bad"], "label": label})
+    for rows in splits.values():
+        rng.shuffle(rows)
+    return splits
+
+
+def write_acceptability(root: Path, lexicon: Lexicon, words: Lexicon, pairs: int, rng: random.Random) -> dict[str, int]:
+    """Write `eval/glue/cola.{train,valid}.jsonl` under the world's `root`; the row counts."""
+    return {split: write_jsonl(root / GLUE / f"cola.{split}.jsonl", rows)
+            for split, rows in acceptability_splits(lexicon, words, pairs, rng).items()}

@@ -13,6 +13,7 @@ Layout under the output directory (paths relative to it):
                                 "attribute" or "binding")
     eval/vqa.jsonl              BabyLM-format VQA: question, target_ans, 7 distractors, image_id
     eval/entity_tracking/, eval/wug_adj_nominalization/   BabyLM-format files (demo.babylm_tasks)
+    eval/glue/cola.{train,valid}.jsonl                    acceptability in BabyLM's glue_filtered format
     dinov2-tiny/                randomly initialised DINOv2 + image processor (save_pretrained)
 
 Everything follows from the seed and the parameters: the same inputs give byte-identical files.
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from vlmerge.config import DemoConfig
 from vlmerge.demo.grammar import Grammar, full_lexicon, sample_corpus, split_lexicon
-from vlmerge.demo.babylm_tasks import write_babylm_tasks
+from vlmerge.demo.babylm_tasks import write_acceptability, write_babylm_tasks
 from vlmerge.demo.images import (
     BACKGROUND, CaptionStyle, Scene, caption, picture_talk, random_scene, random_style, render,
 )
@@ -39,7 +40,7 @@ from vlmerge.demo.tasks import PHENOMENA, minimal_pairs, vqa_items, winoground_i
 from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path, write_json, write_jsonl, write_text
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 FILES = {
     "text_train": "text/train.txt",
     "text_dev": "text/dev.txt",
@@ -232,6 +233,7 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
 
     babylm_items = write_babylm_tasks(root, sorted(n.singular for n in lexicon.nouns if n.kind == "thing"),
                                       _rng(seed, "babylm_tasks"))
+    acceptability = write_acceptability(root, lexicon, train_lexicon, params["pairs_per_phenomenon"], _rng(seed, "glue"))
     save_random_dinov2(root / FILES["encoder_dir"], seed)
 
     write_json(root / "world.json", {
@@ -249,6 +251,7 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
             "vqa_items": len(questions),
             "blimp_pairs": blimp_pairs,
             "babylm_tasks": babylm_items,
+            "acceptability": acceptability,
         },
         "lexicon": {
             "train": train_lexicon.to_json(),

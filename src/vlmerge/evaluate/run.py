@@ -241,15 +241,29 @@ def aoa_sweep_command(cfg: Config, cdi: Path, *, out: Path) -> list[dict]:
     return series
 
 
+def check_out(out: Path) -> None:
+    """`--out` is a folder that can be written (checked before scoring, not after); stale temp files go."""
+    if out.exists() and not out.is_dir():
+        files = f"{eval_results_file(out).name} and {eval_items_file(out).name}"
+        raise VlmergeError(f"{out}: --out is a file; expected a folder for {files}")
+    check_creatable(out)
+    remove_stale_temps(out)
+
+
+def write_results(cfg: Config, key: ModelKey, results: Sequence[TaskResult], out: Path, job_id: str = "") -> None:
+    """The results and items Parquet files of one model in `out`, and the table."""
+    rows, items = result_rows(key, results, config_hash=cfg.hash(), job_id=job_id)
+    write_rows(rows, RESULTS_SCHEMA, eval_results_file(out))
+    write_rows(items, ITEMS_SCHEMA, eval_items_file(out))
+    print(table(results))
+    print(f"eval: {len(rows)} result rows, {len(items)} item rows -> {out}")
+
+
 def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: str | None, features: str | None,
                  out: Path, job_id: str = "", export: Path | None = None,
                  shuffle_features: int | None = None) -> list[TaskResult]:
     specs = task_specs(cfg, tasks)
-    if out.exists() and not out.is_dir():
-        files = f"{eval_results_file(out).name} and {eval_items_file(out).name}"
-        raise VlmergeError(f"{out}: --out is a file; expected a folder for {files}")
-    check_creatable(out)  # before scoring, not after
-    remove_stale_temps(out)
+    check_out(out)
     model, tokenizer = load_model(model_dir, resolve_device(cfg.compute.device))
     store = Path(features) if features else cfg.eval_store_path
     needs_store = is_multimodal(model.config.model_type) or any(t.needs_images for t, _ in specs)
@@ -263,11 +277,34 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
     problems = ProblemLog()
     results = evaluate(scorer, prepare(specs, table_, problems))
     problems.report("eval")
-    rows, items = result_rows(ModelKey.of_directory(model_dir), results, config_hash=cfg.hash(), job_id=job_id)
-    write_rows(rows, RESULTS_SCHEMA, eval_results_file(out))
-    write_rows(items, ITEMS_SCHEMA, eval_items_file(out))
-    print(table(results))
-    print(f"eval: {len(rows)} result rows, {len(items)} item rows -> {out}")
+    write_results(cfg, ModelKey.of_directory(model_dir), results, out, job_id)
     if export is not None:
         print(f"eval: {len(export_babylm(results, export))} BabyLM prediction files -> {export}")
+    return results
+
+
+def harness_command(cfg: Config, model: Path | torch.nn.Module, tasks: Sequence[str], *, out: Path,
+                    include_path: Sequence[Path] = (), tokenizer=None, features: str | FeatureTable | None = None,
+                    dtype: str | None = None, key: ModelKey | None = None, job_id: str = "") -> dict:
+    """`vlmerge eval --harness`: lm-eval's `tasks` on a model directory, or on a model held in memory (with
+    its tokenizer, and the feature store for a multimodal one: the sweep's merges), scored by the
+    Scorer (vlmerge.evaluate.harness); lm-eval's results and samples to out/harness/, our rows (task
+    `harness/<task>`) to the Parquet files of `vlmerge eval`. Returns lm-eval's results dict."""
+    from vlmerge.evaluate.harness import VlmergeLM, harness_results, run_tasks, write_harness
+
+    check_out(out)
+    if isinstance(model, Path):
+        key = key or ModelKey.of_directory(model)
+        model, tokenizer = load_model(model, resolve_device(cfg.compute.device))
+    elif tokenizer is None:
+        raise VlmergeError("harness: a model held in memory needs its tokenizer")
+    if not is_multimodal(model.config.model_type):
+        features = None  # a text model reads no features (harness tasks have no images)
+    elif not isinstance(features, FeatureTable):
+        features = FeatureTable(Path(features) if features else cfg.eval_store_path)
+    scorer = config_scorer(cfg, model, tokenizer, features, dtype=dtype)
+    results = run_tasks(VlmergeLM(scorer), tasks, include_path)
+    write_harness(results, out / "harness")
+    write_results(cfg, key or ModelKey(), harness_results(results), out, job_id)
+    print(f"eval: lm-eval's results -> {out / 'harness' / 'results.json'}")
     return results

@@ -58,6 +58,16 @@ PROMPTS = ("auto", "takmaz2025", "text", "legacy")
 IMAGE_TOKEN = "<image>"  # Takmaz et al.: every prompt starts with the image token and a space
 
 
+def resolve_prompt(prompt: str, image_token: int | None) -> str:
+    """`eval.prompt` for a model with (or without) an image token: auto -> takmaz2025 or text."""
+    if prompt not in PROMPTS:
+        raise VlmergeError(f"eval.prompt {prompt!r}: expected one of {', '.join(PROMPTS)}")
+    resolved = prompt if prompt != "auto" else "text" if image_token is None else "takmaz2025"
+    if resolved == "takmaz2025" and image_token is None:
+        raise VlmergeError("eval.prompt takmaz2025 needs a model with an image token (use text)")
+    return resolved
+
+
 def completion_span(offsets: Sequence[tuple[int, int]], start_char: int) -> tuple[int, int]:
     """(first, stop): the tokens 1… whose character span ends after `start_char`, the
     completion's first character (BabyLM's phrase mask; token 0 is never predicted).
@@ -210,6 +220,13 @@ class Prepared:
     owners: np.ndarray  # the request each scored sequence adds to (a word by subword: one per subword)
 
 
+@dataclasses.dataclass(frozen=True)
+class GreedyScores(Scores):
+    """Scores, and whether every scored token of each request is its position's argmax (`score(greedy=True)`)."""
+
+    greedy: np.ndarray  # bool
+
+
 class Scorer:
     """Scores requests with one model; the model may be rewritten in place between calls (sweep).
 
@@ -223,11 +240,7 @@ class Scorer:
         self.model, self.tokenizer, self.features = model.eval(), tokenizer, features
         self.share_prefix = share_prefix
         image_token = getattr(model.config, "image_token_index", None)
-        if prompt not in PROMPTS:
-            raise VlmergeError(f"eval.prompt {prompt!r}: expected one of {', '.join(PROMPTS)}")
-        self.prompt = prompt if prompt != "auto" else "text" if image_token is None else "takmaz2025"
-        if self.prompt == "takmaz2025" and image_token is None:
-            raise VlmergeError("eval.prompt takmaz2025 needs a model with an image token (use text)")
+        self.prompt = resolve_prompt(prompt, image_token)
         self.use_image = self.prompt != "text" and image_token is not None
         if self.use_image and features is None:
             raise VlmergeError("a multimodal model needs the feature store (its null feature at least)")
@@ -315,7 +328,7 @@ class Scorer:
             ids, offsets = table[text]
             ids, offsets = self.prefix + list(ids), [(0, 0)] * len(self.prefix) + list(offsets)
             # text: the pipeline's `+ offset_mapping[start_idx][0]`; the fork adds nothing
-            shift = offsets[0][0] if self.prompt == "text" else 0
+            shift = offsets[0][0] if self.prompt == "text" and offsets else 0  # an empty text has none
             first, stop = completion_span(offsets, len(text) - len(r.target) + shift)
             seqs.append(ids[:stop])
             lengths.append(stop - first)
@@ -342,13 +355,21 @@ class Scorer:
 
     def prepare(self, requests: Sequence[Request]) -> Prepared:
         """Tokenise and batch once; a sweep scores the same requests at every α."""
+        return self.prepare_sequences(requests, *self.sequences(requests))
+
+    def sequences(self, requests: Sequence[Request]) -> tuple[list[list[int]], list[int], list[int]]:
+        """(token ids, how many of its last tokens are scored, its request) of every sequence `score`
+        runs: one per request, one per subword of a word scored `by_subword`."""
         if self.prompt == "legacy":
             contexts = self._encode([r.context for r in requests])
             targets = self._encode([r.target for r in requests])
             seqs = [self.prefix + c + t for c, t in zip(contexts, targets)]
-            lengths, owners = [len(t) for t in targets], list(range(len(requests)))
-        else:
-            seqs, lengths, owners = self._spans(requests)
+            return seqs, [len(t) for t in targets], list(range(len(requests)))
+        return self._spans(requests)
+
+    def prepare_sequences(self, requests: Sequence[Request], seqs: Sequence[Sequence[int]], lengths: Sequence[int],
+                          owners: Sequence[int]) -> Prepared:
+        """Batch sequences as `sequences` gives them (or windows of them: lm-eval's rolling log-likelihood)."""
         owners = np.array(owners, dtype=np.int64)
         per_request = np.bincount(owners, weights=lengths, minlength=len(requests)).astype(np.int64).tolist()
         return Prepared(list(requests), per_request, self._batches([requests[o] for o in owners], seqs, lengths),
@@ -358,10 +379,11 @@ class Scorer:
         # Host tensors of a GPU scorer are pinned: the copy is queued, and the host goes on.
         return t.to(self.device, non_blocking=self._cuda)
 
-    def score(self, requests: Sequence[Request] | Prepared) -> Scores:
-        """Σ log p of each request's target; in the requests' order."""
+    def score(self, requests: Sequence[Request] | Prepared, *, greedy: bool = False) -> Scores:
+        """Σ log p of each request's target; in the requests' order. `greedy`: GreedyScores, which also say
+        whether each target is the model's greedy continuation (lm-eval's is_greedy)."""
         p = requests if isinstance(requests, Prepared) else self.prepare(requests)
-        sums = []
+        sums, misses = [], []
         # CPU: the scored sequences are short (tens of tokens): there SDPA's math kernel (in fp32 for
         # bf16 inputs) is faster than its flash kernel, whose tiling is made for long ones. GPU: the
         # tree mask rules flash out; the memory-efficient kernel takes it.
@@ -374,15 +396,26 @@ class Scorer:
                     inputs["pixel_values"] = self._features(b.images)
                 # A boolean logits_to_keep gives the logits of the True positions only, flattened.
                 logits = self.model(**inputs, logits_to_keep=self._to_device(b.keep)).logits
-                lp = target_logprobs(logits, self._to_device(b.rows), self._to_device(b.targets))
+                rows, targets, owners = map(self._to_device, (b.rows, b.targets, b.owners))
+                lp = target_logprobs(logits, rows, targets)
                 total = torch.zeros(len(b.requests), dtype=torch.float64, device=self.device)
-                sums.append(total.index_add_(0, self._to_device(b.owners), lp.double()))
+                sums.append(total.index_add_(0, owners, lp.double()))
+                if greedy:  # the scored tokens that are not the argmax of their logits, per sequence
+                    wrong = (logits.argmax(-1)[rows] != targets).double()
+                    misses.append(torch.zeros_like(total).index_add_(0, owners, wrong))
+        order = np.concatenate([b.requests for b in p.batches]) if p.batches else np.zeros(0, dtype=np.int64)
         sequences = np.zeros(len(p.owners))
         if sums:  # one copy back, after every batch is queued
-            sequences[np.concatenate([b.requests for b in p.batches])] = torch.cat(sums).cpu().numpy()
+            sequences[order] = torch.cat(sums).cpu().numpy()
         # a request of one sequence gets its sum as it is (0 + x is x); a word by subword, its subwords' sum
         logprob = np.bincount(p.owners, weights=sequences, minlength=len(p.requests))
-        return Scores(logprob, np.array(p.target_lengths, dtype=np.int64))
+        tokens = np.array(p.target_lengths, dtype=np.int64)
+        if not greedy:
+            return Scores(logprob, tokens)
+        wrong = np.zeros(len(p.owners))
+        if misses:
+            wrong[order] = torch.cat(misses).cpu().numpy()
+        return GreedyScores(logprob, tokens, np.bincount(p.owners, weights=wrong, minlength=len(p.requests)) == 0)
 
     def _features(self, images: list[str | None]) -> torch.Tensor:
         """The pixel values of a batch on the device: `[B, D]`, or `[B, K, D]` for K image tokens per

@@ -1,4 +1,5 @@
-"""`vlmerge sweep plan|run`: the plan as a table or JSON; run one item, an array task's items, or all."""
+"""`vlmerge sweep plan|run|finetune`: the plan as a table or JSON; run one item, an array task's items, or all;
+fine-tune the chosen merges and their twins (sweep.finetune) after the sweep."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from vlmerge.config import Config
 from vlmerge.errors import VlmergeError
 from vlmerge.sweep.plan import WorkItem, plan, worker_share
 from vlmerge.sweep.run import best_text_pairing, is_done, run_items
+
 
 def current_plan(cfg: Config) -> list[WorkItem]:
     return plan(cfg, best_text_pairing(cfg) if cfg.sweep.pairing == "best_text" else None)
@@ -47,3 +49,22 @@ def run_command(cfg: Config, *, item_id: str | None, index: int | None, per_task
         chosen = worker_share(chosen, *worker)
     ran = run_items(cfg, chosen, progress=progress, job_id=job_id)
     print(f"sweep: {ran} item(s) run, {len(chosen) - ran} already done")
+
+
+def finetune_command(cfg: Config, *, index: int | None, count_only: bool, progress: bool, job_id: str = "") -> int:
+    """Fine-tune every item of sweep.finetune, or array task `index`'s one item; `count_only`: print how many
+    items there are (the Slurm array's size). Returns the items run."""
+    from vlmerge.sweep.finetune import finetune_plan, run_item
+
+    if not cfg.sweep.finetune:
+        raise VlmergeError("sweep finetune: sweep.finetune selects no merge")
+    items = finetune_plan(cfg, current_plan(cfg))
+    if count_only:
+        print(len(items))
+        return 0
+    if index is not None and not 0 <= index < len(items):
+        raise VlmergeError(f"array index {index}: the fine-tuning plan has {len(items)} items")
+    chosen = items if index is None else [items[index]]
+    ran = sum(run_item(cfg, it, progress=progress, job_id=job_id) for it in chosen)
+    print(f"sweep finetune: {ran} item(s) run, {len(chosen) - ran} already done")
+    return ran

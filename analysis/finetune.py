@@ -1,0 +1,64 @@
+"""The fine-tuning table: per (Super)GLUE task, the twins beside the merges fine-tuned with them
+(`sweep.finetune`, `vlmerge finetune`), each metric as reported and accuracy's 95% bootstrap
+interval over the valid items.
+
+Fine-tuning rows (task `glue/<name>`) are not scores of the merge sweep: the other analyses
+leave them out (`without_finetune`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+
+from vlmerge.analysis.findings import setting_name
+from vlmerge.analysis.load import MODEL, NO_WORDS, Results
+from vlmerge.analysis.stats import percentile_interval
+from vlmerge.results import UNMERGED
+
+TASK_PREFIX = "glue/"
+METRICS = ("accuracy", "f1", "mcc")
+
+
+def _is_finetune(frame: pd.DataFrame) -> pd.Series:
+    return frame.task.astype(str).str.startswith(TASK_PREFIX)
+
+
+def without_finetune(results: Results) -> Results:
+    return dataclasses.replace(results, metrics=results.metrics[~_is_finetune(results.metrics)],
+                               items=results.items[~_is_finetune(results.items)])
+
+
+def model_label(row: pd.Series) -> str:
+    if row.method == UNMERGED:
+        return "text twin" if row.text_run else "multimodal twin"
+    return f"{setting_name(row.method, row.method_params)} α={row.alpha:g}"
+
+
+def accuracy_interval(correct: np.ndarray, replicates: int, rng: np.random.Generator) -> tuple[float, float]:
+    """The 95% percentile interval of the accuracy, the valid items resampled with replacement."""
+    if replicates == 0 or correct.size == 0:
+        return float("nan"), float("nan")
+    draws = rng.integers(0, correct.size, size=(replicates, correct.size))
+    return percentile_interval(correct[draws].mean(axis=1))
+
+
+def finetune_table(results: Results, replicates: int, rng: np.random.Generator) -> pd.DataFrame:
+    """One row per task and model: its words seen, the metrics, accuracy's interval; twins first."""
+    metrics = results.metrics[_is_finetune(results.metrics)]
+    items = results.items[_is_finetune(results.items)]
+    rows = []
+    for (task, *key), group in metrics.groupby(["task", *MODEL], sort=True, dropna=False):
+        model = pd.Series(dict(zip(MODEL, key)))
+        values = group.set_index("metric").value
+        mine = items[(items.task == task) & (items[MODEL] == model[MODEL]).all(axis=1)]
+        low, high = accuracy_interval(mine.value.to_numpy(), replicates, rng)
+        words = model.mm_words if model.mm_words != NO_WORDS else model.text_words
+        rows.append({"task": task.removeprefix(TASK_PREFIX), "model": model_label(model), "words": int(words),
+                     **{m: values.get(m, np.nan) for m in METRICS}, "accuracy_low": low, "accuracy_high": high,
+                     "n": int(group.n.iloc[0]), "_twin": model.method != UNMERGED, "_alpha": model.alpha})
+    table = pd.DataFrame(rows, columns=["task", "model", "words", *METRICS, "accuracy_low", "accuracy_high", "n",
+                                        "_twin", "_alpha"])
+    return table.sort_values(["task", "words", "_twin", "model"]).drop(columns=["_twin", "_alpha"]).reset_index(drop=True)

@@ -1,0 +1,136 @@
+"""`vlmerge finetune`: BabyLM's (Super)GLUE fine-tuning of one model, task by task.
+
+Each task's outputs go to one folder, `<out>/finetune/<task>/`, written whole (a temp folder
+renamed): the pipeline's `results.txt` and `predictions.json`, and our `results.parquet` (task
+`glue/<task>`, one row per metric) and `items.parquet` (each valid item right or wrong, for
+bootstrap intervals). A rerun skips the tasks whose folder exists; a killed run leaves no folder
+and starts its task again.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from vlmerge.config import Config, FinetuneConfig
+from vlmerge.data import FeatureTable
+from vlmerge.device import resolve_device
+from vlmerge.errors import VlmergeError
+from vlmerge.evaluate.scoring import IMAGE_TOKEN, resolve_prompt
+from vlmerge.finetune.loop import Outcome, Recipe, Run
+from vlmerge.finetune.tasks import Example, GlueTask, get_task, read_task
+from vlmerge.io import atomic_path, check_creatable, remove_stale_temps
+from vlmerge.layout import (eval_items_file, eval_results_file, finetune_dir, finetune_predictions_file,
+                            finetune_scores_file)
+from vlmerge.model import ExpertLlavaForConditionalGeneration
+from vlmerge.problems import ProblemLog
+from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, stamp, write_rows
+
+TASK_PREFIX = "glue/"  # the results' task column: glue/rte, glue/boolq, …
+
+
+def recipe(fc: FinetuneConfig, task: GlueTask) -> Recipe:
+    """The task's recipe: the common one, with eval_finetuning.sh's big batch (boolq, multirc) and long schedule (wsc)."""
+    return Recipe(lr=fc.lr, batch_size=fc.big_batch_size if task.big_batch else fc.batch_size,
+                  epochs=fc.wsc_epochs if task.long_schedule else fc.epochs, seed=fc.seed, max_length=fc.max_length,
+                  valid_batch_size=fc.valid_batch_size, dropout=fc.dropout, layer_norm_eps=fc.layer_norm_eps,
+                  weight_decay=fc.weight_decay, warmup_proportion=fc.warmup_proportion, min_factor=fc.min_factor,
+                  betas=fc.betas, eps=fc.eps, padding_side=fc.padding_side)
+
+
+def task_specs(cfg: Config, given: Sequence[str]) -> list[tuple[GlueTask, Path]]:
+    """`NAME` (folder from finetune.tasks) or `NAME=FOLDER`; none given: every task of finetune.tasks."""
+    specs = []
+    for spec in given or list(cfg.finetune.tasks):
+        name, _, folder = spec.partition("=")
+        task = get_task(name)
+        if not folder:
+            if name not in cfg.finetune.tasks:
+                raise VlmergeError(f"--task {name}: no folder given and finetune.tasks has none for it")
+            folder = cfg.finetune.tasks[name]
+        specs.append((task, Path(folder)))
+    if not specs:
+        raise VlmergeError("no tasks: give --task NAME[=FOLDER] or set finetune.tasks in the config")
+    return specs
+
+
+def prompt_inputs(cfg: Config, model: torch.nn.Module) -> tuple[str, torch.Tensor | None]:
+    """(the text before every A text, the image of every input) by `eval.prompt`: for our multimodal
+    models "<image> " and the black image's feature (takmaz2025); nothing for a text model."""
+    if isinstance(model, ExpertLlavaForConditionalGeneration):
+        raise VlmergeError("fine-tuning takes a plain model; merge the experts first (vlmerge merge-experts)")
+    prompt = resolve_prompt(cfg.eval.prompt, getattr(model.config, "image_token_index", None))
+    if prompt == "legacy":
+        raise VlmergeError("finetune: eval.prompt legacy is a scoring convention; use takmaz2025 or text")
+    if prompt == "text":
+        return "", None
+    null = FeatureTable(cfg.eval_store_path).null
+    tokens = getattr(model.config, "image_seq_length", 1)
+    return IMAGE_TOKEN * tokens + " ", null.to(next(model.parameters()).device)
+
+
+def finetune_model(cfg: Config, model: torch.nn.Module, tokenizer, task: GlueTask, splits: dict[str, list[Example]],
+                   *, progress: bool = False) -> Outcome:
+    """Fine-tune `model` (changed in place: give a copy) on one task; the kept epoch's valid scores."""
+    lead, null = prompt_inputs(cfg, model)
+    return Run(model, tokenizer, task, splits, recipe(cfg.finetune, task), lead=lead, null_feature=null).run(progress)
+
+
+def outcome_rows(key: ModelKey, task: GlueTask, outcome: Outcome, *, item_id: str = "", config_hash: str = "",
+                 job_id: str = "") -> tuple[list[dict], list[dict]]:
+    """Rows of the results (one per metric) and items (each valid item right or wrong) datasets."""
+    model, prov, n = key.columns(item_id), stamp(config_hash, job_id), len(outcome.labels)
+    name = TASK_PREFIX + task.name
+    rows = [{**model, "task": name, "subtask": "", "metric": m, "value": v, "n": n, **prov}
+            for m, v in outcome.metrics.items()]
+    right = outcome.preds == outcome.labels
+    items = [{**model, "task": name, "subtask": "", "example_id": f"{task.name}_{i}", "value": float(ok)}
+             for i, ok in enumerate(right)]
+    return rows, items
+
+
+def write_task_folder(out: Path, task: GlueTask, outcome: Outcome, rows: list[dict], items: list[dict]) -> Path:
+    """`out/finetune/<task>/`: the pipeline's results.txt and predictions.json, and our Parquet rows, as one folder."""
+    folder = finetune_dir(out, task.name)
+    with atomic_path(folder, is_dir=True) as tmp:
+        finetune_scores_file(tmp).write_text("\n".join(f"{k}: {v}" for k, v in outcome.metrics.items()))
+        predictions = [{"id": f"{task.name}_{i}", "pred": int(p)} for i, p in enumerate(outcome.preds)]
+        finetune_predictions_file(tmp).write_text(
+            json.dumps({task.name: {"predictions": predictions}}))
+        write_rows(rows, RESULTS_SCHEMA, eval_results_file(tmp))
+        write_rows(items, ITEMS_SCHEMA, eval_items_file(tmp))
+    return folder
+
+
+def finetune_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, out: Path, progress: bool = False,
+                     job_id: str = "") -> dict[str, Outcome]:
+    from vlmerge.evaluate.run import load_model
+
+    specs = task_specs(cfg, tasks)
+    check_creatable(out)
+    remove_stale_temps(out / "finetune")
+    done = [t for t, _ in specs if finetune_dir(out, t.name).is_dir()]
+    for t in done:
+        print(f"finetune {t.name}: done before ({finetune_dir(out, t.name)})")
+    todo = [(t, folder) for t, folder in specs if t not in done]
+    problems = ProblemLog()
+    data = {t.name: read_task(t, folder, problems) for t, folder in todo}  # every file read before any training
+    problems.report("finetune")
+    if not todo:
+        return {}
+    model, tokenizer = load_model(model_dir, resolve_device(cfg.compute.device))
+    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    key, outcomes = ModelKey.of_directory(model_dir), {}
+    for task, _ in todo:
+        model.load_state_dict(pretrained)  # every task starts from the pretrained weights
+        outcome = outcomes[task.name] = finetune_model(cfg, model, tokenizer, task, data[task.name], progress=progress)
+        rows, items = outcome_rows(key, task, outcome, config_hash=cfg.hash(), job_id=job_id)
+        folder = write_task_folder(out, task, outcome, rows, items)
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items())
+        print(f"finetune {task.name}: {scores} (epoch {outcome.best_epoch + 1} kept, {outcome.steps} steps, "
+              f"{outcome.seconds:.1f} s) -> {folder}")
+    return outcomes
+
