@@ -1,11 +1,14 @@
-"""Image and caption manifests: JSONL {image_id, path, caption} and the BabyLM release layout."""
+"""Image and caption manifests: JSONL {image_id, path, caption}, the BabyLM release layout, and DevBench's
+manifests (whose images the `devbench_*` tasks score)."""
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import glob
 import json
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vlmerge.config import ImageSource
@@ -88,10 +91,54 @@ def read_babylm_captions(path: Path, images_dir: Path, problems: ProblemLog) -> 
     return items
 
 
+# DevBench (BabyLM's evaluation_data/full_eval/devbench): task -> its folder under assets/ and evals/
+DEVBENCH_FOLDERS = {"vv": "lex-viz_vocab", "trog": "gram-trog", "things": "sem-things"}
+
+
+def devbench_records(path: Path, what: str) -> Iterator[tuple[str, dict]]:
+    """("file:line", row) of a DevBench CSV (a byte-order mark is dropped: sem-things' manifest has one)."""
+    if not path.is_file():
+        raise VlmergeError(f"{path}: DevBench {what} not found (expected the folder of BabyLM's "
+                           "devbench/download_data.sh, evaluation_data/full_eval/devbench)")
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f)
+        for row in reader:
+            yield f"{path}:{reader.line_num}", row
+
+
+def devbench_image_columns(row: dict) -> list[str]:
+    """`image1`, `image2`, … of a DevBench CSV row, in order."""
+    return sorted((c for c in row if c and re.fullmatch(r"image[0-9]+", c)), key=lambda c: int(c[5:]))
+
+
+def devbench_manifest(root: Path, task: str, problems: ProblemLog) -> tuple[list[tuple[int, str, tuple[str, ...]]], int]:
+    """([(row from 1, text1, image ids)], rows) of a task's manifest; a malformed row is a problem, its
+    number kept. An image's id is its path under `root`: `assets/<task folder>/<manifest path>`."""
+    folder, out, n = DEVBENCH_FOLDERS[task], [], 0
+    for n, (where, row) in enumerate(devbench_records(root / "assets" / folder / "manifest.csv", "manifest"), 1):
+        values = [row.get("text1"), *(row[c] for c in devbench_image_columns(row))]
+        if len(values) < 2 or not all(isinstance(v, str) and v.strip() for v in values):
+            problems.add(where, "malformed line: expected non-empty text1 and image1, image2, …")
+            continue
+        out.append((n, values[0], tuple(f"assets/{folder}/{Path(v).as_posix()}" for v in values[1:])))
+    return out, n
+
+
+def read_devbench_images(root: Path, problems: ProblemLog) -> list[ImageItem]:
+    """Every image of the DevBench tasks whose manifest is under `root`, once each."""
+    ids = {i: None for task, folder in DEVBENCH_FOLDERS.items() if (root / "assets" / folder / "manifest.csv").is_file()
+           for _, _, images in devbench_manifest(root, task, problems)[0] for i in images}
+    if not ids:
+        raise VlmergeError(f"{root}: no DevBench manifests under assets/ ({', '.join(DEVBENCH_FOLDERS.values())})")
+    return [ImageItem(i, root / i, None) for i in ids]
+
+
 def read_image_source(src: ImageSource, problems: ProblemLog) -> list[ImageItem]:
     path = Path(src.manifest)
     if src.format == "jsonl":
         return read_jsonl_manifest(path, problems)
+    if src.format == "devbench":
+        return read_devbench_images(path, problems)
     images_dir = Path(src.images_dir) if src.images_dir else path.parent
     return read_babylm_captions(path, images_dir, problems)
 

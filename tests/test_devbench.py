@@ -4,7 +4,6 @@ here, the small maths against hand-computed values, and one run through the real
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from scipy.stats import rankdata
 
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.tasks import Request, Scores, get_task
-from vlmerge.evaluate.tasks.devbench import (PROBES_PER_GROUP, cosine_matrix, devbench_image_manifest, fit_beta,
+from vlmerge.evaluate.tasks.devbench import (PROBES_PER_GROUP, cosine_matrix, fit_beta,
                                              kl_divergence, mean_kl, rsa, softmax_rows, trial_correct)
 from vlmerge.problems import ProblemLog
 
@@ -276,20 +275,19 @@ def test_missing_files_are_one_line_errors_naming_them(devbench):
         get_task("devbench_things").load(devbench, ProblemLog())
 
 
-def test_the_image_manifest_lists_every_image_once_for_precompute(devbench, tmp_path):
-    from vlmerge.precompute.manifests import read_jsonl_manifest
+def test_a_devbench_image_source_lists_every_image_once_for_precompute(devbench, tmp_path):
+    from vlmerge.config import ImageSource
+    from vlmerge.precompute.manifests import read_image_source
 
-    out = tmp_path / "elsewhere" / "devbench-images.jsonl"
-    assert devbench_image_manifest(devbench, out) == 16 + 12 + 5
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert rows[0] == {"image_id": f"{VV}/acorn.jpg", "path": str((devbench / VV / "acorn.jpg").absolute())}
-    items = read_jsonl_manifest(out, ProblemLog())
+    items = read_image_source(ImageSource(manifest=str(devbench), format="devbench"), ProblemLog())
+    assert len(items) == 16 + 12 + 5
+    assert items[0].image_id == f"{VV}/acorn.jpg" and items[0].path == devbench / VV / "acorn.jpg"
     assert all(it.path == devbench / it.image_id for it in items)
     every = {img for name in ("devbench_vv", "devbench_trog", "devbench_things")
              for r in get_task(name).requests(get_task(name).load(devbench, ProblemLog())) for img in [r.image]}
     assert {it.image_id for it in items} == every
     with pytest.raises(VlmergeError, match="no DevBench manifests"):
-        devbench_image_manifest(tmp_path / "empty", out)
+        read_image_source(ImageSource(manifest=str(tmp_path / "empty"), format="devbench"), ProblemLog())
 
 
 # --- the maths, by hand --------------------------------------------------------------------------

@@ -131,10 +131,11 @@ class CorpusConfig(_Section):
 
 
 class ImageSource(_Section):
-    """One image manifest: JSONL {image_id, path, caption} or BabyLM caption JSON + image folder."""
+    """One image manifest: JSONL {image_id, path, caption}, BabyLM caption JSON + image folder, or the
+    DevBench folder (its tasks' manifests; `manifest` is the folder)."""
 
     manifest: str
-    format: Literal["jsonl", "babylm"] = "jsonl"
+    format: Literal["jsonl", "babylm", "devbench"] = "jsonl"
     images_dir: str | None = None
 
 

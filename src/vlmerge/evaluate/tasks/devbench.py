@@ -14,8 +14,8 @@ Data: the folder BabyLM's `evaluation_pipeline/devbench/download_data.sh` writes
 Image ids (the feature store's): an image's path relative to the DevBench folder, with `/`:
 `assets/<task>/<manifest path>`, e.g. "assets/lex-viz_vocab/images/acorn.jpg". lex-viz_vocab's
 `images/` is a link to sem-things' `object_images_CC0/`, so one file has two ids (it is encoded
-twice). `devbench_image_manifest` writes the `{image_id, path}` JSONL of all three for
-`vlmerge precompute` (a `features.images` manifest; an eval store, `eval.features`).
+twice). A `features.images` source of format `devbench` (the folder as its `manifest`) gives
+`vlmerge precompute` every image of the three (precompute/manifests.py reads the manifests).
 
 vv and trog (comparison/viz_vocab.py, trog.py, stats_helper.py): each (trial, image) is one
 request, the text after the image (the BabyLM baselines' generative score, "caption log-probability
@@ -50,10 +50,8 @@ column of the human matrix and its probe.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -64,10 +62,9 @@ from scipy.stats import spearmanr
 
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.tasks import ItemScore, Metric, Request, Scores, Task, register
-from vlmerge.io import write_jsonl
+from vlmerge.precompute.manifests import DEVBENCH_FOLDERS, devbench_image_columns, devbench_manifest, devbench_records
 from vlmerge.problems import ProblemLog
 
-FOLDERS = {"vv": "lex-viz_vocab", "trog": "gram-trog", "things": "sem-things"}
 BETA_BOUNDS = (0.025, 40.0)  # stats_helper.get_opt_kl
 MAX_EVALS = 200
 PROBES_PER_GROUP = 64  # a group's requests of one image share a row: 64 short words keep it short
@@ -140,40 +137,13 @@ def rsa(a: np.ndarray, b: np.ndarray) -> float:
 # --- files ---------------------------------------------------------------------------------------
 
 
-def _records(path: Path, what: str) -> Iterator[tuple[str, dict]]:
-    """("file:line", row) of a CSV (a byte-order mark is dropped: sem-things' manifest has one)."""
-    if not path.is_file():
-        raise VlmergeError(f"{path}: DevBench {what} not found (expected the folder of BabyLM's "
-                           "devbench/download_data.sh, evaluation_data/full_eval/devbench)")
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        reader = csv.DictReader(f)
-        for row in reader:
-            yield f"{path}:{reader.line_num}", row
-
-
-def _image_columns(row: dict) -> list[str]:
-    return sorted((c for c in row if c and re.fullmatch(r"image[0-9]+", c)), key=lambda c: int(c[5:]))
-
-
-def _manifest(root: Path, task: str, problems: ProblemLog) -> tuple[list[tuple[int, str, tuple[str, ...]]], int]:
-    """([(row from 1, text1, image ids)], rows) of a task's manifest; a malformed row is a problem, its number kept."""
-    out, n = [], 0
-    for n, (where, row) in enumerate(_records(root / "assets" / FOLDERS[task] / "manifest.csv", "manifest"), 1):
-        values = [row.get("text1"), *(row[c] for c in _image_columns(row))]
-        if len(values) < 2 or not all(isinstance(v, str) and v.strip() for v in values):
-            problems.add(where, "malformed line: expected non-empty text1 and image1, image2, …")
-            continue
-        out.append((n, values[0], tuple(f"assets/{FOLDERS[task]}/{Path(v).as_posix()}" for v in values[1:])))
-    return out, n
-
-
 def _human(root: Path, task: str, images: int, problems: ProblemLog) -> dict[str, dict[int, np.ndarray]]:
     """age bin ("" for trog) -> trial -> proportions; an empty cell is 0 (the official fillna(0))."""
     out: dict[str, dict[int, np.ndarray]] = {}
-    for where, row in _records(root / "evals" / FOLDERS[task] / "human.csv", "human data"):
+    for where, row in devbench_records(root / "evals" / DEVBENCH_FOLDERS[task] / "human.csv", "human data"):
         try:
             trial = int(row["trial"])
-            probs = np.array([float(row[c] or 0) for c in _image_columns(row)])
+            probs = np.array([float(row[c] or 0) for c in devbench_image_columns(row)])
         except (KeyError, TypeError, ValueError):
             problems.add(where, "malformed line: expected an integer trial and numbers image1, image2, …")
             continue
@@ -194,34 +164,21 @@ def _human(root: Path, task: str, images: int, problems: ProblemLog) -> dict[str
 
 def load_trials(task: str, path: Path, problems: ProblemLog) -> list[Trial]:
     """The trials of the manifest, each with its human proportions."""
-    rows, _ = _manifest(path, task, problems)
+    rows, _ = devbench_manifest(path, task, problems)
     human = _human(path, task, len(rows[0][2]) if rows else 4, problems)
     return [Trial(n, text, images, {a: t[n] for a, t in human.items() if n in t}) for n, text, images in rows]
 
 
 def load_things(path: Path, problems: ProblemLog) -> list[ThingsImage]:
     """The manifest's images, each with its row of the human similarity matrix."""
-    rows, size = _manifest(path, "things", problems)
-    mat = path / "evals" / FOLDERS["things"] / "spose_similarity.mat"
+    rows, size = devbench_manifest(path, "things", problems)
+    mat = path / "evals" / DEVBENCH_FOLDERS["things"] / "spose_similarity.mat"
     if not mat.is_file():
         raise VlmergeError(f"{mat}: DevBench human similarities not found")
     human = np.asarray(scipy.io.loadmat(mat)["spose_sim"], dtype=np.float64)
     if human.shape != (size, size):
         raise VlmergeError(f"{mat}: spose_sim is {human.shape}, the manifest has {size} rows")
     return [ThingsImage(n - 1, text, images[0], human[n - 1]) for n, text, images in rows]
-
-
-def devbench_image_manifest(devbench_dir: Path, out: Path) -> int:
-    """Write the `{image_id, path}` JSONL of every image of the three tasks (those present); the count."""
-    root, problems, images = Path(devbench_dir), ProblemLog(), {}
-    for task, folder in FOLDERS.items():
-        if (root / "assets" / folder / "manifest.csv").is_file():
-            for _, _, ids in _manifest(root, task, problems)[0]:
-                images.update({i: str((root / i).absolute()) for i in ids})
-    problems.report("devbench manifests")
-    if not images:
-        raise VlmergeError(f"{devbench_dir}: no DevBench manifests under assets/ ({', '.join(FOLDERS.values())})")
-    return write_jsonl(out, ({"image_id": i, "path": p} for i, p in images.items()))
 
 
 # --- requests and metrics ------------------------------------------------------------------------
