@@ -392,10 +392,12 @@ def test_epoch_batches_full_distinct_length_sorted_and_seeded():
         rows = np.concatenate(batches)
         assert len(rows) == len(set(rows.tolist())) == 1003 // bs * bs
         assert rows.min() >= 0 and rows.max() < 1003
-    mean_range = np.mean([np.ptp(lengths[b]) for b in first])
+    # little padding: the padded tokens of an epoch well below those of random batches
+    def padded(batches):
+        return sum(bs * lengths[b].max() for b in batches)
+
     shuffled = np.random.default_rng(1).permutation(1003)[:1000].reshape(-1, bs)
-    random_range = np.mean([np.ptp(lengths[b]) for b in shuffled])
-    assert mean_range < 0.1 * random_range, (mean_range, random_range)
+    assert padded(first) < 0.75 * padded(shuffled), (padded(first), padded(shuffled))
     # the rng advances: another epoch, other batches
     assert {frozenset(b.tolist()) for b in first} != {frozenset(b.tolist()) for b in second}
     # the same seed, the same batches
@@ -404,6 +406,19 @@ def test_epoch_batches_full_distinct_length_sorted_and_seeded():
     # the batch order is shuffled too, not by length
     firsts = [lengths[b].min() for b in first]
     assert firsts != sorted(firsts)
+
+
+def test_epoch_batches_change_batch_mates_even_when_one_window_holds_the_task():
+    # 123 items fill one length-sorted window: sorted by the bare lengths, an epoch's batches would be
+    # nearly the last epoch's (2/3 to 9/10 of the pairs met again); the jittered sort mixes them
+    lengths = np.random.default_rng(5).integers(0, 1000, 123)
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        first, second = loop.epoch_batches(lengths, 8, rng), loop.epoch_batches(lengths, 8, rng)
+        batch_of = {i: k for k, b in enumerate(first) for i in b.tolist()}
+        pairs = [(a, c) for b in second for x, a in enumerate(b.tolist()) for c in b.tolist()[x + 1:]
+                 if a in batch_of and c in batch_of]
+        assert np.mean([batch_of[a] == batch_of[c] for a, c in pairs]) < 0.5, seed
 
 
 def test_epoch_batches_drop_the_last_incomplete_batch():

@@ -122,10 +122,12 @@ def finetune_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, out:
     if not todo:
         return {}
     model, tokenizer = load_model(model_dir, resolve_device(cfg.compute.device))
-    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    # every task starts from the pretrained weights (a copy of them only when a second task needs it)
+    pretrained = {k: v.detach().clone() for k, v in model.state_dict().items()} if len(todo) > 1 else None
     key, outcomes = ModelKey.of_directory(model_dir), {}
-    for task, _ in todo:
-        model.load_state_dict(pretrained)  # every task starts from the pretrained weights
+    for k, (task, _) in enumerate(todo):
+        if k:
+            model.load_state_dict(pretrained)
         outcome = outcomes[task.name] = finetune_model(cfg, model, tokenizer, task, data[task.name], progress=progress)
         rows, items = outcome_rows(key, task, outcome, config_hash=cfg.hash(), job_id=job_id)
         folder = write_task_folder(out, task, outcome, rows, items)
