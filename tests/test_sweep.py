@@ -295,3 +295,70 @@ def test_best_text_pairs_every_multimodal_checkpoint_with_the_text_checkpoint_be
     other = load_config(None, [f"paths.root={root}", *SWEEP, "sweep.pairing=best_text"])
     best_text_pairing(other)
     assert json.loads((root / "results/demo/best_text.json").read_text())["data"] == other.eval.tasks["blimp"]
+
+
+# --- fine-tuning chosen merges after the sweep (sweep.finetune) ---------------------------------------------------
+
+FINETUNE = ["finetune.tasks={cola: '{root}/demo/eval/glue'}", "finetune.epochs=1", "finetune.batch_size=8",
+            "finetune.lr=1e-3", "sweep.finetune=[{method: linear, alpha: best}, {method: linear, alpha: 0.5}]"]
+
+
+@pytest.mark.slow
+def test_sweep_finetune_tunes_the_last_pairs_twins_and_chosen_merges_once_each(swept, tmp_path):
+    from vlmerge.sweep.finetune import best_alphas, finetune_plan
+
+    root = tmp_path / "r"
+    subprocess.run(["cp", "-a", f"{swept}/.", str(root)], check=True)
+    args = [f"paths.root={root}", *SWEEP, *FINETUNE]
+    cfg = load_config(None, args)
+    last = max(checkpoint_words(Path(it.mm)) for it in plan(cfg))
+    best = {k: a for k, a in best_alphas(cfg).items() if k[0] == "linear" and k[3] == last}
+    (alpha,) = best.values()
+    items = finetune_plan(cfg, plan(cfg))
+    # the last pair's two twins, its best linear merge and α = 0.5 (one item when they are the same α)
+    merges = sorted({it.alpha for it in items if it.method == "linear"})
+    assert merges == sorted({alpha, 0.5})
+    assert len(items) == 2 + len(merges) and {it.task for it in items} == {"cola"}
+    assert {it.method for it in items[:2]} == {"none"}  # the twins first
+    r = vlmerge_cli("sweep", "finetune", "--array", *args)
+    assert r.returncode == 0 and r.stdout.strip() == str(len(items))
+
+    r = vlmerge_cli("sweep", "finetune", "--quiet", "--index", "0", *args)
+    assert r.returncode == 0, r.stderr
+    assert "sweep finetune: 1 item(s) run, 0 already done" in r.stdout
+    r = vlmerge_cli("sweep", "finetune", "--quiet", *args)
+    assert r.returncode == 0, r.stderr
+    assert f"{len(items) - 1} item(s) run, 1 already done" in r.stdout
+    frame = read_results(root / "results/demo")
+    tuned = frame[frame.task == "glue/cola"]
+    assert set(tuned.item_id) == {it.item_id for it in items}
+    assert set(tuned.metric) == {"accuracy", "f1", "mcc"} and not tuned.duplicated(DEDUPE["metrics"]).any()
+    # the twins' rows carry the sweep's own keys of the twins (method none, α 1 and 0) at the last pair
+    twins = tuned[tuned.method == "none"]
+    assert sorted(twins.alpha.unique()) == [0.0, 1.0]
+    assert set(twins.text_words.dropna()) == {last} and set(twins.mm_words.dropna()) == {last}
+    assert set(tuned[tuned.method == "linear"].alpha) == set(merges)
+    # a merge at α = 0 is the multimodal model: the same fine-tuning, the same scores
+    if 0.0 in merges:
+        at0 = tuned[(tuned.method == "linear") & (tuned.alpha == 0.0)].set_index("metric").value
+        mm = twins[twins.alpha == 0.0].set_index("metric").value
+        pd.testing.assert_series_equal(at0.sort_index(), mm.sort_index(), check_names=False)
+    again = vlmerge_cli("sweep", "finetune", "--quiet", *args)
+    assert f"0 item(s) run, {len(items)} already done" in again.stdout
+    # the report's table: per task the twins, then the merges, with accuracy's interval
+    r = vlmerge_cli("analyze", "--quiet", *args, "--out", str(tmp_path / "report"))
+    assert r.returncode == 0, r.stderr
+    table = pd.read_csv(tmp_path / "report" / "finetune.csv")
+    assert list(table.model[:2]) == ["multimodal twin", "text twin"] and len(table) == len(items)
+    assert ((table.accuracy_low <= table.accuracy) & (table.accuracy <= table.accuracy_high)).all()
+    assert "Fine-tuning" in (tmp_path / "report" / "report.html").read_text()
+    # the compaction counts them as the sweep's own
+    r = vlmerge_cli("results", "compact", *args)
+    assert r.returncode == 0 and "left alone" not in r.stdout, r.stdout
+
+
+def test_sweep_finetune_with_a_best_alpha_before_the_sweep_says_so(twins, tmp_path):
+    root = tmp_path / "r"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
+    r = vlmerge_cli("sweep", "finetune", "--quiet", f"paths.root={root}", *SWEEP, *FINETUNE)
+    assert r.returncode == 2 and "run the sweep first" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -227,7 +227,12 @@ def _results(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge.sweep.commands import current_plan
     from vlmerge.sweep.run import result_ids
 
-    planned = result_ids(current_plan(cfg))
+    items = current_plan(cfg)
+    planned = result_ids(items)
+    if cfg.sweep.finetune:  # the fine-tuning items of the sweep are its too
+        from vlmerge.sweep.finetune import finetune_plan
+
+        planned |= {it.item_id for it in finetune_plan(cfg, items)}
     for name in ("metrics", "items"):
         files, rows, foreign = compact(cfg.layout.results_dir, name, planned)
         left = f"; left alone (not this sweep's): {', '.join(f.name for f in foreign)}" if foreign else ""

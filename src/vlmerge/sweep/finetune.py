@@ -24,7 +24,7 @@ from vlmerge.evaluate.run import load_model
 from vlmerge.finetune.run import finetune_model, outcome_rows
 from vlmerge.finetune.tasks import get_task, read_task
 from vlmerge.io import fingerprint
-from vlmerge.layout import checkpoint_words
+from vlmerge.layout import checkpoint_words, result_files
 from vlmerge.merge.core import Pair, PairMerger
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, UNMERGED, ModelKey, checkpoint_run, write_rows
@@ -74,6 +74,9 @@ def best_alphas(cfg: Config) -> dict[tuple[str, str, int, int], float]:
     task = next(iter(cfg.analysis.text_tasks), None)
     if task is None:
         raise VlmergeError('sweep.finetune: alpha "best" needs analysis.text_tasks')
+    if not list(result_files(cfg.layout.results_dir, "metrics")):
+        raise VlmergeError(f'sweep.finetune: alpha "best" reads the sweep\'s results, and {cfg.layout.results_dir} '
+                           "has none yet: run the sweep first")
     loaded = without_finetune(load([cfg.layout.results_dir]))
     best = compute(twin_results(loaded), cfg.analysis.model_copy(update={"bootstrap": 0})).best
     best = best[(best.task == task) & best.best_alpha.notna()]
