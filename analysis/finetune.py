@@ -1,6 +1,7 @@
 """The fine-tuning table: per (Super)GLUE task, the twins beside the merges fine-tuned with them
 (`sweep.finetune`, `vlmerge finetune`), each metric as reported and accuracy's 95% bootstrap
-interval over the valid items.
+interval over the valid items; and its findings: each fine-tuned model's accuracy against the
+text twin's on the same valid items (a paired bootstrap: the same resampled items for both).
 
 Fine-tuning rows (task `glue/<name>`) are not scores of the merge sweep: the other analyses
 leave them out (`without_finetune`).
@@ -13,7 +14,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from vlmerge.analysis.findings import setting_name
+from vlmerge.analysis.findings import Finding, ci, excludes, f3, setting_name, unsure
 from vlmerge.analysis.load import MODEL, NO_WORDS, Results
 from vlmerge.analysis.stats import percentile_interval
 from vlmerge.results import UNMERGED
@@ -62,3 +63,46 @@ def finetune_table(results: Results, replicates: int, rng: np.random.Generator) 
     table = pd.DataFrame(rows, columns=["task", "model", "words", *METRICS, "accuracy_low", "accuracy_high", "n",
                                         "_twin", "_alpha"])
     return table.sort_values(["task", "words", "_twin", "model"]).drop(columns=["_twin", "_alpha"]).reset_index(drop=True)
+
+
+def _correct(items: pd.DataFrame, task: str, model: pd.Series) -> pd.Series:
+    """A model's per-item right (1) or wrong (0) on a task, by example id."""
+    mine = items[(items.task == task) & (items[MODEL] == model[MODEL]).all(axis=1)]
+    return mine.set_index("example_id").value
+
+
+def finetune_findings(results: Results, replicates: int, rng: np.random.Generator) -> list[Finding]:
+    """Per fine-tuning task and checkpoint pair: every other fine-tuned model's accuracy minus the
+    text twin's, with a paired 95% bootstrap interval over the valid items."""
+    metrics = results.metrics[_is_finetune(results.metrics) & (results.metrics.metric == "accuracy")]
+    items = results.items[_is_finetune(results.items)]
+    out = []
+    for task, rows in metrics.groupby("task", sort=True):
+        models = rows[MODEL].drop_duplicates()
+        text = models[(models.method == UNMERGED) & (models.text_run != "")]
+        for _, twin in text.iterrows():
+            words = int(twin.text_words)
+            mates = models[(models.mm_words == words) & ~((models.method == UNMERGED) & (models.text_run != ""))]
+            base = _correct(items, task, twin)
+            for _, other in mates.iterrows():
+                theirs = _correct(items, task, other).reindex(base.index)
+                if base.empty or theirs.isna().any():
+                    continue
+                diff = theirs.to_numpy() - base.to_numpy()
+                draws = rng.integers(0, diff.size, size=(replicates, diff.size)) if replicates else None
+                value = float(diff.mean())
+                low, high = percentile_interval(diff[draws].mean(axis=1)) if draws is not None else (np.nan, np.nan)
+                name = model_label(other)
+                subject = f"The {name}" if other.method == UNMERGED else f"The merge {name}"
+                where = f"after fine-tuning on {task.removeprefix(TASK_PREFIX)} at {words:,} words"
+                effect = excludes(low, high, 0.0)
+                if not effect:
+                    sentence = (f"{subject} and the text twin do not differ in accuracy {where}: {name} − text twin = {f3(value)} "
+                                f"{ci(low, high)}, {unsure(low, '0')}.")
+                elif value > 0:
+                    sentence = f"{subject} is above the text twin in accuracy {where} by {f3(value)} {ci(low, high)}."
+                else:
+                    sentence = f"{subject} is below the text twin in accuracy {where} by {f3(-value)} {ci(-high, -low)}."
+                out.append(Finding("finetune", task, sentence, value, low, high, 0.0, diff.size, effect,
+                                   {"model": name, "words": words}))
+    return out

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from vlmerge.analysis import paper, plots, sung
-from vlmerge.analysis.finetune import finetune_table, without_finetune
+from vlmerge.analysis.finetune import finetune_findings, finetune_table, without_finetune
 from vlmerge.analysis.findings import Finding, findings, to_json, to_markdown
 from vlmerge.analysis.correlations import COLUMNS as CORRELATION_COLUMNS
 from vlmerge.analysis.correlations import correlations, too_few_points
@@ -156,8 +156,9 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
     """Read, compute, draw and write everything into `out`; returns the report's path."""
     loaded = load(results, runs)
     finetuned = finetune_table(loaded, options.bootstrap, np.random.default_rng(options.seed))
-    # the expert models have Sung et al.'s views (below), the fine-tuned models their table
+    # the expert models have Sung et al.'s views (below), the fine-tuned models their table and findings
     a = compute(twin_results(without_finetune(loaded)), options)
+    a.findings += finetune_findings(twin_results(loaded), options.bootstrap, np.random.default_rng(options.seed))
     out.mkdir(parents=True, exist_ok=True)
     tables = write_tables(a, out)
     figures = draw(a, out / "figures")
@@ -200,5 +201,6 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
     write_text(report, html_report(title, intro, a.notes, sections))
     write_text(out / "summary.md", markdown_summary(title, intro, a.notes, [
         ("Best α per checkpoint", tables["best"]), (f"Correlations at α = {a.alpha:g} (whole model)",
-                                                    tables["headline"])], [f.text for f in a.findings]))
+                                                    tables["headline"]),
+        *([("Fine-tuning", finetuned)] if len(finetuned) else [])], [f.text for f in a.findings]))
     return report

@@ -346,3 +346,49 @@ def test_takmaz_views_hold_the_papers_series_and_numbers():
     assert ref.loc["Winoground, multimodal twin and α = 0.3 merge (Fig. 11)", "this run (paper)"] == "50.00–57.00"
     assert ref.loc["blimp: the paired text twin vs the last multimodal checkpoint", "this run (paper)"].startswith(
         "text-only ahead (0.75 vs 0.64")
+
+
+# --- fine-tuning rows (task glue/<name>): their table and findings, apart from the sweep's --------------------
+
+
+def finetune_rows(model: dict, correct: np.ndarray) -> tuple[list[dict], list[dict]]:
+    base = {"item_id": "ft", "code_version": "t", "config_hash": "", "slurm_job_id": "", "created_at": "t"}
+    metrics = [{**model, **base, "task": "glue/cola", "subtask": "", "metric": m, "value": v, "n": len(correct)}
+               for m, v in (("accuracy", correct.mean()), ("f1", 0.5), ("mcc", 0.1))]
+    items = [{**model, "item_id": "ft", "task": "glue/cola", "subtask": "", "example_id": f"cola_{k}", "value": ok}
+             for k, ok in enumerate(correct)]
+    return metrics, items
+
+
+def test_finetune_rows_get_their_table_and_paired_findings_and_leave_the_sweep_analysis_alone(synth, tmp_path):
+    i, n = len(WORDS) - 1, 200
+    text = correct_items(160, n, 0)  # 0.8
+    models = [(twin_model(i, "text"), text), (twin_model(i, "mm"), correct_items(100, n, 7)),  # 0.5: below
+              (pair_model(i, 0.5), text.copy())]  # the text twin's own answers: no difference at all
+    metrics, items = [], []
+    for model, correct in models:
+        m, it = finetune_rows(model, correct)
+        metrics += m
+        items += it
+    out = synth / "results" / "synth"
+    write_rows(metrics, RESULTS_SCHEMA, out / "metrics" / "ft.parquet")
+    write_rows(items, ITEMS_SCHEMA, out / "items" / "ft.parquet")
+    without = compute(load([synth / "results/synth"]), OPTIONS)
+
+    analyze([synth / "results/synth"], tmp_path / "report", OPTIONS)
+    table = pd.read_csv(tmp_path / "report" / "finetune.csv")
+    assert table.model.tolist() == ["multimodal twin", "text twin", "linear α=0.5"]
+    assert np.allclose(table.accuracy, [0.5, 0.8, 0.8]) and (table.n == n).all()
+    assert ((table.accuracy_low < table.accuracy) & (table.accuracy < table.accuracy_high)).all()
+    findings = json.loads((tmp_path / "report" / "findings.json").read_text())
+    tuned = {f["details"]["model"]: f for f in findings if f["kind"] == "finetune"}
+    assert tuned["multimodal twin"]["effect"] and tuned["multimodal twin"]["value"] == pytest.approx(-0.3)
+    assert "below the text twin in accuracy after fine-tuning on cola at 32,000 words by 0.300" in \
+        tuned["multimodal twin"]["text"]
+    # paired: the merge answers as the text twin does item by item, so every resample gives 0
+    assert not tuned["linear α=0.5"]["effect"] and tuned["linear α=0.5"]["high"] == tuned["linear α=0.5"]["low"] == 0
+    # the sweep's own analysis is as it was without the fine-tuning rows
+    report_scores = pd.read_csv(tmp_path / "report" / "scores.csv")
+    assert set(report_scores.task) == set(without.scores.task) and "glue/cola" not in set(report_scores.task)
+    assert not any("glue/cola" in note for note in (tmp_path / "report" / "summary.md").read_text().splitlines()
+                   if note.startswith("- task"))
