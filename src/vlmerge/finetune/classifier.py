@@ -8,8 +8,9 @@ whole input (with right padding `--take_final` reads a pad token's state: its is
 decoders stay at the majority class). Here the last real token is found from the attention mask,
 so either padding side reads the same token.
 
-Our multimodal models get the black image's feature for every input (their prompt starts with
-the image token; `eval.prompt` takmaz2025), as in their training on text and in zero-shot scoring.
+Our multimodal models read every input after its image tokens (`eval.prompt` takmaz2025): the
+features of the example's images (a vision-language task), or of the black image (a text task),
+as in their training on text and in zero-shot scoring.
 """
 
 from __future__ import annotations
@@ -37,17 +38,15 @@ def last_token(attention_mask: torch.Tensor) -> torch.Tensor:
 class SequenceClassifier(nn.Module):
     """`model.base_model` (the decoder without its LM head) + the head on the last real token."""
 
-    def __init__(self, model: nn.Module, num_labels: int, *, dropout: float, eps: float,
-                 null_feature: torch.Tensor | None = None):
+    def __init__(self, model: nn.Module, num_labels: int, *, dropout: float, eps: float):
         super().__init__()
         self.base = model.base_model
         self.head = classifier_head(model.config.get_text_config().hidden_size, num_labels, dropout, eps)
-        # [D] or [K, D]: the image of every input, for a model whose prompt carries the image token
-        self.register_buffer("null_feature", null_feature, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        image = {} if self.null_feature is None else {
-            "pixel_values": self.null_feature.expand(len(input_ids), *self.null_feature.shape)}
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
+        """`pixel_values`: the features of every image token's image, in order ([images, (K,) D])."""
+        image = {} if pixel_values is None else {"pixel_values": pixel_values}
         states = self.base(input_ids=input_ids, attention_mask=attention_mask, **image).last_hidden_state
         rows = torch.arange(len(input_ids), device=input_ids.device)
         return self.head(states[rows, last_token(attention_mask)])

@@ -25,6 +25,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -34,7 +35,10 @@ from tqdm import tqdm
 from vlmerge.errors import VlmergeError
 from vlmerge.finetune.classifier import SequenceClassifier
 from vlmerge.finetune.metrics import classification_metrics
-from vlmerge.finetune.tasks import Example, GlueTask
+from vlmerge.finetune.tasks import Example, FinetuneTask
+
+if TYPE_CHECKING:
+    from vlmerge.data import FeatureTable
 
 # Batches per length-sorted window, and the jitter of the lengths it is sorted by: similar lengths
 # within a batch, and batches that still differ from epoch to epoch (AllenNLP's padding noise).
@@ -74,12 +78,47 @@ class Outcome:
     seconds: float
 
 
-def encode(tokenizer, examples: Sequence[Example], max_length: int, lead: str = "") -> list[list[int]]:
+@dataclasses.dataclass(frozen=True)
+class ImageInputs:
+    """How a multimodal model sees an example: its images' features from the store (the black
+    image's for an example without images), each behind `image_text` (its image tokens) at the
+    start of the A text, then a space (Takmaz et al.'s "<image> " + text)."""
+
+    features: FeatureTable
+    image_text: str
+
+    def lead(self, example: Example) -> str:
+        return self.image_text * max(len(example.images), 1) + " "
+
+    def pixels(self, examples: Sequence[Example]) -> torch.Tensor:
+        """`[images, (K,) D]`: every image of the examples in order, the black one for an example without."""
+        ids = [i for e in examples for i in e.images]
+        rows = self.features.rows(np.array(ids)) if ids else np.empty(0, dtype=np.int64)
+        if (rows < 0).any():
+            raise VlmergeError(f"image {ids[int(np.flatnonzero(rows < 0)[0])]!r} has no feature in the store")
+        found = iter(self.features.features[rows].float())
+        null = self.features.null
+        return torch.stack([next(found) if e.images else null for e in examples for _ in (e.images or (None,))])
+
+
+def encode(tokenizer, examples: Sequence[Example], max_length: int, images: ImageInputs | None = None) -> list[list[int]]:
     """Token ids of every example as the pipeline's collate function makes them (the tokenizer's own
-    special tokens, pairs as pairs, truncated to `max_length`), unpadded; `lead` opens the A text."""
-    a = [lead + e.a for e in examples]
+    special tokens, pairs as pairs, truncated to `max_length`), unpadded; for a multimodal model
+    (`images`) the A text after its image tokens."""
+    a = [(images.lead(e) if images else "") + e.a for e in examples]
     b = [e.b for e in examples] if examples[0].b is not None else None
     return tokenizer(a, b, truncation=True, max_length=max_length)["input_ids"]
+
+
+def soft_targets(examples: Sequence[Example], num_labels: int) -> np.ndarray | None:
+    """`[examples, labels]` of the examples' soft targets (VQA's scores); None when they have none."""
+    if not any(e.targets for e in examples):
+        return None
+    dense = np.zeros((len(examples), num_labels), dtype=np.float32)
+    for row, e in enumerate(examples):
+        for label, score in e.targets:
+            dense[row, label] = score
+    return dense
 
 
 def pad(seqs: Sequence[Sequence[int]], pad_id: int, side: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,17 +158,22 @@ def cosine_with_warmup(step: int, warmup: int, total: int, min_factor: float) ->
 class Run:
     """One model fine-tuned on one task: its classifier, the tokenised splits and the optimiser."""
 
-    def __init__(self, model: torch.nn.Module, tokenizer, task: GlueTask, splits: dict[str, list[Example]],
-                 recipe: Recipe, *, lead: str = "", null_feature: torch.Tensor | None = None):
-        self.task, self.recipe = task, recipe
+    def __init__(self, model: torch.nn.Module, tokenizer, task: FinetuneTask, splits: dict[str, list[Example]],
+                 recipe: Recipe, *, images: ImageInputs | None = None):
+        self.task, self.recipe, self.images, self.examples = task, recipe, images, splits
+        if images is None and any(e.images for e in splits["train"]):
+            raise VlmergeError(f"{task.name}: its examples show images, and this model reads none")
         self.device = device = next(model.parameters()).device
+        self.num_labels = task.num_labels or 1 + max(max((t for t, _ in e.targets), default=e.label)
+                                                     for e in splits["train"])
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(recipe.seed)  # the head's initial weights (the pipeline seeds before building it)
-            self.model = SequenceClassifier(model, task.num_labels, dropout=recipe.dropout, eps=recipe.layer_norm_eps,
-                                            null_feature=null_feature).to(device)
+            self.model = SequenceClassifier(model, self.num_labels, dropout=recipe.dropout,
+                                            eps=recipe.layer_norm_eps).to(device)
         self.pad_id = next(t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0) if t is not None)
-        self.ids = {s: encode(tokenizer, examples, recipe.max_length, lead) for s, examples in splits.items()}
+        self.ids = {s: encode(tokenizer, examples, recipe.max_length, images) for s, examples in splits.items()}
         self.labels = {s: np.array([e.label for e in examples]) for s, examples in splits.items()}
+        self.soft = {s: soft_targets(examples, self.num_labels) for s, examples in splits.items()}
         self.steps_per_epoch = len(self.ids["train"]) // recipe.batch_size
         if self.steps_per_epoch == 0:
             raise VlmergeError(f"{task.name}: {len(self.ids['train'])} training examples, fewer than one batch "
@@ -141,17 +185,28 @@ class Run:
         self.schedule = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: cosine_with_warmup(step, warmup, total, recipe.min_factor))
 
-    def _batch(self, split: str, rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, split: str, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """The classifier's inputs for `rows` of a split: ids, mask and, for a multimodal model, pixels."""
         ids, mask = pad([self.ids[split][r] for r in rows], self.pad_id, self.recipe.padding_side)
-        return ids.to(self.device), mask.to(self.device)
+        if self.images is None:
+            return ids.to(self.device), mask.to(self.device)
+        pixels = self.images.pixels([self.examples[split][r] for r in rows])
+        return ids.to(self.device), mask.to(self.device), pixels.to(self.device)
+
+    def _loss(self, logits: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+        """Cross-entropy with the labels; with soft targets (VQA) ViLT's binary cross-entropy with the
+        scores, summed over the labels (its mean times their number)."""
+        soft = self.soft["train"]
+        if soft is None:
+            return F.cross_entropy(logits, torch.from_numpy(self.labels["train"][rows]).to(self.device))
+        targets = torch.from_numpy(soft[rows]).to(self.device)
+        return F.binary_cross_entropy_with_logits(logits, targets) * targets.shape[1]
 
     def train_epoch(self, rng: np.random.Generator, bar: tqdm | None = None) -> None:
         self.model.train()
         lengths = np.array([len(s) for s in self.ids["train"]])
         for rows in epoch_batches(lengths, self.recipe.batch_size, rng):
-            ids, mask = self._batch("train", rows)
-            labels = torch.from_numpy(self.labels["train"][rows]).to(self.device)
-            loss = F.cross_entropy(self.model(ids, mask), labels)
+            loss = self._loss(self.model(*self._batch("train", rows)), rows)
             loss.backward()
             self.optimizer.step()
             self.schedule.step()
@@ -181,7 +236,7 @@ class Run:
             for epoch in range(self.recipe.epochs):
                 self.train_epoch(rng, bar)
                 preds = self.predict()
-                metrics = classification_metrics(self.task.metrics, self.labels["valid"], preds)
+                metrics = classification_metrics(self.task.metrics, self.labels["valid"], preds, self.soft["valid"])
                 score = metrics[self.task.metric_for_valid]
                 if best is None or score > best[0]:
                     best = (score, epoch, metrics, preds)

@@ -16,12 +16,11 @@ from pathlib import Path
 import torch
 
 from vlmerge.config import Config, FinetuneConfig
-from vlmerge.data import FeatureTable
 from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.scoring import IMAGE_TOKEN, resolve_prompt
-from vlmerge.finetune.loop import Outcome, Recipe, Run
-from vlmerge.finetune.tasks import Example, GlueTask, get_task, read_task
+from vlmerge.finetune.loop import ImageInputs, Outcome, Recipe, Run
+from vlmerge.finetune.tasks import Example, FinetuneTask, get_task, read_task
 from vlmerge.io import atomic_path, check_creatable, remove_stale_temps
 from vlmerge.layout import (eval_items_file, eval_results_file, finetune_dir, finetune_predictions_file,
                             finetune_scores_file)
@@ -29,10 +28,7 @@ from vlmerge.model import ExpertLlavaForConditionalGeneration
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, stamp, write_rows
 
-TASK_PREFIX = "glue/"  # the results' task column: glue/rte, glue/boolq, …
-
-
-def recipe(fc: FinetuneConfig, task: GlueTask) -> Recipe:
+def recipe(fc: FinetuneConfig, task: FinetuneTask) -> Recipe:
     """The task's recipe: the common one, with eval_finetuning.sh's big batch (boolq, multirc) and long schedule (wsc)."""
     return Recipe(lr=fc.lr, batch_size=fc.big_batch_size if task.big_batch else fc.batch_size,
                   epochs=fc.wsc_epochs if task.long_schedule else fc.epochs, seed=fc.seed, max_length=fc.max_length,
@@ -41,7 +37,7 @@ def recipe(fc: FinetuneConfig, task: GlueTask) -> Recipe:
                   betas=fc.betas, eps=fc.eps, padding_side=fc.padding_side)
 
 
-def task_specs(cfg: Config, given: Sequence[str]) -> list[tuple[GlueTask, Path]]:
+def task_specs(cfg: Config, given: Sequence[str]) -> list[tuple[FinetuneTask, Path]]:
     """`NAME` (folder from finetune.tasks) or `NAME=FOLDER`; none given: every task of finetune.tasks."""
     specs = []
     for spec in given or list(cfg.finetune.tasks):
@@ -57,33 +53,37 @@ def task_specs(cfg: Config, given: Sequence[str]) -> list[tuple[GlueTask, Path]]
     return specs
 
 
-def prompt_inputs(cfg: Config, model: torch.nn.Module) -> tuple[str, torch.Tensor | None]:
-    """(the text before every A text, the image of every input) by `eval.prompt`: for our multimodal
-    models "<image> " and the black image's feature (takmaz2025); nothing for a text model."""
+def image_inputs(cfg: Config, model: torch.nn.Module) -> ImageInputs | None:
+    """How the model sees images, by `eval.prompt`: our multimodal models read each example's images
+    from the evaluation store (the black image's feature for a text task), behind "<image> "
+    (takmaz2025); a text model reads the text alone."""
     if isinstance(model, ExpertLlavaForConditionalGeneration):
         raise VlmergeError("fine-tuning takes a plain model; merge the experts first (vlmerge merge-experts)")
     prompt = resolve_prompt(cfg.eval.prompt, getattr(model.config, "image_token_index", None))
     if prompt == "legacy":
         raise VlmergeError("finetune: eval.prompt legacy is a scoring convention; use takmaz2025 or text")
     if prompt == "text":
-        return "", None
-    null = FeatureTable(cfg.eval_store_path).null
+        return None
+    from vlmerge.data import FeatureTable  # (its imports would cost a text model's fine-tuning a second)
+
+    features = FeatureTable(cfg.eval_store_path)
     tokens = getattr(model.config, "image_seq_length", 1)
-    return IMAGE_TOKEN * tokens + " ", null.to(next(model.parameters()).device)
+    if features.tokens != tokens:
+        raise VlmergeError(f"{cfg.eval_store_path}: {features.tokens} image tokens per image, the model takes {tokens}")
+    return ImageInputs(features, IMAGE_TOKEN * tokens)
 
 
-def finetune_model(cfg: Config, model: torch.nn.Module, tokenizer, task: GlueTask, splits: dict[str, list[Example]],
+def finetune_model(cfg: Config, model: torch.nn.Module, tokenizer, task: FinetuneTask, splits: dict[str, list[Example]],
                    *, progress: bool = False) -> Outcome:
     """Fine-tune `model` (changed in place: give a copy) on one task; the kept epoch's valid scores."""
-    lead, null = prompt_inputs(cfg, model)
-    return Run(model, tokenizer, task, splits, recipe(cfg.finetune, task), lead=lead, null_feature=null).run(progress)
+    return Run(model, tokenizer, task, splits, recipe(cfg.finetune, task), images=image_inputs(cfg, model)).run(progress)
 
 
-def outcome_rows(key: ModelKey, task: GlueTask, outcome: Outcome, *, item_id: str = "", config_hash: str = "",
+def outcome_rows(key: ModelKey, task: FinetuneTask, outcome: Outcome, *, item_id: str = "", config_hash: str = "",
                  job_id: str = "") -> tuple[list[dict], list[dict]]:
     """Rows of the results (one per metric) and items (each valid item right or wrong) datasets."""
     model, prov, n = key.columns(item_id), stamp(config_hash, job_id), len(outcome.labels)
-    name = TASK_PREFIX + task.name
+    name = task.result_name
     rows = [{**model, "task": name, "subtask": "", "metric": m, "value": v, "n": n, **prov}
             for m, v in outcome.metrics.items()]
     right = outcome.preds == outcome.labels
@@ -92,7 +92,7 @@ def outcome_rows(key: ModelKey, task: GlueTask, outcome: Outcome, *, item_id: st
     return rows, items
 
 
-def write_task_folder(out: Path, task: GlueTask, outcome: Outcome, rows: list[dict], items: list[dict]) -> Path:
+def write_task_folder(out: Path, task: FinetuneTask, outcome: Outcome, rows: list[dict], items: list[dict]) -> Path:
     """`out/finetune/<task>/`: the pipeline's results.txt and predictions.json, and our Parquet rows, as one folder."""
     folder = finetune_dir(out, task.name)
     with atomic_path(folder, is_dir=True) as tmp:

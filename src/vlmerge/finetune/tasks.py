@@ -12,6 +12,7 @@ SST-2 are read by the pipeline but not in its script: they take the common recip
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 from vlmerge.errors import VlmergeError
@@ -20,39 +21,52 @@ from vlmerge.registry import Registry
 
 
 @dataclasses.dataclass(frozen=True)
-class GlueTask:
+class FinetuneTask:
+    """A fine-tuning task: how its data are read, its labels, metrics and recipe choices. A GLUE task
+    is read from its fields; another family's (vision-language) brings its own `reader`."""
+
     name: str
-    a_fields: tuple[str, ...]
+    a_fields: tuple[str, ...] = ()
     b_fields: tuple[str, ...] = ()
     a_template: str | None = None
-    num_labels: int = 2
+    num_labels: int = 2  # 0: as many as the training split's labels (VQA's answer vocabulary)
     metrics: tuple[str, ...] = ("accuracy", "f1", "mcc")
     metric_for_valid: str = "accuracy"
     big_batch: bool = False  # eval_finetuning.sh's BIG_BSZ (boolq, multirc)
     long_schedule: bool = False  # eval_finetuning.sh's WSC_EPOCHS (wsc)
+    family: str = "glue"  # the results' task column: <family>/<name>
+    # folder -> {"train": …, "valid": …}, malformed records to the ProblemLog (None: GLUE's JSONL files)
+    reader: Callable[[Path, ProblemLog], dict[str, list[Example]]] | None = None
+
+    @property
+    def result_name(self) -> str:
+        return f"{self.family}/{self.name}"
 
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One labelled input: the A text and, for a pair task, the B text."""
+    """One labelled input: the A text, for a pair task the B text, the images it shows (ids of the
+    feature store, in order), and for a task of soft targets (VQA) each label's score."""
 
     a: str
     b: str | None
     label: int
+    images: tuple[str, ...] = ()
+    targets: tuple[tuple[int, float], ...] = ()  # (label, score); empty: the label alone, score 1
 
 
-TASKS: Registry[GlueTask] = Registry("fine-tuning task")
+TASKS: Registry[FinetuneTask] = Registry("fine-tuning task")
 for _task in (
-    GlueTask("boolq", ("question",), ("passage",), big_batch=True),
-    GlueTask("cola", ("sentence",)),
-    GlueTask("mnli", ("premise",), ("hypothesis",), num_labels=3, metrics=("accuracy",)),
-    GlueTask("mrpc", ("sentence1",), ("sentence2",), metric_for_valid="f1"),
-    GlueTask("multirc", ("question", "answer"), ("paragraph",), "Question: {} Answer: {}", big_batch=True),
-    GlueTask("qnli", ("question",), ("sentence",)),
-    GlueTask("qqp", ("question1",), ("question2",), metric_for_valid="f1"),
-    GlueTask("rte", ("sentence1",), ("sentence2",)),
-    GlueTask("sst2", ("sentence",)),
-    GlueTask("wsc", ("span2_text", "span1_text"), ("text",), 'Does "{}" refer to "{}" in this passage?',
+    FinetuneTask("boolq", ("question",), ("passage",), big_batch=True),
+    FinetuneTask("cola", ("sentence",)),
+    FinetuneTask("mnli", ("premise",), ("hypothesis",), num_labels=3, metrics=("accuracy",)),
+    FinetuneTask("mrpc", ("sentence1",), ("sentence2",), metric_for_valid="f1"),
+    FinetuneTask("multirc", ("question", "answer"), ("paragraph",), "Question: {} Answer: {}", big_batch=True),
+    FinetuneTask("qnli", ("question",), ("sentence",)),
+    FinetuneTask("qqp", ("question1",), ("question2",), metric_for_valid="f1"),
+    FinetuneTask("rte", ("sentence1",), ("sentence2",)),
+    FinetuneTask("sst2", ("sentence",)),
+    FinetuneTask("wsc", ("span2_text", "span1_text"), ("text",), 'Does "{}" refer to "{}" in this passage?',
              long_schedule=True),
 ):
     TASKS.add(_task.name, _task)
@@ -71,7 +85,7 @@ def _side(row: dict, fields: tuple[str, ...], template: str | None) -> str:
     return template.format(*values) if template is not None else " ".join(values)
 
 
-def read_split(task: GlueTask, path: Path, problems: ProblemLog) -> list[Example]:
+def read_split(task: FinetuneTask, path: Path, problems: ProblemLog) -> list[Example]:
     """The examples of one split file; a line without a field, or with a label outside the task's, is a problem."""
     out = []
     for where, row in read_jsonl(path, problems, f"{task.name} data"):
@@ -93,8 +107,14 @@ def read_split(task: GlueTask, path: Path, problems: ProblemLog) -> list[Example
     return out
 
 
-def read_task(task: GlueTask, folder: Path, problems: ProblemLog) -> dict[str, list[Example]]:
+def read_task(task: FinetuneTask, folder: Path, problems: ProblemLog) -> dict[str, list[Example]]:
     """Both splits of a task; a split file that is missing or has no usable line stops here, before any training."""
+    if task.reader is not None:
+        splits = task.reader(folder, problems)
+        empty = [s for s in SPLITS if not splits.get(s)]
+        if empty:
+            raise VlmergeError(f"{folder}: no usable {task.name} examples in its {empty[0]} split")
+        return splits
     splits = {}
     for split in SPLITS:
         splits[split] = read_split(task, split_file(folder, task.name, split), problems)
