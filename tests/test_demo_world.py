@@ -250,3 +250,139 @@ def test_word_forms() -> None:
         "an", "orange", "circle", "and", "a", "big", "apple",
     ]
     assert set(RGB) == set(COLOURS)
+
+
+# The downstream vision-language sets (demo.vl_tasks): VQAv2, Karpathy retrieval, NLVR², in their real formats.
+VQA_SUBTYPES = {"train": "train2014", "val": "val2014"}
+
+
+@pytest.fixture(scope="module")
+def eval_manifest(world: DemoWorld) -> dict[str, dict]:
+    return {row["image_id"]: row for row in read_jsonl(world.eval_images)}
+
+
+def assert_listed_image(world: DemoWorld, manifest: dict[str, dict], stem: str, rel: str) -> Path:
+    """The image is in eval/images.jsonl under its file stem, at `rel` (relative to eval/), and on disk."""
+    assert manifest[stem]["path"] == rel and Path(rel).stem == stem and rel.endswith(".png")
+    path = world.eval_images.parent / rel
+    assert path.is_file()
+    return path
+
+
+def shape_pixels(path: Path) -> list[tuple[int, int, int]]:
+    with Image.open(path) as image:
+        assert (image.size, image.mode) == ((64, 64), "RGB")
+        return [p for p in image.getdata() if max(abs(c - BACKGROUND) for c in p) > 60]
+
+
+def test_vl_vqa_is_in_vqav2_format_with_answers_at_chance(world: DemoWorld, meta: dict, eval_manifest: dict) -> None:
+    vl = meta["counts"]["vl"]
+    assert vl["vqa_questions"] == {"train": 800, "val": 200} and vl["vqa_images"] == {"train": 400, "val": 100}
+    for split, subtype in VQA_SUBTYPES.items():
+        folder = world.root / "eval/vl/vqa"
+        questions = json.loads((folder / f"v2_OpenEnded_mscoco_{subtype}_questions.json").read_text(encoding="utf-8"))
+        annotations = json.loads((folder / f"v2_mscoco_{subtype}_annotations.json").read_text(encoding="utf-8"))
+        assert {k: questions[k] for k in ("task_type", "data_type", "data_subtype")} == {
+            "task_type": "Open-Ended", "data_type": "mscoco", "data_subtype": subtype}
+        assert (annotations["data_type"], annotations["data_subtype"]) == ("mscoco", subtype)
+        qs, anns = questions["questions"], annotations["annotations"]
+        assert len(qs) == len(anns) == vl["vqa_questions"][split]
+        assert len({q["image_id"] for q in qs}) == vl["vqa_images"][split]
+        for q, a in zip(qs, anns):
+            assert set(q) == {"image_id", "question", "question_id"} and type(q["image_id"]) is int
+            assert set(a) == {"question_id", "image_id", "answers", "multiple_choice_answer", "answer_type", "question_type"}
+            assert (a["question_id"], a["image_id"]) == (q["question_id"], q["image_id"])
+            assert q["question_id"] // 1000 == q["image_id"] and q["question"].startswith(a["question_type"] + " ")
+            assert [x["answer_id"] for x in a["answers"]] == list(range(1, 11))
+            assert all(x["answer_confidence"] == "yes" for x in a["answers"])
+            votes = Counter(x["answer"] for x in a["answers"])
+            assert votes.most_common(1)[0][0] == a["multiple_choice_answer"] and votes[a["multiple_choice_answer"]] >= 7
+            stem = f"COCO_{subtype}_{q['image_id']:012d}"
+            path = assert_listed_image(world, eval_manifest, stem, f"vl/coco/{subtype}/{stem}.png")
+            if a["answer_type"] == "other" and q["question_id"] % 7 == 0:  # some colour answers against the pixels
+                pixels = Counter(min(RGB, key=lambda c: sum((x - y) ** 2 for x, y in zip(RGB[c], p))) for p in shape_pixels(path))
+                assert pixels.most_common(1)[0][0] == a["multiple_choice_answer"]
+        assert Counter(a["answer_type"] for a in anns) == {"other": len(anns) // 2, "number": len(anns) // 4, "yes/no": len(anns) // 4}
+        # Without the image a model is at chance: the answers of each type are uniform (the question
+        # says its type, not its answer), and none is more than 1/8 of all the answers.
+        expected = {"other": set(COLOURS), "number": {"1", "2", "3", "4"}, "yes/no": {"yes", "no"}}
+        for answer_type, values in expected.items():
+            counts = Counter(a["multiple_choice_answer"] for a in anns if a["answer_type"] == answer_type)
+            assert set(counts) == values and max(counts.values()) - min(counts.values()) <= 1
+        asked = Counter((q["question"].split()[-2], a["multiple_choice_answer"]) for q, a in zip(qs, anns) if a["answer_type"] == "yes/no")
+        assert set(asked) == {(s, y) for s in RADII for y in ("yes", "no")} and max(asked.values()) - min(asked.values()) <= 1
+        assert max(Counter(a["multiple_choice_answer"] for a in anns).values()) / len(anns) <= 1 / 8 + 0.01
+        assert any(a["answers"][0]["answer"] != a["multiple_choice_answer"] for a in anns)  # some annotators slip
+
+
+def test_vl_retrieval_is_in_karpathys_format(world: DemoWorld, meta: dict, eval_manifest: dict) -> None:
+    data = json.loads((world.root / "eval/vl/retrieval/dataset_demo.json").read_text(encoding="utf-8"))
+    assert set(data) == {"images", "dataset"} and data["dataset"] == "demo"
+    images = data["images"]
+    assert Counter(i["split"] for i in images) == meta["counts"]["vl"]["retrieval_images"] == {"train": 300, "val": 50, "test": 100}
+    sentid = 0
+    for imgid, image in enumerate(images):
+        assert set(image) == {"filepath", "sentids", "filename", "imgid", "split", "sentences", "cocoid"}
+        assert image["imgid"] == imgid and image["filepath"] == ("train2014" if image["split"] == "train" else "val2014")
+        assert image["filename"] == f"COCO_{image['filepath']}_{image['cocoid']:012d}.png"
+        assert len({s["raw"] for s in image["sentences"]}) == len(image["sentences"]) == 5
+        for s in image["sentences"]:
+            assert s == {"tokens": s["raw"].split(), "raw": s["raw"], "imgid": imgid, "sentid": sentid}
+            sentid += 1
+        assert image["sentids"] == [s["sentid"] for s in image["sentences"]]
+        stem = image["filename"].removesuffix(".png")
+        assert_listed_image(world, eval_manifest, stem, f"vl/coco/{image['filepath']}/{image['filename']}")
+    # The test images differ in what a pooled vector reads (the manifest's caption names every group's
+    # count, size, colour and shape), so text alone ranks at chance and the image separates them.
+    test = [eval_manifest[i["filename"].removesuffix(".png")]["caption"] for i in images if i["split"] == "test"]
+    assert len(set(test)) == len(test)
+    coco = [row for row in eval_manifest.values() if row["path"].startswith("vl/coco/")]
+    assert len(coco) == 500 + 450  # VQA's and retrieval's COCO ids are disjoint
+
+
+def test_vl_nlvr2_is_in_nlvr2s_format_with_balanced_labels(world: DemoWorld, meta: dict, eval_manifest: dict) -> None:
+    import re
+
+    for split, n in {"train": 600, "dev": 200}.items():
+        lines = (world.root / f"eval/vl/nlvr2/{split}.json").read_text(encoding="utf-8").splitlines()
+        rows = [json.loads(line) for line in lines]  # JSON lines, as the release's train.json
+        assert len(rows) == meta["counts"]["vl"]["nlvr2_items"][split] == n
+        assert len({r["identifier"] for r in rows}) == n
+        assert Counter(r["label"] for r in rows) == {"True": n // 2, "False": n // 2}
+        # Each statement is True of one image pair and False of another: text alone is at chance.
+        by_sentence = Counter((r["sentence"], r["label"]) for r in rows)
+        assert all(by_sentence[(s, "True")] == by_sentence[(s, "False")] for s, _ in by_sentence)
+        for row in rows:
+            assert re.fullmatch(rf"{split}-\d+-\d+-\d+", row["identifier"])
+            assert set(row) == ({"identifier", "sentence", "label", "directory"} if split == "train" else {"identifier", "sentence", "label"})
+            folder = f"images/train/{row['directory']}" if split == "train" else f"images/{split}"
+            pair = row["identifier"].rsplit("-", 1)[0]
+            left, right = (assert_listed_image(world, eval_manifest, f"{pair}-img{k}", f"vl/nlvr2/{folder}/{pair}-img{k}.png")
+                           for k in (0, 1))
+            words = row["sentence"].split()
+            if words[:4] == ["the", "left", "image", "has"] and words[4] in ("more", "fewer", "bigger", "smaller"):
+                # One colour and shape: the shapes' area decides more/bigger (same size, or same count).
+                more = len(shape_pixels(left)) > len(shape_pixels(right))
+                assert (row["label"] == "True") == (more == (words[4] in ("more", "bigger"))), row
+
+
+def test_vl_sets_are_deterministic_and_leave_the_older_files_alone(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import vlmerge.demo.world as world_module
+
+    first = file_hashes(generate(tmp_path / "first", seed=3, progress=False, **SMALL).root)
+    assert file_hashes(generate(tmp_path / "again", seed=3, progress=False, **SMALL).root) == first
+    assert any(k.startswith("eval/vl/nlvr2/images/") for k in first) and "eval/vl/retrieval/dataset_demo.json" in first
+    monkeypatch.setattr(world_module, "write_vl_tasks", lambda *args, **kwargs: {})
+    without = generate(tmp_path / "without", seed=3, progress=False, **SMALL).root
+    changed = {"world.json", "eval/images.jsonl"}  # the vl counts; the vl images' rows appended
+    older = {k: v for k, v in file_hashes(without).items() if k not in changed}
+    assert {k: v for k, v in first.items() if not k.startswith("eval/vl/") and k not in changed} == older
+    metas = [json.loads((root / "world.json").read_text(encoding="utf-8")) for root in (tmp_path / "first", without)]
+    vl = metas[0]["counts"].pop("vl")
+    assert metas[1]["counts"].pop("vl") == {} and metas[0] == metas[1]
+    before = (without / "eval/images.jsonl").read_text(encoding="utf-8")
+    after = (tmp_path / "first/eval/images.jsonl").read_text(encoding="utf-8")
+    assert after.startswith(before)
+    vl_rows = [json.loads(line) for line in after.removeprefix(before).splitlines()]
+    assert {f"eval/{row['path']}" for row in vl_rows} == {k for k in first if k.startswith("eval/vl/") and k.endswith(".png")}
+    assert len(vl_rows) == len({row["image_id"] for row in vl_rows}) == vl["images"] > 0

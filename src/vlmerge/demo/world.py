@@ -7,13 +7,19 @@ Layout under the output directory (paths relative to it):
     text/dev.txt                held-out sentences of the same grammar (perplexity)
     images/<image_id>.png       64×64 RGB scenes of coloured shapes (img-…: training, wg-…: eval)
     captions.jsonl              {"image_id", "path", "caption"} for the training images
-    eval/images.jsonl           the same for the evaluation images (wg-…, vqa-…; "path" relative to eval/)
+    eval/images.jsonl           the same for the evaluation images (wg-…, vqa-…, then eval/vl/'s; "path" relative to eval/)
     eval/blimp/<UID>.jsonl      BLiMP-format minimal pairs on held-out words
     eval/winoground.jsonl       Winoground-format items (Hugging Face export fields; collapsed_tag
                                 "attribute" or "binding")
     eval/vqa.jsonl              BabyLM-format VQA: question, target_ans, 7 distractors, image_id
     eval/entity_tracking/, eval/wug_adj_nominalization/   BabyLM-format files (demo.babylm_tasks)
     eval/glue/cola.{train,valid}.jsonl                    acceptability in BabyLM's glue_filtered format
+    eval/vl/vqa/v2_OpenEnded_mscoco_{train,val}2014_questions.json, v2_mscoco_{train,val}2014_annotations.json
+                                VQAv2-format fine-tuning set (demo.vl_tasks)
+    eval/vl/retrieval/dataset_demo.json                   image–text retrieval in Karpathy's split format
+    eval/vl/nlvr2/{train,dev}.json                        NLVR²'s JSONL (images: eval/vl/nlvr2/images/)
+    eval/vl/coco/{train2014,val2014}/COCO_*.png           VQA's and retrieval's images, named as COCO's
+                                (these and NLVR²'s are appended to eval/images.jsonl, image_id = stem)
     dinov2-tiny/                randomly initialised DINOv2 + image processor (save_pretrained)
 
 Everything follows from the seed and the parameters: the same inputs give byte-identical files.
@@ -37,10 +43,11 @@ from vlmerge.demo.images import (
     BACKGROUND, CaptionStyle, Scene, caption, picture_talk, random_scene, random_style, render,
 )
 from vlmerge.demo.tasks import PHENOMENA, minimal_pairs, vqa_items, winoground_items
+from vlmerge.demo.vl_tasks import write_vl_tasks
 from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path, write_json, write_jsonl, write_text
 
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 FILES = {
     "text_train": "text/train.txt",
     "text_dev": "text/dev.txt",
@@ -234,6 +241,8 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
     babylm_items = write_babylm_tasks(root, sorted(n.singular for n in lexicon.nouns if n.kind == "thing"),
                                       _rng(seed, "babylm_tasks"))
     acceptability = write_acceptability(root, lexicon, train_lexicon, params["pairs_per_phenomenon"], _rng(seed, "glue"))
+    vl = write_vl_tasks(root, params["n_images"], vqa_rng=_rng(seed, "vl/vqa"), retrieval_rng=_rng(seed, "vl/retrieval"),
+                        nlvr2_rng=_rng(seed, "vl/nlvr2"), render_rng=lambda image_id: _rng(seed, f"render/{image_id}"))
     save_random_dinov2(root / FILES["encoder_dir"], seed)
 
     write_json(root / "world.json", {
@@ -252,6 +261,7 @@ def _build(root: Path, seed: int, params: dict[str, int], progress: bool) -> Non
             "blimp_pairs": blimp_pairs,
             "babylm_tasks": babylm_items,
             "acceptability": acceptability,
+            "vl": vl,
         },
         "lexicon": {
             "train": train_lexicon.to_json(),
