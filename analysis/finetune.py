@@ -3,7 +3,7 @@
 interval over the valid items; and its findings: each fine-tuned model's accuracy against the
 text twin's on the same valid items (a paired bootstrap: the same resampled items for both).
 
-Fine-tuning rows (task `glue/<name>`, `vl/<name>`) are not scores of the merge sweep: the other analyses
+Fine-tuning rows (task `glue/<name>`, `ft_<name>`) are not scores of the merge sweep: the other analyses
 leave them out (`without_finetune`).
 """
 
@@ -19,7 +19,7 @@ from vlmerge.analysis.load import MODEL, NO_WORDS, Results
 from vlmerge.analysis.stats import percentile_interval
 from vlmerge.results import UNMERGED
 
-FAMILIES = ("glue/", "vl/")  # the task columns of fine-tuning rows (vlmerge.finetune: <family>/<task>)
+FAMILIES = ("glue/", "ft_")  # the task columns of fine-tuning rows: glue/<task>, ft_vqa, ft_nlvr2, …
 METRICS = ("accuracy", "f1", "mcc")
 
 
@@ -57,7 +57,7 @@ def finetune_table(results: Results, replicates: int, rng: np.random.Generator) 
         mine = items[(items.task == task) & (items[MODEL] == model[MODEL]).all(axis=1)]
         low, high = accuracy_interval(mine.value.to_numpy(), replicates, rng)
         words = model.mm_words if model.mm_words != NO_WORDS else model.text_words
-        rows.append({"task": task.partition("/")[2], "model": model_label(model), "words": int(words),
+        rows.append({"task": task.removeprefix("glue/"), "model": model_label(model), "words": int(words),
                      **{m: values.get(m, np.nan) for m in METRICS}, "accuracy_low": low, "accuracy_high": high,
                      "n": int(group.n.iloc[0]), "_twin": model.method != UNMERGED, "_alpha": model.alpha})
     table = pd.DataFrame(rows, columns=["task", "model", "words", *METRICS, "accuracy_low", "accuracy_high", "n",
@@ -94,7 +94,7 @@ def finetune_findings(results: Results, replicates: int, rng: np.random.Generato
                 low, high = percentile_interval(diff[draws].mean(axis=1)) if draws is not None else (np.nan, np.nan)
                 name = model_label(other)
                 subject = f"The {name}" if other.method == UNMERGED else f"The merge {name}"
-                where = f"after fine-tuning on {task.partition('/')[2]} at {words:,} words"
+                where = f"after fine-tuning on {task.removeprefix('glue/')} at {words:,} words"
                 effect = excludes(low, high, 0.0)
                 if not effect:
                     sentence = (f"{subject} and the text twin do not differ in accuracy {where}: {name} − text twin = {f3(value)} "

@@ -6,13 +6,13 @@
 #   demo-data (if the config reads the demo world) → tokenizer → corpus ─┐
 #   precompute array (features.num_shards) → link ───────────────────────┴→ [seed run] →
 #   text run ∥ multimodal run (or the expert run) → [best text checkpoint] → sweep submitter → sweep array
-#   (%sweep.array_throttle) → results compact → [fine-tuning submitter → fine-tuning array] → analyze
+#   (%sweep.array_throttle) → [fine-tuning submitter → fine-tuning array] → results compact → analyze
 #   (the report in reports/<experiment>/report.html)
 #
 # The sweep's size depends on the checkpoints, so a small job after training plans it and
 # submits the array (`--submit-sweep`); with compute.device=cuda each array task asks for one GPU.
 # Likewise the fine-tuning of sweep.finetune (an α of "best" is read from the sweep's results): a
-# small job after the compaction plans and submits its array (`--submit-finetune`), then the analysis.
+# small job after the sweep plans and submits its array (`--submit-finetune`), the compaction and the analysis.
 # Every job skips work that is already complete: the same command resumes a broken DAG.
 # `squeue -n vlmerge-analyze` shows when the end is near. --dry-run prints every job (its options,
 # array and dependencies) and submits none; where Slurm answers, each is checked with
@@ -45,29 +45,30 @@ submit_sweep() {  # submit_sweep DEPENDENCY ("": none)
     local sweep results analysis
     sweep=$(sbatch --parsable --array="0-$((tasks - 1))%$(value sweep.array_throttle)" "${gpu[@]}" "${dep[@]}" \
         --output="$logs/%x-%A_%a.out" jobs/sweep.sbatch "$config" --per-task "$per_task" "${overrides[@]}" | cut -d';' -f1)
-    results=$(job results "$sweep" results compact)
     if [ "$(value sweep.finetune)" = "[]" ]; then
+        results=$(job results "$sweep" results compact)
         analysis=$(job analyze "$results" analyze --quiet)
         echo "pipeline: analysis job $analysis writes the report after the sweep" >&2
     else
         local submitter
         submitter=$(sbatch --parsable --job-name=vlmerge-finetune-submit --cpus-per-task=1 \
-            --dependency="afterok:${results}" --kill-on-invalid-dep=yes \
+            --dependency="afterok:${sweep}" --kill-on-invalid-dep=yes \
             jobs/pipeline.sh --submit-finetune "$config" "${overrides[@]}" | cut -d';' -f1)
-        echo "pipeline: job $submitter submits the fine-tuning array and the analysis after the sweep" >&2
+        echo "pipeline: job $submitter submits the fine-tuning array, the compaction and the analysis after the sweep" >&2
     fi
 }
 
-# The fine-tuning array of sweep.finetune (one item per model and task), then the analysis.
+# The fine-tuning array of sweep.finetune (one item per model and task), then the compaction and the analysis.
 submit_finetune() {
-    local n gpus gpu=() finetune analysis
+    local n gpus gpu=() finetune results analysis
     n=$(python -m vlmerge sweep finetune --array --config "$config" "${overrides[@]}")
     gpus=$(python -m vlmerge sweep plan --gpus --config "$config" "${overrides[@]}")
     [ "$gpus" -gt 0 ] && gpu=(--gpus-per-task="$gpus")
     finetune=$(sbatch --parsable --array="0-$((n - 1))%$(value sweep.array_throttle)" "${gpu[@]}" \
         --output="$logs/%x-%A_%a.out" jobs/finetune.sbatch "$config" "${overrides[@]}" | cut -d';' -f1)
-    analysis=$(job analyze "$finetune" analyze --quiet)
-    echo "pipeline: fine-tuning array $finetune ($n items), then analysis job $analysis" >&2
+    results=$(job results "$finetune" results compact)
+    analysis=$(job analyze "$results" analyze --quiet)
+    echo "pipeline: fine-tuning array $finetune ($n items), then compaction $results and analysis $analysis" >&2
 }
 
 if [ "$mode" = sweep ]; then

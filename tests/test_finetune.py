@@ -652,3 +652,86 @@ def test_cli_mnli_three_labels_accuracy_alone(cli, tmp_path):
     assert float(lines[0].split(": ")[1]) == pytest.approx(sum(p == y for y, p in zip(labels, preds)) / 9)
     results = pd.read_parquet(out / "finetune/mnli/results.parquet")
     assert results["metric"].tolist() == ["accuracy"] and results["task"].tolist() == ["glue/mnli"]
+
+
+# --- Sung et al.'s vision-language tasks (ft_vqa, ft_nlvr2) on the small demo world ---------------------------
+
+
+@pytest.fixture(scope="module")
+def vl(small_prepared):
+    """(root, tokenizer, features, a tiny multimodal model) of the small prepared world."""
+    from transformers import AutoTokenizer
+
+    from conftest import SMALL_WORLD
+    from vlmerge.config import ModelConfig
+    from vlmerge.data import FeatureTable
+    from vlmerge.model import build_config, init_model
+
+    cfg = load_config(None, [f"paths.root={small_prepared}", *SMALL_WORLD])
+    tok = AutoTokenizer.from_pretrained(cfg.layout.tokenizer_dir)
+    features = FeatureTable(cfg.store_path)
+    config = build_config(ModelConfig(num_layers=1, hidden_size=32, num_heads=2, intermediate_size=64, max_length=64),
+                          tok, features.dim)
+    return small_prepared, tok, features, init_model(config, 0)
+
+
+def test_vl_tasks_read_the_demo_sets_with_images_of_the_store(vl):
+    root, _, features, _ = vl
+    vqa = read_task(get_task("ft_vqa"), root / "demo/eval/vl/vqa", ProblemLog(), FinetuneConfig(vqa_min_answer_count=1))
+    nlvr2 = read_task(get_task("ft_nlvr2"), root / "demo/eval/vl/nlvr2", ProblemLog())
+    for splits in (vqa, nlvr2):
+        ids = np.array([i for examples in splits.values() for e in examples for i in e.images])
+        assert (features.rows(ids) >= 0).all()
+    # VQA: one image; every training example has a target in the vocabulary, its label the best one
+    assert all(len(e.images) == 1 and e.b is None for e in vqa["train"] + vqa["valid"])
+    assert all(e.targets and e.label == max(e.targets, key=lambda t: (t[1], -t[0]))[0] for e in vqa["train"])
+    assert {s for e in vqa["train"] for _, s in e.targets} <= {0.3, 0.6, 0.9, 1.0}
+    # NLVR²: the statement after two images, true or false, half and half
+    assert all(len(e.images) == 2 for e in nlvr2["train"]) and {e.label for e in nlvr2["valid"]} == {0, 1}
+    assert get_task("ft_vqa").result_name == "ft_vqa" and get_task("rte").result_name == "glue/rte"
+
+
+def test_a_multimodal_model_reads_each_examples_images_behind_as_many_image_tokens(vl):
+    _, tok, features, model = vl
+    two, none = Example("left and right", None, 1, ("wg-000000-0", "wg-000001-1")), Example("text alone", None, 0)
+    images = loop.ImageInputs(features, "<image>")
+    pixels = images.pixels([two, none])
+    rows = features.rows(np.array(two.images))
+    assert torch.equal(pixels, torch.stack([features.features[rows[0]].float(), features.features[rows[1]].float(),
+                                           features.null]))
+    ids = loop.encode(tok, [two, none], 64, images)
+    image_token = tok.convert_tokens_to_ids("<image>")
+    assert [seq.count(image_token) for seq in ids] == [2, 1]
+    assert tok.decode(ids[0]).startswith("<image><image> left")
+    with pytest.raises(Exception, match="shows images|reads none"):
+        loop.Run(model, tok, get_task("ft_nlvr2"), {"train": [two] * 4, "valid": [two]}, small_recipe(batch_size=2))
+
+
+def test_vqa_soft_score_of_a_prediction_is_the_official_vqa_accuracy_of_its_answer(vl):
+    from vlmerge.finetune import vl_data
+
+    root = vl[0]
+    folder = root / "demo/eval/vl/vqa"
+    train = vl_data.read_vqa(folder / "v2_OpenEnded_mscoco_train2014_questions.json",
+                             folder / "v2_mscoco_train2014_annotations.json", ProblemLog())
+    val = vl_data.read_vqa(folder / "v2_OpenEnded_mscoco_val2014_questions.json",
+                           folder / "v2_mscoco_val2014_annotations.json", ProblemLog())
+    vocab = vl_data.vqa_answer_vocab(train, 1)
+    examples = read_task(get_task("ft_vqa"), folder, ProblemLog(), FinetuneConfig(vqa_min_answer_count=1))["valid"]
+    soft = loop.soft_targets(examples, len(vocab))
+    preds = np.random.default_rng(0).integers(0, len(vocab), len(examples))
+    want = metrics.vqa_score([vocab[p] for p in preds], [q.answers for q in val])  # the strings, the official rule
+    assert metrics.classification_metrics(("vqa_score",), np.zeros(len(preds)), preds, soft)["vqa_score"] == \
+        pytest.approx(want, abs=1e-6)
+
+
+def test_vl_fine_tuning_runs_on_image_examples_and_reports_the_tasks_metrics(vl):
+    root, tok, features, model = vl
+    splits = read_task(get_task("ft_vqa"), root / "demo/eval/vl/vqa", ProblemLog(), FinetuneConfig(vqa_min_answer_count=1))
+    run = loop.Run(model, tok, get_task("ft_vqa"), splits, small_recipe(epochs=2, batch_size=8, max_length=64, lr=1e-3),
+                   images=loop.ImageInputs(features, "<image>"))
+    assert run.num_labels == 1 + max(t for e in splits["train"] for t, _ in e.targets)
+    outcome = run.run()
+    assert set(outcome.metrics) == {"vqa_score", "accuracy"} and len(outcome.preds) == len(splits["valid"])
+    # a right label (the best answer) scores at least 0.3, any other label at most what the best scores
+    assert 0 <= 0.3 * outcome.metrics["accuracy"] <= outcome.metrics["vqa_score"] <= 1

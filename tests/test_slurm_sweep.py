@@ -8,6 +8,7 @@ from conftest import FAST_TRAIN, REPO, SMALL_WORLD
 from slurm_cluster import slurm_env
 from vlmerge.config import load_config
 from vlmerge.results import DEDUPE, read_results
+from vlmerge.sweep.finetune import finetune_plan
 from vlmerge.sweep.plan import plan
 
 # One method: an array task per checkpoint pair (what is under test is the launching, not the methods).
@@ -33,8 +34,11 @@ def assert_complete(root, overrides) -> None:
     cfg = load_config(None, [f"paths.root={root}", *overrides])
     items = plan(cfg)
     frame = read_results(root / "results/demo")
-    merged = frame[frame.method != "none"]
+    tuned = frame.item_id.str.startswith("ft-")  # sweep.finetune's items (demo.yaml fine-tunes the best merges)
+    merged = frame[(frame.method != "none") & ~tuned]
     assert set(merged.item_id) == {it.item_id for it in items}
+    finetuned = {it.item_id for it in finetune_plan(cfg, items)} if cfg.sweep.finetune else set()
+    assert set(frame[tuned].item_id) <= finetuned  # (the submitit array runs the sweep alone)
     assert not frame.duplicated(["item_id", *DEDUPE["metrics"]]).any()
 
 
@@ -76,11 +80,13 @@ def test_pipeline_sh_dry_run_prints_the_dag_checks_every_job_and_submits_none(sl
     assert r.returncode == 0, r.stderr
     lines = r.stderr.splitlines()
     jobs = [line for line in lines if line.startswith("job ") and ": sbatch" in line]
-    # demo-data, tokenizer, corpus, precompute array, link, text, multimodal, the submitter; its sweep array,
-    # compaction and analysis
-    assert len(jobs) == 11 and "--array=0-0" in jobs[3] and "--dependency=afterok:6:7" in jobs[7]
+    # demo-data, tokenizer, corpus, precompute array, link, text, multimodal, the submitter; its sweep array
+    # and the fine-tuning submitter
+    assert len(jobs) == 10 and "--array=0-0" in jobs[3] and "--dependency=afterok:6:7" in jobs[7]
     assert "--array=0-2%8" in jobs[8] and "--dependency=afterok:8" in jobs[8]
-    assert sum("test-only: Job" in line for line in lines) == 11
+    # demo.yaml fine-tunes chosen merges: a job after the sweep sizes that array (then compaction, analysis)
+    assert "--job-name=vlmerge-finetune-submit" in jobs[9] and "--dependency=afterok:9" in jobs[9]
+    assert sum("test-only: Job" in line for line in lines) == 10
     assert "sbatch --test-only accepted every one" in r.stdout
     assert our_jobs("vlmerge-") == before and not (root / "logs").exists()  # nothing submitted, nothing written
 
@@ -88,7 +94,7 @@ def test_pipeline_sh_dry_run_prints_the_dag_checks_every_job_and_submits_none(sl
                               *SWEEP, "compute.device=cuda"], cwd=REPO, env=slurm_env(), capture_output=True,
                              text=True, timeout=300)
     assert refused.returncode == 1  # the array's --gpus-per-task=1 on a cluster without GPUs
-    assert "test-only FAILED" in refused.stderr and "1 of 11 job(s) refused by sbatch --test-only" in refused.stderr
+    assert "test-only FAILED" in refused.stderr and "1 of 10 job(s) refused by sbatch --test-only" in refused.stderr
 
 
 def test_the_estimate_reads_the_partitions_time_limit(slurm_cluster):

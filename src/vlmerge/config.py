@@ -370,6 +370,8 @@ class FinetuneConfig(_Section):
     padding_side: Literal["left", "right"] = Field(
         "left", description="the head reads the last real token on either side; left is the pipeline's setting "
                             "for decoders (--padding_side left --take_final)")
+    vqa_min_answer_count: int = Field(9, ge=1, description="ft_vqa: the answers of the classifier, those the training "
+                                                           "split gives as the major answer this often (ViLT's 9)")
 
 
 class AnalysisConfig(_Section):

@@ -117,7 +117,7 @@ def finetune_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, out:
         print(f"finetune {t.name}: done before ({finetune_dir(out, t.name)})")
     todo = [(t, folder) for t, folder in specs if t not in done]
     problems = ProblemLog()
-    data = {t.name: read_task(t, folder, problems) for t, folder in todo}  # every file read before any training
+    data = {t.name: read_task(t, folder, problems, cfg.finetune) for t, folder in todo}  # every file read before any training
     problems.report("finetune")
     if not todo:
         return {}

@@ -1,5 +1,8 @@
-"""BabyLM 2025's (Super)GLUE tasks: how each reads its `glue_filtered/<task>.{train,valid}.jsonl`
-and which recipe `eval_finetuning.sh` gives it.
+"""The fine-tuning tasks: BabyLM 2025's (Super)GLUE tasks, and Sung et al.'s downstream
+vision-language tasks.
+
+GLUE: how each reads its `glue_filtered/<task>.{train,valid}.jsonl` and which recipe
+`eval_finetuning.sh` gives it.
 
 The fields and templates are the pipeline's (evaluation_pipeline/finetune/dataset.py `Dataset`):
 an input is the A text, or the pair (A, B), each side the listed fields joined by a space or
@@ -7,6 +10,18 @@ put into the side's template. The labels, metrics and batch/epoch choices are ev
 MNLI has 3 labels and accuracy alone; MRPC and QQP keep the epoch of best F1, the others of best
 accuracy; BoolQ and MultiRC take the big-batch size, WSC its own number of epochs. CoLA, QNLI and
 SST-2 are read by the pipeline but not in its script: they take the common recipe.
+
+Vision-language (Sung et al. §3: pre-train, merge, then fine-tune), each read from the release's
+own files in one folder (vlmerge.finetune.vl_data), its images the feature store's:
+- `ft_vqa`: VQAv2's train2014 and val2014 questions and annotations; a classifier over the answer
+  vocabulary of the training split (ViLT's: the major answers seen 9 times or more,
+  `finetune.vqa_min_answer_count`), trained on the
+  answers' soft scores (binary cross-entropy, ViLT's and VLMo's recipe); `vqa_score`, VQA's accuracy
+  (a label's soft score is the official leave-one-out accuracy of its answer). Training questions
+  with no answer in the vocabulary are left out, as ViLT does; valid ones count, scoring 0.
+- `ft_nlvr2`: NLVR²'s train.json and dev.json: the statement after both images' tokens, true or
+  false; accuracy.
+Results rows are named by the task (`ft_vqa`), GLUE's by `glue/<task>`.
 """
 
 from __future__ import annotations
@@ -15,7 +30,9 @@ import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
+from vlmerge.config import FinetuneConfig
 from vlmerge.errors import VlmergeError
+from vlmerge.finetune import vl_data
 from vlmerge.problems import ProblemLog, read_jsonl
 from vlmerge.registry import Registry
 
@@ -34,13 +51,13 @@ class FinetuneTask:
     metric_for_valid: str = "accuracy"
     big_batch: bool = False  # eval_finetuning.sh's BIG_BSZ (boolq, multirc)
     long_schedule: bool = False  # eval_finetuning.sh's WSC_EPOCHS (wsc)
-    family: str = "glue"  # the results' task column: <family>/<name>
-    # folder -> {"train": …, "valid": …}, malformed records to the ProblemLog (None: GLUE's JSONL files)
-    reader: Callable[[Path, ProblemLog], dict[str, list[Example]]] | None = None
+    family: str = "glue"  # the results' task column: <family>/<name> ("": the name alone)
+    # (folder, problems, finetune config) -> {"train": …, "valid": …} (None: GLUE's JSONL files)
+    reader: Callable[[Path, ProblemLog, FinetuneConfig], dict[str, list[Example]]] | None = None
 
     @property
     def result_name(self) -> str:
-        return f"{self.family}/{self.name}"
+        return f"{self.family}/{self.name}" if self.family else self.name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +70,34 @@ class Example:
     label: int
     images: tuple[str, ...] = ()
     targets: tuple[tuple[int, float], ...] = ()  # (label, score); empty: the label alone, score 1
+
+
+VQA_FILES = {"train": ("v2_OpenEnded_mscoco_train2014_questions.json", "v2_mscoco_train2014_annotations.json"),
+             "valid": ("v2_OpenEnded_mscoco_val2014_questions.json", "v2_mscoco_val2014_annotations.json")}
+NLVR2_FILES = {"train": "train.json", "valid": "dev.json"}
+
+
+def read_vqa_task(folder: Path, problems: ProblemLog, fc: FinetuneConfig) -> dict[str, list[Example]]:
+    """VQAv2's train and val questions as examples over the training split's answer vocabulary."""
+    questions = {split: vl_data.read_vqa(folder / q, folder / a, problems) for split, (q, a) in VQA_FILES.items()}
+    index = {a: i for i, a in enumerate(vl_data.vqa_answer_vocab(questions["train"], fc.vqa_min_answer_count))}
+    splits = {}
+    for split, rows in questions.items():
+        examples = []
+        for q in rows:
+            targets = vl_data.vqa_targets(q.answers, index)
+            if split == "train" and not targets:
+                continue
+            best = max(targets, key=lambda k: (targets[k], -k), default=-1)  # -1: no answer of the vocabulary
+            examples.append(Example(q.question, None, best, (q.image_id,), tuple(sorted(targets.items()))))
+        splits[split] = examples
+    return splits
+
+
+def read_nlvr2_task(folder: Path, problems: ProblemLog, fc: FinetuneConfig) -> dict[str, list[Example]]:
+    """NLVR²'s train and dev statements, each after its two images."""
+    return {split: [Example(it.sentence, None, int(it.label), it.images)
+                    for it in vl_data.read_nlvr2(folder / name, problems)] for split, name in NLVR2_FILES.items()}
 
 
 TASKS: Registry[FinetuneTask] = Registry("fine-tuning task")
@@ -68,6 +113,9 @@ for _task in (
     FinetuneTask("sst2", ("sentence",)),
     FinetuneTask("wsc", ("span2_text", "span1_text"), ("text",), 'Does "{}" refer to "{}" in this passage?',
              long_schedule=True),
+    FinetuneTask("ft_vqa", num_labels=0, metrics=("vqa_score", "accuracy"), metric_for_valid="vqa_score", family="",
+                 reader=read_vqa_task),
+    FinetuneTask("ft_nlvr2", metrics=("accuracy",), family="", reader=read_nlvr2_task),
 ):
     TASKS.add(_task.name, _task)
 get_task = TASKS.lookup
@@ -107,10 +155,11 @@ def read_split(task: FinetuneTask, path: Path, problems: ProblemLog) -> list[Exa
     return out
 
 
-def read_task(task: FinetuneTask, folder: Path, problems: ProblemLog) -> dict[str, list[Example]]:
+def read_task(task: FinetuneTask, folder: Path, problems: ProblemLog,
+              fc: FinetuneConfig | None = None) -> dict[str, list[Example]]:
     """Both splits of a task; a split file that is missing or has no usable line stops here, before any training."""
     if task.reader is not None:
-        splits = task.reader(folder, problems)
+        splits = task.reader(folder, problems, fc or FinetuneConfig())
         empty = [s for s in SPLITS if not splits.get(s)]
         if empty:
             raise VlmergeError(f"{folder}: no usable {task.name} examples in its {empty[0]} split")

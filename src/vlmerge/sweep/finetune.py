@@ -145,7 +145,7 @@ def run_item(cfg: Config, item: FinetuneItem, *, progress: bool = False, job_id:
         return False
     task = get_task(item.task)
     problems = ProblemLog()
-    splits = read_task(task, Path(cfg.finetune.tasks[item.task]), problems)
+    splits = read_task(task, Path(cfg.finetune.tasks[item.task]), problems, cfg.finetune)
     problems.report(f"finetune {item.task}")
     model, tokenizer, key = model_of(cfg, item, resolve_device(cfg.compute.device))
     outcome = finetune_model(cfg, model, tokenizer, task, splits, progress=progress)
