@@ -618,15 +618,15 @@ def test_cli_a_bad_line_is_a_problem_not_fatal(cli, tmp_path, capsys, bad):
 def test_cli_interrupted_fine_tuning_leaves_no_folder_and_no_temps(cli, tmp_path, monkeypatch):
     folder = write_task(tmp_path / "glue", "rte", 24, 10)
     out = tmp_path / "out"
-    calls, predict = [], loop.Run.predict
+    calls, logits = [], loop.Run.logits
 
     def fail_after_first_epoch(self, split="valid"):
         calls.append(split)
         if len(calls) > 1:
             raise RuntimeError("killed mid-way")
-        return predict(self, split)
+        return logits(self, split)
 
-    monkeypatch.setattr(loop.Run, "predict", fail_after_first_epoch)
+    monkeypatch.setattr(loop.Run, "logits", fail_after_first_epoch)
     with pytest.raises(RuntimeError, match="killed mid-way"):
         cli(out, f"rte={folder}")
     assert len(calls) == 2
@@ -735,3 +735,27 @@ def test_vl_fine_tuning_runs_on_image_examples_and_reports_the_tasks_metrics(vl)
     assert set(outcome.metrics) == {"vqa_score", "accuracy"} and len(outcome.preds) == len(splits["valid"])
     # a right label (the best answer) scores at least 0.3, any other label at most what the best scores
     assert 0 <= 0.3 * outcome.metrics["accuracy"] <= outcome.metrics["vqa_score"] <= 1
+
+
+def test_retrieval_trains_on_matched_and_random_pairs_and_ranks_every_test_pair(vl):
+    root = vl[0]
+    splits = read_task(get_task("ft_retrieval"), root / "demo/eval/vl/retrieval", ProblemLog())
+    train, valid = splits["train"], splits["valid"]
+    # each caption twice: with its image (1), then with another training image (0)
+    assert [e.label for e in train[:4]] == [1, 0, 1, 0] and all(len(e.images) == 1 for e in train)
+    assert all(a.a == b.a and a.images != b.images for a, b in zip(train[::2], train[1::2]))
+    # the test split: every image with every caption, image-major, one matching image per caption
+    labels = np.array([e.label for e in valid])
+    n_captions = int(labels.sum())
+    grid = labels.reshape(-1, n_captions)
+    assert (grid.sum(axis=0) == 1).all() and len(valid) == grid.shape[0] * n_captions
+    assert len({e.images for e in valid[:n_captions]}) == 1
+    # the recalls rank the match margins of the pairs: perfect margins give 1 everywhere
+    margins = np.where(labels == 1, 2.0, -1.0)
+    perfect = metrics.classification_metrics(get_task("ft_retrieval").metrics, labels, labels,
+                                             logits=np.stack([np.zeros_like(margins), margins], axis=1))
+    assert all(v == 1.0 for v in perfect.values())
+    logits = np.random.default_rng(0).normal(size=(len(valid), 2)).astype(np.float32)
+    got = metrics.pair_recalls(labels, logits)
+    want = metrics.retrieval_recalls((logits[:, 1] - logits[:, 0]).reshape(grid.shape), grid.argmax(axis=0))
+    assert got == want and 0 < got["r_mean"] < 1

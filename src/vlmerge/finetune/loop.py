@@ -215,15 +215,19 @@ class Run:
                 bar.update()
 
     @torch.no_grad()
-    def predict(self, split: str = "valid") -> np.ndarray:
-        """Arg-max labels of a split, scored in length-sorted batches."""
+    def logits(self, split: str = "valid") -> np.ndarray:
+        """`[examples, labels]` of a split, scored in length-sorted batches."""
         self.model.eval()
         order = np.argsort([len(s) for s in self.ids[split]], kind="stable")
-        preds = np.empty(len(order), dtype=np.int64)
+        out = np.empty((len(order), self.num_labels), dtype=np.float32)
         for start in range(0, len(order), self.recipe.valid_batch_size):
             rows = order[start : start + self.recipe.valid_batch_size]
-            preds[rows] = self.model(*self._batch(split, rows)).argmax(-1).cpu().numpy()
-        return preds
+            out[rows] = self.model(*self._batch(split, rows)).float().cpu().numpy()
+        return out
+
+    def predict(self, split: str = "valid") -> np.ndarray:
+        """Arg-max labels of a split."""
+        return self.logits(split).argmax(-1)
 
     def run(self, progress: bool = False) -> Outcome:
         """Every epoch, keeping the one with the best valid `metric_for_valid`."""
@@ -235,8 +239,10 @@ class Run:
             torch.manual_seed(self.recipe.seed)  # the dropout masks: a rerun gives the same model
             for epoch in range(self.recipe.epochs):
                 self.train_epoch(rng, bar)
-                preds = self.predict()
-                metrics = classification_metrics(self.task.metrics, self.labels["valid"], preds, self.soft["valid"])
+                logits = self.logits()
+                preds = logits.argmax(-1)
+                metrics = classification_metrics(self.task.metrics, self.labels["valid"], preds, self.soft["valid"],
+                                                 logits)
                 score = metrics[self.task.metric_for_valid]
                 if best is None or score > best[0]:
                     best = (score, epoch, metrics, preds)

@@ -42,10 +42,24 @@ def soft_score(soft: np.ndarray, preds: np.ndarray) -> float:
 METRICS = {"accuracy": accuracy, "f1": f1, "mcc": mcc}
 
 
+RETRIEVAL = ("r_mean", "tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10")
+
+
+def pair_recalls(labels: np.ndarray, logits: np.ndarray) -> dict[str, float]:
+    """Retrieval recalls of image-text matching scored on every pair: examples image-major ([images ×
+    captions], label 1 where the caption is the image's), a pair's score its match logit margin."""
+    n_captions = int(labels.sum())  # each caption matches one image
+    grid = labels.reshape(-1, n_captions)
+    return retrieval_recalls((logits[:, 1] - logits[:, 0]).reshape(grid.shape), grid.argmax(axis=0))
+
+
 def classification_metrics(names: tuple[str, ...], labels: np.ndarray, preds: np.ndarray,
-                           soft: np.ndarray | None = None) -> dict[str, float]:
-    """The named metrics; `vqa_score` from the soft targets `[examples, labels]`."""
-    return {name: soft_score(soft, preds) if name == "vqa_score" else METRICS[name](labels, preds) for name in names}
+                           soft: np.ndarray | None = None, logits: np.ndarray | None = None) -> dict[str, float]:
+    """The named metrics; `vqa_score` from the soft targets `[examples, labels]`, the retrieval recalls
+    (RETRIEVAL) from the logits of every image-caption pair (`pair_recalls`)."""
+    recalls = pair_recalls(labels, logits) if any(n in RETRIEVAL for n in names) else {}
+    return {name: recalls[name] if name in RETRIEVAL else soft_score(soft, preds) if name == "vqa_score"
+            else METRICS[name](labels, preds) for name in names}
 
 
 def vqa_score(pred_answers: Sequence[str], answers: Sequence[tuple[str, ...]]) -> float:

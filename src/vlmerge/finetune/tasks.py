@@ -21,12 +21,21 @@ own files in one folder (vlmerge.finetune.vl_data), its images the feature store
   with no answer in the vocabulary are left out, as ViLT does; valid ones count, scoring 0.
 - `ft_nlvr2`: NLVR²'s train.json and dev.json: the statement after both images' tokens, true or
   false; accuracy.
+- `ft_retrieval`: Karpathy's split JSON (dataset_coco.json, dataset_flickr30k.json) of COCO or
+  Flickr30k: image-text matching, a binary head on `<image> caption` trained on every training
+  caption with its image and with one other training image drawn at random (`finetune.seed`);
+  scored on every image × caption pair of the test split, whose match margins rank the captions
+  of each image and the images of each caption: R@1/5/10 both ways and their mean (`r_mean`,
+  Sung et al.'s measure; the kept epoch's). Differences from ViLT: the negatives are random, not
+  mined from the batch; and the test split's n × 5n pairs are all scored, fine for the demo and
+  Flickr30k's 1k images, a GPU job for COCO's 5k.
 Results rows are named by the task (`ft_vqa`), GLUE's by `glue/<task>`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import random
 from collections.abc import Callable
 from pathlib import Path
 
@@ -94,6 +103,25 @@ def read_vqa_task(folder: Path, problems: ProblemLog, fc: FinetuneConfig) -> dic
     return splits
 
 
+def read_retrieval_task(folder: Path, problems: ProblemLog, fc: FinetuneConfig) -> dict[str, list[Example]]:
+    """Karpathy's train split as matching pairs (every caption with its image, 1, and with another
+    training image drawn at random, 0), and its test split as every image with every caption, image-major."""
+    files = sorted(folder.glob("dataset_*.json"))
+    if len(files) != 1:
+        raise VlmergeError(f"{folder}: expected one Karpathy split JSON (dataset_<name>.json), found {len(files)}")
+    train, test = (vl_data.read_karpathy(files[0], split, problems) for split in ("train", "test"))
+    rng = random.Random(fc.seed)  # the negatives: the same for every model fine-tuned with this seed
+    pairs = []
+    for k, image in enumerate(train):
+        for caption in image.captions:
+            other = rng.randrange(len(train) - 1) if len(train) > 1 else k
+            pairs += [Example(caption, None, 1, (image.image_id,)),
+                      Example(caption, None, 0, (train[other + (other >= k)].image_id,))]
+    every = [Example(caption, None, int(i == j), (image.image_id,))
+             for i, image in enumerate(test) for j, owner in enumerate(test) for caption in owner.captions]
+    return {"train": pairs, "valid": every}
+
+
 def read_nlvr2_task(folder: Path, problems: ProblemLog, fc: FinetuneConfig) -> dict[str, list[Example]]:
     """NLVR²'s train and dev statements, each after its two images."""
     return {split: [Example(it.sentence, None, int(it.label), it.images)
@@ -116,6 +144,8 @@ for _task in (
     FinetuneTask("ft_vqa", num_labels=0, metrics=("vqa_score", "accuracy"), metric_for_valid="vqa_score", family="",
                  reader=read_vqa_task),
     FinetuneTask("ft_nlvr2", metrics=("accuracy",), family="", reader=read_nlvr2_task),
+    FinetuneTask("ft_retrieval", metrics=("r_mean", "tr_r1", "tr_r5", "tr_r10", "ir_r1", "ir_r5", "ir_r10"),
+                 metric_for_valid="r_mean", family="", reader=read_retrieval_task),
 ):
     TASKS.add(_task.name, _task)
 get_task = TASKS.lookup
