@@ -460,3 +460,31 @@ def test_the_seed_finding_says_whether_the_drop_shrinks_at_every_step():
     assert seed_trend([0.3, 0.2, 0.1]) == "shrinks with every longer seed"
     assert seed_trend([0.24, 0.33, 0.14]) == "is smaller at the longest seed than at the shortest, but not at every step"
     assert seed_trend([0.1, 0.05, 0.1]) == "does not shrink from the shortest to the longest seed"
+
+
+# -- fine-tuning a modality-expert model (Sung et al.'s MSA): its routing under the classification head ------
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_classifier_routes_an_expert_model_as_its_own_forward_does(variant):
+    from vlmerge.finetune.classifier import SequenceClassifier
+
+    plain = init_model(tiny(), 5)
+    experts = experts_from_agnostic(plain, variant, 1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        tuned = SequenceClassifier(experts, 2, dropout=0.0, eps=1e-5).eval()
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        agnostic = SequenceClassifier(plain, 2, dropout=0.0, eps=1e-5).eval()
+    x = batch()
+    args = (x["input_ids"], x["attention_mask"], x["pixel_values"], x["multimodal"])
+    with torch.no_grad():
+        # equal experts: the agnostic model's logits, whatever the routes
+        assert torch.equal(tuned(*args), agnostic(*args[:3]))
+        # other cross-modal experts: only the multimodal samples change, the text-only one keeps its language expert
+        for name, p in experts.named_parameters():
+            if ".experts.cross." in name:
+                p.add_(torch.randn_like(p))
+        moved = tuned(*args) != agnostic(*args[:3])
+        assert moved[[0, 2]].any() and not moved[1].any()
+    assert not any(p is q for p in tuned.parameters() for q in experts.lm_head.parameters())  # no LM head to train

@@ -759,3 +759,29 @@ def test_retrieval_trains_on_matched_and_random_pairs_and_ranks_every_test_pair(
     got = metrics.pair_recalls(labels, logits)
     want = metrics.retrieval_recalls((logits[:, 1] - logits[:, 0]).reshape(grid.shape), grid.argmax(axis=0))
     assert got == want and 0 < got["r_mean"] < 1
+
+
+def test_the_study_fine_tunes_each_model_after_scoring_it_and_skips_what_is_done(twins, tmp_path):
+    from conftest import SMALL_WORLD
+    from vlmerge.layout import list_checkpoints
+    from vlmerge.results import read_results
+    from vlmerge.study import Evaluator
+
+    # the twins' world, store and checkpoint, read in place; the rows go under this test's own root
+    cfg = load_config(None, [f"paths.root={tmp_path}", *SMALL_WORLD, "experiment=study",
+                             f"eval.tasks={{blimp: '{twins}/demo/eval/blimp'}}", f"eval.features={twins}/features/demo.h5",
+                             f"finetune.tasks={{ft_nlvr2: '{twins}/demo/eval/vl/nlvr2'}}", "study.finetune=[ft_nlvr2]",
+                             "finetune.epochs=1", "finetune.batch_size=8"])
+    evaluate, model = Evaluator(cfg), list_checkpoints(twins / "runs/demo/multimodal")[-1]
+    evaluate(model, "mm")
+    metrics = tmp_path / "results/study/metrics"
+    assert sorted(p.stem for p in metrics.iterdir()) == ["mm", "mm-ft_nlvr2"]
+    frame = read_results(tmp_path / "results/study")
+    keys = frame.drop_duplicates("task").set_index("task")[["mm_run", "mm_words", "method", "alpha"]]
+    assert keys.loc["blimp"].equals(keys.loc["ft_nlvr2"])  # one model: its zero-shot and its fine-tuned rows
+    assert set(frame[frame.task == "ft_nlvr2"].metric) == {"accuracy"}
+    before = {p: p.stat().st_mtime_ns for p in metrics.iterdir()}
+    evaluate(model, "mm")  # done: nothing scored or fine-tuned again
+    assert {p: p.stat().st_mtime_ns for p in metrics.iterdir()} == before
+    with pytest.raises(Exception, match="study.finetune: 'ft_vqa' has no folder"):
+        Evaluator(cfg.model_copy(update={"study": cfg.study.model_copy(update={"finetune": ["ft_vqa"]})}))

@@ -423,6 +423,9 @@ class StudyConfig(_Section):
     lams: list[float] = Field([0.5, 1.0], min_length=1, description="modality arithmetic: λ")
     gammas: list[float] = Field([0.5, 0.9], min_length=1, description="RegMean: γ")
     tasks: list[str] = Field([], description="tasks of eval.tasks to run (default: all)")
+    finetune: list[str] = Field([], description="tasks of finetune.tasks each studied model is also fine-tuned on, "
+                                                "after its zero-shot evaluation (Sung et al.'s protocol: pre-train, "
+                                                "merge, fine-tune)")
 
     @model_validator(mode="after")
     def _seeds_within_the_budget(self) -> "StudyConfig":

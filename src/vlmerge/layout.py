@@ -397,3 +397,8 @@ def expert_merge_dir(run_dir: Path, method: str, params: dict[str, float]) -> Pa
 def study_result_name(experiment: str, label: str) -> str:
     """The results file name (metrics, items, distances) of one model or run of the study."""
     return f"{experiment}-{label}"
+
+
+def study_finetune_name(name: str, task: str) -> str:
+    """The results file name of a studied model (its `study_result_name`) fine-tuned on `task`."""
+    return f"{name}-{task}"

@@ -197,6 +197,12 @@ class ExpertLlavaForConditionalGeneration(PooledLlavaForConditionalGeneration):
                 multimodal = (pixels.float() != self.null_feature.to(pixels.device)).flatten(1).any(-1)
             else:
                 multimodal = torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        self.route(input_ids, multimodal)
+        return super().forward(input_ids, *args, **kwargs)
+
+    def route(self, input_ids: torch.Tensor, multimodal: torch.Tensor) -> None:
+        """Set every Routed module's route for the next forward of these inputs (of `self.model` too,
+        which a fine-tuning head calls without the LM head)."""
         layers = self.model.language_model.layers
         routes = expert_routes(input_ids, self.config.image_token_index, multimodal, len(layers),
                                self.config.cross_modal_layers)
@@ -204,7 +210,6 @@ class ExpertLlavaForConditionalGeneration(PooledLlavaForConditionalGeneration):
             for module in layer.modules():
                 if isinstance(module, Routed):
                     module.route = route
-        return super().forward(input_ids, *args, **kwargs)
 
 
 AutoConfig.register(EXPERT_MODEL_TYPE, ExpertLlavaConfig)

@@ -18,7 +18,7 @@ from pathlib import Path
 from vlmerge.config import EXPERT_RUN, Config, merge_dicts
 from vlmerge.errors import VlmergeError
 from vlmerge.layout import (
-    expert_merge_dir, maa_experiment, result_file, study_experiment, study_result_name,
+    expert_merge_dir, maa_experiment, result_file, study_experiment, study_finetune_name, study_result_name,
 )
 
 
@@ -81,33 +81,53 @@ def train_seed(base: Config, sub: Config, k: int, progress: bool) -> None:
 
 
 class Evaluator:
-    """The study's tasks, read once, scored for one model after another into the base results folder."""
+    """The study's tasks, read once, scored for one model after another into the base results folder;
+    and its fine-tuning tasks (`study.finetune`), each model fine-tuned on each after its scoring."""
 
     def __init__(self, cfg: Config):
         from vlmerge.data import FeatureTable
         from vlmerge.evaluate.run import prepare, task_specs
+        from vlmerge.finetune.tasks import get_task, read_task
         from vlmerge.problems import ProblemLog
 
         self.cfg = cfg
         self.features = FeatureTable(cfg.eval_store_path)
         problems = ProblemLog()
         self.tasks = prepare(task_specs(cfg, cfg.study.tasks or list(cfg.eval.tasks)), self.features, problems)
+        missing = [t for t in cfg.study.finetune if t not in cfg.finetune.tasks]
+        if missing:
+            raise VlmergeError(f"study.finetune: {missing[0]!r} has no folder in finetune.tasks")
+        self.finetune = [(get_task(t), read_task(get_task(t), Path(cfg.finetune.tasks[t]), problems, cfg.finetune))
+                         for t in cfg.study.finetune]
         problems.report("study eval")
 
     def done(self, name: str) -> bool:
         return result_file(self.cfg.layout.results_dir, "metrics", name).is_file()
 
     def __call__(self, model_dir: Path, name: str) -> None:
-        """Score the model in `model_dir` (plain, merged or expert) unless its results exist."""
+        """Score the model in `model_dir` (plain, merged or expert), then fine-tune it on each task of
+        study.finetune, each unless its results exist."""
         from vlmerge.device import resolve_device
         from vlmerge.evaluate.run import config_scorer, evaluate, load_model, result_rows
-        from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, write_rows
+        from vlmerge.finetune.run import finetune_model, outcome_rows
+        from vlmerge.results import ModelKey
 
-        if self.done(name):
-            return
-        model, tokenizer = load_model(model_dir, resolve_device(self.cfg.compute.device))
-        results = evaluate(config_scorer(self.cfg, model, tokenizer, self.features), self.tasks)
-        rows, items = result_rows(ModelKey.of_directory(model_dir), results, config_hash=self.cfg.hash())
+        key, device = ModelKey.of_directory(model_dir), resolve_device(self.cfg.compute.device)
+        if not self.done(name):
+            model, tokenizer = load_model(model_dir, device)
+            results = evaluate(config_scorer(self.cfg, model, tokenizer, self.features), self.tasks)
+            self._write(name, *result_rows(key, results, config_hash=self.cfg.hash()))
+        for task, splits in self.finetune:
+            tuned = study_finetune_name(name, task.name)
+            if not self.done(tuned):
+                model, tokenizer = load_model(model_dir, device)  # fresh weights for every task
+                outcome = finetune_model(self.cfg, model, tokenizer, task, splits)
+                self._write(tuned, *outcome_rows(key, task, outcome, config_hash=self.cfg.hash()))
+                print(f"study: {tuned}: " + ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items()))
+
+    def _write(self, name: str, rows: list[dict], items: list[dict]) -> None:
+        from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, write_rows
+
         results_dir = self.cfg.layout.results_dir
         write_rows(items, ITEMS_SCHEMA, result_file(results_dir, "items", name))
         write_rows(rows, RESULTS_SCHEMA, result_file(results_dir, "metrics", name))  # last: marks it done

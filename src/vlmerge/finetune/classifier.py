@@ -42,10 +42,17 @@ class SequenceClassifier(nn.Module):
         super().__init__()
         self.base = model.base_model
         self.head = classifier_head(model.config.get_text_config().hidden_size, num_labels, dropout, eps)
+        # a modality-expert model routes each token to its expert before the base runs (a plain attribute:
+        # the whole model, LM head included, is not the classifier's)
+        self.__dict__["route"] = getattr(model, "route", None)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                pixel_values: torch.Tensor | None = None) -> torch.Tensor:
-        """`pixel_values`: the features of every image token's image, in order ([images, (K,) D])."""
+                pixel_values: torch.Tensor | None = None, multimodal: torch.Tensor | None = None) -> torch.Tensor:
+        """`pixel_values`: the features of every image token's image, in order ([images, (K,) D]);
+        `multimodal` [B]: which inputs show a real image (an expert model's routes; default none)."""
+        if self.route is not None:
+            self.route(input_ids, multimodal if multimodal is not None else torch.zeros(
+                len(input_ids), dtype=torch.bool, device=input_ids.device))
         image = {} if pixel_values is None else {"pixel_values": pixel_values}
         states = self.base(input_ids=input_ids, attention_mask=attention_mask, **image).last_hidden_state
         rows = torch.arange(len(input_ids), device=input_ids.device)

@@ -190,8 +190,9 @@ class Run:
         ids, mask = pad([self.ids[split][r] for r in rows], self.pad_id, self.recipe.padding_side)
         if self.images is None:
             return ids.to(self.device), mask.to(self.device)
-        pixels = self.images.pixels([self.examples[split][r] for r in rows])
-        return ids.to(self.device), mask.to(self.device), pixels.to(self.device)
+        examples = [self.examples[split][r] for r in rows]
+        multimodal = torch.tensor([bool(e.images) for e in examples], device=self.device)
+        return ids.to(self.device), mask.to(self.device), self.images.pixels(examples).to(self.device), multimodal
 
     def _loss(self, logits: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
         """Cross-entropy with the labels; with soft targets (VQA) ViLT's binary cross-entropy with the

@@ -24,7 +24,6 @@ from vlmerge.finetune.tasks import Example, FinetuneTask, get_task, read_task
 from vlmerge.io import atomic_path, check_creatable, remove_stale_temps
 from vlmerge.layout import (eval_items_file, eval_results_file, finetune_dir, finetune_predictions_file,
                             finetune_scores_file)
-from vlmerge.model import ExpertLlavaForConditionalGeneration
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, stamp, write_rows
 
@@ -57,8 +56,6 @@ def image_inputs(cfg: Config, model: torch.nn.Module) -> ImageInputs | None:
     """How the model sees images, by `eval.prompt`: our multimodal models read each example's images
     from the evaluation store (the black image's feature for a text task), behind "<image> "
     (takmaz2025); a text model reads the text alone."""
-    if isinstance(model, ExpertLlavaForConditionalGeneration):
-        raise VlmergeError("fine-tuning takes a plain model; merge the experts first (vlmerge merge-experts)")
     prompt = resolve_prompt(cfg.eval.prompt, getattr(model.config, "image_token_index", None))
     if prompt == "legacy":
         raise VlmergeError("finetune: eval.prompt legacy is a scoring convention; use takmaz2025 or text")
