@@ -785,3 +785,5 @@ def test_the_study_fine_tunes_each_model_after_scoring_it_and_skips_what_is_done
     assert {p: p.stat().st_mtime_ns for p in metrics.iterdir()} == before
     with pytest.raises(Exception, match="study.finetune: 'ft_vqa' has no folder"):
         Evaluator(cfg.model_copy(update={"study": cfg.study.model_copy(update={"finetune": ["ft_vqa"]})}))
+    with pytest.raises(Exception, match="ft_nlvr2 has .* training examples, fewer than one batch of 100000"):
+        Evaluator(cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"batch_size": 100_000})}))

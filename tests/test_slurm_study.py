@@ -6,14 +6,15 @@ from conftest import REPO, SMALL_WORLD
 from slurm_cluster import slurm_env
 from test_slurm_sweep import wait_for_no_jobs
 from vlmerge.config import load_config
-from vlmerge.layout import result_file, study_result_name
+from vlmerge.layout import result_file, study_finetune_name, study_result_name
 from vlmerge.study import expert_config, expert_settings, maa_config
 
 # The smallest study with every kind of task: MAA and one seed run in the training array; three
 # settings (MB without a seed, `all` and `ffn` after one seed epoch) in the settings array.
 STUDY = [*SMALL_WORLD, "study.total_epochs=2", "study.seed_epochs=[0, 1]", "study.variants=[ffn]",
          "study.variant_seed_epochs=1", "study.alphas=[0.5]", "study.lams=[1.0]", "study.gammas=[0.9]",
-         "train.micro_batch_size=32", "train.log_every=20"]
+         "train.micro_batch_size=32", "train.log_every=20", "study.finetune=[ft_vqa]", "finetune.epochs=1",
+         "finetune.batch_size=4", "finetune.vqa_min_answer_count=1"]
 
 
 def test_study_sh_runs_both_arrays_to_the_report(slurm_cluster, tmp_path):
@@ -31,6 +32,7 @@ def test_study_sh_runs_both_arrays_to_the_report(slurm_cluster, tmp_path):
     for variant, k in expert_settings(cfg):
         experiment = expert_config(cfg, variant, k).experiment
         names |= {study_result_name(experiment, n) for n in ("msa", "interpolation-alpha0.5")}
+    names |= {study_finetune_name(n, "ft_vqa") for n in names}  # each model fine-tuned too (Sung et al.'s protocol)
     missing = [n for n in sorted(names) if not result_file(root / "results/sung", "metrics", n).is_file()]
     assert not missing, (missing, logs)
     assert (root / "reports/sung/sung.html").is_file(), logs  # the DAG's last job

@@ -87,6 +87,7 @@ class Evaluator:
     def __init__(self, cfg: Config):
         from vlmerge.data import FeatureTable
         from vlmerge.evaluate.run import prepare, task_specs
+        from vlmerge.finetune.run import recipe
         from vlmerge.finetune.tasks import get_task, read_task
         from vlmerge.problems import ProblemLog
 
@@ -100,6 +101,11 @@ class Evaluator:
         self.finetune = [(get_task(t), read_task(get_task(t), Path(cfg.finetune.tasks[t]), problems, cfg.finetune))
                          for t in cfg.study.finetune]
         problems.report("study eval")
+        for task, splits in self.finetune:  # before any training, not after it
+            batch = recipe(cfg.finetune, task).batch_size
+            if len(splits["train"]) < batch:
+                raise VlmergeError(f"study.finetune: {task.name} has {len(splits['train'])} training examples, fewer "
+                                   f"than one batch of {batch}")
 
     def done(self, name: str) -> bool:
         return result_file(self.cfg.layout.results_dir, "metrics", name).is_file()
