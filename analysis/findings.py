@@ -77,6 +77,16 @@ def unsure(low: float, what: str) -> str:
     return f"an interval that contains {what}" if not math.isnan(low) else "no interval (no per-item scores) to tell"
 
 
+def gap_sentence(value: float, low: float, high: float, *, none: str, above: str, below: str) -> str:
+    """A difference in words: `none = value [interval], why` where the interval contains 0, else
+    `above` (or `below`) `by` its size and interval, turned positive."""
+    if not excludes(low, high, 0.0):
+        return f"{none} = {f3(value)} {ci(low, high)}, {unsure(low, '0')}."
+    if value > 0:
+        return f"{above} by {f3(value)} {ci(low, high)}."
+    return f"{below} by {f3(-value)} {ci(-high, -low)}."
+
+
 def pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
@@ -107,13 +117,10 @@ def twin_gap(m: Merges) -> Iterator[Finding]:
         if math.isnan(value):
             continue
         effect = excludes(low, high, 0.0)
-        if not effect:
-            text = (f"At {words:,} words the twins do not differ on {m.task.label}: text − multimodal = {f3(value)} "
-                    f"{ci(low, high)}, {unsure(low, '0')}.")
-        elif value > 0:
-            text = f"At {words:,} words the text twin is ahead on {m.task.label} by {f3(value)} {ci(low, high)}."
-        else:
-            text = f"At {words:,} words the multimodal twin is ahead on {m.task.label} by {f3(-value)} {ci(-high, -low)}."
+        at = f"At {words:,} words the"
+        text = gap_sentence(value, low, high, none=f"{at} twins do not differ on {m.task.label}: text − multimodal",
+                            above=f"{at} text twin is ahead on {m.task.label}",
+                            below=f"{at} multimodal twin is ahead on {m.task.label}")
         yield Finding("twin_gap", m.task.task, text, value, low, high, 0.0, None, effect,
                       {"experiment": experiment, "words": words})
 

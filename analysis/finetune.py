@@ -14,7 +14,7 @@ import dataclasses
 import numpy as np
 import pandas as pd
 
-from vlmerge.analysis.findings import Finding, ci, excludes, f3, setting_name, unsure
+from vlmerge.analysis.findings import Finding, excludes, gap_sentence, setting_name
 from vlmerge.analysis.load import MODEL, NO_WORDS, Results
 from vlmerge.analysis.stats import percentile_interval
 from vlmerge.results import UNMERGED
@@ -95,14 +95,11 @@ def finetune_findings(results: Results, replicates: int, rng: np.random.Generato
                 name = model_label(other)
                 subject = f"The {name}" if other.method == UNMERGED else f"The merge {name}"
                 where = f"after fine-tuning on {task.removeprefix('glue/')} at {words:,} words"
-                effect = excludes(low, high, 0.0)
-                if not effect:
-                    sentence = (f"{subject} and the text twin do not differ in accuracy {where}: {name} − text twin = {f3(value)} "
-                                f"{ci(low, high)}, {unsure(low, '0')}.")
-                elif value > 0:
-                    sentence = f"{subject} is above the text twin in accuracy {where} by {f3(value)} {ci(low, high)}."
-                else:
-                    sentence = f"{subject} is below the text twin in accuracy {where} by {f3(-value)} {ci(-high, -low)}."
-                out.append(Finding("finetune", task, sentence, value, low, high, 0.0, diff.size, effect,
-                                   {"model": name, "words": words}))
+                sentence = gap_sentence(value, low, high,
+                                        none=f"{subject} and the text twin do not differ in accuracy {where}: "
+                                             f"{name} − text twin",
+                                        above=f"{subject} is above the text twin in accuracy {where}",
+                                        below=f"{subject} is below the text twin in accuracy {where}")
+                out.append(Finding("finetune", task, sentence, value, low, high, 0.0, diff.size,
+                                   excludes(low, high, 0.0), {"model": name, "words": words}))
     return out

@@ -484,6 +484,22 @@ class Config(_Section):
         return hashlib.sha256(canon.encode()).hexdigest()[:12]
 
 
+def task_paths(given: Sequence[str], configured: dict[str, str], key: str) -> list[tuple[str, Path]]:
+    """(name, path) of `--task NAME` (its path from the config section `key`, `configured`) or
+    `--task NAME=PATH`; none given: every task of the section."""
+    out = []
+    for spec in given or list(configured):
+        name, _, path = spec.partition("=")
+        if not path:
+            if name not in configured:
+                raise VlmergeError(f"--task {name}: no path given and {key} has none for it")
+            path = configured[name]
+        out.append((name, Path(path)))
+    if not out:
+        raise VlmergeError(f"no tasks: give --task NAME[=PATH] or set {key} in the config")
+    return out
+
+
 def default_config_path() -> Path:
     """The embedded demo config shipped inside the package."""
     return Path(str(resources.files("vlmerge.configs").joinpath(DEMO_CONFIG)))

@@ -12,7 +12,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
-from vlmerge.config import Config
+from vlmerge.config import Config, task_paths
 from vlmerge.data import FeatureTable
 from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
@@ -70,18 +70,7 @@ def load_tokenizer(path: Path):
 
 def task_specs(cfg: Config, given: Sequence[str]) -> list[tuple[Task, Path]]:
     """`NAME` (path from eval.tasks) or `NAME=PATH`; none given: every task of eval.tasks."""
-    specs = []
-    for spec in given or list(cfg.eval.tasks):
-        name, _, path = spec.partition("=")
-        task = get_task(name)
-        if not path:
-            if name not in cfg.eval.tasks:
-                raise VlmergeError(f"--task {name}: no path given and eval.tasks has none for it")
-            path = cfg.eval.tasks[name]
-        specs.append((task, Path(path)))
-    if not specs:
-        raise VlmergeError("no tasks: give --task NAME[=PATH] or set eval.tasks in the config")
-    return specs
+    return [(get_task(name), path) for name, path in task_paths(given, cfg.eval.tasks, "eval.tasks")]
 
 
 def with_features(task: Task, items: list, features: FeatureTable | None, problems: ProblemLog) -> list:

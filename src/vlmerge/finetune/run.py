@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from vlmerge.config import Config, FinetuneConfig
+from vlmerge.config import Config, FinetuneConfig, task_paths
 from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.scoring import IMAGE_TOKEN, resolve_prompt
@@ -38,18 +38,7 @@ def recipe(fc: FinetuneConfig, task: FinetuneTask) -> Recipe:
 
 def task_specs(cfg: Config, given: Sequence[str]) -> list[tuple[FinetuneTask, Path]]:
     """`NAME` (folder from finetune.tasks) or `NAME=FOLDER`; none given: every task of finetune.tasks."""
-    specs = []
-    for spec in given or list(cfg.finetune.tasks):
-        name, _, folder = spec.partition("=")
-        task = get_task(name)
-        if not folder:
-            if name not in cfg.finetune.tasks:
-                raise VlmergeError(f"--task {name}: no folder given and finetune.tasks has none for it")
-            folder = cfg.finetune.tasks[name]
-        specs.append((task, Path(folder)))
-    if not specs:
-        raise VlmergeError("no tasks: give --task NAME[=FOLDER] or set finetune.tasks in the config")
-    return specs
+    return [(get_task(name), folder) for name, folder in task_paths(given, cfg.finetune.tasks, "finetune.tasks")]
 
 
 def image_inputs(cfg: Config, model: torch.nn.Module) -> ImageInputs | None:
