@@ -7,7 +7,7 @@ their pairs join them. A work item is one model × one task: a Slurm array runs 
 (`vlmerge sweep finetune --index K`). A merge is made in memory from its pair, as in the sweep,
 so no merged weights are written; its rows go to the results datasets under the item's id:
 
-    metrics/<ft-id>   one row per metric (task glue/<task>), written last: the item is done
+    metrics/<ft-id>   one row per metric (task glue/<task>, or ft_<name>), written last: the item is done
     items/<ft-id>     each valid item right (1) or wrong (0), for bootstrap intervals
 """
 
