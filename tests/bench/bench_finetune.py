@@ -292,7 +292,7 @@ def head_init_same(model: Path, pipeline: Path, work: Path, threads: int) -> boo
                           env=run_env(threads, str(pipeline)), capture_output=True, text=True)
     if done.returncode != 0:
         return None
-    theirs = torch.load(saved)
+    theirs = torch.load(saved, weights_only=True)  # a state dict of tensors: nothing to unpickle
     hidden = json.loads((model / "config.json").read_text())["hidden_size"]
     torch.manual_seed(42)  # as loop.Run does before building the head
     mine = classifier_head(hidden, 2, 0.1, 1e-5).state_dict()
