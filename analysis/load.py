@@ -60,7 +60,7 @@ def read_dataset(files: Sequence[Path], name: str, notes: list[str]) -> pd.DataF
     for f in files:
         try:
             columns = set(pq.read_schema(f).names)
-            missing = [c for c in schema.names if c not in columns and c != "item_id"]
+            missing = [c for c in schema.names if c not in columns and c not in OPTIONAL]
             if missing:
                 notes.append(f"{f}: not a {name} file (missing columns: {', '.join(missing)}); left out")
                 continue
@@ -77,9 +77,16 @@ def read_dataset(files: Sequence[Path], name: str, notes: list[str]) -> pd.DataF
     return newest_rows(_normalise(pd.concat(frames, ignore_index=True)), name)
 
 
+# Columns a results file may lack: written before they existed (item_id: by `vlmerge eval`; study:
+# before `vlmerge study` recorded its models' identity)
+OPTIONAL = ("item_id", "study")
+
+
 def _normalise(frame: pd.DataFrame) -> pd.DataFrame:
     """Plain key columns: null runs → '', null words → NO_WORDS, so that keys compare and index."""
-    for col in ("text_run", "mm_run", "method_params", "subtask"):
+    if "study" not in frame:
+        frame["study"] = ""
+    for col in ("text_run", "mm_run", "method_params", "subtask", "study"):
         if col in frame:
             frame[col] = frame[col].fillna("").astype(str)
     for col in ("text_words", "mm_words"):

@@ -1,9 +1,11 @@
 """Sung et al.'s (EMNLP 2023) views of `vlmerge study`'s results: no torch, core only.
 
-The study's experiments are named by `vlmerge.layout.study_experiment` (variant, K_seed) and
-`maa_experiment`. A model is MAA (the agnostic model from scratch), MSA (an expert model,
-unmerged: method `none`) or a merge of an expert model (`experts_<method>`; α weights the vision
-expert). The drop of a merge on a task is MSA's score minus the merge's (sign-corrected: positive
+A row of the study carries its model's study key in the `study` column (`vlmerge.modelkey.study_key`:
+the expert variant and K_seed, or variant `maa`); the views are built from that column and the
+model columns alone, never from experiment or folder names. A model is MAA (variant `maa`: the
+agnostic model from scratch), MSA (an expert model, unmerged: method `none`) or a merge of an
+expert model (`experts_<method>`; α weights the vision expert). Fine-tuned scores are tasks like
+any other (`ft_vqa` …: Sung et al.'s protocol scores the models after fine-tuning). The drop of a merge on a task is MSA's score minus the merge's (sign-corrected: positive
 = the merge is worse), with paired bootstrap replicates of the per-item scores
 (`vlmerge.analysis.scores`). Views: merged vs MSA vs MAA (Tables 1/3), score and drop against
 K_seed (Figure 3), each variant before and after merging (Figure 4), methods × hyper-parameters
@@ -24,15 +26,16 @@ from matplotlib.figure import Figure
 
 from vlmerge.analysis import plots
 from vlmerge.analysis.correlations import correlate
-from vlmerge.analysis.load import MODEL, Results, load
+from vlmerge.analysis.load import MODEL, Results, experiment_folders, load
 from vlmerge.analysis.report import Section, html_report, markdown_summary
 from vlmerge.analysis.scores import TaskMetric, task_metrics, task_scores
 from vlmerge.config import AnalysisConfig
 from vlmerge.io import write_text
-from vlmerge.layout import parse_study_experiment
-from vlmerge.modelkey import EXPERT_METHOD_PREFIX, expert_distance_run
+from vlmerge.modelkey import EXPERT_METHOD_PREFIX, MAA_VARIANT, UNMERGED, expert_distance_run
 
-MAIN_ALPHA = 0.5  # the merge of Figures 3 and 4 and Table 5: interpolation at α = 0.5 (as MB)
+# The merge of Figures 3 and 4 and Table 5: interpolation at α = 0.5 (as MB)
+MAIN_METHOD, MAIN_ALPHA = EXPERT_METHOD_PREFIX + "interpolation", 0.5
+NO_SEED = -1  # K_seed of MAA, which has no seed phase
 DISTANCE_PAIR = (expert_distance_run("language"), expert_distance_run("vision"))  # W^l against W^v
 DISTANCE_SCOPE = "transformer"
 
@@ -59,13 +62,30 @@ def study_scores(results: Results, tasks: list[TaskMetric], replicates: int, rng
         keys["reps"] = list(s.to_numpy())
         frames.append(keys)
     rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=[*MODEL, "task", "score"])
-    parsed = rows.experiment.map(parse_study_experiment)
-    rows = rows[parsed.notna()].copy()
-    rows["variant"] = [p[1] for p in parsed[parsed.notna()]]
-    rows["k_seed"] = [p[2] for p in parsed[parsed.notna()]]
-    rows["model"] = ["MAA" if v == "maa" else label(m, p, a) for v, m, p, a in
+    study = results.metrics.drop_duplicates(MODEL).set_index(MODEL).study  # a model's study key, from its rows
+    rows["study"] = study.reindex(pd.MultiIndex.from_frame(rows[MODEL])).to_numpy() if len(rows) else []
+    rows = with_study_key(rows)
+    rows["model"] = ["MAA" if v == MAA_VARIANT else label(m, p, a) for v, m, p, a in
                      zip(rows.variant, rows.method, rows.method_params, rows.alpha)]
+    return rows
+
+
+def with_study_key(frame: pd.DataFrame) -> pd.DataFrame:
+    """The study's rows of `frame`, with their study key's fields as the columns variant and k_seed."""
+    rows = frame[frame.study.fillna("").astype(str) != ""].copy()
+    keys = [json.loads(k) for k in rows.study]
+    rows["variant"] = [k["variant"] for k in keys]
+    rows["k_seed"] = [int(k.get("k_seed", NO_SEED)) for k in keys]
     return rows.reset_index(drop=True)
+
+
+def is_msa(rows: pd.DataFrame) -> pd.Series:
+    """An expert model unmerged."""
+    return (rows.method == UNMERGED) & (rows.variant != MAA_VARIANT)
+
+
+def is_main_merge(rows: pd.DataFrame) -> pd.Series:
+    return (rows.method == MAIN_METHOD) & np.isclose(rows.alpha.astype(float), MAIN_ALPHA)
 
 
 def wide(rows: pd.DataFrame, index: list[str]) -> pd.DataFrame:
@@ -77,11 +97,11 @@ def wide(rows: pd.DataFrame, index: list[str]) -> pd.DataFrame:
     return out
 
 
-def with_drops(rows: pd.DataFrame, merge: str) -> pd.DataFrame:
-    """Per (variant, K_seed, task): MSA, the merge `merge`, and the drop (MSA − merge, sign-corrected)
+def with_drops(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per (variant, K_seed, task): MSA, the main merge, and the drop (MSA − merge, sign-corrected)
     with its replicates."""
-    msa = rows[rows.model == "MSA"].set_index(["variant", "k_seed", "task"])
-    merged = rows[rows.model == merge].set_index(["variant", "k_seed", "task"])
+    msa = rows[is_msa(rows)].set_index(["variant", "k_seed", "task"])
+    merged = rows[is_main_merge(rows)].set_index(["variant", "k_seed", "task"])
     both = msa.index.intersection(merged.index)
     out = pd.DataFrame(index=both).reset_index()
     out["msa"] = msa.loc[both, "score"].to_numpy()
@@ -95,16 +115,17 @@ def with_drops(rows: pd.DataFrame, merge: str) -> pd.DataFrame:
 
 def main_table(rows: pd.DataFrame, k_max: int) -> pd.DataFrame:
     """Tables 1/3: MAA, MSA, MB (no seed, interpolation 0.5) and ours (longest seed, interpolation)."""
-    interp = rows.model.str.startswith("interpolation")
-    picks = [("MAA", rows.variant == "maa"), ("MSA", (rows.variant == "all") & (rows.k_seed == k_max) & (rows.model == "MSA")),
-             ("MB", (rows.variant == "all") & (rows.k_seed == 0) & (rows.model == f"interpolation α={MAIN_ALPHA:g}"))]
-    picks += [(f"ours ({m})", (rows.variant == "all") & (rows.k_seed == k_max) & (rows.model == m))
-              for m in sorted(rows[interp].model.unique())]
+    ours = (rows.variant == "all") & (rows.k_seed == k_max)
+    interp = ours & (rows.method == MAIN_METHOD)
+    picks = [("MAA", rows.variant == MAA_VARIANT), ("MSA", ours & is_msa(rows)),
+             ("MB", (rows.variant == "all") & (rows.k_seed == 0) & is_main_merge(rows))]
+    picks += [(f"ours (interpolation α={a:g})", interp & np.isclose(rows.alpha.astype(float), a))
+              for a in sorted(rows[interp].alpha.astype(float).unique())]
     parts = [wide(rows[mask], ["k_seed"]).assign(model=name) for name, mask in picks if mask.any()]
     if not parts:
         return pd.DataFrame()
     table = pd.concat(parts, ignore_index=True)
-    table["k_seed"] = table.k_seed.where(table.model != "MAA")  # MAA has no seed phase: blank, not -1
+    table["k_seed"] = table.k_seed.where(table.k_seed != NO_SEED)  # MAA has no seed phase: blank
     return table[["model", *table.columns.drop("model")]]
 
 
@@ -119,8 +140,7 @@ def distance_table(drops: pd.DataFrame, distances: pd.DataFrame) -> pd.DataFrame
     """Table 5: each distance between W^l and W^v against the drop across K_seed (variant `all`)."""
     d = distances[(distances.text_run == DISTANCE_PAIR[0]) & (distances.mm_run == DISTANCE_PAIR[1])
                   & (distances.scope == DISTANCE_SCOPE)]
-    parsed = d.experiment.map(parse_study_experiment)
-    d = d[parsed.notna()].assign(variant=[p[1] for p in parsed[parsed.notna()]], k_seed=[p[2] for p in parsed[parsed.notna()]])
+    d = with_study_key(d)
     d = d[d.variant == "all"]
     rows = []
     for (space, metric), dist in d.groupby(["space", "metric"]):
@@ -183,6 +203,9 @@ def findings(seed_drops: pd.DataFrame, methods: pd.DataFrame, table5: pd.DataFra
     for task, r in seed_drops.groupby("task"):
         r = r.sort_values("k_seed")
         steps = ", ".join(f"K={k}: {d:+.4f}" for k, d in zip(r.k_seed, r["drop"]))
+        if len(r) < 2:
+            out.append(f"Longer seed → smaller drop? Not shown: {task} has one seed length only ({steps}).")
+            continue
         if r["drop"].iloc[0] <= 0:
             out.append(f"Longer seed → smaller drop? On {task} merging costs nothing even without a long seed, so "
                        f"there is no drop to shrink ({steps}).")
@@ -219,8 +242,8 @@ def best_per_task(table5: pd.DataFrame) -> list[str]:
 
 
 def is_study(metrics: pd.DataFrame) -> bool:
-    """Whether the results hold experiments of `vlmerge study`."""
-    return any(parse_study_experiment(e) for e in metrics.experiment.unique())
+    """Whether the results hold models of `vlmerge study`."""
+    return bool((metrics.study.astype(str) != "").any())
 
 
 def sung_report(results_dirs: Sequence[Path], out: Path, options: AnalysisConfig) -> Path:
@@ -232,16 +255,13 @@ def sung_report(results_dirs: Sequence[Path], out: Path, options: AnalysisConfig
     rows = study_scores(results, tasks, options.bootstrap, rng)
     all_k = sorted(rows[(rows.variant == "all")].k_seed.unique())
     k_max = max(all_k) if all_k else 0
-    main = f"interpolation α={MAIN_ALPHA:g}"
-    drops = with_drops(rows, main)
+    drops = with_drops(rows)
     seed_drops = drops[drops.variant == "all"]
     variant_k = rows[rows.variant.isin(["attention", "ffn", "layernorm"])].k_seed
     variant_k = int(variant_k.iloc[0]) if len(variant_k) else k_max
     variant_drops = drops[drops.k_seed == variant_k]
-    merges = rows[(rows.variant == "all") & (rows.k_seed == k_max) & (rows.model != "MSA")]
-    methods = wide(merges, ["model"])
-    if len(methods):
-        methods.insert(0, "method", methods.model.str.split(" ").str[0])
+    merges = rows[(rows.variant == "all") & (rows.k_seed == k_max) & (rows.method != UNMERGED)]
+    methods = wide(merges.assign(method=merges.method.str.removeprefix(EXPERT_METHOD_PREFIX)), ["method", "model"])
     table5 = distance_table(drops, results.distances)
     tables = {
         "table1_merged_vs_msa_vs_maa": main_table(rows, k_max),
@@ -279,7 +299,7 @@ def sung_report(results_dirs: Sequence[Path], out: Path, options: AnalysisConfig
     ]
     found = findings(seed_drops, methods, table5)
     sections.append(Section("Findings", " ".join(found) if found else "No findings: the results lack the views."))
-    title = "Sung et al. (2023) on " + ", ".join(sorted({p[0] for p in map(parse_study_experiment, rows.experiment.unique()) if p}) or ["no results"])
+    title = "Sung et al. (2023) on " + ", ".join(f.name for d in results_dirs for f in experiment_folders(Path(d)))
     intro = (f"{rows.experiment.nunique()} experiment(s), {len(tasks)} task(s), {options.bootstrap} bootstrap "
              f"resamples; generated {time.strftime('%Y-%m-%d %H:%M')}.")
     report = out / "sung.html"

@@ -4,8 +4,10 @@
 #   bash jobs/study.sh CONFIG [KEY=VALUE ...]
 #
 #   data (world, tokenizer, corpus, features) → training array: the agnostic baseline (MAA) and each
-#   seed run → settings array: one expert setting (variant, K_seed) per task: its expert run, merges,
-#   evaluations, distances → report (reports/<experiment>/sung/)
+#   seed run → settings array: one expert run (variant, K_seed) per task → items array: the sweep's
+#   work items of one unit (MAA, or one setting's merges, MSA and distances) per task → fine-tuning
+#   array: one unit's models on one task of study.finetune per task (none without study.finetune)
+#   → report (reports/<experiment>/sung/)
 #
 # Every job skips what is done: the same command resumes a broken DAG. Cluster options for every job
 # go in VLMERGE_SBATCH_ARGS, as for jobs/pipeline.sh.
@@ -15,7 +17,7 @@ shift
 overrides=("$@")
 source jobs/submit.sh  # sbatch with the site's options, job, value, $logs
 
-read -r trainings settings < <(python -m vlmerge study --array --config "$config" "${overrides[@]}")
+read -r trainings settings units finetunes < <(python -m vlmerge study --array --config "$config" "${overrides[@]}")
 array() {  # array PART TASKS DEPENDENCY: one of the study's arrays
     sbatch --parsable --job-name="vlmerge-study-$1" --array="0-$(($2 - 1))" --output="$logs/%x-%A_%a.out" \
         --dependency="afterok:$3" --kill-on-invalid-dep=yes jobs/study.sbatch "$config" "$1" "${overrides[@]}" \
@@ -23,7 +25,12 @@ array() {  # array PART TASKS DEPENDENCY: one of the study's arrays
 }
 data=$(job study-data "" study --part data --quiet)
 train=$(array train "$trainings" "$data")
-merge=$(array settings "$settings" "$train")
-report=$(job study-report "$merge" study --part report --quiet)
-echo "study: data $data → training array $train ($trainings tasks) → settings array $merge ($settings tasks)" \
-    "→ report $report"
+experts=$(array settings "$settings" "$train")
+items=$(array items "$units" "$experts")
+last=$items
+if [ "$finetunes" -gt 0 ]; then
+    last=$(array finetune "$finetunes" "$items")
+fi
+report=$(job study-report "$last" study --part report --quiet)
+echo "study: data $data → training array $train ($trainings tasks) → settings array $experts ($settings tasks)" \
+    "→ items array $items ($units tasks) → fine-tuning array ${last/#$items/none} ($finetunes tasks) → report $report"

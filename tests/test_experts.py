@@ -376,6 +376,7 @@ def test_without_flags_a_sample_whose_image_is_the_null_feature_is_text_only():
 def planted_study(root):
     """Results of a study whose drops shrink with K_seed and whose TSSD tracks the drop."""
     from vlmerge.layout import maa_experiment, result_file, study_experiment
+    from vlmerge.modelkey import study_key
     from vlmerge.results import DISTANCES_SCHEMA, RESULTS_SCHEMA, write_rows
 
     out = root / "results" / "sung"
@@ -383,31 +384,31 @@ def planted_study(root):
     drop = {0: 0.20, 1: 0.10, 2: 0.02}
     tssd_of = {0: 0.9, 1: 0.5, 2: 0.2}
 
-    def row(exp, run, method, alpha, params, value):
+    def row(exp, study, run, method, alpha, params, value):
         return {"experiment": exp, "item_id": "", "text_run": run if method != "none" else "", "mm_run": run,
                 "text_words": 10 if method != "none" else None, "mm_words": 10, "method": method, "alpha": alpha,
-                "method_params": json.dumps(params), "task": "blimp", "subtask": "", "metric": "accuracy",
+                "method_params": json.dumps(params), "study": study, "task": "blimp", "subtask": "", "metric": "accuracy",
                 "value": value, "n": 100, "code_version": "", "config_hash": "", "slurm_job_id": "", "created_at": ""}
 
     import json
 
     settings = [("all", k) for k in (0, 1, 2)] + [("ffn", 2)]
     for variant, k in settings:
-        exp = study_experiment("sung", variant, k)
+        exp, key = study_experiment("sung", variant, k), study_key(variant, k)
         m = msa[k] + (0.01 if variant == "ffn" else 0)
-        rows = [row(exp, "experts", "none", 0.0, {}, m),
-                row(exp, "experts", "experts_interpolation", 0.5, {}, m - drop[k]),
-                row(exp, "experts", "experts_interpolation", 0.75, {}, m - drop[k] - 0.01)]
+        rows = [row(exp, key, "experts", "none", 0.0, {}, m),
+                row(exp, key, "experts", "experts_interpolation", 0.5, {}, m - drop[k]),
+                row(exp, key, "experts", "experts_interpolation", 0.75, {}, m - drop[k] - 0.01)]
         if (variant, k) == ("all", 2):
-            rows += [row(exp, "experts", "experts_regmean", 0.5, {"gamma": 0.9}, m - 0.03),
-                     row(exp, "experts", "experts_arithmetic", None, {"lam": 1.0}, m - 0.3)]
+            rows += [row(exp, key, "experts", "experts_regmean", 0.5, {"gamma": 0.9}, m - 0.03),
+                     row(exp, key, "experts", "experts_arithmetic", None, {"lam": 1.0}, m - 0.3)]
         write_rows(rows, RESULTS_SCHEMA, result_file(out, "metrics", exp))
         dist = [{"experiment": exp, "text_run": "experts:language", "mm_run": "experts:vision", "text_words": 10,
                  "mm_words": 10, "space": "weights", "scope": "transformer", "metric": metric,
-                 "value": tssd_of[k] if metric == "tssd" else [0.3, 0.1, 0.2][k]}
+                 "value": tssd_of[k] if metric == "tssd" else [0.3, 0.1, 0.2][k], "study": key}
                 for metric in ("l2", "cosine", "ssd", "tssd")]
         write_rows(dist, DISTANCES_SCHEMA, result_file(out, "distances", exp))
-    write_rows([row(maa_experiment("sung"), "multimodal", "none", 0.0, {}, 0.6)], RESULTS_SCHEMA,
+    write_rows([row(maa_experiment("sung"), study_key("maa"), "multimodal", "none", 0.0, {}, 0.6)], RESULTS_SCHEMA,
                result_file(out, "metrics", maa_experiment("sung")))
     return out, msa, drop, tssd_of
 
@@ -439,6 +440,29 @@ def test_the_sung_report_shows_the_five_views_with_the_planted_numbers(tmp_path)
     assert "shrinks with every longer seed" in text and "the highest is tssd (as Sung et al.)" in text
     assert f"Per task, the highest r: blimp tssd {expected:+.3f}." in text  # bootstrap 0: no interval
     assert "best interpolation 0.7200, best RegMean 0.7100" in text
+
+
+def test_the_sung_tables_come_from_the_study_column_not_from_experiment_or_folder_names(tmp_path):
+    """Renamed experiment folders and experiments (the names in the rows) give the same tables: the
+    study's identity (variant, K_seed, MAA) is read from the study column alone."""
+    import pyarrow.parquet as pq
+
+    from vlmerge.analysis.sung import sung_report
+    from vlmerge.config import AnalysisConfig
+
+    results, *_ = planted_study(tmp_path / "a")
+    sung_report([results], tmp_path / "a-report", AnalysisConfig(bootstrap=0))
+    renamed = results.rename(results.parent / "renamed")
+    for f in renamed.rglob("*.parquet"):
+        table = pq.read_table(f)
+        names = [f"run{abs(hash(e)) % 997}" for e in table.column("experiment").to_pylist()]  # no -seed<K>, no -maa
+        pq.write_table(table.set_column(table.schema.get_field_index("experiment"), "experiment", [names]), f)
+    sung_report([renamed], tmp_path / "b-report", AnalysisConfig(bootstrap=0))
+    tables = sorted(p.name for p in (tmp_path / "a-report").glob("*.csv"))
+    assert len(tables) == 5
+    for name in tables:
+        before, after = (tmp_path / "a-report" / name).read_text(), (tmp_path / "b-report" / name).read_text()
+        assert before == after and before.count("\n") > 1, name
 
 
 def test_analyze_adds_the_sung_views_when_the_results_are_a_study(tmp_path):

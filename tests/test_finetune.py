@@ -761,29 +761,17 @@ def test_retrieval_trains_on_matched_and_random_pairs_and_ranks_every_test_pair(
     assert got == want and 0 < got["r_mean"] < 1
 
 
-def test_the_study_fine_tunes_each_model_after_scoring_it_and_skips_what_is_done(twins, tmp_path):
-    from conftest import SMALL_WORLD
-    from vlmerge.layout import list_checkpoints
-    from vlmerge.results import read_results
-    from vlmerge.study import Evaluator
+def test_a_task_recipe_overrides_the_common_one_for_that_task_only():
+    from vlmerge.config import FinetuneConfig
+    from vlmerge.errors import VlmergeError
+    from vlmerge.finetune.run import recipe
 
-    # the twins' world, store and checkpoint, read in place; the rows go under this test's own root
-    cfg = load_config(None, [f"paths.root={tmp_path}", *SMALL_WORLD, "experiment=study",
-                             f"eval.tasks={{blimp: '{twins}/demo/eval/blimp'}}", f"eval.features={twins}/features/demo.h5",
-                             f"finetune.tasks={{ft_nlvr2: '{twins}/demo/eval/vl/nlvr2'}}", "study.finetune=[ft_nlvr2]",
-                             "finetune.epochs=1", "finetune.batch_size=8"])
-    evaluate, model = Evaluator(cfg), list_checkpoints(twins / "runs/demo/multimodal")[-1]
-    evaluate(model, "mm")
-    metrics = tmp_path / "results/study/metrics"
-    assert sorted(p.stem for p in metrics.iterdir()) == ["mm", "mm-ft_nlvr2"]
-    frame = read_results(tmp_path / "results/study")
-    keys = frame.drop_duplicates("task").set_index("task")[["mm_run", "mm_words", "method", "alpha"]]
-    assert keys.loc["blimp"].equals(keys.loc["ft_nlvr2"])  # one model: its zero-shot and its fine-tuned rows
-    assert set(frame[frame.task == "ft_nlvr2"].metric) == {"accuracy"}
-    before = {p: p.stat().st_mtime_ns for p in metrics.iterdir()}
-    evaluate(model, "mm")  # done: nothing scored or fine-tuned again
-    assert {p: p.stat().st_mtime_ns for p in metrics.iterdir()} == before
-    with pytest.raises(Exception, match="study.finetune: 'ft_vqa' has no folder"):
-        Evaluator(cfg.model_copy(update={"study": cfg.study.model_copy(update={"finetune": ["ft_vqa"]})}))
-    with pytest.raises(Exception, match="ft_nlvr2 has .* training examples, fewer than one batch of 100000"):
-        Evaluator(cfg.model_copy(update={"finetune": cfg.finetune.model_copy(update={"batch_size": 100_000})}))
+    # Sung et al.'s Table 6 for NLVR²: lr 5e-5, batch 128, 10 epochs; the rest stays the common recipe
+    fc = FinetuneConfig(lr=1e-3, epochs=3, recipes={"ft_nlvr2": {"lr": 5e-5, "batch_size": 128, "epochs": 10}})
+    nlvr2, vqa = recipe(fc, get_task("ft_nlvr2")), recipe(fc, get_task("ft_vqa"))
+    assert (nlvr2.lr, nlvr2.batch_size, nlvr2.epochs, nlvr2.weight_decay) == (5e-5, 128, 10, 0.01)
+    assert (vqa.lr, vqa.batch_size, vqa.epochs) == (1e-3, 32, 3)
+    wsc = recipe(FinetuneConfig(recipes={"wsc": {"lr": 1e-4}}), get_task("wsc"))
+    assert (wsc.lr, wsc.epochs) == (1e-4, 30)  # the task's long schedule stays
+    with pytest.raises(VlmergeError, match="finetune.recipes: 'nlvr' is not a fine-tuning task"):
+        recipe(FinetuneConfig(recipes={"nlvr": {"lr": 1e-4}}), get_task("rte"))

@@ -213,8 +213,8 @@ def _pipeline(cfg: Config, args: argparse.Namespace) -> None:
 def _study(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge import study
 
-    if args.array:  # for jobs/study.sh: "TRAINING_TASKS SETTING_TASKS"
-        print(*study.array_sizes(cfg))
+    if args.array:  # for jobs/study.sh: the size of each array, in the order of study.ARRAYS
+        print(*study.array_sizes(cfg).values())
     elif args.part is None:
         study.run_study(cfg, progress=_progress(args))
     else:
@@ -471,10 +471,12 @@ def build_parser() -> argparse.ArgumentParser:
     stage("pipeline", _pipeline, "every stage in order on this machine (the demo world first if the config uses it)")
     p = stage("study", _study, "Sung et al.'s study: seed lengths, expert variants, merges, MSA/MAA, report")
     p.add_argument("--part", choices=study_parts,
-                   help="one part (jobs/study.sh): data, the training or settings array, or the report")
-    p.add_argument("--index", type=int, help="--part train|settings: this array task only "
+                   help="one part (jobs/study.sh): data, the training, settings, items or finetune array, or the "
+                        "report")
+    p.add_argument("--index", type=int, help="an array part: this array task only "
                                              "(default: SLURM_ARRAY_TASK_ID, else every task)")
-    p.add_argument("--array", action="store_true", help="print 'TRAINING_TASKS SETTING_TASKS' for the Slurm arrays")
+    p.add_argument("--array", action="store_true",
+                   help="print the sizes of the Slurm arrays: 'TRAIN SETTINGS ITEMS FINETUNE' tasks")
     stage("results", _results, "consolidate the sweep's result files, without duplicates", actions=("compact",))
 
     from vlmerge.analysis import cli as analysis_cli

@@ -345,6 +345,17 @@ class EvalConfig(_Section):
     _batch = field_validator("batch_size", "batch_tokens")(classmethod(lambda cls, v: _auto_or_positive(v)))
 
 
+class TaskRecipe(_Section):
+    """One task's own fine-tuning hyperparameters (Sung et al.'s Table 6 gives one per task); an
+    unset field keeps finetune's."""
+
+    lr: float | None = Field(None, gt=0)
+    batch_size: int | None = Field(None, ge=1)
+    epochs: int | None = Field(None, ge=1)
+    warmup_proportion: float | None = Field(None, ge=0, le=1)
+    weight_decay: float | None = Field(None, ge=0)
+
+
 class FinetuneConfig(_Section):
     """(Super)GLUE fine-tuning: BabyLM 2025's recipe, its defaults those of eval_finetuning.sh and
     evaluation_pipeline/finetune/run.py."""
@@ -372,6 +383,9 @@ class FinetuneConfig(_Section):
                             "for decoders (--padding_side left --take_final)")
     vqa_min_answer_count: int = Field(9, ge=1, description="ft_vqa: the answers of the classifier, those the training "
                                                            "split gives as the major answer this often (ViLT's 9)")
+    recipes: dict[str, TaskRecipe] = Field({}, description="task -> its own lr, batch_size, epochs, warmup_proportion, "
+                                                           "weight_decay (over the common recipe and the task's "
+                                                           "big-batch / long-schedule choice)")
 
 
 class AnalysisConfig(_Section):

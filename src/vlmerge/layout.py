@@ -18,7 +18,6 @@ Under the output root (`paths.root`):
     reports/<exp>/                                       the analysis
     <merge --out>/alpha-<a.aa>/                           `vlmerge merge` at several α
     runs/<exp>-<variant>-seed<K>/, runs/<exp>-maa/       `vlmerge study`: one experiment per expert run
-    runs/<exp>/experts/merges/<method>-<k><v>…/          the study's merged expert checkpoints
     logs/<exp>/                                          Slurm job logs
     <eval --export babylm DIR>/zero_shot/causal/<task>/[<dataset>/]predictions.json  BabyLM's layout
     <export-babylm --out DIR>/chck_<n>M/, main/          a run's checkpoints as BabyLM's revisions, each
@@ -45,7 +44,6 @@ GRAMS_FILE = "regmean-grams.safetensors"
 CORPUS_ARRAYS = ("tokens", "offsets", "words", "starts", "images")
 
 _CHECKPOINT = re.compile(r"words-(\d{12})")
-_STUDY = re.compile(r"(?P<base>.+)-(?P<variant>all|attention|ffn|layernorm)-seed(?P<k>\d+)")
 MAA_SUFFIX = "-maa"
 _STATE = re.compile(r"step-(\d{9})")
 
@@ -376,29 +374,3 @@ def study_experiment(experiment: str, variant: str, seed_epochs: int) -> str:
 def maa_experiment(experiment: str) -> str:
     """The experiment of the modality-agnostic baseline trained from scratch."""
     return experiment + MAA_SUFFIX
-
-
-def parse_study_experiment(name: str) -> tuple[str, str, int] | None:
-    """(base experiment, variant, K_seed) of `study_experiment`'s names; (base, "maa", -1) for the
-    agnostic baseline; None for any other name."""
-    m = _STUDY.fullmatch(name)
-    if m:
-        return m["base"], m["variant"], int(m["k"])
-    if name.endswith(MAA_SUFFIX):
-        return name[: -len(MAA_SUFFIX)], "maa", -1
-    return None
-
-
-def expert_merge_dir(run_dir: Path, method: str, params: dict[str, float]) -> Path:
-    """`<run>/merges/<method>-alpha0.5-gamma0.9`: one merged checkpoint of the study."""
-    return run_dir / "merges" / "-".join([method, *_param_words(params)])
-
-
-def study_result_name(experiment: str, label: str) -> str:
-    """The results file name (metrics, items, distances) of one model or run of the study."""
-    return f"{experiment}-{label}"
-
-
-def study_finetune_name(name: str, task: str) -> str:
-    """The results file name of a studied model (its `study_result_name`) fine-tuned on `task`."""
-    return f"{name}-{task}"

@@ -23,6 +23,16 @@ EXPERT_METHOD_PREFIX = "experts_"
 EXPERT_DISTANCE_PREFIX = "experts:"
 
 
+def study_key(variant: str, k_seed: int | None = None) -> str:
+    """The study column of a studied model: its expert variant and K_seed (Sung et al.'s settings), or
+    variant `maa` without K_seed for the agnostic model trained from scratch. The analysis reads
+    the study's identity from this field alone, never from experiment or folder names."""
+    return json.dumps({"variant": variant} | ({} if k_seed is None else {"k_seed": k_seed}), sort_keys=True)
+
+
+MAA_VARIANT = "maa"  # the study key's variant of the agnostic baseline (MAA)
+
+
 def expert_distance_run(expert: str) -> str:
     """The run column of one expert in the distances between experts: `experts:language`, …"""
     return EXPERT_DISTANCE_PREFIX + expert
@@ -56,6 +66,8 @@ class ModelKey:
     method: str = UNMERGED
     alpha: float | None = None
     method_params: str = "{}"
+    # Which model of `vlmerge study` this is (Sung et al.): `study_key`'s JSON, or "" outside a study.
+    study: str = ""
 
     @classmethod
     def of_directory(cls, path: Path) -> ModelKey:
@@ -72,25 +84,26 @@ class ModelKey:
         return cls(text_run=path.name)
 
     @classmethod
-    def of_pair(cls, text: dict[str, Any], mm: dict[str, Any], method: str, params: str) -> ModelKey:
+    def of_pair(cls, text: dict[str, Any], mm: dict[str, Any], method: str, params: str, study: str = "") -> ModelKey:
         """A merge of two run checkpoints (see checkpoint_run); α is set per row."""
         return cls(text["experiment"] or mm["experiment"], text["run"], mm["run"], text["words"], mm["words"],
-                   method, None, params)
+                   method, None, params, study)
 
     @classmethod
-    def twin(cls, run: dict[str, Any]) -> ModelKey:
-        """A twin on its own: α = 1 for the text run, α = 0 for the multimodal one."""
+    def twin(cls, run: dict[str, Any], study: str = "") -> ModelKey:
+        """A twin on its own: α = 1 for the text run, α = 0 for the multimodal one (and any other run)."""
         if run["run"] == TEXT_RUN:
-            return cls(run["experiment"], text_run=run["run"], text_words=run["words"], alpha=TEXT_ALPHA)
-        return cls(run["experiment"], mm_run=run["run"], mm_words=run["words"], alpha=MM_ALPHA)
+            return cls(run["experiment"], text_run=run["run"], text_words=run["words"], alpha=TEXT_ALPHA, study=study)
+        return cls(run["experiment"], mm_run=run["run"], mm_words=run["words"], alpha=MM_ALPHA, study=study)
 
     def columns(self, item_id: str) -> dict[str, Any]:
         return {"item_id": item_id, **dataclasses.asdict(self)}
 
 
 # A model is named by these columns (item_id aside: the same model may come from several items);
-# a merged pair by the same without alpha; a checkpoint pair without the method too.
+# a merged pair by the same without alpha; a checkpoint pair without the method too. The study key
+# describes a model (it follows from its checkpoints, as the experiment does) but does not name it.
 MODEL = ["experiment", "method", "method_params", "text_run", "mm_run", "text_words", "mm_words", "alpha"]
 PAIR = MODEL[:-1]
 CHECKPOINT_PAIR = ["experiment", "text_run", "mm_run", "text_words", "mm_words"]
-assert set(MODEL) == {f.name for f in dataclasses.fields(ModelKey)}
+assert set(MODEL) | {"study"} == {f.name for f in dataclasses.fields(ModelKey)}

@@ -23,7 +23,8 @@ __all__ = ["CHECKPOINT_PAIR", "MM_ALPHA", "MODEL", "PAIR", "TEXT_ALPHA", "UNMERG
 
 MODEL_FIELDS = [("experiment", pa.string()), ("item_id", pa.string()), ("text_run", pa.string()),
                 ("mm_run", pa.string()), ("text_words", pa.int64()), ("mm_words", pa.int64()),
-                ("method", pa.string()), ("alpha", pa.float64()), ("method_params", pa.string())]
+                ("method", pa.string()), ("alpha", pa.float64()), ("method_params", pa.string()),
+                ("study", pa.string())]
 RESULTS_SCHEMA = pa.schema(MODEL_FIELDS + [
     ("task", pa.string()), ("subtask", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
     ("n", pa.int64()), ("code_version", pa.string()), ("config_hash", pa.string()), ("slurm_job_id", pa.string()),
@@ -35,7 +36,7 @@ ITEMS_SCHEMA = pa.schema(MODEL_FIELDS + [
 DISTANCES_SCHEMA = pa.schema([
     ("experiment", pa.string()), ("text_run", pa.string()), ("mm_run", pa.string()), ("text_words", pa.int64()),
     ("mm_words", pa.int64()), ("space", pa.string()), ("scope", pa.string()), ("metric", pa.string()),
-    ("value", pa.float64()),
+    ("value", pa.float64()), ("study", pa.string()),
 ])
 
 

@@ -1,32 +1,52 @@
-"""`vlmerge study`: Sung et al. (2023) on one world, in this process, each step skipped once done.
+"""`vlmerge study`: Sung et al. (2023) on one world, a planner of training runs and of sweep work items.
 
-For every expert setting (variant, K_seed) of `study` — the `all` variant at every K_seed, every
-variant at `variant_seed_epochs` — an experiment of its own (`<exp>-<variant>-seed<K>`, sharing
-the base experiment's tokenizer and corpus) trains the agnostic seed run for K_seed epochs and
-the expert run for the rest of the budget, then: the experts' Grams, every merge of the method
-grids (interpolation α, modality arithmetic λ, RegMean α × γ) into a plain checkpoint, each
-evaluated, the unmerged expert model (MSA) evaluated, and the distances between the experts.
-The agnostic model trained from scratch for the whole budget (MAA) is evaluated beside them.
-All results go to the base experiment's results folder; `vlmerge.analysis.sung` reports them.
+Runs. For every expert setting (variant, K_seed) of `study` — the `all` variant at every K_seed,
+every variant at `variant_seed_epochs` — an experiment of its own (`<exp>-<variant>-seed<K>`,
+sharing the base experiment's tokenizer and corpus) trains the agnostic seed run for K_seed epochs
+and the expert run for the rest of the budget. The agnostic model trained from scratch for the
+whole budget (MAA) is the experiment `<exp>-maa`.
+
+Items. The study's models are scored and fine-tuned by the sweep's own work items, runner and done
+protocol (`vlmerge.sweep`), in units: unit 0 is MAA (one item of method `none`: scored as it is),
+unit k ≥ 1 is expert setting k − 1 (its last checkpoint merged by every method of the grid —
+interpolation at every α, modality arithmetic at every λ, RegMean at every α × γ — each merge
+scored, the unmerged expert model (MSA) scored as the items' endpoint, the distances between its
+experts). Then each of a unit's models is fine-tuned on every task of `study.finetune` (the sweep's
+fine-tuning items: Sung et al.'s protocol, pre-train, merge, fine-tune). Every row carries its
+model's study key (`vlmerge.modelkey.study_key`: variant, K_seed), which `vlmerge.analysis.sung`
+reads; no name is parsed. All results go to the base experiment's results folder.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vlmerge.config import EXPERT_RUN, Config, merge_dicts
 from vlmerge.errors import VlmergeError
-from vlmerge.layout import (
-    expert_merge_dir, maa_experiment, result_file, study_experiment, study_finetune_name, study_result_name,
-)
+from vlmerge.layout import maa_experiment, study_experiment
+from vlmerge.modelkey import EXPERT_METHOD_PREFIX, MAA_VARIANT, MM_ALPHA, UNMERGED, study_key
+
+if TYPE_CHECKING:
+    from vlmerge.sweep.finetune import FinetuneItem
+    from vlmerge.sweep.plan import WorkItem
+
+Setting = tuple[str, int]  # (variant, K_seed) of an expert run
+Unit = Setting | None  # the models of one expert setting, or (None) MAA
 
 
-def expert_settings(cfg: Config) -> list[tuple[str, int]]:
+def expert_settings(cfg: Config) -> list[Setting]:
     """(variant, K_seed) of every expert run: `all` across the K_seed grid, each variant at one K_seed."""
     s = cfg.study
     settings = [("all", k) for k in s.seed_epochs] + [(v, s.variant_seed_epochs) for v in s.variants]
     return list(dict.fromkeys(settings))
+
+
+def units(cfg: Config) -> list[Unit]:
+    """The study's units of work items: MAA, then every expert setting."""
+    return [None, *expert_settings(cfg)]
 
 
 def sub_config(cfg: Config, experiment: str, changes: dict) -> Config:
@@ -48,6 +68,13 @@ def maa_config(cfg: Config) -> Config:
         "runs": {"seed_pretraining": False, "multimodal": {"epochs": cfg.study.total_epochs}}})
 
 
+def items_config(cfg: Config) -> Config:
+    """The config the study's work items run under: the base experiment (its results folder), scored on
+    study.tasks, with the distances between each setting's experts."""
+    tasks = cfg.study.tasks or list(cfg.eval.tasks)
+    return cfg.model_copy(update={"sweep": cfg.sweep.model_copy(update={"tasks": tasks, "distances": True})})
+
+
 def share_inputs(base: Config, sub: Config) -> None:
     """The sub-experiment reads the base experiment's tokenizer and corpus (links, made once)."""
     for src, dst in ((base.layout.tokenizer_dir, sub.layout.tokenizer_dir), (base.layout.corpus_dir, sub.layout.corpus_dir)):
@@ -56,15 +83,66 @@ def share_inputs(base: Config, sub: Config) -> None:
             os.symlink(src.resolve(), dst)
 
 
-def merge_grid(cfg: Config, variant: str, k: int) -> list[tuple[str, dict[str, float]]]:
-    """(method, parameters) of every merge of one expert checkpoint: interpolation at every α, and
-    for the `all` variant at the longest seed (Sung et al.'s Table 2) every method's grid too."""
+def merge_grid(cfg: Config, variant: str, k: int) -> list[tuple[str, dict[str, float], tuple[float, ...]]]:
+    """(method, parameters, α grid) of every work item of one expert checkpoint: interpolation at every
+    α, and for the `all` variant at the longest seed (Sung et al.'s Table 2) every method's grid too."""
     s = cfg.study
-    grid = [("interpolation", {"alpha": a}) for a in s.alphas]
+    alphas = tuple(s.alphas)
+    grid = [("interpolation", {}, alphas)]
     if (variant, k) == ("all", max(s.seed_epochs)):
-        grid += [("arithmetic", {"lam": lam}) for lam in s.lams]
-        grid += [("regmean", {"alpha": a, "gamma": g}) for a in s.alphas for g in s.gammas]
-    return grid
+        grid += [("arithmetic", {"lam": float(lam)}, ()) for lam in s.lams]
+        grid += [("regmean", {"gamma": float(g)}, alphas) for g in s.gammas]
+    return [(EXPERT_METHOD_PREFIX + m, p, a) for m, p, a in grid]
+
+
+def unit_items(cfg: Config, unit: Unit) -> list[WorkItem]:
+    """The sweep work items of one unit (its runs trained): MAA scored as it is, or one setting's merges."""
+    from vlmerge.sweep.plan import WorkItem, eval_salt, expert_seed, run_checkpoints, sweep_tasks
+
+    run_cfg = items_config(cfg)
+    salt = eval_salt(run_cfg, sweep_tasks(run_cfg))
+
+    def rel(path: Path) -> str:
+        return str(path.relative_to(cfg.root))
+
+    if unit is None:
+        last = rel(run_checkpoints(maa_config(cfg), "multimodal")[-1])
+        return [WorkItem(last, last, UNMERGED, "{}", (), None, salt, study_key(MAA_VARIANT))]
+    sub = expert_config(cfg, *unit)
+    last, seed = rel(run_checkpoints(sub, EXPERT_RUN)[-1]), rel(expert_seed(sub))
+    return [WorkItem(last, last, method, json.dumps(params, sort_keys=True), alphas, seed, salt, study_key(*unit))
+            for method, params, alphas in merge_grid(cfg, *unit)]
+
+
+def unit_finetune_items(cfg: Config, unit: Unit, task: str) -> list[FinetuneItem]:
+    """The fine-tuning items of one unit on `task`: MAA, or MSA and every merge of the setting."""
+    from vlmerge.sweep.finetune import FinetuneItem, finetune_salt
+
+    salt = finetune_salt(cfg, task)
+    models: dict[str, FinetuneItem] = {}
+    for it in unit_items(cfg, unit):
+        unmerged = FinetuneItem(None, it.mm, UNMERGED, "{}", MM_ALPHA, None, task, salt, it.study)  # MAA or MSA
+        merges = [] if it.method == UNMERGED else [
+            FinetuneItem(it.text, it.mm, it.method, it.params, a, it.base, task, salt, it.study) for a in it.alphas or (None,)]
+        models.update((m.item_id, m) for m in [unmerged, *merges])
+    return list(models.values())
+
+
+def check_finetune_tasks(cfg: Config) -> None:
+    """Every task of study.finetune has data and at least one training batch (before any training)."""
+    from vlmerge.finetune.run import recipe
+    from vlmerge.finetune.tasks import get_task, read_task
+    from vlmerge.problems import ProblemLog
+
+    for name in cfg.study.finetune:
+        if name not in cfg.finetune.tasks:
+            raise VlmergeError(f"study.finetune: {name!r} has no folder in finetune.tasks")
+        task = get_task(name)
+        problems = ProblemLog()
+        train = read_task(task, Path(cfg.finetune.tasks[name]), problems, cfg.finetune)["train"]
+        batch = recipe(cfg.finetune, task).batch_size
+        if len(train) < batch:
+            raise VlmergeError(f"study.finetune: {name} has {len(train)} training examples, fewer than one batch of {batch}")
 
 
 def train_seed(base: Config, sub: Config, k: int, progress: bool) -> None:
@@ -80,100 +158,10 @@ def train_seed(base: Config, sub: Config, k: int, progress: bool) -> None:
         os.symlink(there.resolve(), here)
 
 
-class Evaluator:
-    """The study's tasks, read once, scored for one model after another into the base results folder;
-    and its fine-tuning tasks (`study.finetune`), each model fine-tuned on each after its scoring."""
-
-    def __init__(self, cfg: Config):
-        from vlmerge.data import FeatureTable
-        from vlmerge.evaluate.run import prepare, task_specs
-        from vlmerge.finetune.run import recipe
-        from vlmerge.finetune.tasks import get_task, read_task
-        from vlmerge.problems import ProblemLog
-
-        self.cfg = cfg
-        self.features = FeatureTable(cfg.eval_store_path)
-        problems = ProblemLog()
-        self.tasks = prepare(task_specs(cfg, cfg.study.tasks or list(cfg.eval.tasks)), self.features, problems)
-        missing = [t for t in cfg.study.finetune if t not in cfg.finetune.tasks]
-        if missing:
-            raise VlmergeError(f"study.finetune: {missing[0]!r} has no folder in finetune.tasks")
-        self.finetune = [(get_task(t), read_task(get_task(t), Path(cfg.finetune.tasks[t]), problems, cfg.finetune))
-                         for t in cfg.study.finetune]
-        problems.report("study eval")
-        for task, splits in self.finetune:  # before any training, not after it
-            batch = recipe(cfg.finetune, task).batch_size
-            if len(splits["train"]) < batch:
-                raise VlmergeError(f"study.finetune: {task.name} has {len(splits['train'])} training examples, fewer "
-                                   f"than one batch of {batch}")
-
-    def done(self, name: str) -> bool:
-        return result_file(self.cfg.layout.results_dir, "metrics", name).is_file()
-
-    def __call__(self, model_dir: Path, name: str) -> None:
-        """Score the model in `model_dir` (plain, merged or expert), then fine-tune it on each task of
-        study.finetune, each unless its results exist."""
-        from vlmerge.device import resolve_device
-        from vlmerge.evaluate.run import config_scorer, evaluate, load_model, result_rows
-        from vlmerge.finetune.run import finetune_model, outcome_rows
-        from vlmerge.results import ModelKey
-
-        key, device = ModelKey.of_directory(model_dir), resolve_device(self.cfg.compute.device)
-        if not self.done(name):
-            model, tokenizer = load_model(model_dir, device)
-            results = evaluate(config_scorer(self.cfg, model, tokenizer, self.features), self.tasks)
-            self._write(name, *result_rows(key, results, config_hash=self.cfg.hash()))
-        for task, splits in self.finetune:
-            tuned = study_finetune_name(name, task.name)
-            if not self.done(tuned):
-                model, tokenizer = load_model(model_dir, device)  # fresh weights for every task
-                outcome = finetune_model(self.cfg, model, tokenizer, task, splits)
-                self._write(tuned, *outcome_rows(key, task, outcome, config_hash=self.cfg.hash()))
-                print(f"study: {tuned}: " + ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items()))
-
-    def _write(self, name: str, rows: list[dict], items: list[dict]) -> None:
-        from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, write_rows
-
-        results_dir = self.cfg.layout.results_dir
-        write_rows(items, ITEMS_SCHEMA, result_file(results_dir, "items", name))
-        write_rows(rows, RESULTS_SCHEMA, result_file(results_dir, "metrics", name))  # last: marks it done
-
-
-def run_expert_setting(base: Config, sub: Config, evaluate: Evaluator, progress: bool) -> None:
-    """Seed, experts, Grams, merges, their evaluation, MSA and the expert distances of one setting."""
-    from vlmerge.device import resolve_device
-    from vlmerge.layout import list_checkpoints
-    from vlmerge.merge.distance import write_parquet
-    from vlmerge.merge.experts import expert_distance_rows, merge_experts
-    from vlmerge.merge.grams import write_grams
-    from vlmerge.sweep.plan import expert_seed
-    from vlmerge.train.loop import train
-
-    k = sub.runs.seed.epochs if sub.runs.seed_pretraining else 0
-    if k:
-        train_seed(base, sub, k, progress)
-    run_dir = train(sub, EXPERT_RUN, progress=progress)
-    checkpoints = list_checkpoints(run_dir)
-    last = checkpoints[-1]
-    seed = expert_seed(sub)
-    write_grams(sub, last)
-    by_method: dict[str, list[dict[str, float]]] = {}
-    for method, params in merge_grid(base, sub.model.experts, k):
-        by_method.setdefault(method, []).append(params)
-    for method, settings in by_method.items():
-        outs = [expert_merge_dir(run_dir, method, p) for p in settings]
-        merge_experts(last, outs, method, settings, seed=seed)
-        for out in outs:
-            evaluate(out, study_result_name(sub.experiment, out.name))
-    evaluate(last, study_result_name(sub.experiment, "msa"))
-    distances = result_file(base.layout.results_dir, "distances", sub.experiment)
-    if not distances.is_file():
-        write_parquet(expert_distance_rows(last, seed, device=resolve_device(base.compute.device)), distances)
-
-
 # The study in parts, for Slurm (jobs/study.sh): data → training array (MAA and each seed run) →
-# settings array (one expert setting each) → report. `run_study` runs them all in this process.
-PARTS = ("data", "train", "settings", "report")
+# settings array (one expert run each) → items array (one unit each) → fine-tuning array (one unit ×
+# one task each) → report. `run_study` runs them all in this process.
+PARTS = ("data", "train", "settings", "items", "finetune", "report")
 
 
 def training_tasks(cfg: Config) -> list[int | None]:
@@ -182,35 +170,63 @@ def training_tasks(cfg: Config) -> list[int | None]:
 
 
 def prepare_study(cfg: Config, *, progress: bool = False) -> None:
-    """The world's data stages, and every sub-experiment's links to the tokenizer and corpus (made
-    here, once, so that array tasks never race to make them)."""
+    """The world's data stages, the fine-tuning tasks' check, and every sub-experiment's links to the
+    tokenizer and corpus (made here, once, so that array tasks never race to make them)."""
     from vlmerge.pipeline import run_data_stages
 
+    unknown = [t for t in cfg.study.finetune if t not in cfg.finetune.tasks]
+    if unknown:  # before the data stages too
+        raise VlmergeError(f"study.finetune: {unknown[0]!r} has no folder in finetune.tasks")
     run_data_stages(cfg, progress=progress)
+    check_finetune_tasks(cfg)
     seeds = [("all", k) for k in training_tasks(cfg)[1:]]  # where each seed run is trained
     for sub in [maa_config(cfg), *(expert_config(cfg, v, k) for v, k in dict.fromkeys(expert_settings(cfg) + seeds))]:
         share_inputs(cfg, sub)
 
 
-def run_training_task(cfg: Config, index: int, evaluate: Evaluator, *, progress: bool = False) -> None:
-    """Task `index` of `training_tasks`: MAA trained and evaluated, or one seed run trained."""
-    from vlmerge.layout import list_checkpoints
+def run_training_task(cfg: Config, index: int, *, progress: bool = False) -> None:
+    """Task `index` of `training_tasks`: MAA trained, or one seed run."""
     from vlmerge.train.loop import train
 
     k = training_tasks(cfg)[index]
     if k is None:
-        maa = maa_config(cfg)
-        maa_last = list_checkpoints(train(maa, "multimodal", progress=progress))[-1]
-        evaluate(maa_last, study_result_name(maa.experiment, "maa"))
+        train(maa_config(cfg), "multimodal", progress=progress)
     else:
         train_seed(cfg, expert_config(cfg, "all", k), k, progress)
 
 
-def run_setting_task(cfg: Config, index: int, evaluate: Evaluator, *, progress: bool = False) -> None:
-    """Setting `index` of `expert_settings`: its expert run, merges, evaluations and distances."""
+def run_setting_task(cfg: Config, index: int, *, progress: bool = False) -> None:
+    """Setting `index` of `expert_settings`: its seed run (linked) and its expert run."""
+    from vlmerge.train.loop import train
+
     variant, k = expert_settings(cfg)[index]
     print(f"study: {variant} experts, seed {k} of {cfg.study.total_epochs} epochs")
-    run_expert_setting(cfg, expert_config(cfg, variant, k), evaluate, progress)
+    sub = expert_config(cfg, variant, k)
+    if k:
+        train_seed(cfg, sub, k, progress)
+    train(sub, EXPERT_RUN, progress=progress)
+
+
+def run_items_task(cfg: Config, index: int, *, progress: bool = False) -> None:
+    """Unit `index`'s work items, each unless done (the sweep's runner)."""
+    from vlmerge.sweep.run import run_items
+
+    run_items(items_config(cfg), unit_items(cfg, units(cfg)[index]), progress=progress)
+
+
+def run_finetune_task(cfg: Config, index: int, *, progress: bool = False) -> None:
+    """Fine-tuning task `index`: one unit's models on one task of study.finetune, each unless done."""
+    from vlmerge.finetune.tasks import get_task, read_task
+    from vlmerge.problems import ProblemLog
+    from vlmerge.sweep.finetune import run_item
+
+    tasks = cfg.study.finetune
+    unit, name = units(cfg)[index // len(tasks)], tasks[index % len(tasks)]
+    problems = ProblemLog()
+    splits = read_task(get_task(name), Path(cfg.finetune.tasks[name]), problems, cfg.finetune)
+    problems.report(f"study finetune {name}")
+    for item in unit_finetune_items(cfg, unit, name):
+        run_item(cfg, item, splits=splits, progress=progress)
 
 
 def study_report(cfg: Config) -> Path:
@@ -221,9 +237,14 @@ def study_report(cfg: Config) -> Path:
     return report
 
 
-def array_sizes(cfg: Config) -> tuple[int, int]:
-    """(training tasks, setting tasks): the sizes of the study's two Slurm arrays."""
-    return len(training_tasks(cfg)), len(expert_settings(cfg))
+ARRAYS = {"train": run_training_task, "settings": run_setting_task, "items": run_items_task,
+          "finetune": run_finetune_task}
+
+
+def array_sizes(cfg: Config) -> dict[str, int]:
+    """The size of each of the study's Slurm arrays (a fine-tuning array of 0 tasks is not submitted)."""
+    return {"train": len(training_tasks(cfg)), "settings": len(expert_settings(cfg)), "items": len(units(cfg)),
+            "finetune": len(units(cfg)) * len(cfg.study.finetune)}
 
 
 def run_part(cfg: Config, part: str, index: int | None = None, *, progress: bool = False) -> None:
@@ -233,17 +254,15 @@ def run_part(cfg: Config, part: str, index: int | None = None, *, progress: bool
     elif part == "report":
         study_report(cfg)
     else:
-        task, count = (run_training_task, array_sizes(cfg)[0]) if part == "train" else \
-            (run_setting_task, array_sizes(cfg)[1])
+        count = array_sizes(cfg)[part]
         if index is not None and not 0 <= index < count:
             raise VlmergeError(f"study --part {part} --index {index}: expected 0..{count - 1}")
-        evaluate = Evaluator(cfg)
         for i in range(count) if index is None else [index]:
-            task(cfg, i, evaluate, progress=progress)
+            ARRAYS[part](cfg, i, progress=progress)
 
 
 def run_study(cfg: Config, *, progress: bool = False) -> Path:
-    """Every run, merge and evaluation of the study, then its report; returns the report's path."""
+    """Every run, merge, evaluation and fine-tuning of the study, then its report; returns the report's path."""
     for part in PARTS[:-1]:
         run_part(cfg, part, progress=progress)
     return study_report(cfg)

@@ -9,6 +9,7 @@ and starts its task again.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,7 +21,7 @@ from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.scoring import IMAGE_TOKEN, resolve_prompt
 from vlmerge.finetune.loop import ImageInputs, Outcome, Recipe, Run
-from vlmerge.finetune.tasks import Example, FinetuneTask, get_task, read_task
+from vlmerge.finetune.tasks import TASKS, Example, FinetuneTask, get_task, read_task
 from vlmerge.io import atomic_path, check_creatable, remove_stale_temps
 from vlmerge.layout import (eval_items_file, eval_results_file, finetune_dir, finetune_predictions_file,
                             finetune_scores_file)
@@ -28,12 +29,18 @@ from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, stamp, write_rows
 
 def recipe(fc: FinetuneConfig, task: FinetuneTask) -> Recipe:
-    """The task's recipe: the common one, with eval_finetuning.sh's big batch (boolq, multirc) and long schedule (wsc)."""
-    return Recipe(lr=fc.lr, batch_size=fc.big_batch_size if task.big_batch else fc.batch_size,
-                  epochs=fc.wsc_epochs if task.long_schedule else fc.epochs, seed=fc.seed, max_length=fc.max_length,
-                  valid_batch_size=fc.valid_batch_size, dropout=fc.dropout, layer_norm_eps=fc.layer_norm_eps,
-                  weight_decay=fc.weight_decay, warmup_proportion=fc.warmup_proportion, min_factor=fc.min_factor,
-                  betas=fc.betas, eps=fc.eps, padding_side=fc.padding_side)
+    """The task's recipe: the common one, with eval_finetuning.sh's big batch (boolq, multirc) and long
+    schedule (wsc), then what finetune.recipes sets for the task."""
+    common = Recipe(lr=fc.lr, batch_size=fc.big_batch_size if task.big_batch else fc.batch_size,
+                    epochs=fc.wsc_epochs if task.long_schedule else fc.epochs, seed=fc.seed, max_length=fc.max_length,
+                    valid_batch_size=fc.valid_batch_size, dropout=fc.dropout, layer_norm_eps=fc.layer_norm_eps,
+                    weight_decay=fc.weight_decay, warmup_proportion=fc.warmup_proportion, min_factor=fc.min_factor,
+                    betas=fc.betas, eps=fc.eps, padding_side=fc.padding_side)
+    unknown = [t for t in fc.recipes if t not in TASKS]
+    if unknown:  # (checked here, where every fine-tuning takes its recipe before it trains)
+        raise VlmergeError(f"finetune.recipes: {unknown[0]!r} is not a fine-tuning task (known: {', '.join(sorted(TASKS))})")
+    own = fc.recipes.get(task.name)
+    return dataclasses.replace(common, **own.model_dump(exclude_none=True)) if own else common
 
 
 def task_specs(cfg: Config, given: Sequence[str]) -> list[tuple[FinetuneTask, Path]]:

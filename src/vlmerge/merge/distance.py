@@ -174,6 +174,7 @@ def distance_rows(text: ModelDir, mm: ModelDir, base: ModelDir | None, *, per_la
     return pd.DataFrame(rows).astype({"text_words": "Int64", "mm_words": "Int64"})
 
 
-def write_parquet(frame: pd.DataFrame, path: Path) -> None:
+def write_parquet(frame: pd.DataFrame, path: Path, study: str = "") -> None:
+    """Distance rows as the distances dataset's file `path`, atomically (`study`: their study column)."""
     with atomic_path(path) as tmp:
-        pq.write_table(pa.Table.from_pandas(frame, schema=DISTANCES_SCHEMA, preserve_index=False), tmp)
+        pq.write_table(pa.Table.from_pandas(frame.assign(study=study), schema=DISTANCES_SCHEMA, preserve_index=False), tmp)

@@ -4,8 +4,9 @@ Fine-tuning every merge of a sweep is unaffordable; the question is whether the 
 the text twin's downstream ability. So each `sweep.finetune` entry selects merges of the sweep's
 plan (a method, its parameters, an α or "best", a checkpoint pair by words seen), and the twins of
 their pairs join them. A work item is one model × one task: a Slurm array runs one item per task
-(`vlmerge sweep finetune --index K`). A merge is made in memory from its pair, as in the sweep,
-so no merged weights are written; its rows go to the results datasets under the item's id:
+(`vlmerge sweep finetune --index K`). `vlmerge study` fine-tunes each of its models through the same
+items. A merge is made in memory from its pair (or its expert checkpoint), as in the sweep, so no
+merged weights are written; its rows go to the results datasets under the item's id:
 
     metrics/<ft-id>   one row per metric (task glue/<task>, or ft_<name>), written last: the item is done
     items/<ft-id>     each valid item right (1) or wrong (0), for bootstrap intervals
@@ -20,15 +21,17 @@ from pathlib import Path
 from vlmerge.config import Config, FinetuneSpec
 from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
-from vlmerge.evaluate.run import load_model
+from vlmerge.evaluate.run import load_model, load_tokenizer
 from vlmerge.finetune.run import finetune_model, outcome_rows
 from vlmerge.finetune.tasks import get_task, read_task
 from vlmerge.io import fingerprint
 from vlmerge.layout import checkpoint_words, result_files
 from vlmerge.merge.core import Pair, PairMerger
+from vlmerge.merge.experts import ExpertMerger, expert_method
+from vlmerge.merge.grams import write_grams
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, UNMERGED, ModelKey, checkpoint_run, write_rows
-from vlmerge.sweep.plan import WorkItem
+from vlmerge.sweep.plan import WorkItem, identity
 from vlmerge.sweep.run import finished, items_path, metrics_path
 
 ITEM_PREFIX = "ft-"
@@ -36,25 +39,29 @@ ITEM_PREFIX = "ft-"
 
 @dataclasses.dataclass(frozen=True)
 class FinetuneItem:
-    """One model (a twin: text or mm alone, method none; or a merge of the pair) fine-tuned on one task."""
+    """One model fine-tuned on one task: a checkpoint as it is (method none: a twin, text or mm alone),
+    or a merge of the pair, or of an expert checkpoint (`experts_*`: text and mm are that checkpoint)."""
 
     text: str | None  # checkpoint directories, relative to the output root
     mm: str | None
     method: str
     params: str  # JSON, sorted keys
-    alpha: float
+    alpha: float | None  # None: a method without α (modality arithmetic)
     base: str | None
     task: str
     salt: str  # the task's data, the recipe, the prompt
+    study: str = ""  # the study key of the model (`vlmerge study`), recorded in its rows
 
     @property
     def item_id(self) -> str:
-        return ITEM_PREFIX + fingerprint(dataclasses.asdict(self))[:12]
+        return ITEM_PREFIX + fingerprint(identity(self))[:12]
 
     def label(self) -> str:
         params = "" if self.params == "{}" else f" {self.params}"
-        model = ("text twin" if self.mm is None else "multimodal twin" if self.text is None
-                 else f"{self.method}{params} α={self.alpha:g}")
+        alpha = "" if self.alpha is None else f" α={self.alpha:g}"
+        unmerged = "unmerged" if self.study else "multimodal twin"  # a study's MSA or MAA, or the sweep's twin
+        model = ("text twin" if self.mm is None else unmerged if self.text is None
+                 else f"{self.method}{params}{alpha}") + (f" {self.study}" if self.study else "")
         return f"{model} [{Path(self.mm or self.text).name}] × {self.task}"
 
 
@@ -124,29 +131,40 @@ def finetune_plan(cfg: Config, sweep: list[WorkItem]) -> list[FinetuneItem]:
 
 
 def model_of(cfg: Config, item: FinetuneItem, device):
-    """(model, tokenizer, ModelKey) of an item: a twin's checkpoint, or the merge made in memory."""
+    """(model, tokenizer, ModelKey) of an item: a checkpoint as it is, or the merge made in memory."""
     root = cfg.root
     if item.method == UNMERGED:
         path = root / (item.text or item.mm)
         model, tokenizer = load_model(path, device)
-        return model, tokenizer, ModelKey.twin(checkpoint_run(path))
+        return model, tokenizer, ModelKey.twin(checkpoint_run(path), item.study)
     text, mm = root / item.text, root / item.mm
-    pair = Pair.open(text, mm, root / item.base if item.base else None)
-    model, tokenizer = load_model(text, device)
-    PairMerger(pair, allow_extrapolation=cfg.sweep.allow_extrapolation, device=device).merge_into(
-        model, item.method, item.alpha, json.loads(item.params))
-    key = ModelKey.of_pair(checkpoint_run(text), checkpoint_run(mm), item.method, item.params)
+    params = json.loads(item.params)
+    experts = expert_method(item.method)
+    if experts is None:
+        model, tokenizer = load_model(text, device)
+        PairMerger(Pair.open(text, mm, root / item.base if item.base else None),
+                   allow_extrapolation=cfg.sweep.allow_extrapolation, device=device).merge_into(
+            model, item.method, item.alpha, params)
+    else:
+        if experts.needs_grams:
+            write_grams(cfg, text)
+        merger = ExpertMerger(text, experts.name, root / item.base if item.base else None, device=device)
+        model, tokenizer = merger.plain_model().to(device), load_tokenizer(text)
+        merger.merge_into(model, params if item.alpha is None else params | {"alpha": item.alpha})
+    key = ModelKey.of_pair(checkpoint_run(text), checkpoint_run(mm), item.method, item.params, item.study)
     return model, tokenizer, dataclasses.replace(key, alpha=item.alpha)
 
 
-def run_item(cfg: Config, item: FinetuneItem, *, progress: bool = False, job_id: str = "") -> bool:
-    """Fine-tune one item's model unless it is done; whether it ran."""
+def run_item(cfg: Config, item: FinetuneItem, *, splits: dict | None = None, progress: bool = False,
+             job_id: str = "") -> bool:
+    """Fine-tune one item's model unless it is done (`splits`: its task's data, read already); whether it ran."""
     if finished(cfg, item.item_id):
         return False
     task = get_task(item.task)
-    problems = ProblemLog()
-    splits = read_task(task, Path(cfg.finetune.tasks[item.task]), problems, cfg.finetune)
-    problems.report(f"finetune {item.task}")
+    if splits is None:
+        problems = ProblemLog()
+        splits = read_task(task, Path(cfg.finetune.tasks[item.task]), problems, cfg.finetune)
+        problems.report(f"finetune {item.task}")
     model, tokenizer, key = model_of(cfg, item, resolve_device(cfg.compute.device))
     outcome = finetune_model(cfg, model, tokenizer, task, splits, progress=progress)
     rows, items = outcome_rows(key, task, outcome, item_id=item.item_id, config_hash=cfg.hash(), job_id=job_id)

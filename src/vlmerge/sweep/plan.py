@@ -1,5 +1,8 @@
 """The sweep's plan: every checkpoint pair × method (× parameter combination), each with all its α.
 
+An item of method `none` merges nothing: it scores one checkpoint as it is (`vlmerge study` plans
+one for its agnostic baseline).
+
 The expert methods (`experts_interpolation`, `experts_arithmetic`, `experts_regmean`: Sung et al.'s
 merges of a modality-expert model into one agnostic model) plan one item per checkpoint of the
 `experts` run instead of per pair: the checkpoint is both `text` and `mm`, `base` is W_seed, and α
@@ -37,13 +40,21 @@ class WorkItem:
     alphas: tuple[float, ...]
     base: str | None
     salt: str  # what else decides the scores: tasks, their data, the scoring settings
+    study: str = ""  # the study key of the item's models (`vlmerge study`), recorded in their rows
 
     @property
     def item_id(self) -> str:
-        return fingerprint(dataclasses.asdict(self))[:12]
+        return fingerprint(identity(self))[:12]
 
     def describe(self) -> dict[str, Any]:
         return {"item_id": self.item_id, **dataclasses.asdict(self), "params": json.loads(self.params)}
+
+
+def identity(item: Any) -> dict[str, Any]:
+    """The fields that name a work item: all of them, less an empty study key (so that a sweep's
+    items keep the ids they had before studies recorded one, and its finished work stays found)."""
+    fields = dataclasses.asdict(item)
+    return fields if fields["study"] else {k: v for k, v in fields.items() if k != "study"}
 
 
 def array_layout(n_items: int, max_size: int) -> tuple[int, int]:

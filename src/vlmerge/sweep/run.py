@@ -36,7 +36,7 @@ from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
 from vlmerge.layout import (RESULT_DATASETS, babylm_export_dir, babylm_exports_root, best_text_cache,
                             checkpoint_words, endpoint_name, result_dataset_dir, result_file)
-from vlmerge.results import (ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, ModelKey, checkpoint_run,
+from vlmerge.results import (ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, UNMERGED, ModelKey, checkpoint_run,
                              compacted_item_ids, write_rows)
 from vlmerge.sweep.plan import (BEST_TEXT_RUNS, WorkItem, best_text_data, best_text_salt, run_checkpoints,
                                 sweep_tasks)
@@ -100,7 +100,19 @@ class ItemRunner:
         """Run one item unless it is done; returns its timing (None when skipped)."""
         if is_done(self.cfg, item):
             return None
-        return (self._run_pair if expert_method(item.method) is None else self._run_experts)(item, Timing())
+        run = (self._run_plain if item.method == UNMERGED else
+               self._run_pair if expert_method(item.method) is None else self._run_experts)
+        return run(item, Timing())
+
+    def _run_plain(self, item: WorkItem, timing: Timing) -> Timing:
+        """One checkpoint scored as it is (method none: nothing merged)."""
+        t0, ckpt = time.perf_counter(), self.cfg.root / item.text
+        model, tokenizer = load_model(ckpt, self.device)
+        timing.load = time.perf_counter() - t0
+        t = time.perf_counter()
+        self._write_endpoint(item.item_id, ckpt, config_scorer(self.cfg, model, tokenizer, self.features), item.study)
+        timing.evaluate, timing.alphas = time.perf_counter() - t, 1
+        return timing
 
     def _run_pair(self, item: WorkItem, timing: Timing) -> Timing:
         t0, root = time.perf_counter(), self.cfg.root
@@ -117,7 +129,7 @@ class ItemRunner:
 
         self._endpoints(item, merger, model, scorer)
         self._distances(item, lambda: distance_rows(pair.text, pair.mm, pair.base, device=self.device))
-        key = ModelKey.of_pair(checkpoint_run(text), checkpoint_run(mm), item.method, item.params)
+        key = ModelKey.of_pair(checkpoint_run(text), checkpoint_run(mm), item.method, item.params, item.study)
         params = json.loads(item.params)
         return self._merges(item, model, scorer, key, lambda a: merger.merge_into(model, item.method, a, params),
                             timing)
@@ -138,9 +150,9 @@ class ItemRunner:
         name = endpoint_id(item, item.text)
         if not finished(self.cfg, name):
             msa, _ = load_model(ckpt, self.device)
-            self._write_endpoint(name, ckpt, config_scorer(self.cfg, msa, tokenizer, self.features))
+            self._write_endpoint(name, ckpt, config_scorer(self.cfg, msa, tokenizer, self.features), item.study)
         self._distances(item, lambda: expert_distance_rows(ckpt, seed, device=self.device))
-        key = ModelKey.of_pair(*[checkpoint_run(ckpt)] * 2, item.method, item.params)
+        key = ModelKey.of_pair(*[checkpoint_run(ckpt)] * 2, item.method, item.params, item.study)
         params = json.loads(item.params)
         return self._merges(item, model, scorer, key,
                             lambda a: merger.merge_into(model, params if a is None else params | {"alpha": a}), timing)
@@ -173,11 +185,12 @@ class ItemRunner:
             name = endpoint_id(item, rel)
             if not finished(self.cfg, name):
                 merger.merge_into(model, "linear", alpha)
-                self._write_endpoint(name, self.cfg.root / rel, scorer)
+                self._write_endpoint(name, self.cfg.root / rel, scorer, item.study)
 
-    def _write_endpoint(self, name: str, checkpoint: Path, scorer: Scorer) -> None:
+    def _write_endpoint(self, name: str, checkpoint: Path, scorer: Scorer, study: str) -> None:
         """The scores of the unmerged model of `checkpoint`, which `scorer` holds."""
-        rows, items = result_rows(ModelKey.twin(checkpoint_run(checkpoint)), evaluate(scorer, self.tasks),
+        key = ModelKey.twin(checkpoint_run(checkpoint), study)
+        rows, items = result_rows(key, evaluate(scorer, self.tasks),
                                   item_id=name, config_hash=self.cfg.hash(), job_id=self.job_id)
         write_rows(items, ITEMS_SCHEMA, items_path(self.cfg, name))
         write_rows(rows, RESULTS_SCHEMA, metrics_path(self.cfg, name))
@@ -195,7 +208,7 @@ class ItemRunner:
             return
         out = result_file(self.cfg.layout.results_dir, "distances", fingerprint([item.text, item.mm, item.base])[:12])
         if not out.is_file():
-            write_parquet(rows(), out)
+            write_parquet(rows(), out, item.study)
 
 
 def run_items(cfg: Config, items: list[WorkItem], *, progress: bool = False, job_id: str = "") -> int:
