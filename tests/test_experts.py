@@ -139,39 +139,56 @@ def test_an_expert_checkpoint_round_trips_through_from_pretrained(tmp_path):
 # -- merging the experts into one agnostic model (Sung et al. §4.1) ------------------------------
 
 from vlmerge.cli import main  # noqa: E402
-from vlmerge.merge.experts import interpolate, merge_experts, merge_tensor, modality_arithmetic  # noqa: E402
+from vlmerge.merge.experts import merge_experts  # noqa: E402
 from vlmerge.merge.grams import compute_grams  # noqa: E402
 from vlmerge.merge.io import ModelDir  # noqa: E402
+from vlmerge.merge.methods import EXPERTS, METHODS, TensorInputs, get_method  # noqa: E402
 from vlmerge.model import expert_param_name  # noqa: E402
 
 T = torch.tensor
 
 
+def expert_merge(method: str, alpha, weights, base=None, grams=None, **params) -> torch.Tensor:
+    """One tensor merged by the expert method `experts_<method>`, as the merger calls it."""
+    m = get_method("experts_" + method)
+    return m.merge(TensorInputs("w", weights, base, grams), alpha, m.params(params))
+
+
+def test_the_expert_methods_are_ordinary_methods_of_the_registry():
+    from vlmerge.modelkey import EXPERT_METHOD_PREFIX
+
+    experts = {name: m for name, m in METHODS.items() if m.inputs == EXPERTS}
+    assert set(experts) == {"experts_interpolation", "experts_arithmetic", "experts_regmean"}
+    assert all(name.startswith(EXPERT_METHOD_PREFIX) for name in experts)  # how the analysis tells them apart
+    assert not experts["experts_arithmetic"].takes_alpha and experts["experts_arithmetic"].needs_base
+    assert experts["experts_regmean"].needs_grams and experts["experts_regmean"].defaults == {"gamma": 0.9}
+
+
 def test_interpolation_and_the_two_thirds_rule_by_hand():
     v, lang, vl = T([[1.0, 2.0]]), T([[3.0, 4.0]]), T([[6.0, 6.0]])
-    assert torch.allclose(interpolate({"vision": v, "language": lang}, 0.25), T([[2.5, 3.5]]))
+    assert torch.allclose(expert_merge("interpolation", 0.25, {"vision": v, "language": lang}), T([[2.5, 3.5]]))
     # ⅔(¼·v + ¾·l) + ⅓·vl = ⅔·[2.5, 3.5] + [2, 2]
-    assert torch.allclose(interpolate({"vision": v, "language": lang, "cross": vl}, 0.25), T([[11 / 3, 13 / 3]]))
+    assert torch.allclose(expert_merge("interpolation", 0.25, {"vision": v, "language": lang, "cross": vl}), T([[11 / 3, 13 / 3]]))
 
 
 def test_modality_arithmetic_adds_the_experts_task_vectors_to_the_seed():
     seed, v, lang, vl = T([1.0, 1.0]), T([3.0, 1.0]), T([1.0, 5.0]), T([2.0, 2.0])
-    assert modality_arithmetic({"vision": v, "language": lang}, seed, 0.5).tolist() == [2.0, 3.0]
-    assert modality_arithmetic({"vision": v, "language": lang, "cross": vl}, seed, 1.0).tolist() == [4.0, 6.0]
+    assert expert_merge("arithmetic", None, {"vision": v, "language": lang}, seed, lam=0.5).tolist() == [2.0, 3.0]
+    assert expert_merge("arithmetic", None, {"vision": v, "language": lang, "cross": vl}, seed, lam=1.0).tolist() == [4.0, 6.0]
 
 
 def test_regmean_over_experts_is_the_weighted_least_squares_solution():
     g = torch.Generator().manual_seed(0)
     xs = {e: torch.randn(30, 4, generator=g, dtype=torch.float64) for e in ("vision", "language", "cross")}
     ws = {e: torch.randn(3, 4, generator=g, dtype=torch.float64) for e in xs}
-    merged = merge_tensor("regmean", {"alpha": 0.75, "gamma": 1.0}, ws, grams={e: x.T @ x for e, x in xs.items()})
+    merged = expert_merge("regmean", 0.75, ws, grams={e: x.T @ x for e, x in xs.items()}, gamma=1.0)
     # Independently: argmin_W Σ_e c_e‖X_e Wᵀ − X_e W_eᵀ‖², c = ⅔·(¾, ¼) and ⅓, as one stacked least squares.
     c = {"vision": 2 / 3 * 0.75, "language": 2 / 3 * 0.25, "cross": 1 / 3}
     a = torch.cat([c[e] ** 0.5 * xs[e] for e in xs])
     b = torch.cat([c[e] ** 0.5 * xs[e] @ ws[e].T for e in xs])
     assert torch.allclose(merged, torch.linalg.lstsq(a, b).solution.T, atol=1e-9)
     # γ = 0 keeps only the diagonal: each input dimension weighted by its energy
-    diag = merge_tensor("regmean", {"alpha": 0.75, "gamma": 0.0}, ws, grams={e: x.T @ x for e, x in xs.items()})
+    diag = expert_merge("regmean", 0.75, ws, grams={e: x.T @ x for e, x in xs.items()}, gamma=0.0)
     energy = {e: (x * x).sum(0) for e, x in xs.items()}
     expected = sum(c[e] * energy[e] * ws[e] for e in xs) / sum(c[e] * energy[e] for e in xs)
     assert torch.allclose(diag, expected, atol=1e-9)
@@ -240,7 +257,7 @@ def test_merge_experts_writes_a_plain_checkpoint_by_each_rule(expert_checkpoint,
             expected = seeds.get(name) + 0.6 * sum(w - seeds.get(name) for w in members.values())
         elif method == "regmean" and name.endswith("proj.weight"):
             g = {e: grams[expert_param_name(name, e)] for e in members}
-            expected = merge_tensor("regmean", {"alpha": 0.75, "gamma": 0.5}, members, grams=g)
+            expected = expert_merge("regmean", 0.75, members, grams=g, gamma=0.5)
         else:
             c = {"vision": 0.75, "language": 0.25} if len(members) == 2 else {"vision": 0.5, "language": 0.5 / 3,
                                                                               "cross": 1 / 3}
@@ -256,10 +273,15 @@ def test_merge_experts_refuses_a_plain_model_and_a_missing_seed(expert_checkpoin
     assert "expected 'vlmerge_llava_experts'" in capsys.readouterr().err
     assert main(["merge-experts", "--checkpoint", str(ckpt), "--method", "arithmetic", "--out", str(tmp_path / "m")]) == 2
     assert "give the seed weights" in capsys.readouterr().err
-    outs = merge_experts(ckpt, [tmp_path / "a"], "interpolation", [{"alpha": 0.5}])
-    assert merge_experts(ckpt, outs, "interpolation", [{"alpha": 0.5}]) == outs  # a rerun skips
+    outs = merge_experts(ckpt, [tmp_path / "a"], "experts_interpolation", [(0.5, {})])
+    assert merge_experts(ckpt, outs, "experts_interpolation", [(0.5, {})]) == outs  # a rerun skips
     with pytest.raises(Exception, match="not this merge"):
-        merge_experts(ckpt, outs, "interpolation", [{"alpha": 0.25}])
+        merge_experts(ckpt, outs, "experts_interpolation", [(0.25, {})])
+    with pytest.raises(Exception, match="merges the twins, not the experts"):
+        merge_experts(ckpt, [tmp_path / "b"], "linear", [(0.5, {})])
+    assert main(["merge", "--text", str(seed), "--mm", str(seed), "--method", "experts_interpolation",
+                 "--out", str(tmp_path / "c")]) == 2
+    assert "merges the experts of one expert checkpoint" in capsys.readouterr().err
 
 
 # -- the phases on the demo world: seed -> experts -> merge -> eval ------------------------------
@@ -297,8 +319,8 @@ def test_seed_then_experts_then_merge_then_eval_on_the_demo_world(fresh_root, tm
     # two merges in this process, the one that reads the Gram files from the command line, which
     # `vlmerge eval` then scores.
     seed = list_checkpoints(root / "runs/demo/seed")[-1]
-    merge_experts(experts[-1], [tmp_path / "interpolation"], "interpolation", [{"alpha": 0.5}])
-    merge_experts(experts[-1], [tmp_path / "arithmetic"], "arithmetic", [{}], seed=seed)
+    merge_experts(experts[-1], [tmp_path / "interpolation"], "experts_interpolation", [(0.5, {})])
+    merge_experts(experts[-1], [tmp_path / "arithmetic"], "experts_arithmetic", [(None, {})], seed=seed)
     r = vlmerge_cli("merge-experts", "--checkpoint", str(experts[-1]), "--method", "regmean", "--alpha", "0.5",
                     "--out", str(tmp_path / "regmean"))
     assert r.returncode == 0, r.stderr

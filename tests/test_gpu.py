@@ -55,8 +55,8 @@ def test_merging_in_place_on_the_gpu_equals_the_cpu_merge(method, params):
 
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(64, 16, generator=g, dtype=torch.float64)
-    inputs = TensorInputs("layers.0.w", *(torch.randn(8, 16, generator=g) for _ in range(3)),
-                          grams=(xs.T @ xs, 2 * xs.T @ xs))
+    inputs = TensorInputs.twins("layers.0.w", *(torch.randn(8, 16, generator=g) for _ in range(3)),
+                                grams=(xs.T @ xs, 2 * xs.T @ xs))
 
     class OnePair:  # what `resolve` reads of a Pair
         base = True

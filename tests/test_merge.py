@@ -25,8 +25,8 @@ T = torch.tensor
 
 def run(method: str, text, mm, alpha: float, base=None, grams=None, **params) -> torch.Tensor:
     m = get_method(method)
-    x = TensorInputs("w", T(text, dtype=torch.float32), T(mm, dtype=torch.float32),
-                     None if base is None else T(base, dtype=torch.float32), grams)
+    x = TensorInputs.twins("w", T(text, dtype=torch.float32), T(mm, dtype=torch.float32),
+                           None if base is None else T(base, dtype=torch.float32), grams)
     full = m.params(params)
     if m.prepare:
         full |= m.prepare([x], full)
@@ -34,7 +34,8 @@ def run(method: str, text, mm, alpha: float, base=None, grams=None, **params) ->
 
 
 def test_registry_lists_every_method():
-    assert set(METHODS) == {"linear", "task_arithmetic", "regmean", "ties", "dare", "slerp"}
+    assert {n for n, m in METHODS.items() if m.inputs == "twins"} == {"linear", "task_arithmetic", "regmean", "ties",
+                                                                       "dare", "slerp"}
     with pytest.raises(VlmergeError, match="unknown merge method 'avg' \\(known: dare, linear"):
         get_method("avg")
     with pytest.raises(VlmergeError, match="unknown parameter 'densty' \\(allowed: density, lam, scope\\)"):
@@ -56,7 +57,7 @@ def _endpoint_inputs(seed: int) -> TensorInputs:
     w = {k: torch.randn(6, 4, generator=g) for k in ("text", "mm", "base")}
     w["mm"][0, 0] = -0.0  # a lerp at α = 0 would turn it into +0.0
     xs = torch.randn(32, 4, generator=g, dtype=torch.float64)
-    return TensorInputs("w", w["text"], w["mm"], w["base"], grams=(xs.T @ xs, 2 * xs.T @ xs))
+    return TensorInputs.twins("w", w["text"], w["mm"], w["base"], grams=(xs.T @ xs, 2 * xs.T @ xs))
 
 
 @pytest.mark.parametrize("method, params", [("linear", {}), ("slerp", {}), ("regmean", {"gamma": 0.5}),
@@ -78,8 +79,8 @@ def test_endpoints_of_methods_that_transform_the_inputs_ignore_the_other_model(m
     m = get_method(method)
     a, b = _endpoint_inputs(1), _endpoint_inputs(2)
     full = m.params(params)
-    swap_mm = TensorInputs("w", a.text, b.mm, a.base)
-    swap_text = TensorInputs("w", b.text, a.mm, a.base)
+    swap_mm = TensorInputs.twins("w", a.text, b.mm, a.base)
+    swap_text = TensorInputs.twins("w", b.text, a.mm, a.base)
     assert m.copies(1.0, full) is None
     assert torch.equal(m.merge(a, 1.0, full), m.merge(swap_mm, 1.0, full))
     assert torch.equal(m.merge(a, 0.0, full), m.merge(swap_text, 0.0, full))

@@ -243,15 +243,15 @@ def test_expert_methods_take_alpha_from_the_grid_and_need_only_the_expert_run():
 
     cfg = load_config(None, ["sweep.methods=[{name: experts_regmean, grid: {gamma: [0.5, 1]}}, "
                              "{name: experts_arithmetic}]"])
-    assert method_grid(cfg) == [("experts_regmean", {"gamma": 0.5}), ("experts_regmean", {"gamma": 1.0}),
-                                ("experts_arithmetic", {"lam": 0.5})]
+    assert method_grid(cfg) == [("experts_regmean", {"gamma": 0.5}), ("experts_regmean", {"gamma": 1}),
+                                ("experts_arithmetic", {})]  # (the parameters as given, as every method's)
     assert sweep_runs(cfg) == ["experts"]
     both = load_config(None, ["sweep.methods=[{name: linear}, {name: experts_interpolation}]"])
     assert sweep_runs(both) == ["text", "multimodal", "experts"]
     assert sweep_runs(load_config(None, [])) == ["text", "multimodal"]
     for bad, says in (("{name: experts_interpolation, params: {alpha: 0.3}}", "α comes from sweep.alphas"),
                       ("{name: experts_regmean, grid: {lam: [1]}}", "unknown parameter 'lam'"),
-                      ("{name: experts_ties}", "unknown expert merge method 'ties'")):
+                      ("{name: experts_ties}", "unknown merge method 'experts_ties'")):
         with pytest.raises(VlmergeError, match=says):
             method_grid(load_config(None, [f"sweep.methods=[{bad}]"]))
 

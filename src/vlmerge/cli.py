@@ -258,21 +258,21 @@ def _merge(args: argparse.Namespace) -> None:
 
 def _merge_experts(args: argparse.Namespace) -> None:
     from vlmerge.layout import merge_outputs
-    from vlmerge.merge.experts import METHODS
+    from vlmerge.merge.experts import expert_method, merge_experts
+    from vlmerge.modelkey import EXPERT_METHOD_PREFIX
 
     params = _params(args.param)
     if "alpha" in params:
         raise VlmergeError("merge-experts: give alpha with --alpha, not --param")
-    if METHODS.lookup(args.method).defaults.get("alpha") is None:
+    method = EXPERT_METHOD_PREFIX + args.method.removeprefix(EXPERT_METHOD_PREFIX)  # `interpolation` or its full name
+    if not expert_method(method).takes_alpha:
         if args.alpha is not None:
-            raise VlmergeError(f"merge-experts {args.method}: takes no --alpha (its parameter is lam)")
-        settings, outs = [params], [Path(args.out)]
+            raise VlmergeError(f"merge-experts {args.method}: takes no --alpha")
+        settings, outs = [(None, params)], [Path(args.out)]
     else:
         alphas = _alphas(args.alpha or "0.5", allow_extrapolation=False)
-        settings, outs = [params | {"alpha": a} for a in alphas], merge_outputs(Path(args.out), alphas)
-    from vlmerge.merge.experts import merge_experts
-
-    merge_experts(args.checkpoint, outs, args.method, settings, seed=args.seed)
+        settings, outs = [(a, params) for a in alphas], merge_outputs(Path(args.out), alphas)
+    merge_experts(args.checkpoint, outs, method, settings, seed=args.seed)
     print(f"merge-experts {args.method}: {len(outs)} model(s) in {args.out}")
 
 

@@ -70,7 +70,7 @@ class Pair:
         grams = None
         if self.grams is not None and name in self.grams[0] and name in self.grams[1]:
             grams = (self.grams[0][name], self.grams[1][name])
-        return TensorInputs(
+        return TensorInputs.twins(
             name, self.text.get(name).float(), self.mm.get(name).float(),
             self.base.get(name).float() if self.base is not None else None, grams,
         )
@@ -83,6 +83,9 @@ def resolve(method_name: str, params: dict[str, Any], pair: Pair,
             inputs: Iterable[TensorInputs] | None = None) -> tuple[Method, dict[str, Any]]:
     """The method, and its parameters with whole-model statistics (e.g. TIES thresholds) added."""
     method = get_method(method_name)
+    if method.merges_experts:
+        raise VlmergeError(f"method {method_name} merges the experts of one expert checkpoint, not two models "
+                           "(vlmerge merge-experts)")
     if method.needs_base and pair.base is None:
         raise VlmergeError(f"method {method_name} works on task vectors: give the shared initialisation (--base)")
     full = method.params(params)

@@ -2,13 +2,11 @@
 
 `vlmerge merge-experts` reads a checkpoint of `ExpertLlavaForConditionalGeneration` and writes a
 checkpoint of the plain model (today's architecture), so that eval, sweep, distances and
-analysis take it like any other. Per expert-specific tensor, with W^v, W^l (and W^vl in the
-top `cross_modal_layers` layers):
-
-    interpolation   α·W^v + (1−α)·W^l;  ⅔(α·W^v + (1−α)·W^l) + ⅓·W^vl where W^vl exists
-    arithmetic      W_seed + λ·Σ_m (W^m − W_seed)            (W_seed: the seed run's weights)
-    regmean         per linear layer, RegMean over the experts with the Grams of the tokens
-                    routed to each, weighted as interpolation; other tensors interpolated
+analysis take it like any other; the sweep merges it in memory (`ExpertMerger`). The maths are
+ordinary merge methods that merge `experts` (`vlmerge.merge.methods.modality_experts`:
+experts_interpolation, experts_arithmetic, experts_regmean); this module reads each
+expert-specific tensor's experts (W^l, W^v, and W^vl in the top `cross_modal_layers` layers),
+W_seed and the per-expert Grams into their inputs.
 
 α is the weight of the VISION expert, as in Sung et al. (the twins' α weights the text model).
 Shared tensors (embeddings, projector, LM head, shared modules) are copied: the token embedding
@@ -32,78 +30,32 @@ from vlmerge.hf import quiet_transformers
 from vlmerge.io import atomic_path, write_json
 from vlmerge.merge.core import RECORD, check_same, load_grams
 from vlmerge.merge.io import ModelDir, SafetensorsWriter
-from vlmerge.merge.methods.regmean import regmean_weight
+from vlmerge.merge.methods import METHODS, Method, TensorInputs, get_method
 from vlmerge.model import (
     CROSS, EXPERT_MODEL_TYPE, LANGUAGE, VISION, ExpertLlavaConfig, PooledLlavaForConditionalGeneration,
     agnostic_config, copy_tokenizer_files, expert_param, expert_param_name,
 )
-from vlmerge.modelkey import EXPERT_METHOD_PREFIX, expert_distance_run
-from vlmerge.registry import Registry, with_defaults
+from vlmerge.modelkey import expert_distance_run
 
-PREFIX = EXPERT_METHOD_PREFIX  # the results' method column: experts_interpolation, … (apart from the twins' methods)
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertMethod:
-    name: str
-    defaults: dict[str, float]
-    needs_seed: bool = False
-    needs_grams: bool = False
-
-    def params(self, given: dict[str, Any]) -> dict[str, float]:
-        """The defaults overridden by `given`; an unknown parameter is an error."""
-        return {k: float(v) for k, v in with_defaults(f"merge-experts {self.name}", self.defaults, given).items()}
+Setting = tuple[float | None, dict[str, Any]]  # (α, parameters) of one merge; α None for a method without one
 
 
-METHODS: Registry[ExpertMethod] = Registry("expert merge method")
-for _m in (ExpertMethod("interpolation", {"alpha": 0.5}),
-           ExpertMethod("arithmetic", {"lam": 0.5}, needs_seed=True),
-           ExpertMethod("regmean", {"alpha": 0.5, "gamma": 0.9}, needs_grams=True)):
-    METHODS.add(_m.name, _m)
+def expert_methods() -> list[str]:
+    """The registered methods that merge an expert checkpoint's experts."""
+    return [name for name, m in METHODS.items() if m.merges_experts]
 
 
-def expert_method(name: str) -> ExpertMethod | None:
-    """The expert method that a sweep or results method name `experts_<method>` stands for; None
-    for the twins' methods."""
-    return METHODS.lookup(name.removeprefix(PREFIX)) if name.startswith(PREFIX) else None
+def expert_method(name: str) -> Method:
+    """The expert method `name` (`experts_interpolation`, …); a twins' method is an error."""
+    method = get_method(name)
+    if not method.merges_experts:
+        raise VlmergeError(f"method {name} merges the twins, not the experts of an expert checkpoint "
+                           f"(expert methods: {', '.join(expert_methods())})")
+    return method
 
 
-# -- the maths, per tensor ----------------------------------------------------------------------
-
-def coefficients(alpha: float, experts: Sequence[str]) -> dict[str, float]:
-    """Each expert's weight: α (vision), 1−α (language); ⅔ of those and ⅓ (cross-modal) where it exists."""
-    c = {VISION: alpha, LANGUAGE: 1.0 - alpha}
-    if CROSS in experts:
-        c = {k: 2.0 / 3.0 * v for k, v in c.items()} | {CROSS: 1.0 / 3.0}
-    return c
-
-
-def interpolate(weights: dict[str, torch.Tensor], alpha: float) -> torch.Tensor:
-    c = coefficients(alpha, list(weights))
-    return sum(c[e] * w for e, w in weights.items())
-
-
-def modality_arithmetic(weights: dict[str, torch.Tensor], seed: torch.Tensor, lam: float) -> torch.Tensor:
-    """W_seed + λ·Σ_m (W^m − W_seed)."""
-    return seed + lam * sum(w - seed for w in weights.values())
-
-
-def regmean_experts(weights: dict[str, torch.Tensor], grams: dict[str, torch.Tensor], alpha: float,
-                    gamma: float) -> torch.Tensor:
-    """RegMean over the experts of one linear layer, each weighted as in `interpolate`."""
-    c = coefficients(alpha, list(weights))
-    names = list(weights)
-    return regmean_weight([weights[e] for e in names], [grams[e] for e in names], [c[e] for e in names], gamma)
-
-
-def merge_tensor(method: str, params: dict[str, float], weights: dict[str, torch.Tensor],
-                 seed: torch.Tensor | None = None, grams: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-    """One agnostic tensor from its experts' tensors (float32 or better)."""
-    if method == "arithmetic":
-        return modality_arithmetic(weights, seed, params["lam"])
-    if method == "regmean" and grams is not None:
-        return regmean_experts(weights, grams, params["alpha"], params["gamma"])
-    return interpolate(weights, params["alpha"])  # regmean: tensors without Grams (norms) too
+def is_expert_method(name: str) -> bool:
+    return name in METHODS and METHODS[name].merges_experts
 
 
 # -- checkpoints ---------------------------------------------------------------------------------
@@ -141,18 +93,18 @@ class ExpertInputs:
     with the seed weights and the experts' Grams where the method needs them."""
 
     src: ModelDir
-    method: ExpertMethod
+    method: Method
     seed: ModelDir | None
     grams: dict[str, torch.Tensor] | None
     groups: dict[str, dict[str | None, str]]
 
     @classmethod
     def open(cls, checkpoint: str | Path, method: str, seed: str | Path | None = None) -> ExpertInputs:
-        spec = METHODS.lookup(method)
+        spec = expert_method(method)
         src = open_expert_checkpoint(checkpoint)
-        if spec.needs_seed and seed is None:
+        if spec.needs_base and seed is None:
             raise VlmergeError(f"merge-experts {method}: give the seed weights (--seed, the seed run's last checkpoint)")
-        return cls(src, spec, ModelDir(seed) if spec.needs_seed else None,
+        return cls(src, spec, ModelDir(seed) if spec.needs_base else None,
                    load_grams(src.path) if spec.needs_grams else None, expert_groups(src.names()))
 
     @property
@@ -160,8 +112,8 @@ class ExpertInputs:
         """dtype and shape of each agnostic tensor."""
         return {plain: self.src.specs[next(iter(members.values()))] for plain, members in self.groups.items()}
 
-    def read(self, plain: str) -> torch.Tensor | tuple:
-        """A shared tensor as stored, or (expert weights in float32, W_seed, Grams) of an expert-specific one."""
+    def read(self, plain: str) -> torch.Tensor | TensorInputs:
+        """A shared tensor as stored, or the inputs of an expert-specific one (experts in float32, W_seed, Grams)."""
         members = self.groups[plain]
         if None in members or not self.src.specs[next(iter(members.values()))][0].is_floating_point:
             return self.src.get(members[next(iter(members))])  # shared: the trained shared weights
@@ -170,28 +122,34 @@ class ExpertInputs:
         grams = None
         if self.grams is not None and all(n in self.grams for n in members.values()):
             grams = {e: self.grams[n] for e, n in members.items()}
-        return weights, w_seed, grams
+        return TensorInputs(plain, weights, w_seed, grams)
 
-    def merge(self, read: torch.Tensor | tuple, params: dict[str, float]) -> torch.Tensor:
+    def merge(self, read: torch.Tensor | TensorInputs, setting: Setting) -> torch.Tensor:
         """The agnostic tensor of one setting from what `read` returned (float32 when merged)."""
         if isinstance(read, torch.Tensor):
             return read
-        return merge_tensor(self.method.name, params, *read)
+        return self.method.merge(read, *setting)
+
+    def setting(self, alpha: float | None, params: dict[str, Any]) -> Setting:
+        """(α, the parameters with their defaults) of one merge, checked against the method."""
+        if (alpha is None) == self.method.takes_alpha:
+            raise VlmergeError(f"merge-experts {self.method.name}: " + ("needs an α" if alpha is None else "takes no α"))
+        return alpha, self.method.params(params)
 
 
-def merge_experts(checkpoint: str | Path, outs: Sequence[Path], method: str, settings: Sequence[dict[str, Any]],
+def merge_experts(checkpoint: str | Path, outs: Sequence[Path], method: str, settings: Sequence[Setting],
                   *, seed: str | Path | None = None) -> list[Path]:
-    """Write one agnostic checkpoint per parameter setting, reading the expert checkpoint once.
+    """Write one agnostic checkpoint per (α, parameters) setting, reading the expert checkpoint once.
     An output that exists as this very merge is skipped; any other is an error."""
     x = ExpertInputs.open(checkpoint, method, seed)
-    settings = [x.method.params(s) for s in settings]
-    records = [_record(x.method, p, x.src, x.seed) for p in settings]
+    settings = [x.setting(*s) for s in settings]
+    records = [_record(x.method, s, x.src, x.seed) for s in settings]
     todo = []
-    for out, params, record in zip(outs, settings, records):
+    for out, setting, record in zip(outs, settings, records):
         if out.exists():
             check_same(out, record)
         else:
-            todo.append((out, params, record))
+            todo.append((out, setting, record))
     if not todo:
         return list(outs)
     specs = x.specs
@@ -203,8 +161,8 @@ def merge_experts(checkpoint: str | Path, outs: Sequence[Path], method: str, set
             stack.callback(w.release)
         for plain, (dtype, _) in specs.items():
             read = x.read(plain)
-            for w, (_, params, _) in zip(writers, todo):
-                w.write(plain, x.merge(read, params).to(dtype))
+            for w, (_, setting, _) in zip(writers, todo):
+                w.write(plain, x.merge(read, setting).to(dtype))
         for w, tmp, (_, _, record) in zip(writers, tmps, todo):
             w.close()
             with quiet_transformers():
@@ -221,44 +179,34 @@ class ExpertMerger:
     def __init__(self, checkpoint: str | Path, method: str, seed: str | Path | None = None, *,
                  device: torch.device | str = "cpu"):
         self.x = ExpertInputs.open(checkpoint, method, seed)
-        self.inputs = {plain: _on(device, self.x.read(plain)) for plain in self.x.groups}
+        self.inputs = {plain: self.x.read(plain).to(device) for plain in self.x.groups}
 
     def plain_model(self) -> PooledLlavaForConditionalGeneration:
         """An agnostic model of the checkpoint's shape (its weights are set by `merge_into`)."""
         with torch.random.fork_rng(devices=[]), quiet_transformers():
             return PooledLlavaForConditionalGeneration(agnostic_config(ExpertLlavaConfig.from_dict(self.x.src.config)))
 
-    def merge_into(self, model: torch.nn.Module, params: dict[str, Any]) -> None:
-        """Overwrite every weight of `model` with the merge of this setting."""
-        full = self.x.method.params(params)
+    def merge_into(self, model: torch.nn.Module, alpha: float | None, params: dict[str, Any]) -> None:
+        """Overwrite every weight of `model` with the merge at α (None: a method without α) and `params`."""
+        setting = self.x.setting(alpha, params)
         state = dict(model.named_parameters()) | dict(model.named_buffers())
         with torch.no_grad():
             for plain, read in self.inputs.items():
-                state[plain].data.copy_(self.x.merge(read, full))
+                state[plain].data.copy_(self.x.merge(read, setting))
 
 
-def _on(device: torch.device | str, read: Any) -> Any:
-    """What `ExpertInputs.read` returned, its tensors moved to `device`."""
-    if isinstance(read, torch.Tensor):
-        return read.to(device)
-    if isinstance(read, tuple):
-        return tuple(_on(device, x) for x in read)
-    if isinstance(read, dict):
-        return {k: _on(device, v) for k, v in read.items()}
-    return read
-
-
-def _record(spec: ExpertMethod, params: dict[str, float], src: ModelDir, seed: ModelDir | None) -> dict:
+def _record(method: Method, setting: Setting, src: ModelDir, seed: ModelDir | None) -> dict:
     """The merge record: the expert checkpoint is both the "text" (language) and "mm" (vision) input."""
     inputs = {"path": str(src.path.resolve()), "sha256": src.sha256()}
     record_inputs = {"text": inputs, "mm": inputs}
     if seed is not None:
         record_inputs["base"] = {"path": str(seed.path.resolve()), "sha256": seed.sha256()}
+    alpha, params = setting
     return {
-        "method": PREFIX + spec.name,
-        "alpha": params.get("alpha"),
+        "method": method.name,
+        "alpha": alpha,
         "alpha_is": "weight of the vision expert: W = α·W^v + (1−α)·W^l (Sung et al. 2023)",
-        "params": {k: v for k, v in params.items() if k != "alpha"},
+        "params": params,
         "inputs": record_inputs,
         "code_version": code_version(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -44,7 +44,7 @@ from vlmerge.io import read_json
 from vlmerge.layout import best_text_cache, checkpoint_dir, checkpoint_words, list_checkpoints
 from vlmerge.merge.core import Pair, PairMerger
 from vlmerge.merge.distance import distance_rows
-from vlmerge.merge.experts import expert_method
+from vlmerge.merge.experts import is_expert_method
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, write_rows
@@ -322,7 +322,7 @@ class Estimate:
 def item_seconds(item: WorkItem, cal: Calibration) -> float:
     """One item's own work: its pair loaded, the tasks tokenised, each α merged and scored."""
     alphas = max(len(item.alphas), 1)
-    method = item.method if expert_method(item.method) is None else "linear"  # (expert merges: as linear)
+    method = "linear" if is_expert_method(item.method) else item.method  # (expert merges: as linear)
     merge_first = cal.first_merge_s.get(method, 0.0)
     merge = cal.merge_s.get(method, 0.0)
     return cal.load_s + cal.prepare_s + merge_first + (alphas - 1) * merge + alphas * cal.score_s
@@ -471,7 +471,7 @@ def estimate_command(cfg: Config, *, words_per_epoch: Mapping[str, int], counts:
     runs, source = checkpoints_of(cfg, words_per_epoch)
     best_text = best_text_stand_in(cfg, runs) if cfg.sweep.pairing == "best_text" else None
     items = plan(cfg, best_text, runs)
-    methods = sorted({it.method if expert_method(it.method) is None else "linear" for it in items})
+    methods = sorted({"linear" if is_expert_method(it.method) else it.method for it in items})
     picking = best_text_items(cfg)
     with calibration_model(cfg, calibrate_with, items) as model_dir:
         cal = calibrate(cfg, model_dir, methods, sample, counts)

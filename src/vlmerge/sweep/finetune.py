@@ -27,7 +27,7 @@ from vlmerge.finetune.tasks import get_task, read_task
 from vlmerge.io import fingerprint
 from vlmerge.layout import checkpoint_words, result_files
 from vlmerge.merge.core import Pair, PairMerger
-from vlmerge.merge.experts import ExpertMerger, expert_method
+from vlmerge.merge.experts import ExpertMerger, expert_method, is_expert_method
 from vlmerge.merge.grams import write_grams
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, UNMERGED, ModelKey, checkpoint_run, write_rows
@@ -139,18 +139,17 @@ def model_of(cfg: Config, item: FinetuneItem, device):
         return model, tokenizer, ModelKey.twin(checkpoint_run(path), item.study)
     text, mm = root / item.text, root / item.mm
     params = json.loads(item.params)
-    experts = expert_method(item.method)
-    if experts is None:
+    if not is_expert_method(item.method):
         model, tokenizer = load_model(text, device)
         PairMerger(Pair.open(text, mm, root / item.base if item.base else None),
                    allow_extrapolation=cfg.sweep.allow_extrapolation, device=device).merge_into(
             model, item.method, item.alpha, params)
     else:
-        if experts.needs_grams:
+        if expert_method(item.method).needs_grams:
             write_grams(cfg, text)
-        merger = ExpertMerger(text, experts.name, root / item.base if item.base else None, device=device)
+        merger = ExpertMerger(text, item.method, root / item.base if item.base else None, device=device)
         model, tokenizer = merger.plain_model().to(device), load_tokenizer(text)
-        merger.merge_into(model, params if item.alpha is None else params | {"alpha": item.alpha})
+        merger.merge_into(model, item.alpha, params)
     key = ModelKey.of_pair(checkpoint_run(text), checkpoint_run(mm), item.method, item.params, item.study)
     return model, tokenizer, dataclasses.replace(key, alpha=item.alpha)
 

@@ -26,7 +26,7 @@ from typing import Any
 from vlmerge.config import EXPERT_RUN, Config
 from vlmerge.errors import VlmergeError
 from vlmerge.io import fingerprint
-from vlmerge.merge.experts import expert_method
+from vlmerge.merge.experts import is_expert_method
 from vlmerge.merge.methods import get_method
 from vlmerge.layout import checkpoint_words, list_checkpoints
 
@@ -83,24 +83,18 @@ def method_grid(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for spec in cfg.sweep.methods:
         first = {**spec.params, **{k: v[0] for k, v in spec.grid.items() if v}}
-        experts = expert_method(spec.name)
-        if experts is None:
-            get_method(spec.name).params(first)
-        elif "alpha" in first:  # (the other expert parameters are checked with each combination below)
-            raise VlmergeError(f"sweep.methods: {spec.name}: α comes from sweep.alphas (the vision expert's weight), "
-                               "not from params or grid")
+        if "alpha" in first:
+            raise VlmergeError(f"sweep.methods: {spec.name}: α comes from sweep.alphas, not from params or grid")
+        get_method(spec.name).params(first)
         keys = list(spec.grid)
-        for combo in itertools.product(*(spec.grid[k] for k in keys)):
-            params = {**spec.params, **dict(zip(keys, combo))}
-            if experts is not None:  # floats and no α, as the merge record of `vlmerge merge-experts` has them
-                params = {k: v for k, v in experts.params(params).items() if k != "alpha"}
-            out.append((spec.name, params))
+        out += [(spec.name, {**spec.params, **dict(zip(keys, combo))})
+                for combo in itertools.product(*(spec.grid[k] for k in keys))]
     return out
 
 
 def sweep_runs(cfg: Config) -> list[str]:
     """The runs whose checkpoints the sweep merges: the twins, the expert run, or both."""
-    experts = [expert_method(m) is not None for m, _ in method_grid(cfg)]
+    experts = [is_expert_method(m) for m, _ in method_grid(cfg)]
     return (["text", "multimodal"] if not all(experts) else []) + ([EXPERT_RUN] if any(experts) else [])
 
 
@@ -191,8 +185,8 @@ def plan(cfg: Config, best_text: dict[Path, Path] | None = None, runs: Checkpoin
     tasks = sweep_tasks(cfg)
     salt = eval_salt(cfg, tasks)
     grid = method_grid(cfg)
-    twins = [(m, p) for m, p in grid if expert_method(m) is None]
-    experts = [(m, p) for m, p in grid if expert_method(m) is not None]
+    twins = [(m, p) for m, p in grid if not is_expert_method(m)]
+    experts = [(m, p) for m, p in grid if is_expert_method(m)]
 
     def rel(path: Path) -> str:
         return str(path.relative_to(cfg.root))
@@ -211,7 +205,7 @@ def plan(cfg: Config, best_text: dict[Path, Path] | None = None, runs: Checkpoin
         seed = rel(expert_seed(cfg, runs))
         for ckpt in run_checkpoints(cfg, EXPERT_RUN, runs):
             for method, params in experts:
-                alphas = tuple(cfg.sweep.alphas) if "alpha" in expert_method(method).defaults else ()
+                alphas = tuple(cfg.sweep.alphas) if get_method(method).takes_alpha else ()
                 items.append(WorkItem(rel(ckpt), rel(ckpt), method, json.dumps(params, sort_keys=True), alphas,
                                       seed, salt))
     return items

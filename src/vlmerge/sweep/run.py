@@ -30,7 +30,7 @@ from vlmerge.evaluate.scoring import Scorer
 from vlmerge.io import fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.merge.core import Pair, PairMerger
 from vlmerge.merge.distance import distance_rows, write_parquet
-from vlmerge.merge.experts import ExpertMerger, expert_distance_rows, expert_method
+from vlmerge.merge.experts import ExpertMerger, expert_distance_rows, is_expert_method
 from vlmerge.merge.grams import write_grams
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
@@ -101,7 +101,7 @@ class ItemRunner:
         if is_done(self.cfg, item):
             return None
         run = (self._run_plain if item.method == UNMERGED else
-               self._run_pair if expert_method(item.method) is None else self._run_experts)
+               self._run_experts if is_expert_method(item.method) else self._run_pair)
         return run(item, Timing())
 
     def _run_plain(self, item: WorkItem, timing: Timing) -> Timing:
@@ -139,10 +139,9 @@ class ItemRunner:
         expert's weight); the unmerged expert model (MSA) is its endpoint."""
         t0 = time.perf_counter()
         ckpt, seed = self.cfg.root / item.text, self.cfg.root / item.base
-        method = expert_method(item.method)
-        if method.needs_grams:
+        if get_method(item.method).needs_grams:
             write_grams(self.cfg, ckpt)
-        merger = ExpertMerger(ckpt, method.name, seed, device=self.device)
+        merger = ExpertMerger(ckpt, item.method, seed, device=self.device)
         model, tokenizer = merger.plain_model().to(self.device), load_tokenizer(ckpt)
         scorer = config_scorer(self.cfg, model, tokenizer, self.features)
         timing.load = time.perf_counter() - t0
@@ -154,8 +153,7 @@ class ItemRunner:
         self._distances(item, lambda: expert_distance_rows(ckpt, seed, device=self.device))
         key = ModelKey.of_pair(*[checkpoint_run(ckpt)] * 2, item.method, item.params, item.study)
         params = json.loads(item.params)
-        return self._merges(item, model, scorer, key,
-                            lambda a: merger.merge_into(model, params if a is None else params | {"alpha": a}), timing)
+        return self._merges(item, model, scorer, key, lambda a: merger.merge_into(model, a, params), timing)
 
     def _merges(self, item: WorkItem, model, scorer: Scorer, key: ModelKey, merge_at: Callable[[float | None], None],
                 timing: Timing) -> Timing:

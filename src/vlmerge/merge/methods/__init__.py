@@ -1,9 +1,17 @@
 """The registry of merge methods. A method is one module of this package that calls `register`.
 
-Every method is a pure function of one tensor's inputs (`TensorInputs`) and the weight α of
-the TEXT model: θ = α·θ_text + (1−α)·θ_mm for `linear`, so α = 0 gives the multimodal model and
-α = 1 the text model. Methods that work on task vectors (θ − θ₀) need `base`, the shared
-initialisation (or any third model, for three-way merges).
+Every method is a pure function of one tensor's inputs (`TensorInputs`), a weight α and its
+declared parameters, and declares what it merges (`inputs`):
+
+- `twins`: the text and multimodal models; α is the weight of the TEXT model: θ = α·θ_text +
+  (1−α)·θ_mm for `linear`, so α = 0 gives the multimodal model and α = 1 the text model.
+- `experts`: the modality experts of one expert checkpoint (Sung et al.: W^l, W^v, and W^vl in
+  the top layers), merged into one agnostic tensor; α is the weight of the VISION expert.
+
+Methods that work on task vectors (θ − θ₀) need `base`: the twins' shared initialisation (or any
+third model, for three-way merges), the seed weights W_seed of an expert model. A method with
+`takes_alpha=False` has no α (it is called with None); data-based methods need the Gram matrices
+of each input's linear layers (`needs_grams`).
 """
 
 from __future__ import annotations
@@ -20,21 +28,39 @@ from vlmerge.registry import Registry, import_submodules, with_defaults
 from vlmerge.modelkey import MM_ALPHA, TEXT_ALPHA
 
 
+TWINS, EXPERTS = "twins", "experts"  # what a method merges (Method.inputs)
+
+
 @dataclasses.dataclass(frozen=True)
 class TensorInputs:
+    """One tensor of every input, by role: `text` and `mm` (twins), or `language`, `vision` (and
+    `cross`) (experts); the base; the Gram matrices of a linear layer's inputs, by the same roles."""
+
     name: str
-    text: torch.Tensor
-    mm: torch.Tensor
+    models: dict[str, torch.Tensor]
     base: torch.Tensor | None = None
-    grams: tuple[torch.Tensor, torch.Tensor] | None = None  # RegMean: (G_text, G_mm) of a linear layer
+    grams: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def twins(cls, name: str, text: torch.Tensor, mm: torch.Tensor, base: torch.Tensor | None = None,
+              grams: tuple[torch.Tensor, torch.Tensor] | None = None) -> TensorInputs:
+        return cls(name, {"text": text, "mm": mm}, base, None if grams is None else dict(zip(("text", "mm"), grams)))
+
+    @property
+    def text(self) -> torch.Tensor:
+        return self.models["text"]
+
+    @property
+    def mm(self) -> torch.Tensor:
+        return self.models["mm"]
 
     def to(self, device: torch.device | str) -> TensorInputs:
         """The same inputs on `device` (where the sweep merges them at every α)."""
-        def move(t):
-            return None if t is None else t.to(device)
+        def move(tensors):
+            return None if tensors is None else {k: t.to(device) for k, t in tensors.items()}
 
-        grams = None if self.grams is None else (move(self.grams[0]), move(self.grams[1]))
-        return TensorInputs(self.name, move(self.text), move(self.mm), move(self.base), grams)
+        return TensorInputs(self.name, move(self.models), None if self.base is None else self.base.to(device),
+                            move(self.grams))
 
     def task_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.base is None:
@@ -47,8 +73,10 @@ class Method:
     """A merge method: its per-tensor function and its declared parameters (with defaults)."""
 
     name: str
-    fn: Callable[..., torch.Tensor]  # fn(inputs: TensorInputs, alpha: float, **params) -> tensor
+    fn: Callable[..., torch.Tensor]  # fn(inputs: TensorInputs, alpha: float | None, **params) -> tensor
     defaults: dict[str, Any]
+    inputs: str = TWINS  # TWINS or EXPERTS
+    takes_alpha: bool = True
     needs_base: bool = False
     needs_grams: bool = False
     # prepare(all tensors' inputs, params) -> extra keyword arguments of fn, for methods that
@@ -64,16 +92,21 @@ class Method:
         reuses a few buffers instead of allocating every output afresh."""
         return "out" in inspect.signature(self.fn).parameters
 
-    def copies(self, alpha: float, params: dict[str, Any]) -> str | None:
+    @property
+    def merges_experts(self) -> bool:
+        return self.inputs == EXPERTS
+
+    def copies(self, alpha: float | None, params: dict[str, Any]) -> str | None:
         """The input role the merge at α equals bitwise, or None."""
         return self.same_as(alpha, params) if self.same_as else None
 
-    def merge(self, x: TensorInputs, alpha: float, params: dict[str, Any], out: torch.Tensor | None = None) -> torch.Tensor:
+    def merge(self, x: TensorInputs, alpha: float | None, params: dict[str, Any],
+              out: torch.Tensor | None = None) -> torch.Tensor:
         """One tensor merged at α; where `same_as` names an input, that input itself (do not
         modify the result in place), or a copy in `out`."""
         role = self.copies(alpha, params)
         if role:
-            same = getattr(x, role)
+            same = x.models[role]
             return same if out is None else out.copy_(same)
         if out is not None and self.takes_out:
             return self.fn(x, alpha, **params, out=out)
@@ -93,13 +126,15 @@ METHODS: Registry[Method] = Registry("merge method")
 get_method = METHODS.lookup
 
 
-def register(name: str, *, needs_base: bool = False, needs_grams: bool = False,
-             prepare: Callable[..., dict[str, Any]] | None = None,
+def register(name: str, *, inputs: str = TWINS, takes_alpha: bool = True, needs_base: bool = False,
+             needs_grams: bool = False, prepare: Callable[..., dict[str, Any]] | None = None,
              same_as: Callable[[float, dict[str, Any]], str | None] | None = None, **defaults: Any):
     """Decorator: make `fn` the merge method `name`, with these parameter defaults."""
+    if inputs not in (TWINS, EXPERTS):
+        raise ValueError(f"merge method {name}: inputs must be {TWINS!r} or {EXPERTS!r}, not {inputs!r}")
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        METHODS.add(name, Method(name, fn, defaults, needs_base, needs_grams, prepare, same_as))
+        METHODS.add(name, Method(name, fn, defaults, inputs, takes_alpha, needs_base, needs_grams, prepare, same_as))
         return fn
 
     return wrap

@@ -33,4 +33,4 @@ def regmean_weight(weights: list[torch.Tensor], grams: list[torch.Tensor], coefs
 def regmean(x: TensorInputs, alpha: float, gamma: float) -> torch.Tensor:
     if x.grams is None:
         return torch.lerp(x.mm, x.text, alpha)
-    return regmean_weight([x.text, x.mm], list(x.grams), [alpha, 1 - alpha], gamma)
+    return regmean_weight([x.text, x.mm], [x.grams["text"], x.grams["mm"]], [alpha, 1 - alpha], gamma)
