@@ -31,6 +31,7 @@ CHANCE = {
     **{(task, metric): p for task in ("winoground", "winoground_full") for metric, p in
        {"unpaired_accuracy": 0.5, "text_score": 0.25, "image_score": 0.25, "group_score": 1 / 6}.items()},
     ("vqa", "accuracy"): 1 / 8,
+    ("ft_nlvr2", "accuracy"): 0.5,  # true or false, balanced (NLVR², and the demo's set by construction)
 }
 CHUNK = 128  # replicates drawn at a time: bounds the counts matrix to CHUNK × items
 

@@ -105,6 +105,7 @@ def with_drops(rows: pd.DataFrame) -> pd.DataFrame:
     both = msa.index.intersection(merged.index)
     out = pd.DataFrame(index=both).reset_index()
     out["msa"] = msa.loc[both, "score"].to_numpy()
+    out["msa_reps"] = list(msa.loc[both, "reps"])
     out["merged"] = merged.loc[both, "score"].to_numpy()
     sign = msa.loc[both, "sign"].to_numpy()
     out["drop"] = sign * (out.msa - out.merged)
@@ -197,9 +198,32 @@ def seed_trend(drops: Sequence[float]) -> str:
     return "does not shrink from the shortest to the longest seed"
 
 
-def findings(seed_drops: pd.DataFrame, methods: pd.DataFrame, table5: pd.DataFrame) -> list[str]:
-    """The paper's three findings, each checked on these results in one sentence with its numbers."""
-    out = []
+def not_above_chance(seed_drops: pd.DataFrame, tasks: list[TaskMetric]) -> dict[str, str]:
+    """Tasks with a chance level on which the unmerged expert model (MSA) is not above it at any seed
+    length (the low end of its 95% bootstrap interval, or its score without replicates): there is no
+    ability for merging to lose. Task -> the sentence that says so."""
+    out = {}
+    for tm in tasks:
+        r = seed_drops[seed_drops.task == tm.task].sort_values("k_seed")
+        if tm.chance is None or r.empty:
+            continue
+        lows = [np.percentile(reps[1:], 2.5) if len(reps) > 1 else reps[0] for reps in r.msa_reps]
+        if all(tm.sign * (low - tm.chance) <= 0 for low in lows):
+            scores = ", ".join(f"K={k}: {s:.4f}" for k, s in zip(r.k_seed, r.msa))
+            out[tm.task] = (f"Not shown on {tm.task}: the unmerged expert model (MSA) is not above chance ({tm.chance:g}) "
+                            f"at any seed length ({scores}), so merging has nothing to lose there; it is left out of "
+                            "the findings below.")
+    return out
+
+
+def findings(seed_drops: pd.DataFrame, methods: pd.DataFrame, table5: pd.DataFrame,
+             at_chance: dict[str, str] | None = None) -> list[str]:
+    """The paper's three findings, each checked on these results in one sentence with its numbers;
+    tasks in `at_chance` (`not_above_chance`) are said to show nothing, and left out."""
+    at_chance = at_chance or {}
+    out = list(at_chance.values())
+    seed_drops = seed_drops[~seed_drops.task.isin(at_chance)]
+    table5 = table5[~table5.task.isin(at_chance)] if len(table5) else table5
     for task, r in seed_drops.groupby("task"):
         r = r.sort_values("k_seed")
         steps = ", ".join(f"K={k}: {d:+.4f}" for k, d in zip(r.k_seed, r["drop"]))
@@ -213,7 +237,7 @@ def findings(seed_drops: pd.DataFrame, methods: pd.DataFrame, table5: pd.DataFra
         out.append(f"Longer seed → smaller drop? On {task} the drop after merging {seed_trend(r['drop'].tolist())} "
                    f"({steps}).")
     if len(methods):
-        for task in [c for c in methods.columns if c not in ("method", "model")]:
+        for task in [c for c in methods.columns if c not in ("method", "model", *at_chance)]:
             best = methods.groupby("method")[task].max()
             if {"interpolation", "regmean"} <= set(best.index):
                 gap = best["interpolation"] - best["regmean"]
@@ -297,7 +321,7 @@ def sung_report(results_dirs: Sequence[Path], out: Path, options: AnalysisConfig
                 f"drop of interpolation α={MAIN_ALPHA:g}; interval: 95% percentile bootstrap of the items.",
                 [("Pearson r", table5)]),
     ]
-    found = findings(seed_drops, methods, table5)
+    found = findings(seed_drops, methods, table5, not_above_chance(seed_drops, tasks))
     sections.append(Section("Findings", " ".join(found) if found else "No findings: the results lack the views."))
     title = "Sung et al. (2023) on " + ", ".join(f.name for d in results_dirs for f in experiment_folders(Path(d)))
     intro = (f"{rows.experiment.nunique()} experiment(s), {len(tasks)} task(s), {options.bootstrap} bootstrap "

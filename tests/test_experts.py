@@ -279,7 +279,7 @@ def test_merge_experts_refuses_a_plain_model_and_a_missing_seed(expert_checkpoin
         merge_experts(ckpt, outs, "experts_interpolation", [(0.25, {})])
     with pytest.raises(Exception, match="merges the twins, not the experts"):
         merge_experts(ckpt, [tmp_path / "b"], "linear", [(0.5, {})])
-    assert main(["merge", "--text", str(seed), "--mm", str(seed), "--method", "experts_interpolation",
+    assert main(["merge", "--text", str(seed), "--mm", str(seed), "--method", "experts_interpolation", "--alpha", "0.5",
                  "--out", str(tmp_path / "c")]) == 2
     assert "merges the experts of one expert checkpoint" in capsys.readouterr().err
 
@@ -353,9 +353,10 @@ def test_seed_then_experts_then_merge_then_eval_on_the_demo_world(fresh_root, tm
     assert set(merged.mm_words) == {checkpoint_words(c) for c in experts[1:]}  # every checkpoint after step 0
     last = merged[merged.mm_words == checkpoint_words(experts[-1])]
     settings = {(m, a if a == a else None, p) for m, a, p in zip(last.method, last.alpha, last.method_params)}
+    # (the parameters as the sweep's grid gives them, as for every method)
     assert settings == {("experts_interpolation", 0.5, "{}"), ("experts_interpolation", 1.0, "{}"),
-                        ("experts_regmean", 0.5, '{"gamma": 0.9}'), ("experts_regmean", 1.0, '{"gamma": 0.9}'),
-                        ("experts_arithmetic", None, '{"lam": 0.5}'), ("experts_arithmetic", None, '{"lam": 1.0}')}
+                        ("experts_regmean", 0.5, "{}"), ("experts_regmean", 1.0, "{}"),
+                        ("experts_arithmetic", None, '{"lam": 0.5}'), ("experts_arithmetic", None, '{"lam": 1}')}
     disk = pd.read_parquet(tmp_path / "eval" / "results.parquet")
     disk = disk[(disk.metric == "accuracy") & (disk.subtask == "")].value.item()
     assert last[(last.method == "experts_regmean") & (last.alpha == 0.5)].value.item() == disk
@@ -498,6 +499,28 @@ def test_analyze_adds_the_sung_views_when_the_results_are_a_study(tmp_path):
     # merge as a merge of twins (only MAA, a multimodal run from scratch, is left for them).
     scores = (tmp_path / "report" / "scores.csv").read_text()
     assert "experts" not in scores and "experts" not in (tmp_path / "report" / "findings.md").read_text()
+
+
+def test_a_task_whose_msa_is_not_above_chance_shows_no_finding():
+    import numpy as np
+    import pandas as pd
+
+    from vlmerge.analysis.scores import TaskMetric
+    from vlmerge.analysis.sung import findings, not_above_chance
+
+    def reps(value, spread):  # the reported value, then 101 evenly spread bootstrap replicates
+        return np.array([value, *np.linspace(value - spread, value + spread, 101)])
+
+    drops = pd.DataFrame({"variant": "all", "k_seed": [0, 1, 0, 1], "task": ["ft_nlvr2"] * 2 + ["blimp"] * 2,
+                          "msa": [0.55, 0.5, 0.7, 0.72], "merged": [0.5, 0.5, 0.5, 0.62], "drop": [0.05, 0.0, 0.2, 0.1],
+                          "msa_reps": [reps(0.55, 0.1), reps(0.5, 0.1), reps(0.7, 0.05), reps(0.72, 0.05)]})
+    tasks = [TaskMetric("ft_nlvr2", "accuracy", "multimodal"), TaskMetric("blimp", "accuracy", "text")]
+    at_chance = not_above_chance(drops, tasks)
+    assert list(at_chance) == ["ft_nlvr2"]  # its MSA interval reaches 0.5 at both seeds; BLiMP's is above it
+    said = findings(drops, pd.DataFrame(), pd.DataFrame(), at_chance)
+    assert said[0].startswith("Not shown on ft_nlvr2: the unmerged expert model (MSA) is not above chance (0.5)")
+    assert not any("On ft_nlvr2" in s for s in said)
+    assert "Longer seed → smaller drop? On blimp the drop after merging shrinks with every longer seed" in said[1]
 
 
 def test_the_seed_finding_says_whether_the_drop_shrinks_at_every_step():

@@ -36,7 +36,7 @@ def run(method: str, text, mm, alpha: float, base=None, grams=None, **params) ->
 def test_registry_lists_every_method():
     assert {n for n, m in METHODS.items() if m.inputs == "twins"} == {"linear", "task_arithmetic", "regmean", "ties",
                                                                        "dare", "slerp"}
-    with pytest.raises(VlmergeError, match="unknown merge method 'avg' \\(known: dare, linear"):
+    with pytest.raises(VlmergeError, match="unknown merge method 'avg' \\(known: dare, experts_arithmetic"):
         get_method("avg")
     with pytest.raises(VlmergeError, match="unknown parameter 'densty' \\(allowed: density, lam, scope\\)"):
         get_method("ties").params({"densty": 0.3})
@@ -287,7 +287,8 @@ def test_distance_cli_writes_the_parquet_rows(trio, tmp_path):
     assert main(["distance", "--a", str(text), "--b", str(mm), "--base", str(base), "--out", str(tmp_path / "d.parquet")]) == 0
     rows = pd.read_parquet(tmp_path / "d.parquet")
     assert list(rows.columns) == ["experiment", "text_run", "mm_run", "text_words", "mm_words", "space", "scope",
-                                  "metric", "value"]
+                                  "metric", "value", "study"]
+    assert set(rows.study) == {""}  # (outside a study)
     assert set(rows.space) == {"weights", "task_vector"} and set(rows.metric) == {"l2", "cosine", "ssd", "tssd"}
     assert len(rows) == 2 * 7 * 4
 

@@ -76,6 +76,14 @@ class Outcome:
     best_epoch: int
     steps: int
     seconds: float
+    soft: np.ndarray | None = None  # the valid examples' soft targets [examples, labels] (VQA), or None
+
+    def item_scores(self) -> np.ndarray:
+        """Each valid example's score: its prediction's soft target (their mean is VQA's `vqa_score`),
+        or right (1) / wrong (0)."""
+        if self.soft is not None:
+            return self.soft[np.arange(len(self.preds)), self.preds].astype(float)
+        return (self.preds == self.labels).astype(float)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,4 +258,4 @@ class Run:
                 bar.set_postfix_str(", ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
         _, epoch, metrics, preds = best
         return Outcome(metrics, preds, self.labels["valid"], epoch, self.steps_per_epoch * self.recipe.epochs,
-                       time.perf_counter() - start)
+                       time.perf_counter() - start, self.soft["valid"])

@@ -74,14 +74,13 @@ def finetune_model(cfg: Config, model: torch.nn.Module, tokenizer, task: Finetun
 
 def outcome_rows(key: ModelKey, task: FinetuneTask, outcome: Outcome, *, item_id: str = "", config_hash: str = "",
                  job_id: str = "") -> tuple[list[dict], list[dict]]:
-    """Rows of the results (one per metric) and items (each valid item right or wrong) datasets."""
+    """Rows of the results (one per metric) and items (each valid item's score: `Outcome.item_scores`) datasets."""
     model, prov, n = key.columns(item_id), stamp(config_hash, job_id), len(outcome.labels)
     name = task.result_name
     rows = [{**model, "task": name, "subtask": "", "metric": m, "value": v, "n": n, **prov}
             for m, v in outcome.metrics.items()]
-    right = outcome.preds == outcome.labels
-    items = [{**model, "task": name, "subtask": "", "example_id": f"{task.name}_{i}", "value": float(ok)}
-             for i, ok in enumerate(right)]
+    items = [{**model, "task": name, "subtask": "", "example_id": f"{task.name}_{i}", "value": float(v)}
+             for i, v in enumerate(outcome.item_scores())]
     return rows, items
 
 

@@ -9,7 +9,7 @@ items. A merge is made in memory from its pair (or its expert checkpoint), as in
 merged weights are written; its rows go to the results datasets under the item's id:
 
     metrics/<ft-id>   one row per metric (task glue/<task>, or ft_<name>), written last: the item is done
-    items/<ft-id>     each valid item right (1) or wrong (0), for bootstrap intervals
+    items/<ft-id>     each valid item's score (right 1 or wrong 0; VQA's soft score), for bootstrap intervals
 """
 
 from __future__ import annotations
