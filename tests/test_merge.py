@@ -315,3 +315,90 @@ def test_gram_hooks_sum_the_inputs_of_every_linear_layer():
     grams, tokens = compute_grams(Wrap(), [{"input_ids": x, "attention_mask": mask}])
     kept = x[mask.bool()].double()
     assert tokens == 5 and torch.allclose(grams["body.0.weight"], kept.T @ kept)
+
+
+# -- α per layer and per module (merge/schedule.py) ----------------------------------------------
+
+def test_a_schedule_gives_each_tensor_the_alpha_of_its_first_matching_condition_by_hand():
+    from vlmerge.merge.schedule import check_schedule, tensor_alpha
+
+    n = 5  # layers 0..4: t = 0, 0.25, 0.5, 0.75, 1
+    grad = check_schedule([0, 1])
+    assert [tensor_alpha(f"model.layers.{i}.mlp.up_proj.weight", 0.3, grad, n) for i in range(n)] == \
+        [0.0, 0.25, 0.5, 0.75, 1.0]
+    assert tensor_alpha("model.embed_tokens.weight", 0.3, grad, n) == 0.0  # outside the layers: t = 0 (mergekit)
+    # three values over five layers: t·2 → 0.2 at t=0, 0.6 at t=0.5, 0.4 at t=1, halfway between
+    three = check_schedule([0.2, 0.6, 0.4])
+    assert [tensor_alpha(f"model.layers.{i}.x", 0.0, three, n) for i in range(n)] == \
+        pytest.approx([0.2, 0.4, 0.6, 0.5, 0.4])
+    mixed = check_schedule([{"filter": "multi_modal_projector", "value": 0},
+                            {"filter": "self_attn", "value": ["alpha", 1]}])
+    assert tensor_alpha("multi_modal_projector.linear_1.weight", 0.4, mixed, n) == 0.0
+    assert tensor_alpha("model.layers.2.self_attn.q_proj.weight", 0.4, mixed, n) == pytest.approx(0.7)
+    assert tensor_alpha("model.layers.2.mlp.up_proj.weight", 0.4, mixed, n) == 0.4  # no match: the merge's α
+    for bad, says in (([{"filter": "mlp"}], "expected {filter"), ([1.5], "outside \\[0, 1\\]"), ([], "expected a list"),
+                      ([{"value": "half"}], "neither a number nor 'alpha'")):
+        with pytest.raises(VlmergeError, match=says):
+            check_schedule(bad)
+
+
+def test_a_layer_schedule_from_0_to_1_merges_each_layer_at_its_own_alpha(trio, tmp_path):
+    text, mm, _ = trio  # two layers: layer 0 at α = 0 (the multimodal model), layer 1 at α = 1 (the text model)
+    assert main(["merge", "--text", str(text), "--mm", str(mm), "--alpha", "0.5", "--param", "schedule=[0, 1]",
+                 "--out", str(tmp_path / "m")]) == 0
+    got = load_file(tmp_path / "m/alpha-0.50/model.safetensors")
+    t, m = load_file(text / "model.safetensors"), load_file(mm / "model.safetensors")
+    layer0 = [k for k in got if ".layers.0." in k]
+    layer1 = [k for k in got if ".layers.1." in k]
+    assert layer0 and layer1
+    assert all(torch.equal(got[k], m[k]) for k in layer0) and all(torch.equal(got[k], t[k]) for k in layer1)
+    assert torch.equal(got["lm_head.weight"], m["lm_head.weight"])  # outside the layers: t = 0
+    record = json.loads((tmp_path / "m/alpha-0.50/merge.json").read_text())
+    assert record["params"]["schedule"] == [{"filter": None, "value": [0, 1]}] and record["alpha"] == 0.5
+    # the sweep's in-memory merger gives the same weights
+    model = LlamaForCausalLM.from_pretrained(text)
+    PairMerger(Pair.open(text, mm)).merge_into(model, "linear", 0.5, {"schedule": [0, 1]})
+    assert all(torch.equal(model.state_dict()[k], got[k]) for k in got)
+
+
+# -- a method is one module: registered from a test file alone, it runs through merge and the sweep --
+
+@pytest.fixture
+def toy_method():
+    """`toy`: the text model's weights scaled towards the multimodal one's by α and a declared `gain`;
+    registered here and nowhere else (the registry belongs to the process: removed afterwards)."""
+    from vlmerge.merge.methods import register
+
+    @register("toy", gain=2.0)
+    def toy(x: TensorInputs, alpha: float, gain: float) -> torch.Tensor:
+        return x.mm + gain * alpha * (x.text - x.mm)
+
+    yield "toy"
+    del METHODS._entries["toy"]
+
+
+def test_a_method_registered_in_a_test_file_runs_through_merge_and_the_sweep(toy_method, trio, twins, tmp_path):
+    import subprocess
+
+    from conftest import SMALL_WORLD
+    from vlmerge.config import load_config
+    from vlmerge.results import read_results
+    from vlmerge.sweep.plan import plan
+    from vlmerge.sweep.run import run_items
+
+    text, mm, _ = trio
+    assert main(["merge", "--text", str(text), "--mm", str(mm), "--method", "toy", "--param", "gain=0.5",
+                 "--alpha", "0.5", "--out", str(tmp_path / "m")]) == 0
+    got, t, m = (load_file(p / "model.safetensors") for p in (tmp_path / "m/alpha-0.50", text, mm))
+    assert all(torch.allclose(got[k], m[k] + 0.25 * (t[k] - m[k])) for k in got)
+    assert json.loads((tmp_path / "m/alpha-0.50/merge.json").read_text())["params"] == {"gain": 0.5}
+
+    root = tmp_path / "r"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
+    cfg = load_config(None, [f"paths.root={root}", *SMALL_WORLD, "sweep.methods=[{name: toy}]", "sweep.alphas=[0.5]",
+                             "sweep.tasks=[blimp]", "sweep.distances=false"])
+    items = plan(cfg)
+    assert items and {it.method for it in items} == {"toy"}
+    assert run_items(cfg, items[:1]) == 1
+    rows = read_results(root / "results/demo")
+    assert set(rows[rows.method != "none"].method) == {"toy"} and set(rows.alpha.dropna()) >= {0.5}

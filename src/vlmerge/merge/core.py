@@ -24,6 +24,7 @@ from vlmerge.io import atomic_path, check_creatable, read_json, remove_stale_tem
 from vlmerge.layout import grams_file, merge_outputs
 from vlmerge.merge.io import ModelDir, SafetensorsWriter, check_compatible, numel
 from vlmerge.merge.methods import Method, TensorInputs, get_method
+from vlmerge.merge.schedule import SCHEDULE, check_schedule, num_layers, tensor_alpha
 
 RECORD = "merge.json"
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -79,27 +80,51 @@ class Pair:
         return (self.inputs(n) for n in self.text.names() if self.text.specs[n][0].is_floating_point)
 
 
-def resolve(method_name: str, params: dict[str, Any], pair: Pair,
-            inputs: Iterable[TensorInputs] | None = None) -> tuple[Method, dict[str, Any]]:
-    """The method, and its parameters with whole-model statistics (e.g. TIES thresholds) added."""
+@dataclasses.dataclass(frozen=True)
+class Resolved:
+    """A method ready to merge a pair: its parameters with whole-model statistics (e.g. TIES
+    thresholds) added, and each tensor's α schedule (`vlmerge.merge.schedule`; None: one α)."""
+
+    method: Method
+    params: dict[str, Any]
+    schedule: list[dict[str, Any]] | None
+    layers: int
+
+    def alpha(self, name: str, alpha: float) -> float:
+        return alpha if self.schedule is None else tensor_alpha(name, alpha, self.schedule, self.layers)
+
+    def copies(self, alpha: float) -> str | None:
+        """The input every tensor of the merge at α equals bitwise, or None (a schedule: never assumed)."""
+        return self.method.copies(alpha, self.params) if self.schedule is None else None
+
+    def record_params(self) -> dict[str, Any]:
+        """The parameters a merge record (and a results row) names the merge by."""
+        params = {k: v for k, v in self.params.items() if k != "thresholds"}
+        return params if self.schedule is None else params | {SCHEDULE: self.schedule}
+
+
+def resolve(method_name: str, params: dict[str, Any], pair: Pair, inputs: Iterable[TensorInputs] | None = None,
+            *, allow_extrapolation: bool = False) -> Resolved:
+    """The method, its parameters with whole-model statistics added, and the α schedule (params' `schedule`)."""
     method = get_method(method_name)
     if method.merges_experts:
         raise VlmergeError(f"method {method_name} merges the experts of one expert checkpoint, not two models "
                            "(vlmerge merge-experts)")
     if method.needs_base and pair.base is None:
         raise VlmergeError(f"method {method_name} works on task vectors: give the shared initialisation (--base)")
-    full = method.params(params)
+    schedule = check_schedule(params[SCHEDULE], allow_extrapolation) if SCHEDULE in params else None
+    full = method.params({k: v for k, v in params.items() if k != SCHEDULE})
     if method.prepare:
         full |= method.prepare(pair.all_inputs() if inputs is None else inputs, full)
-    return method, full
+    return Resolved(method, full, schedule, num_layers(pair.text.names()))
 
 
-def _record(method: Method, params: dict, alpha: float, pair: Pair, hashes: dict[str, str]) -> dict:
+def _record(resolved: Resolved, alpha: float, pair: Pair, hashes: dict[str, str]) -> dict:
     return {
-        "method": method.name,
+        "method": resolved.method.name,
         "alpha": alpha,
         "alpha_is": "weight of the text model: θ = α·θ_text + (1−α)·θ_mm for linear",
-        "params": {k: v for k, v in params.items() if k not in ("thresholds",)},
+        "params": resolved.record_params(),
         "inputs": {role: {"path": str(d.path.resolve()), "sha256": hashes[role]}
                    for role, d in (("text", pair.text), ("mm", pair.mm), ("base", pair.base)) if d is not None},
         "code_version": code_version(),
@@ -122,9 +147,8 @@ def merge_to_disk(
     outs = merge_outputs(Path(out), alphas)
     _check_out(Path(out))
     remove_stale_temps(*{o.parent for o in outs})  # what merges killed mid-write left
-    method = get_method(method_name)
-    pair = Pair.open(text, mm, base, grams=method.needs_grams)
-    method, full = resolve(method_name, params or {}, pair)
+    pair = Pair.open(text, mm, base, grams=get_method(method_name).needs_grams)
+    resolved = resolve(method_name, params or {}, pair, allow_extrapolation=allow_extrapolation)
     roles = [(role, d) for role, d in (("text", pair.text), ("mm", pair.mm), ("base", pair.base)) if d is not None]
     with ThreadPoolExecutor(len(roles)) as pool:
         # Hash the inputs on the side while merging; the records need the hashes only at the end.
@@ -132,7 +156,7 @@ def merge_to_disk(
 
         def records(alphas_: Sequence[float]) -> list[dict]:
             hashes = {role: f.result() for role, f in futures.items()}
-            return [_record(method, full, a, pair, hashes) for a in alphas_]
+            return [_record(resolved, a, pair, hashes) for a in alphas_]
 
         todo = [i for i, o in enumerate(outs) if not o.exists()]
         for i, o in enumerate(outs):
@@ -140,7 +164,7 @@ def merge_to_disk(
                 check_same(o, records([alphas[i]])[0])
         if todo:
             try:
-                _stream(pair, method, full, [alphas[i] for i in todo], [outs[i] for i in todo], records, progress)
+                _stream(pair, resolved, [alphas[i] for i in todo], [outs[i] for i in todo], records, progress)
             except OSError as e:  # a full disk, a quota: nothing half-written stays
                 raise VlmergeError(f"{e.filename or out}: could not write the merge ({e.strerror or e})") from None
     return outs
@@ -218,13 +242,14 @@ def _threads_beside_writers() -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _stream(pair: Pair, method: Method, params: dict, alphas: list[float], outs: list[Path],
+def _stream(pair: Pair, resolved: Resolved, alphas: list[float], outs: list[Path],
             records: Callable[[Sequence[float]], list[dict]], progress: bool) -> None:
     specs = pair.text.specs
+    method, params = resolved.method, resolved.params
     floats = [n for n in pair.text.names() if specs[n][0].is_floating_point]
     # An output equal to an input bitwise (linear at α = 0 or 1) is copied kernel-side, tensor
     # by tensor, into the same layout as every other output: the same bytes as merging it.
-    same = [method.copies(a, params) for a in alphas]
+    same = [resolved.copies(a) for a in alphas]
     with contextlib.ExitStack() as stack, ThreadPoolExecutor(_WRITERS) as pool, _threads_beside_writers():
         tmps = [stack.enter_context(atomic_path(out, is_dir=True)) for out in outs]
         writers = [SafetensorsWriter(tmp / "model.safetensors", specs, {"format": "pt"}) for tmp in tmps]
@@ -246,7 +271,8 @@ def _stream(pair: Pair, method: Method, params: dict, alphas: list[float], outs:
             x = pair.inputs(name)  # read (and checked for NaN/Inf) even when every output is a copy
             for a, w in merged:
                 out = writes.buffer(shape) if method.takes_out else None
-                writes.submit(w.write, name, method.merge(x, a, params, out).to(dtype), holds=out)
+                merged_tensor = method.merge(x, resolved.alpha(name, a), params, out)
+                writes.submit(w.write, name, merged_tensor.to(dtype), holds=out)
         writes.finish()
         for f in copies:
             f.result()
@@ -274,16 +300,17 @@ class PairMerger:
         self.pair, self.allow_extrapolation = pair, allow_extrapolation
         names = [n for n in pair.text.names() if pair.text.specs[n][0].is_floating_point]
         self.inputs = {n: pair.inputs(n).to(device) for n in names}
-        self._resolved: dict[str, tuple[Method, dict]] = {}
+        self._resolved: dict[str, Resolved] = {}
 
     def merge_into(self, model: torch.nn.Module, method_name: str, alpha: float, params: dict | None = None) -> None:
         """Overwrite `model`'s weights with the merge at α (no allocation beyond one tensor)."""
         check_alphas([alpha], self.allow_extrapolation)
         key = json.dumps([method_name, params or {}], sort_keys=True)
         if key not in self._resolved:
-            self._resolved[key] = resolve(method_name, params or {}, self.pair, self.inputs.values())
-        method, full = self._resolved[key]
+            self._resolved[key] = resolve(method_name, params or {}, self.pair, self.inputs.values(),
+                                          allow_extrapolation=self.allow_extrapolation)
+        r = self._resolved[key]
         state = dict(model.named_parameters()) | dict(model.named_buffers())
         with torch.no_grad():
             for name, x in self.inputs.items():
-                state[name].data.copy_(method.merge(x, alpha, full))
+                state[name].data.copy_(r.method.merge(x, r.alpha(name, alpha), r.params))

@@ -3,7 +3,10 @@
 `vlmerge grams --run text --checkpoint CKPT` runs the checkpoint on `sweep.gram_batches`
 batches of its run's training data (the text twin on text, the multimodal twin on text and
 captions) and saves float64 sums beside it, in `regmean-grams.safetensors`, keyed by the
-linear layer's weight name; every α and γ reuses them.
+linear layer's weight name; every α and γ reuses them. The file records the settings that decide
+the sums (`gram_settings`); Grams of other settings are computed again, and a work item that merges
+with Grams names those settings in its identity, so a changed `sweep.gram_batches` never reuses
+stale statistics or stale scores.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
@@ -67,13 +71,27 @@ def compute_grams(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) 
     return grams, tokens
 
 
+def gram_settings(cfg: Config) -> dict[str, int]:
+    """What decides a checkpoint's Gram sums besides its weights and data: how many batches, of what
+    size, in which order."""
+    return {"batches": cfg.sweep.gram_batches, "micro_batch_size": cfg.train.micro_batch_size, "seed": cfg.train.seed}
+
+
+def saved_settings(path: Path) -> dict | None:
+    """The settings a Gram file was computed with (None: an older file that does not say)."""
+    with safe_open(path, "pt") as f:
+        saved = (f.metadata() or {}).get("settings")
+    return json.loads(saved) if saved else None
+
+
 def write_grams(cfg: Config, checkpoint: Path) -> Path:
-    """Compute and save the Gram matrices of one run checkpoint on compute.device (skipped if already
-    saved)."""
+    """Compute and save the Gram matrices of one run checkpoint on compute.device (skipped if saved
+    already with these settings; computed again over a file of other settings)."""
     from transformers import AutoModelForImageTextToText
 
     out = grams_file(checkpoint)
-    if out.is_file():
+    settings = gram_settings(cfg)
+    if out.is_file() and saved_settings(out) == settings:
         return out
     state_path = checkpoint / "trainer_state.json"
     if not state_path.is_file():
@@ -88,5 +106,6 @@ def write_grams(cfg: Config, checkpoint: Path) -> Path:
     grams, tokens = compute_grams(model, batches)
     with atomic_path(out) as tmp:
         save_file({k: v.cpu().contiguous() for k, v in grams.items()}, tmp,
-                  metadata={"run": run, "batches": str(cfg.sweep.gram_batches), "tokens": str(tokens)})
+                  metadata={"run": run, "batches": str(cfg.sweep.gram_batches), "tokens": str(tokens),
+                            "settings": json.dumps(settings, sort_keys=True)})
     return out

@@ -28,6 +28,7 @@ from vlmerge.errors import VlmergeError
 from vlmerge.io import fingerprint
 from vlmerge.merge.experts import is_expert_method
 from vlmerge.merge.methods import get_method
+from vlmerge.merge.schedule import SCHEDULE, check_schedule
 from vlmerge.layout import checkpoint_words, list_checkpoints
 
 
@@ -85,10 +86,16 @@ def method_grid(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
         first = {**spec.params, **{k: v[0] for k, v in spec.grid.items() if v}}
         if "alpha" in first:
             raise VlmergeError(f"sweep.methods: {spec.name}: α comes from sweep.alphas, not from params or grid")
-        get_method(spec.name).params(first)
+        method = get_method(spec.name)
+        method.params({k: v for k, v in first.items() if k != SCHEDULE})
         keys = list(spec.grid)
-        out += [(spec.name, {**spec.params, **dict(zip(keys, combo))})
-                for combo in itertools.product(*(spec.grid[k] for k in keys))]
+        for combo in itertools.product(*(spec.grid[k] for k in keys)):
+            params = {**spec.params, **dict(zip(keys, combo))}
+            if SCHEDULE in params:  # α per tensor (vlmerge.merge.schedule), for the twins' methods
+                if method.merges_experts:
+                    raise VlmergeError(f"sweep.methods: {spec.name}: a schedule is for the twins' methods")
+                check_schedule(params[SCHEDULE], cfg.sweep.allow_extrapolation)
+            out.append((spec.name, params))
     return out
 
 
@@ -115,6 +122,16 @@ def expert_seed(cfg: Config, runs: Checkpoints = None) -> Path:
     if not ckpts:
         raise VlmergeError(f"{cfg.layout.run_dir(run)}: no checkpoints; train the {run} run first")
     return ckpts[-1] if cfg.runs.seed_pretraining else ckpts[0]
+
+
+def item_salt(cfg: Config, salt: str, method: str) -> str:
+    """A work item's salt: the scoring's (`eval_salt`), and for a method that merges with Grams the
+    settings that decide them (a changed sweep.gram_batches makes new items, never stale scores)."""
+    if not get_method(method).needs_grams:
+        return salt
+    from vlmerge.merge.grams import gram_settings  # (its imports: data loading)
+
+    return fingerprint([salt, gram_settings(cfg)])
 
 
 def eval_salt(cfg: Config, tasks: list[str], data: Mapping[str, str] | None = None) -> str:
@@ -200,12 +217,13 @@ def plan(cfg: Config, best_text: dict[Path, Path] | None = None, runs: Checkpoin
                 if needs_base and not base:
                     raise VlmergeError(f"method {method} needs the text run's initial (step 0) checkpoint")
                 items.append(WorkItem(rel(text), rel(mm), method, json.dumps(params, sort_keys=True),
-                                      tuple(cfg.sweep.alphas), rel(base[0]) if needs_base else None, salt))
+                                      tuple(cfg.sweep.alphas), rel(base[0]) if needs_base else None,
+                                      item_salt(cfg, salt, method)))
     if experts:
         seed = rel(expert_seed(cfg, runs))
         for ckpt in run_checkpoints(cfg, EXPERT_RUN, runs):
             for method, params in experts:
                 alphas = tuple(cfg.sweep.alphas) if get_method(method).takes_alpha else ()
                 items.append(WorkItem(rel(ckpt), rel(ckpt), method, json.dumps(params, sort_keys=True), alphas,
-                                      seed, salt))
+                                      seed, item_salt(cfg, salt, method)))
     return items
