@@ -780,10 +780,11 @@ def test_a_task_recipe_overrides_the_common_one_for_that_task_only():
 def test_vqa_items_score_the_predicted_answers_soft_target_so_their_mean_is_the_vqa_score():
     from vlmerge.finetune.loop import Outcome
 
-    soft = np.array([[1.0, 0.3, 0.0], [0.0, 0.6, 0.9], [0.3, 0.0, 0.0]])
+    soft = np.array([[1.0, 0.3, 0.0], [0.0, 0.6, 0.9], [0.3, 0.0, 0.0]], dtype=np.float32)  # as soft_targets
     preds, labels = np.array([1, 2, 2]), np.array([0, 2, 0])
     scores = metrics.classification_metrics(("vqa_score",), labels, preds, soft)
     vqa = Outcome(scores, preds, labels, 0, 1, 0.0, soft)
-    assert vqa.item_scores().tolist() == [0.3, 0.9, 0.0]  # by hand: each row's target at its prediction
-    assert vqa.item_scores().mean() == pytest.approx(scores["vqa_score"])  # so the bootstrap reproduces it
+    assert vqa.item_scores() == pytest.approx([0.3, 0.9, 0.0])  # by hand: each row's target at its prediction
+    # their mean is the reported score to the last digit (the analysis draws intervals only then)
+    assert abs(vqa.item_scores().astype(np.float64).mean() - scores["vqa_score"]) < 1e-15
     assert Outcome({}, preds, labels, 0, 1, 0.0).item_scores().tolist() == [0.0, 1.0, 0.0]  # right or wrong

@@ -346,14 +346,14 @@ def test_a_layer_schedule_from_0_to_1_merges_each_layer_at_its_own_alpha(trio, t
     text, mm, _ = trio  # two layers: layer 0 at α = 0 (the multimodal model), layer 1 at α = 1 (the text model)
     assert main(["merge", "--text", str(text), "--mm", str(mm), "--alpha", "0.5", "--param", "schedule=[0, 1]",
                  "--out", str(tmp_path / "m")]) == 0
-    got = load_file(tmp_path / "m/alpha-0.50/model.safetensors")
+    got = load_file(tmp_path / "m/model.safetensors")
     t, m = load_file(text / "model.safetensors"), load_file(mm / "model.safetensors")
     layer0 = [k for k in got if ".layers.0." in k]
     layer1 = [k for k in got if ".layers.1." in k]
     assert layer0 and layer1
     assert all(torch.equal(got[k], m[k]) for k in layer0) and all(torch.equal(got[k], t[k]) for k in layer1)
     assert torch.equal(got["lm_head.weight"], m["lm_head.weight"])  # outside the layers: t = 0
-    record = json.loads((tmp_path / "m/alpha-0.50/merge.json").read_text())
+    record = json.loads((tmp_path / "m/merge.json").read_text())
     assert record["params"]["schedule"] == [{"filter": None, "value": [0, 1]}] and record["alpha"] == 0.5
     # the sweep's in-memory merger gives the same weights
     model = LlamaForCausalLM.from_pretrained(text)
@@ -389,9 +389,9 @@ def test_a_method_registered_in_a_test_file_runs_through_merge_and_the_sweep(toy
     text, mm, _ = trio
     assert main(["merge", "--text", str(text), "--mm", str(mm), "--method", "toy", "--param", "gain=0.5",
                  "--alpha", "0.5", "--out", str(tmp_path / "m")]) == 0
-    got, t, m = (load_file(p / "model.safetensors") for p in (tmp_path / "m/alpha-0.50", text, mm))
+    got, t, m = (load_file(p / "model.safetensors") for p in (tmp_path / "m", text, mm))
     assert all(torch.allclose(got[k], m[k] + 0.25 * (t[k] - m[k])) for k in got)
-    assert json.loads((tmp_path / "m/alpha-0.50/merge.json").read_text())["params"] == {"gain": 0.5}
+    assert json.loads((tmp_path / "m/merge.json").read_text())["params"] == {"gain": 0.5}
 
     root = tmp_path / "r"
     subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)

@@ -97,7 +97,7 @@ def merge_grid(cfg: Config, variant: str, k: int) -> list[tuple[str, dict[str, f
 
 def unit_items(cfg: Config, unit: Unit) -> list[WorkItem]:
     """The sweep work items of one unit (its runs trained): MAA scored as it is, or one setting's merges."""
-    from vlmerge.sweep.plan import WorkItem, eval_salt, expert_seed, item_salt, run_checkpoints, sweep_tasks
+    from vlmerge.sweep.plan import WorkItem, eval_salt, expert_seed, item_statistics, run_checkpoints, sweep_tasks
 
     run_cfg = items_config(cfg)
     salt = eval_salt(run_cfg, sweep_tasks(run_cfg))
@@ -110,8 +110,8 @@ def unit_items(cfg: Config, unit: Unit) -> list[WorkItem]:
         return [WorkItem(last, last, UNMERGED, "{}", (), None, salt, study_key(MAA_VARIANT))]
     sub = expert_config(cfg, *unit)
     last, seed = rel(run_checkpoints(sub, EXPERT_RUN)[-1]), rel(expert_seed(sub))
-    return [WorkItem(last, last, method, json.dumps(params, sort_keys=True), alphas, seed,
-                     item_salt(cfg, salt, method), study_key(*unit)) for method, params, alphas in merge_grid(cfg, *unit)]
+    return [WorkItem(last, last, method, json.dumps(params, sort_keys=True), alphas, seed, salt, study_key(*unit),
+                     item_statistics(cfg, method)) for method, params, alphas in merge_grid(cfg, *unit)]
 
 
 def unit_finetune_items(cfg: Config, unit: Unit, task: str) -> list[FinetuneItem]:

@@ -36,7 +36,8 @@ def mcc(labels: np.ndarray, preds: np.ndarray) -> float:
 def soft_score(soft: np.ndarray, preds: np.ndarray) -> float:
     """The mean soft target of the predicted labels: VQA's accuracy, where a label's target is its
     answer's score min(1, 0.3 · its count among the humans' answers) (ViLT's `get_score`)."""
-    return float(np.mean(soft[np.arange(len(preds)), preds]))
+    # in float64, as the items' scores are averaged (their mean then reproduces it to the last digit)
+    return float(np.mean(soft[np.arange(len(preds)), preds].astype(np.float64)))
 
 
 METRICS = {"accuracy": accuracy, "f1": f1, "mcc": mcc}

@@ -32,10 +32,10 @@ Value = float | str | list  # a number, ALPHA, or a gradient of those
 def check_schedule(spec: Any, allow_extrapolation: bool = False) -> list[dict[str, Any]]:
     """The schedule as a list of conditions {filter, value}, each value checked; a one-line error naming
     what is wrong otherwise."""
-    conditions = [{"value": spec}] if isinstance(spec, (int, float, str)) or (
-        isinstance(spec, list) and all(not isinstance(c, dict) for c in spec)) else spec
-    if not isinstance(conditions, list) or not conditions:
+    if isinstance(spec, bool) or not isinstance(spec, (list, int, float, str)) or spec == []:
         raise VlmergeError(f"schedule {spec!r}: expected a list of {{filter, value}} conditions or a gradient list")
+    gradient = isinstance(spec, list) and all(not isinstance(c, dict) for c in spec)
+    conditions = [{"value": spec}] if gradient or not isinstance(spec, list) else spec
     out = []
     for c in conditions:
         if not isinstance(c, dict) or "value" not in c or set(c) - {"filter", "value"}:

@@ -42,6 +42,7 @@ class WorkItem:
     base: str | None
     salt: str  # what else decides the scores: tasks, their data, the scoring settings
     study: str = ""  # the study key of the item's models (`vlmerge study`), recorded in their rows
+    statistics: str = ""  # the settings of the data statistics the method merges with (`item_statistics`)
 
     @property
     def item_id(self) -> str:
@@ -51,11 +52,13 @@ class WorkItem:
         return {"item_id": self.item_id, **dataclasses.asdict(self), "params": json.loads(self.params)}
 
 
+LATER_FIELDS = ("study", "statistics")  # fields added after the first items were named
+
+
 def identity(item: Any) -> dict[str, Any]:
-    """The fields that name a work item: all of them, less an empty study key (so that a sweep's
-    items keep the ids they had before studies recorded one, and its finished work stays found)."""
-    fields = dataclasses.asdict(item)
-    return fields if fields["study"] else {k: v for k, v in fields.items() if k != "study"}
+    """The fields that name a work item: all of them, less the later fields left empty (so that the
+    items that do not use them keep the ids they had before, and their finished work stays found)."""
+    return {k: v for k, v in dataclasses.asdict(item).items() if not (k in LATER_FIELDS and v == "")}
 
 
 def array_layout(n_items: int, max_size: int) -> tuple[int, int]:
@@ -124,14 +127,14 @@ def expert_seed(cfg: Config, runs: Checkpoints = None) -> Path:
     return ckpts[-1] if cfg.runs.seed_pretraining else ckpts[0]
 
 
-def item_salt(cfg: Config, salt: str, method: str) -> str:
-    """A work item's salt: the scoring's (`eval_salt`), and for a method that merges with Grams the
-    settings that decide them (a changed sweep.gram_batches makes new items, never stale scores)."""
+def item_statistics(cfg: Config, method: str) -> str:
+    """A work item's `statistics`: for a method that merges with Grams, the settings that decide them
+    (a changed sweep.gram_batches makes new items, never stale scores); empty otherwise."""
     if not get_method(method).needs_grams:
-        return salt
+        return ""
     from vlmerge.merge.grams import gram_settings  # (its imports: data loading)
 
-    return fingerprint([salt, gram_settings(cfg)])
+    return json.dumps({"grams": gram_settings(cfg)}, sort_keys=True)
 
 
 def eval_salt(cfg: Config, tasks: list[str], data: Mapping[str, str] | None = None) -> str:
@@ -217,13 +220,13 @@ def plan(cfg: Config, best_text: dict[Path, Path] | None = None, runs: Checkpoin
                 if needs_base and not base:
                     raise VlmergeError(f"method {method} needs the text run's initial (step 0) checkpoint")
                 items.append(WorkItem(rel(text), rel(mm), method, json.dumps(params, sort_keys=True),
-                                      tuple(cfg.sweep.alphas), rel(base[0]) if needs_base else None,
-                                      item_salt(cfg, salt, method)))
+                                      tuple(cfg.sweep.alphas), rel(base[0]) if needs_base else None, salt,
+                                      statistics=item_statistics(cfg, method)))
     if experts:
         seed = rel(expert_seed(cfg, runs))
         for ckpt in run_checkpoints(cfg, EXPERT_RUN, runs):
             for method, params in experts:
                 alphas = tuple(cfg.sweep.alphas) if get_method(method).takes_alpha else ()
                 items.append(WorkItem(rel(ckpt), rel(ckpt), method, json.dumps(params, sort_keys=True), alphas,
-                                      seed, item_salt(cfg, salt, method)))
+                                      seed, salt, statistics=item_statistics(cfg, method)))
     return items
