@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from vlmerge.sweep.finetune import FinetuneItem
     from vlmerge.sweep.plan import WorkItem
 
+FINETUNE_OWNER = "study.finetune"  # the setting that names the study's fine-tuning tasks (in errors, reports)
 Setting = tuple[str, int]  # (variant, K_seed) of an expert run
 Unit = Setting | None  # the models of one expert setting, or (None) MAA
 
@@ -130,17 +131,12 @@ def unit_finetune_items(cfg: Config, unit: Unit, task: str) -> list[FinetuneItem
 
 def check_finetune_tasks(cfg: Config) -> None:
     """Every task of study.finetune has data and at least one training batch (before any training)."""
-    from vlmerge.finetune.run import recipe
-    from vlmerge.finetune.tasks import get_task, read_task
-    from vlmerge.problems import ProblemLog
+    from vlmerge.finetune.run import read_config_task, recipe
+    from vlmerge.finetune.tasks import get_task
 
     for name in cfg.study.finetune:
-        if name not in cfg.finetune.tasks:
-            raise VlmergeError(f"study.finetune: {name!r} has no folder in finetune.tasks")
-        task = get_task(name)
-        problems = ProblemLog()
-        train = read_task(task, Path(cfg.finetune.tasks[name]), problems, cfg.finetune)["train"]
-        batch = recipe(cfg.finetune, task).batch_size
+        train = read_config_task(cfg, name, FINETUNE_OWNER)["train"]
+        batch = recipe(cfg.finetune, get_task(name)).batch_size
         if len(train) < batch:
             raise VlmergeError(f"study.finetune: {name} has {len(train)} training examples, fewer than one batch of {batch}")
 
@@ -172,11 +168,11 @@ def training_tasks(cfg: Config) -> list[int | None]:
 def prepare_study(cfg: Config, *, progress: bool = False) -> None:
     """The world's data stages, the fine-tuning tasks' check, and every sub-experiment's links to the
     tokenizer and corpus (made here, once, so that array tasks never race to make them)."""
+    from vlmerge.finetune.run import task_folder
     from vlmerge.pipeline import run_data_stages
 
-    unknown = [t for t in cfg.study.finetune if t not in cfg.finetune.tasks]
-    if unknown:  # before the data stages too
-        raise VlmergeError(f"study.finetune: {unknown[0]!r} has no folder in finetune.tasks")
+    for name in cfg.study.finetune:  # a task without data fails before the data stages
+        task_folder(cfg, name, FINETUNE_OWNER)
     run_data_stages(cfg, progress=progress)
     check_finetune_tasks(cfg)
     seeds = [("all", k) for k in training_tasks(cfg)[1:]]  # where each seed run is trained
@@ -216,15 +212,12 @@ def run_items_task(cfg: Config, index: int, *, progress: bool = False) -> None:
 
 def run_finetune_task(cfg: Config, index: int, *, progress: bool = False) -> None:
     """Fine-tuning task `index`: one unit's models on one task of study.finetune, each unless done."""
-    from vlmerge.finetune.tasks import get_task, read_task
-    from vlmerge.problems import ProblemLog
+    from vlmerge.finetune.run import read_config_task
     from vlmerge.sweep.finetune import run_item
 
     tasks = cfg.study.finetune
     unit, name = units(cfg)[index // len(tasks)], tasks[index % len(tasks)]
-    problems = ProblemLog()
-    splits = read_task(get_task(name), Path(cfg.finetune.tasks[name]), problems, cfg.finetune)
-    problems.report(f"study finetune {name}")
+    splits = read_config_task(cfg, name, FINETUNE_OWNER)
     for item in unit_finetune_items(cfg, unit, name):
         run_item(cfg, item, splits=splits, progress=progress)
 

@@ -43,6 +43,21 @@ def recipe(fc: FinetuneConfig, task: FinetuneTask) -> Recipe:
     return dataclasses.replace(common, **own.model_dump(exclude_none=True)) if own else common
 
 
+def task_folder(cfg: Config, name: str, owner: str) -> Path:
+    """The folder of task `name` in finetune.tasks (`owner`: the setting that names the task, for the error)."""
+    if name not in cfg.finetune.tasks:
+        raise VlmergeError(f"{owner}: {name!r} has no folder in finetune.tasks")
+    return Path(cfg.finetune.tasks[name])
+
+
+def read_config_task(cfg: Config, name: str, owner: str) -> dict[str, list[Example]]:
+    """The splits of task `name` from its folder in finetune.tasks, its per-line problems reported."""
+    problems = ProblemLog()
+    splits = read_task(get_task(name), task_folder(cfg, name, owner), problems, cfg.finetune)
+    problems.report(f"{owner} {name}")
+    return splits
+
+
 def task_specs(cfg: Config, given: Sequence[str]) -> list[tuple[FinetuneTask, Path]]:
     """`NAME` (folder from finetune.tasks) or `NAME=FOLDER`; none given: every task of finetune.tasks."""
     return [(get_task(name), folder) for name, folder in task_paths(given, cfg.finetune.tasks, "finetune.tasks")]

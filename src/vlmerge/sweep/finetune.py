@@ -22,14 +22,13 @@ from vlmerge.config import Config, FinetuneSpec
 from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.run import load_model, load_tokenizer
-from vlmerge.finetune.run import finetune_model, outcome_rows
-from vlmerge.finetune.tasks import get_task, read_task
+from vlmerge.finetune.run import finetune_model, outcome_rows, read_config_task
+from vlmerge.finetune.tasks import get_task
 from vlmerge.io import fingerprint
 from vlmerge.layout import checkpoint_words, result_files
 from vlmerge.merge.core import Pair, PairMerger
 from vlmerge.merge.experts import ExpertMerger, expert_method, is_expert_method
 from vlmerge.merge.grams import write_grams
-from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, UNMERGED, ModelKey, checkpoint_run, write_rows
 from vlmerge.sweep.plan import WorkItem, identity
 from vlmerge.sweep.run import finished, items_path, metrics_path
@@ -161,9 +160,7 @@ def run_item(cfg: Config, item: FinetuneItem, *, splits: dict | None = None, pro
         return False
     task = get_task(item.task)
     if splits is None:
-        problems = ProblemLog()
-        splits = read_task(task, Path(cfg.finetune.tasks[item.task]), problems, cfg.finetune)
-        problems.report(f"finetune {item.task}")
+        splits = read_config_task(cfg, item.task, "finetune")
     model, tokenizer, key = model_of(cfg, item, resolve_device(cfg.compute.device))
     outcome = finetune_model(cfg, model, tokenizer, task, splits, progress=progress)
     rows, items = outcome_rows(key, task, outcome, item_id=item.item_id, config_hash=cfg.hash(), job_id=job_id)
