@@ -42,6 +42,18 @@ def test_registry_lists_every_method():
         get_method("ties").params({"densty": 0.3})
 
 
+@pytest.mark.parametrize("method, params, message", [
+    ("ties", {"density": 1.5}, "method ties: parameter density=1.5: expected a value in \\[0, 1\\]"),
+    ("ties", {"scope": "layer"}, "method ties: parameter scope='layer': expected one of 'tensor', 'model'"),
+    ("dare", {"p": 1}, "method dare: parameter p=1: expected a value in \\[0, 0.99\\]"),
+    ("regmean", {"gamma": "high"}, "method regmean: parameter gamma='high': expected a number"),
+])
+def test_a_parameter_out_of_its_declared_range_is_refused_by_name(method, params, message):
+    with pytest.raises(VlmergeError, match=message):
+        get_method(method).params(params)
+    assert get_method("ties").params({"density": 1}) == {"density": 1, "lam": 1.0, "scope": "tensor"}
+
+
 def test_a_name_registered_twice_is_refused():
     with pytest.raises(ValueError, match="merge method 'linear' is registered twice"):
         METHODS.add("linear", get_method("linear"))

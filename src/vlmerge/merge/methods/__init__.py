@@ -12,6 +12,9 @@ Methods that work on task vectors (θ − θ₀) need `base`: the twins' shared 
 third model, for three-way merges), the seed weights W_seed of an expert model. A method with
 `takes_alpha=False` has no α (it is called with None); data-based methods need the Gram matrices
 of each input's linear layers (`needs_grams`).
+
+A parameter is declared with its default, `p=0.5`, or with its range too, `p=Param(0.5, 0, 1)`:
+a value outside it is refused with the parameter's name before any work.
 """
 
 from __future__ import annotations
@@ -29,6 +32,37 @@ from vlmerge.modelkey import MM_ALPHA, TEXT_ALPHA
 
 
 TWINS, EXPERTS = "twins", "experts"  # what a method merges (Method.inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """A declared parameter: its default, and the closed range [low, high] or the choices it may take."""
+
+    default: Any
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+
+    def problem(self, value: Any) -> str | None:
+        """Why `value` is not allowed, or None."""
+        if self.choices is not None:
+            return None if value in self.choices else f"expected one of {', '.join(map(repr, self.choices))}"
+        if self.low is None and self.high is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return "expected a number"
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            low = "-inf" if self.low is None else f"{self.low:g}"
+            high = "inf" if self.high is None else f"{self.high:g}"
+            return f"expected a value in [{low}, {high}]"
+        return None
+
+    def describe(self) -> str:
+        if self.choices is not None:
+            return "|".join(map(str, self.choices))
+        if self.low is None and self.high is None:
+            return ""
+        return f"[{'-inf' if self.low is None else f'{self.low:g}'}, {'inf' if self.high is None else f'{self.high:g}'}]"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +108,7 @@ class Method:
 
     name: str
     fn: Callable[..., torch.Tensor]  # fn(inputs: TensorInputs, alpha: float | None, **params) -> tensor
-    defaults: dict[str, Any]
+    declared: dict[str, Param]
     inputs: str = TWINS  # TWINS or EXPERTS
     takes_alpha: bool = True
     needs_base: bool = False
@@ -91,6 +125,10 @@ class Method:
         """Whether fn can write into a given float32 buffer (`out=`): the streamed merge then
         reuses a few buffers instead of allocating every output afresh."""
         return "out" in inspect.signature(self.fn).parameters
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return {k: p.default for k, p in self.declared.items()}
 
     @property
     def merges_experts(self) -> bool:
@@ -113,8 +151,13 @@ class Method:
         return self.fn(x, alpha, **params)
 
     def params(self, given: dict[str, Any]) -> dict[str, Any]:
-        """The method's defaults overridden by `given`; an unknown parameter is an error."""
-        return with_defaults(f"method {self.name}", self.defaults, given)
+        """The method's defaults overridden by `given`; an unknown parameter or one out of its range is an error."""
+        full = with_defaults(f"method {self.name}", self.defaults, given)
+        for key, value in given.items():
+            problem = self.declared[key].problem(value)
+            if problem:
+                raise VlmergeError(f"method {self.name}: parameter {key}={value!r}: {problem}")
+        return full
 
 
 def endpoint(alpha: float, params: dict[str, Any]) -> str | None:
@@ -128,13 +171,14 @@ get_method = METHODS.lookup
 
 def register(name: str, *, inputs: str = TWINS, takes_alpha: bool = True, needs_base: bool = False,
              needs_grams: bool = False, prepare: Callable[..., dict[str, Any]] | None = None,
-             same_as: Callable[[float, dict[str, Any]], str | None] | None = None, **defaults: Any):
-    """Decorator: make `fn` the merge method `name`, with these parameter defaults."""
+             same_as: Callable[[float, dict[str, Any]], str | None] | None = None, **params: Any):
+    """Decorator: make `fn` the merge method `name`, with these parameters (a default, or a `Param`)."""
     if inputs not in (TWINS, EXPERTS):
         raise ValueError(f"merge method {name}: inputs must be {TWINS!r} or {EXPERTS!r}, not {inputs!r}")
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        METHODS.add(name, Method(name, fn, defaults, inputs, takes_alpha, needs_base, needs_grams, prepare, same_as))
+        declared = {k: v if isinstance(v, Param) else Param(v) for k, v in params.items()}
+        METHODS.add(name, Method(name, fn, declared, inputs, takes_alpha, needs_base, needs_grams, prepare, same_as))
         return fn
 
     return wrap

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import torch
 
-from vlmerge.merge.methods import EXPERTS, TensorInputs, register
+from vlmerge.merge.methods import EXPERTS, Param, TensorInputs, register
 from vlmerge.merge.methods.regmean import regmean_weight
 from vlmerge.model import CROSS, LANGUAGE, VISION
 
@@ -40,7 +40,7 @@ def arithmetic(x: TensorInputs, alpha: None, lam: float) -> torch.Tensor:
     return x.base + lam * sum(w - x.base for w in x.models.values())
 
 
-@register("experts_regmean", inputs=EXPERTS, needs_grams=True, gamma=0.9)
+@register("experts_regmean", inputs=EXPERTS, needs_grams=True, gamma=Param(0.9, 0, 1))
 def regmean(x: TensorInputs, alpha: float, gamma: float) -> torch.Tensor:
     """RegMean over the experts of one linear layer, each weighted as in interpolation; a tensor
     without Grams (norms) interpolated."""

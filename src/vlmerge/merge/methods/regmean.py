@@ -8,7 +8,7 @@ Gram matrices (embeddings, norms, biases) are averaged linearly.
 
 import torch
 
-from vlmerge.merge.methods import TensorInputs, endpoint, register
+from vlmerge.merge.methods import Param, TensorInputs, endpoint, register
 
 
 def scaled_gram(gram: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -29,7 +29,7 @@ def regmean_weight(weights: list[torch.Tensor], grams: list[torch.Tensor], coefs
 
 
 # At α = 1 and 0 one model has all the weight: RegMean's solution is that model's weights.
-@register("regmean", needs_grams=True, same_as=endpoint, gamma=0.9)
+@register("regmean", needs_grams=True, same_as=endpoint, gamma=Param(0.9, 0, 1))
 def regmean(x: TensorInputs, alpha: float, gamma: float) -> torch.Tensor:
     if x.grams is None:
         return torch.lerp(x.mm, x.text, alpha)

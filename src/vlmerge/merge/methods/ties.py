@@ -6,8 +6,7 @@ from collections.abc import Iterable
 
 import torch
 
-from vlmerge.errors import VlmergeError
-from vlmerge.merge.methods import TensorInputs, register
+from vlmerge.merge.methods import Param, TensorInputs, register
 
 
 def magnitude_threshold(values: torch.Tensor, density: float) -> float:
@@ -37,14 +36,13 @@ def whole_model_thresholds(inputs: Iterable[TensorInputs], params: dict) -> dict
     """With scope=model, one magnitude threshold per task vector over all tensors."""
     if params["scope"] == "tensor":
         return {}
-    if params["scope"] != "model":
-        raise VlmergeError(f"method ties: scope must be 'tensor' or 'model', not {params['scope']!r}")
     text, mm = zip(*(x.task_vectors() for x in inputs))
     flat = [torch.cat([t.float().flatten() for t in side]) for side in (text, mm)]
     return {"thresholds": tuple(magnitude_threshold(f, params["density"]) for f in flat)}
 
 
-@register("ties", needs_base=True, prepare=whole_model_thresholds, density=0.2, lam=1.0, scope="tensor")
+@register("ties", needs_base=True, prepare=whole_model_thresholds, density=Param(0.2, 0, 1), lam=1.0,
+          scope=Param("tensor", choices=("tensor", "model")))
 def ties(x: TensorInputs, alpha: float, density: float, lam: float, scope: str,
          thresholds: tuple[float, float] | None = None) -> torch.Tensor:
     tau_text, tau_mm = x.task_vectors()
