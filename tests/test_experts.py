@@ -140,7 +140,7 @@ def test_an_expert_checkpoint_round_trips_through_from_pretrained(tmp_path):
 
 from vlmerge.cli import main  # noqa: E402
 from vlmerge.merge.experts import merge_experts  # noqa: E402
-from vlmerge.merge.grams import compute_grams  # noqa: E402
+from vlmerge.merge.statistics.grams import compute_grams  # noqa: E402
 from vlmerge.merge.io import ModelDir  # noqa: E402
 from vlmerge.merge.methods import EXPERTS, METHODS, TensorInputs, get_method  # noqa: E402
 from vlmerge.model import expert_param_name  # noqa: E402
@@ -151,7 +151,7 @@ T = torch.tensor
 def expert_merge(method: str, alpha, weights, base=None, grams=None, **params) -> torch.Tensor:
     """One tensor merged by the expert method `experts_<method>`, as the merger calls it."""
     m = get_method("experts_" + method)
-    return m.merge(TensorInputs("w", weights, base, grams), alpha, m.params(params))
+    return m.merge(TensorInputs("w", weights, base, {} if grams is None else {"grams": grams}), alpha, m.params(params))
 
 
 def test_the_expert_methods_are_ordinary_methods_of_the_registry():
@@ -161,7 +161,7 @@ def test_the_expert_methods_are_ordinary_methods_of_the_registry():
     assert set(experts) == {"experts_interpolation", "experts_arithmetic", "experts_regmean"}
     assert all(name.startswith(EXPERT_METHOD_PREFIX) for name in experts)  # how the analysis tells them apart
     assert not experts["experts_arithmetic"].takes_alpha and experts["experts_arithmetic"].needs_base
-    assert experts["experts_regmean"].needs_grams and experts["experts_regmean"].defaults == {"gamma": 0.9}
+    assert experts["experts_regmean"].statistics == ("grams",) and experts["experts_regmean"].defaults == {"gamma": 0.9}
 
 
 def test_interpolation_and_the_two_thirds_rule_by_hand():
@@ -223,10 +223,10 @@ def expert_checkpoint(tmp_path):
         model.save_pretrained(tmp_path / "experts")
     from safetensors.torch import save_file
 
-    from vlmerge.layout import grams_file
+    from vlmerge.layout import statistics_file
 
     grams, _ = compute_grams(model, [batch(1), batch(2)])
-    save_file(grams, grams_file(tmp_path / "experts"))
+    save_file(grams, statistics_file(tmp_path / "experts", "grams"))
     return tmp_path / "experts", tmp_path / "seed", model
 
 
@@ -243,7 +243,7 @@ def test_merge_experts_writes_a_plain_checkpoint_by_each_rule(expert_checkpoint,
         merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
     assert type(merged) is PooledLlavaForConditionalGeneration  # today's architecture, for eval and sweep
     state, experts, seeds = merged.state_dict(), model.state_dict(), ModelDir(seed)
-    grams = ModelDir(ckpt).path / "regmean-grams.safetensors"
+    grams = ModelDir(ckpt).path / "statistics-grams.safetensors"
     from safetensors.torch import load_file
 
     grams = load_file(grams)
@@ -311,9 +311,9 @@ def test_seed_then_experts_then_merge_then_eval_on_the_demo_world(fresh_root, tm
     moved = [n for n in last if expert_param(n)[1] and not torch.equal(last[n], first[n])]
     assert {expert_param(n)[1] for n in moved} == {"vision", "language", "cross"}  # every expert learnt
 
-    r = vlmerge_cli("grams", "--quiet", "--checkpoint", str(experts[-1]), *common)
+    r = vlmerge_cli("statistics", "--quiet", "--statistic", "grams", "--checkpoint", str(experts[-1]), *common)
     assert r.returncode == 0, r.stderr
-    grams = load_file(experts[-1] / "regmean-grams.safetensors")
+    grams = load_file(experts[-1] / "statistics-grams.safetensors")
     assert any(".experts.cross." in k for k in grams) and any(".experts.vision." in k for k in grams)
     # Each method's maths is checked above; here the phases' files and labels carry through:
     # two merges in this process, the one that reads the Gram files from the command line, which

@@ -20,8 +20,8 @@ from vlmerge.errors import VlmergeError
 from vlmerge.evaluate import babylm_submission as sub
 from vlmerge.hf import quiet_transformers
 from vlmerge.io import write_json
-from vlmerge.layout import (GRAMS_FILE, babylm_export_source, babylm_revision, babylm_revision_words, checkpoint_dir,
-                            list_checkpoints)
+from vlmerge.layout import (babylm_export_source, babylm_revision, babylm_revision_words, checkpoint_dir,
+                            list_checkpoints, statistics_file)
 from vlmerge.model import PooledLlavaConfig, export_text, init_model
 
 M = 1_000_000
@@ -68,7 +68,8 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     with quiet_transformers():
         init_model(config, seed=0).save_pretrained(folder)
     (folder / "tokenizer_config.json").write_text("{}")
-    (folder / GRAMS_FILE).write_bytes(b"not part of the model")
+    for statistic in ("grams", "fisher"):
+        statistics_file(folder, statistic).write_bytes(b"not part of the model")
     return folder
 
 
@@ -106,7 +107,8 @@ def test_export_writes_each_revision_and_main_as_a_model_folder(run_dir, tmp_pat
         assert json.loads((folder / "trainer_state.json").read_text())["words_seen"] == words
         assert json.loads(babylm_export_source(folder).read_text()) == {
             "experiment": "demo", "run": "text", "words": words, "text_only": False}
-        assert not (folder / GRAMS_FILE).exists() and (folder / "tokenizer_config.json").is_file()
+        assert not any(statistics_file(folder, s).exists() for s in ("grams", "fisher"))
+        assert (folder / "tokenizer_config.json").is_file()
         # the weights are the checkpoint's own file (a hard link on one file system), the rest copies
         assert os.stat(folder / "model.safetensors").st_ino == os.stat(ckpt / "model.safetensors").st_ino
         assert os.stat(folder / "config.json").st_ino != os.stat(ckpt / "config.json").st_ino

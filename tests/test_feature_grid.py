@@ -16,7 +16,7 @@ from vlmerge.data import FeatureTable, Piece, run_data
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.evaluate.tasks import Request
-from vlmerge.merge.grams import compute_grams
+from vlmerge.merge.statistics.grams import compute_grams
 from vlmerge.model import Routed, build_config, init_model
 from vlmerge.precompute.encoder import grid_pool, pool
 from vlmerge.precompute.features import precompute
@@ -229,7 +229,7 @@ def test_train_and_evaluate_on_a_grid_store(grid_root, tmp_path):
     r = vlmerge_cli("eval", "--quiet", "--model", str(last), "--task", "winoground", "--out", str(tmp_path / "e"),
                     *common)
     assert r.returncode == 0, r.stderr
-    r = vlmerge_cli("grams", "--quiet", "--checkpoint", str(last), *common)  # RegMean reads the grid batches too
+    r = vlmerge_cli("statistics", "--quiet", "--statistic", "grams", "--checkpoint", str(last), *common)  # RegMean reads the grid batches too
     assert r.returncode == 0, r.stderr
     rows = pd.read_parquet(tmp_path / "e" / "results.parquet")
     assert rows[rows.metric == "unpaired_accuracy"].value.between(0, 1).all()

@@ -56,7 +56,7 @@ def test_merging_in_place_on_the_gpu_equals_the_cpu_merge(method, params):
     g = torch.Generator().manual_seed(0)
     xs = torch.randn(64, 16, generator=g, dtype=torch.float64)
     inputs = TensorInputs.twins("layers.0.w", *(torch.randn(8, 16, generator=g) for _ in range(3)),
-                                grams=(xs.T @ xs, 2 * xs.T @ xs))
+                                statistics={"grams": (xs.T @ xs, 2 * xs.T @ xs)})
 
     class OnePair:  # what `resolve` reads of a Pair
         base = True
@@ -91,9 +91,9 @@ def test_grams_and_distances_on_the_gpu_equal_the_cpus(twins, tmp_path):
     from safetensors.torch import load_file
 
     from vlmerge.config import load_config
-    from vlmerge.layout import grams_file, list_checkpoints
+    from vlmerge.layout import list_checkpoints, statistics_file
     from vlmerge.merge.distance import distances
-    from vlmerge.merge.grams import write_grams
+    from vlmerge.merge.statistics import write_statistics
     from vlmerge.merge.io import ModelDir
 
     grams = {}
@@ -102,8 +102,8 @@ def test_grams_and_distances_on_the_gpu_equal_the_cpus(twins, tmp_path):
         subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
         cfg = load_config(None, [f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, f"compute.device={device}"])
         ckpt = list_checkpoints(cfg.layout.run_dir("text"))[-1]
-        grams[device] = load_file(write_grams(cfg, ckpt))
-        assert grams_file(ckpt).is_file()
+        write_statistics(cfg, ckpt, ["grams"])
+        grams[device] = load_file(statistics_file(ckpt, "grams"))
     for name, g in grams["cpu"].items():
         torch.testing.assert_close(grams["cuda"][name], g, rtol=1e-6, atol=1e-6)
     text, mm = (ModelDir(list_checkpoints(twins / f"runs/demo/{run}")[-1]) for run in ("text", "multimodal"))

@@ -18,7 +18,8 @@ from conftest import REPO
 SOURCES = {REPO / "src" / "vlmerge": "vlmerge", REPO / "precompute": "vlmerge.precompute",
            REPO / "analysis": "vlmerge.analysis"}
 SOURCES_ROOT = REPO / "src" / "vlmerge"
-CORE = {"config", "layout", "modelkey", "io", "errors", "results", "registry", "problems", "hf", "configs", "device"}
+CORE = {"config", "layout", "modelkey", "io", "errors", "results", "registry", "problems", "hf", "configs", "device",
+        "predict"}
 ORCHESTRATION = {"sweep", "launch", "pipeline", "study", "cli"}
 STAGES = {"precompute", "data", "model", "train", "merge", "evaluate", "finetune", "demo"}
 
@@ -101,7 +102,7 @@ def test_analysis_never_imports_torch():
 # On-disk names that only vlmerge/layout.py may spell: a string literal with one of them elsewhere
 # in the code is a second owner of the layout (docstrings and --help texts may mention them).
 NAME_PATTERNS = [r"(?<!\w)(words|step|alpha|endpoint|compact)-($|\d|\*)", r"-of-", r"\.shards", r"\.config\.yaml$",
-                 r"metrics\.jsonl", r"best_text\.json", r"regmean-grams", r"\.(parquet|h5)$", r"^(metrics|items|distances)/"]
+                 r"metrics\.jsonl", r"best_text\.json", r"statistics-", r"\.(parquet|h5)$", r"^(metrics|items|distances)/"]
 FOLDERS = {"metrics", "items", "distances", "checkpoints", "deepspeed", "runs", "results", "reports", "logs", "features",
            "tokenizer", "corpus"}
 

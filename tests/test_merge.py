@@ -15,7 +15,7 @@ from vlmerge.errors import VlmergeError
 from vlmerge.hf import quiet_transformers
 from vlmerge.merge.core import Pair, PairMerger, merge_to_disk
 from vlmerge.merge.distance import cosine, distances, l2, scopes_of, ssd, tssd
-from vlmerge.merge.grams import compute_grams
+from vlmerge.merge.statistics.grams import compute_grams
 from vlmerge.merge.io import ModelDir, SafetensorsWriter
 from vlmerge.merge.methods import METHODS, TensorInputs, get_method
 from vlmerge.merge.methods.regmean import regmean_weight
@@ -26,7 +26,7 @@ T = torch.tensor
 def run(method: str, text, mm, alpha: float, base=None, grams=None, **params) -> torch.Tensor:
     m = get_method(method)
     x = TensorInputs.twins("w", T(text, dtype=torch.float32), T(mm, dtype=torch.float32),
-                           None if base is None else T(base, dtype=torch.float32), grams)
+                           None if base is None else T(base, dtype=torch.float32), grams and {"grams": grams})
     full = m.params(params)
     if m.prepare:
         full |= m.prepare([x], full)
@@ -34,7 +34,7 @@ def run(method: str, text, mm, alpha: float, base=None, grams=None, **params) ->
 
 
 def test_registry_lists_every_method():
-    assert {n for n, m in METHODS.items() if m.inputs == "twins"} == {"linear", "task_arithmetic", "regmean", "ties",
+    assert {n for n, m in METHODS.items() if m.inputs == "twins"} == {"linear", "task_arithmetic", "regmean", "ties", "fisher",
                                                                        "dare", "slerp"}
     with pytest.raises(VlmergeError, match="unknown merge method 'avg' \\(known: dare, experts_arithmetic"):
         get_method("avg")
@@ -69,7 +69,7 @@ def _endpoint_inputs(seed: int) -> TensorInputs:
     w = {k: torch.randn(6, 4, generator=g) for k in ("text", "mm", "base")}
     w["mm"][0, 0] = -0.0  # a lerp at α = 0 would turn it into +0.0
     xs = torch.randn(32, 4, generator=g, dtype=torch.float64)
-    return TensorInputs.twins("w", w["text"], w["mm"], w["base"], grams=(xs.T @ xs, 2 * xs.T @ xs))
+    return TensorInputs.twins("w", w["text"], w["mm"], w["base"], {"grams": (xs.T @ xs, 2 * xs.T @ xs)})
 
 
 @pytest.mark.parametrize("method, params", [("linear", {}), ("slerp", {}), ("regmean", {"gamma": 0.5}),
@@ -414,3 +414,95 @@ def test_a_method_registered_in_a_test_file_runs_through_merge_and_the_sweep(toy
     assert run_items(cfg, items[:1]) == 1
     rows = read_results(root / "results/demo")
     assert set(rows[rows.method != "none"].method) == {"toy"} and set(rows.alpha.dropna()) >= {0.5}
+
+
+# -- data statistics (merge/statistics/) and Fisher merging ---------------------------------------
+
+def test_fisher_merge_weights_each_entry_by_alpha_and_each_twins_fisher_by_hand():
+    text, mm = torch.tensor([1.0, 2.0, 5.0]), torch.tensor([3.0, 4.0, 7.0])
+    f_text, f_mm = torch.tensor([3.0, 0.0, 1.0], dtype=torch.float64), torch.tensor([1.0, 1.0, 1.0], dtype=torch.float64)
+    x = TensorInputs.twins("w", text, mm, statistics={"fisher": (f_text, f_mm)})
+    m = get_method("fisher")
+    raw = m.merge(x, 0.5, m.params({"normalize": False, "floor": 1e-12}))
+    # entry 0: (½·3·1 + ½·1·3)/(½·3 + ½·1) = 1.5; entry 1: the text twin has no Fisher there → θ_mm;
+    # entry 2: equal Fishers → the plain mean
+    torch.testing.assert_close(raw, torch.tensor([1.5, 4.0, 6.0]), rtol=0, atol=1e-6)
+    full = m.params({})
+    full |= m.prepare([x], full)  # each twin's Fisher scaled by its norm over the model: √10 and √3
+    assert full["norms"] == pytest.approx({"text": 10 ** 0.5, "mm": 3 ** 0.5})
+    a, b = 3 / 10 ** 0.5 + 1e-6, 1 / 3 ** 0.5 + 1e-6
+    torch.testing.assert_close(m.merge(x, 0.5, full)[0], torch.tensor((a * 1 + b * 3) / (a + b)), rtol=0, atol=1e-6)
+    assert m.merge(x, 1.0, full) is text and m.merge(x, 0.0, full) is mm  # the endpoints are the twins
+    plain = TensorInputs.twins("norm", text, mm)  # a tensor without a Fisher: interpolated
+    torch.testing.assert_close(m.merge(plain, 0.25, full), torch.lerp(mm, text, 0.25))
+
+
+class TinyLM(torch.nn.Module):
+    """input_ids → logits, with a causal LM's loss (the mean over the shifted, non -100 labels)."""
+
+    def __init__(self, vocab: int = 7, dim: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Embedding(vocab, dim), torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask, labels):
+        import types
+
+        logits = self.head(torch.tanh(self.embed(input_ids)))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        return types.SimpleNamespace(loss=loss, logits=logits)
+
+
+def test_fisher_is_the_mean_over_sequences_of_the_squared_gradient_of_each_ones_log_likelihood():
+    from vlmerge.merge.statistics.fisher import compute_fisher
+
+    model = TinyLM()
+    ids = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 0], [2, 2, 2, 0]])
+    mask = (ids != 0).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, 0] = -100  # a context position, as the image tokens are
+    batches = [{"input_ids": ids[:2], "attention_mask": mask[:2], "labels": labels[:2]},
+               {"input_ids": ids[2:], "attention_mask": mask[2:], "labels": labels[2:]}]
+    fisher, tokens = compute_fisher(model, batches)
+    expected = {n: torch.zeros_like(p, dtype=torch.float64) for n, p in model.named_parameters()}
+    for seq, keep in zip(ids, mask):  # one sequence at a time: Σ_t log p(x_t | x_<t) over its real tokens
+        seq = seq[keep.bool()]
+        logp = torch.log_softmax(model.head(torch.tanh(model.embed(seq))), -1)
+        loglik = sum(logp[t - 1, seq[t]] for t in range(1, len(seq)))
+        grads = torch.autograd.grad(loglik, list(model.parameters()))
+        for (n, _), g in zip(model.named_parameters(), grads):
+            expected[n] += g.double().square() / len(ids)
+    assert tokens == int(mask.sum()) and set(fisher) == set(expected)
+    for n in expected:
+        torch.testing.assert_close(fisher[n], expected[n], rtol=1e-5, atol=1e-9)
+
+
+def test_fisher_merging_through_the_cli_computes_the_statistics_of_each_twin_on_its_own_data(twins, tmp_path, capsys):
+    import subprocess
+
+    from conftest import SMALL_WORLD
+    from vlmerge.layout import list_checkpoints, statistics_file
+
+    root = tmp_path / "r"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
+    text, mm = (list_checkpoints(root / f"runs/demo/{run}")[-1] for run in ("text", "multimodal"))
+    common = [f"paths.root={root}", *SMALL_WORLD, "sweep.statistics_batches=1"]
+    out = tmp_path / "m"
+    assert main(["merge", "--text", str(text), "--mm", str(mm), "--method", "fisher", "--alpha", "0.5",
+                 "--out", str(out)]) == 2
+    assert "no statistics-fisher.safetensors; compute it with `vlmerge statistics --statistic fisher" in capsys.readouterr().err
+    assert main(["statistics", "--statistic", "fisher", "--checkpoint", str(text), "--checkpoint", str(mm), *common]) == 0
+    f_text, f_mm = (load_file(statistics_file(c, "fisher")) for c in (text, mm))
+    assert f_text.keys() == f_mm.keys() and not torch.equal(*(f["model.multi_modal_projector.linear_1.weight"]
+                                                              for f in (f_text, f_mm)))
+    assert main(["merge", "--text", str(text), "--mm", str(mm), "--method", "fisher", "--alpha", "0.3",
+                 "--out", str(out)]) == 0
+    merged, t, m = (load_file(p / "model.safetensors") for p in (out, text, mm))
+    norm_text, norm_mm = (sum(float(v.square().sum()) for v in f.values()) ** 0.5 for f in (f_text, f_mm))
+    for name in ("model.multi_modal_projector.linear_1.weight", "model.language_model.layers.0.mlp.up_proj.weight"):
+        w_text, w_mm = 0.3 * (f_text[name] / norm_text + 1e-6), 0.7 * (f_mm[name] / norm_mm + 1e-6)
+        expected = (w_text * t[name].double() + w_mm * m[name].double()) / (w_text + w_mm)
+        torch.testing.assert_close(merged[name].double(), expected, rtol=1e-6, atol=1e-6)
+        assert not torch.allclose(merged[name], torch.lerp(m[name], t[name], 0.3), atol=1e-4)  # not a plain lerp
+    assert main(["statistics", "--statistic", "fishr", "--checkpoint", str(text), *common]) == 2
+    assert "unknown data statistic 'fishr' (known: fisher, grams)" in capsys.readouterr().err

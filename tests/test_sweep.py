@@ -368,28 +368,30 @@ def test_sweep_finetune_with_a_best_alpha_before_the_sweep_says_so(twins, tmp_pa
 def test_changed_gram_settings_make_new_regmean_items_and_new_grams_never_stale_ones(twins, tmp_path):
     from safetensors.torch import load_file
 
-    from vlmerge.layout import grams_file
-    from vlmerge.merge.grams import saved_settings, write_grams
+    from vlmerge.layout import statistics_file
+    from vlmerge.merge.statistics import saved_settings, write_statistics
 
     root = tmp_path / "r"
     subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
     methods = "sweep.methods=[{name: linear}, {name: regmean}]"
 
     def cfg(batches: int):
-        return load_config(None, [f"paths.root={root}", *SWEEP, methods, f"sweep.gram_batches={batches}"])
+        return load_config(None, [f"paths.root={root}", *SWEEP, methods, f"sweep.statistics_batches={batches}"])
 
     one, two = plan(cfg(1)), plan(cfg(2))
     ids = {b: {m: {it.item_id for it in items if it.method == m} for m in ("linear", "regmean")}
            for b, items in ((1, one), (2, two))}
     assert ids[1]["linear"] == ids[2]["linear"] and not ids[1]["regmean"] & ids[2]["regmean"]
     ckpt = root / one[0].text
-    out = write_grams(cfg(1), ckpt)
+    out = statistics_file(ckpt, "grams")
+    write_statistics(cfg(1), ckpt, ["grams"])
     first = load_file(out)
     assert saved_settings(out)["batches"] == 1
     mtime = out.stat().st_mtime_ns
-    assert write_grams(cfg(1), ckpt) == out and out.stat().st_mtime_ns == mtime  # the same settings: kept
-    write_grams(cfg(2), ckpt)  # other settings: computed again, over the old file
-    assert saved_settings(grams_file(ckpt))["batches"] == 2
+    write_statistics(cfg(1), ckpt, ["grams"])
+    assert out.stat().st_mtime_ns == mtime  # the same settings: kept
+    write_statistics(cfg(2), ckpt, ["grams"])  # other settings: computed again, over the old file
+    assert saved_settings(out)["batches"] == 2
     second = load_file(out)
     name = next(iter(first))
     assert not torch.equal(first[name], second[name])  # the sums of more batches

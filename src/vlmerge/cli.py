@@ -71,11 +71,14 @@ def _export_text(args: argparse.Namespace) -> None:
     print(f"export-text: {export_text(Path(args.checkpoint), Path(args.out))}")
 
 
-def _grams(cfg: Config, args: argparse.Namespace) -> None:
-    from vlmerge.merge.grams import write_grams
+def _statistics(cfg: Config, args: argparse.Namespace) -> None:
+    from vlmerge.layout import statistics_file
+    from vlmerge.merge.statistics import write_statistics
 
     for checkpoint in args.checkpoint:
-        print(f"grams: {write_grams(cfg, Path(checkpoint))}")
+        write_statistics(cfg, Path(checkpoint), args.statistic)
+        for name in args.statistic:
+            print(f"{name}: {statistics_file(Path(checkpoint), name)}")
 
 
 def _eval(cfg: Config, args: argparse.Namespace) -> None:
@@ -379,7 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = stage("train", _train, "DeepSpeed training of one run, checkpoints by words seen; resumes by itself")
     p.add_argument("--run", required=True, choices=RUN_NAMES, help="which run of the experiment")
 
-    p = stage("grams", _grams, "RegMean Gram matrices of run checkpoints, each on its own run's data")
+    p = stage("statistics", _statistics, "data statistics of run checkpoints for merging (RegMean's Grams, Fisher), "
+              "each on its own run's data")
+    p.add_argument("--statistic", action="append", required=True,
+                   help="which statistic: grams or fisher (repeatable)")
     p.add_argument("--checkpoint", required=True, action="append", help="a run checkpoint (repeatable)")
 
     p = stage("eval", _eval, "score a model on BLiMP, EWoK, Winoground, VQA, perplexity …; Parquet results")

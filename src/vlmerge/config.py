@@ -306,7 +306,8 @@ class SweepConfig(_Section):
                                                          "while the sweep scores the fast sets")
     tasks: list[str] = Field([], description="tasks of eval.tasks to run (default: all)")
     distances: bool = True
-    gram_batches: int = Field(16, ge=1, description="batches of its own data each model sees for RegMean")
+    statistics_batches: int = Field(16, ge=1, description="batches of its own data each model sees for the data "
+                                    "statistics of RegMean (Grams) and Fisher merging")
     array_throttle: int = Field(8, ge=1, description="array tasks running at once (the sbatch %% limit)")
     export_babylm: list[ExportSpec] = Field(
         [], description="merges whose predictions are written in BabyLM's submission layout, under "
@@ -410,7 +411,7 @@ class ComputeConfig(_Section):
 
     threads: int = Field(0, ge=0, description="CPU threads per process (0: the CPUs it may use: its affinity "
                                               "mask, SLURM_CPUS_PER_TASK where smaller)")
-    device: str = Field("auto", description=f"where eval, sweep, study, grams and distance run models: {DEVICE_RULE} "
+    device: str = Field("auto", description=f"where eval, sweep, study, statistics and distance run models: {DEVICE_RULE} "
                                             "(auto: the GPU when one is visible)")
     workers: int | Literal["auto"] = Field(
         "auto", description="`vlmerge sweep run` outside an array task: worker processes, each with its share of the "

@@ -40,7 +40,7 @@ LATEST = "latest"
 RESULT_DATASETS = ("metrics", "items", "distances")
 ENDPOINT_PREFIX = "endpoint-"
 COMPACT_PREFIX = "compact-"
-GRAMS_FILE = "regmean-grams.safetensors"
+STATISTICS_PREFIX = "statistics-"  # a checkpoint's data statistics for merging (statistics_file)
 CORPUS_ARRAYS = ("tokens", "offsets", "words", "starts", "images")
 
 _CHECKPOINT = re.compile(r"words-(\d{12})")
@@ -204,8 +204,9 @@ def run_metrics_log(run_dir: Path) -> Path:
     return run_dir / "metrics.jsonl"
 
 
-def grams_file(checkpoint: Path) -> Path:
-    return checkpoint / GRAMS_FILE
+def statistics_file(checkpoint: Path, statistic: str) -> Path:
+    """A data statistic of a checkpoint (`vlmerge.merge.statistics`), saved beside it."""
+    return checkpoint / f"{STATISTICS_PREFIX}{statistic}.safetensors"
 
 
 # `vlmerge eval --out DIR`

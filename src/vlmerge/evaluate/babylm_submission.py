@@ -19,7 +19,7 @@ from pathlib import Path
 
 from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path, read_json, remove_stale_temps, write_json
-from vlmerge.layout import (BABYLM_MAIN, BABYLM_REVISION_MILLIONS, GRAMS_FILE, CheckpointRef, babylm_aoa_surprisal,
+from vlmerge.layout import (BABYLM_MAIN, BABYLM_REVISION_MILLIONS, STATISTICS_PREFIX, CheckpointRef, babylm_aoa_surprisal,
                             babylm_devbench_file, babylm_export_source, babylm_finetune_predictions, babylm_predictions,
                             babylm_revision, list_checkpoints)
 
@@ -76,7 +76,7 @@ def export_revision(checkpoint: Path, dest: Path, *, text_only: bool = False) ->
             export_text(checkpoint, tmp)
         else:
             for f in sorted(checkpoint.iterdir()):
-                if f.is_file() and f.name != GRAMS_FILE:  # RegMean's statistics are no part of the model
+                if f.is_file() and not f.name.startswith(STATISTICS_PREFIX):  # merging's statistics are no part of the model
                     _link_or_copy(f, tmp / f.name)
         write_json(babylm_export_source(tmp), source)
     return True

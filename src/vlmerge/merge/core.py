@@ -21,7 +21,7 @@ from vlmerge import code_version
 from vlmerge.config import alpha_problem
 from vlmerge.errors import VlmergeError
 from vlmerge.io import atomic_path, check_creatable, read_json, remove_stale_temps, write_json
-from vlmerge.layout import grams_file, merge_outputs
+from vlmerge.layout import merge_outputs, statistics_file
 from vlmerge.merge.io import ModelDir, SafetensorsWriter, check_compatible, numel
 from vlmerge.merge.methods import Method, TensorInputs, get_method
 from vlmerge.merge.schedule import SCHEDULE, check_schedule, num_layers, tensor_alpha
@@ -40,11 +40,16 @@ def check_alphas(alphas: Sequence[float], allow_extrapolation: bool) -> list[flo
     return out
 
 
-def load_grams(checkpoint: Path) -> dict[str, torch.Tensor]:
-    path = grams_file(checkpoint)
-    if not path.is_file():
-        raise VlmergeError(f"{checkpoint}: no {path.name}; compute it with `vlmerge grams` (RegMean needs it)")
-    return load_file(path)
+def load_statistics(checkpoint: Path, names: Sequence[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """{statistic: {weight name: tensor}} of one checkpoint, or a one-line error naming the missing file."""
+    out = {}
+    for name in names:
+        path = statistics_file(checkpoint, name)
+        if not path.is_file():
+            raise VlmergeError(f"{checkpoint}: no {path.name}; compute it with "
+                               f"`vlmerge statistics --statistic {name} --checkpoint {checkpoint}`")
+        out[name] = load_file(path)
+    return out
 
 
 @dataclasses.dataclass
@@ -54,26 +59,29 @@ class Pair:
     text: ModelDir
     mm: ModelDir
     base: ModelDir | None = None
-    grams: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]] | None = None
+    # {statistic: ({weight name: tensor} of the text model, of the multimodal one)}
+    statistics: dict[str, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = dataclasses.field(
+        default_factory=dict)
 
     @classmethod
-    def open(cls, text: str | Path, mm: str | Path, base: str | Path | None = None, *, grams: bool = False) -> Pair:
+    def open(cls, text: str | Path, mm: str | Path, base: str | Path | None = None, *,
+             statistics: Sequence[str] = ()) -> Pair:
+        """The inputs, checked to be mergeable, with the data statistics `statistics` of each twin."""
         pair = cls(ModelDir(text), ModelDir(mm), ModelDir(base) if base else None)
         check_compatible(pair.text, pair.mm, what="the text and multimodal models")
         if pair.base is not None:
             check_compatible(pair.text, pair.base, what="the text and base models")
-        if grams:
-            pair.grams = (load_grams(pair.text.path), load_grams(pair.mm.path))
+        if statistics:
+            text_stats, mm_stats = (load_statistics(d.path, statistics) for d in (pair.text, pair.mm))
+            pair.statistics = {s: (text_stats[s], mm_stats[s]) for s in statistics}
         return pair
 
     def inputs(self, name: str) -> TensorInputs:
         """One tensor of each input, in float32 (methods compute in float32 or better)."""
-        grams = None
-        if self.grams is not None and name in self.grams[0] and name in self.grams[1]:
-            grams = (self.grams[0][name], self.grams[1][name])
+        stats = {s: (t[name], m[name]) for s, (t, m) in self.statistics.items() if name in t and name in m}
         return TensorInputs.twins(
             name, self.text.get(name).float(), self.mm.get(name).float(),
-            self.base.get(name).float() if self.base is not None else None, grams,
+            self.base.get(name).float() if self.base is not None else None, stats,
         )
 
     def all_inputs(self) -> Iterator[TensorInputs]:
@@ -99,7 +107,7 @@ class Resolved:
 
     def record_params(self) -> dict[str, Any]:
         """The parameters a merge record (and a results row) names the merge by."""
-        params = {k: v for k, v in self.params.items() if k != "thresholds"}
+        params = {k: v for k, v in self.params.items() if k in self.method.declared}  # not what prepare added
         return params if self.schedule is None else params | {SCHEDULE: self.schedule}
 
 
@@ -147,7 +155,7 @@ def merge_to_disk(
     outs = merge_outputs(Path(out), alphas)
     _check_out(Path(out))
     remove_stale_temps(*{o.parent for o in outs})  # what merges killed mid-write left
-    pair = Pair.open(text, mm, base, grams=get_method(method_name).needs_grams)
+    pair = Pair.open(text, mm, base, statistics=get_method(method_name).statistics)
     resolved = resolve(method_name, params or {}, pair, allow_extrapolation=allow_extrapolation)
     roles = [(role, d) for role, d in (("text", pair.text), ("mm", pair.mm), ("base", pair.base)) if d is not None]
     with ThreadPoolExecutor(len(roles)) as pool:

@@ -6,7 +6,7 @@ analysis take it like any other; the sweep merges it in memory (`ExpertMerger`).
 ordinary merge methods that merge `experts` (`vlmerge.merge.methods.modality_experts`:
 experts_interpolation, experts_arithmetic, experts_regmean); this module reads each
 expert-specific tensor's experts (W^l, W^v, and W^vl in the top `cross_modal_layers` layers),
-W_seed and the per-expert Grams into their inputs.
+W_seed and the per-expert data statistics (Grams) into their inputs.
 
 α is the weight of the VISION expert, as in Sung et al. (the twins' α weights the text model).
 Shared tensors (embeddings, projector, LM head, shared modules) are copied: the token embedding
@@ -28,7 +28,7 @@ from vlmerge import code_version
 from vlmerge.errors import VlmergeError
 from vlmerge.hf import quiet_transformers
 from vlmerge.io import atomic_path, write_json
-from vlmerge.merge.core import RECORD, check_same, load_grams
+from vlmerge.merge.core import RECORD, check_same, load_statistics
 from vlmerge.merge.io import ModelDir, SafetensorsWriter
 from vlmerge.merge.methods import METHODS, Method, TensorInputs, get_method
 from vlmerge.model import (
@@ -90,12 +90,12 @@ def seed_tensor(seed: ModelDir, plain: str) -> torch.Tensor:
 @dataclasses.dataclass
 class ExpertInputs:
     """An expert checkpoint opened for one method: its tensors grouped under the agnostic names,
-    with the seed weights and the experts' Grams where the method needs them."""
+    with the seed weights and the experts' data statistics where the method needs them."""
 
     src: ModelDir
     method: Method
     seed: ModelDir | None
-    grams: dict[str, torch.Tensor] | None
+    statistics: dict[str, dict[str, torch.Tensor]]  # {statistic: {weight name: tensor}}
     groups: dict[str, dict[str | None, str]]
 
     @classmethod
@@ -105,7 +105,7 @@ class ExpertInputs:
         if spec.needs_base and seed is None:
             raise VlmergeError(f"merge-experts {method}: give the seed weights (--seed, the seed run's last checkpoint)")
         return cls(src, spec, ModelDir(seed) if spec.needs_base else None,
-                   load_grams(src.path) if spec.needs_grams else None, expert_groups(src.names()))
+                   load_statistics(src.path, spec.statistics), expert_groups(src.names()))
 
     @property
     def specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -113,16 +113,15 @@ class ExpertInputs:
         return {plain: self.src.specs[next(iter(members.values()))] for plain, members in self.groups.items()}
 
     def read(self, plain: str) -> torch.Tensor | TensorInputs:
-        """A shared tensor as stored, or the inputs of an expert-specific one (experts in float32, W_seed, Grams)."""
+        """A shared tensor as stored, or the inputs of an expert-specific one (experts in float32, W_seed, statistics)."""
         members = self.groups[plain]
         if None in members or not self.src.specs[next(iter(members.values()))][0].is_floating_point:
             return self.src.get(members[next(iter(members))])  # shared: the trained shared weights
         weights = {e: self.src.get(n).float() for e, n in members.items()}
         w_seed = seed_tensor(self.seed, plain) if self.seed is not None else None
-        grams = None
-        if self.grams is not None and all(n in self.grams for n in members.values()):
-            grams = {e: self.grams[n] for e, n in members.items()}
-        return TensorInputs(plain, weights, w_seed, grams)
+        stats = {s: {e: by_name[n] for e, n in members.items()} for s, by_name in self.statistics.items()
+                 if all(n in by_name for n in members.values())}
+        return TensorInputs(plain, weights, w_seed, stats)
 
     def merge(self, read: torch.Tensor | TensorInputs, setting: Setting) -> torch.Tensor:
         """The agnostic tensor of one setting from what `read` returned (float32 when merged)."""

@@ -194,10 +194,14 @@ def calibration_model(cfg: Config, given: Path | None, items: Sequence[WorkItem]
         yield Path(tmp)
 
 
-def stand_in_grams(pair: Pair) -> dict[str, torch.Tensor]:
-    """Identity Gram matrices of every 2-D weight but the embeddings: RegMean's solves cost the same."""
-    return {n: torch.eye(shape[1], dtype=torch.float64) for n, (dtype, shape) in pair.text.specs.items()
-            if len(shape) == 2 and dtype.is_floating_point and "embed" not in n}
+def stand_in_statistics(pair: Pair, name: str) -> dict[str, torch.Tensor]:
+    """Statistics that cost a method what the real ones do: identity Gram matrices of every 2-D weight but
+    the embeddings (RegMean's solves), a Fisher of ones for every tensor."""
+    specs = {n: shape for n, (dtype, shape) in pair.text.specs.items() if dtype.is_floating_point}
+    if name == "grams":
+        return {n: torch.eye(shape[1], dtype=torch.float64) for n, shape in specs.items()
+                if len(shape) == 2 and "embed" not in n}
+    return {n: torch.ones(shape, dtype=torch.float64) for n, shape in specs.items()}
 
 
 def parquet_bytes_per_row(rows: list[dict], schema) -> float:
@@ -222,9 +226,9 @@ def calibrate(cfg: Config, model_dir: Path, methods: Sequence[str], sample: int 
 
     t0 = time.perf_counter()
     pair = Pair.open(model_dir, model_dir, model_dir)
-    if any(get_method(m).needs_grams for m in methods):
-        grams = stand_in_grams(pair)
-        pair.grams = (grams, grams)
+    for name in {s for m in methods for s in get_method(m).statistics}:
+        stand_in = stand_in_statistics(pair, name)
+        pair.statistics[name] = (stand_in, stand_in)
     merger = PairMerger(pair, allow_extrapolation=True, device=device)
     model, tokenizer = load_model(model_dir, device)
     scorer = config_scorer(cfg, model, tokenizer, features)

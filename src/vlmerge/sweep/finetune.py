@@ -26,12 +26,11 @@ from vlmerge.finetune.run import finetune_model, outcome_rows, read_config_task
 from vlmerge.finetune.tasks import get_task
 from vlmerge.io import fingerprint
 from vlmerge.layout import checkpoint_words, result_files
-from vlmerge.merge.core import Pair, PairMerger
-from vlmerge.merge.experts import ExpertMerger, expert_method, is_expert_method
-from vlmerge.merge.grams import write_grams
+from vlmerge.merge.core import PairMerger
+from vlmerge.merge.experts import is_expert_method
 from vlmerge.results import ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, UNMERGED, ModelKey, checkpoint_run, write_rows
 from vlmerge.sweep.plan import WorkItem, identity
-from vlmerge.sweep.run import finished, items_path, metrics_path
+from vlmerge.sweep.run import finished, items_path, metrics_path, open_experts, open_pair
 
 ITEM_PREFIX = "ft-"
 
@@ -140,13 +139,11 @@ def model_of(cfg: Config, item: FinetuneItem, device):
     params = json.loads(item.params)
     if not is_expert_method(item.method):
         model, tokenizer = load_model(text, device)
-        PairMerger(Pair.open(text, mm, root / item.base if item.base else None),
+        PairMerger(open_pair(cfg, item.method, text, mm, root / item.base if item.base else None),
                    allow_extrapolation=cfg.sweep.allow_extrapolation, device=device).merge_into(
             model, item.method, item.alpha, params)
     else:
-        if expert_method(item.method).needs_grams:
-            write_grams(cfg, text)
-        merger = ExpertMerger(text, item.method, root / item.base if item.base else None, device=device)
+        merger = open_experts(cfg, item.method, text, root / item.base, device)
         model, tokenizer = merger.plain_model().to(device), load_tokenizer(text)
         merger.merge_into(model, item.alpha, params)
     key = ModelKey.of_pair(checkpoint_run(text), checkpoint_run(mm), item.method, item.params, item.study)

@@ -128,13 +128,14 @@ def expert_seed(cfg: Config, runs: Checkpoints = None) -> Path:
 
 
 def item_statistics(cfg: Config, method: str) -> str:
-    """A work item's `statistics`: for a method that merges with Grams, the settings that decide them
-    (a changed sweep.gram_batches makes new items, never stale scores); empty otherwise."""
-    if not get_method(method).needs_grams:
+    """A work item's `statistics`: for a method that merges with data statistics, the settings that decide
+    each (a changed sweep.statistics_batches makes new items, never stale scores); empty otherwise."""
+    names = get_method(method).statistics
+    if not names:
         return ""
-    from vlmerge.merge.grams import gram_settings  # (its imports: data loading)
+    from vlmerge.merge.statistics import settings  # (its imports: data loading)
 
-    return json.dumps({"grams": gram_settings(cfg)}, sort_keys=True)
+    return json.dumps({name: settings(cfg) for name in names}, sort_keys=True)
 
 
 def eval_salt(cfg: Config, tasks: list[str], data: Mapping[str, str] | None = None) -> str:

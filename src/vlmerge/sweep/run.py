@@ -30,8 +30,8 @@ from vlmerge.evaluate.scoring import Scorer
 from vlmerge.io import fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.merge.core import Pair, PairMerger
 from vlmerge.merge.distance import distance_rows, write_parquet
-from vlmerge.merge.experts import ExpertMerger, expert_distance_rows, is_expert_method
-from vlmerge.merge.grams import write_grams
+from vlmerge.merge.experts import ExpertMerger, expert_distance_rows, expert_method, is_expert_method
+from vlmerge.merge.statistics import write_statistics
 from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
 from vlmerge.layout import (RESULT_DATASETS, babylm_export_dir, babylm_exports_root, best_text_cache,
@@ -40,6 +40,21 @@ from vlmerge.results import (ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA,
                              compacted_item_ids, write_rows)
 from vlmerge.sweep.plan import (BEST_TEXT_RUNS, WorkItem, best_text_data, best_text_salt, run_checkpoints,
                                 sweep_tasks)
+
+
+def open_pair(cfg: Config, method: str, text: Path, mm: Path, base: Path | None) -> Pair:
+    """The twins (and base) to merge with `method`, with the data statistics it needs, computed first
+    where missing."""
+    names = get_method(method).statistics
+    for ckpt in (text, mm):
+        write_statistics(cfg, ckpt, names)
+    return Pair.open(text, mm, base, statistics=names)
+
+
+def open_experts(cfg: Config, method: str, checkpoint: Path, seed: Path, device) -> ExpertMerger:
+    """An expert checkpoint to merge with `method` on `device`, its data statistics computed first where missing."""
+    write_statistics(cfg, checkpoint, expert_method(method).statistics)
+    return ExpertMerger(checkpoint, method, seed, device=device)
 
 
 def metrics_path(cfg: Config, name: str) -> Path:
@@ -117,11 +132,7 @@ class ItemRunner:
     def _run_pair(self, item: WorkItem, timing: Timing) -> Timing:
         t0, root = time.perf_counter(), self.cfg.root
         text, mm = root / item.text, root / item.mm
-        method = get_method(item.method)
-        if method.needs_grams:
-            for ckpt in (text, mm):
-                write_grams(self.cfg, ckpt)
-        pair = Pair.open(text, mm, root / item.base if item.base else None, grams=method.needs_grams)
+        pair = open_pair(self.cfg, item.method, text, mm, root / item.base if item.base else None)
         merger = PairMerger(pair, allow_extrapolation=self.cfg.sweep.allow_extrapolation, device=self.device)
         model, tokenizer = load_model(text, self.device)
         scorer = config_scorer(self.cfg, model, tokenizer, self.features)
@@ -139,9 +150,7 @@ class ItemRunner:
         expert's weight); the unmerged expert model (MSA) is its endpoint."""
         t0 = time.perf_counter()
         ckpt, seed = self.cfg.root / item.text, self.cfg.root / item.base
-        if get_method(item.method).needs_grams:
-            write_grams(self.cfg, ckpt)
-        merger = ExpertMerger(ckpt, item.method, seed, device=self.device)
+        merger = open_experts(self.cfg, item.method, ckpt, seed, self.device)
         model, tokenizer = merger.plain_model().to(self.device), load_tokenizer(ckpt)
         scorer = config_scorer(self.cfg, model, tokenizer, self.features)
         timing.load = time.perf_counter() - t0

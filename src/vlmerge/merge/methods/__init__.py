@@ -10,8 +10,9 @@ declared parameters, and declares what it merges (`inputs`):
 
 Methods that work on task vectors (θ − θ₀) need `base`: the twins' shared initialisation (or any
 third model, for three-way merges), the seed weights W_seed of an expert model. A method with
-`takes_alpha=False` has no α (it is called with None); data-based methods need the Gram matrices
-of each input's linear layers (`needs_grams`).
+`takes_alpha=False` has no α (it is called with None); data-based methods name the data
+statistics of each input they need (`statistics`: `grams`, `fisher`; see
+`vlmerge.merge.statistics`), which reach them in `TensorInputs.statistics`.
 
 A parameter is declared with its default, `p=0.5`, or with its range too, `p=Param(0.5, 0, 1)`:
 a value outside it is refused with the parameter's name before any work.
@@ -68,17 +69,19 @@ class Param:
 @dataclasses.dataclass(frozen=True)
 class TensorInputs:
     """One tensor of every input, by role: `text` and `mm` (twins), or `language`, `vision` (and
-    `cross`) (experts); the base; the Gram matrices of a linear layer's inputs, by the same roles."""
+    `cross`) (experts); the base; the data statistics of this tensor, {statistic: {role: tensor}},
+    only those that every input has (a norm has no Gram matrix)."""
 
     name: str
     models: dict[str, torch.Tensor]
     base: torch.Tensor | None = None
-    grams: dict[str, torch.Tensor] | None = None
+    statistics: dict[str, dict[str, torch.Tensor]] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def twins(cls, name: str, text: torch.Tensor, mm: torch.Tensor, base: torch.Tensor | None = None,
-              grams: tuple[torch.Tensor, torch.Tensor] | None = None) -> TensorInputs:
-        return cls(name, {"text": text, "mm": mm}, base, None if grams is None else dict(zip(("text", "mm"), grams)))
+              statistics: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> TensorInputs:
+        return cls(name, {"text": text, "mm": mm}, base,
+                   {s: dict(zip(("text", "mm"), pair)) for s, pair in (statistics or {}).items()})
 
     @property
     def text(self) -> torch.Tensor:
@@ -91,10 +94,10 @@ class TensorInputs:
     def to(self, device: torch.device | str) -> TensorInputs:
         """The same inputs on `device` (where the sweep merges them at every α)."""
         def move(tensors):
-            return None if tensors is None else {k: t.to(device) for k, t in tensors.items()}
+            return {k: t.to(device) for k, t in tensors.items()}
 
         return TensorInputs(self.name, move(self.models), None if self.base is None else self.base.to(device),
-                            move(self.grams))
+                            {s: move(by_role) for s, by_role in self.statistics.items()})
 
     def task_vectors(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.base is None:
@@ -112,7 +115,7 @@ class Method:
     inputs: str = TWINS  # TWINS or EXPERTS
     takes_alpha: bool = True
     needs_base: bool = False
-    needs_grams: bool = False
+    statistics: tuple[str, ...] = ()  # the data statistics of each input it needs
     # prepare(all tensors' inputs, params) -> extra keyword arguments of fn, for methods that
     # need a statistic of the whole model first (e.g. TIES with one threshold for all tensors).
     prepare: Callable[..., dict[str, Any]] | None = None
@@ -170,7 +173,7 @@ get_method = METHODS.lookup
 
 
 def register(name: str, *, inputs: str = TWINS, takes_alpha: bool = True, needs_base: bool = False,
-             needs_grams: bool = False, prepare: Callable[..., dict[str, Any]] | None = None,
+             statistics: tuple[str, ...] = (), prepare: Callable[..., dict[str, Any]] | None = None,
              same_as: Callable[[float, dict[str, Any]], str | None] | None = None, **params: Any):
     """Decorator: make `fn` the merge method `name`, with these parameters (a default, or a `Param`)."""
     if inputs not in (TWINS, EXPERTS):
@@ -178,7 +181,8 @@ def register(name: str, *, inputs: str = TWINS, takes_alpha: bool = True, needs_
 
     def wrap(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         declared = {k: v if isinstance(v, Param) else Param(v) for k, v in params.items()}
-        METHODS.add(name, Method(name, fn, declared, inputs, takes_alpha, needs_base, needs_grams, prepare, same_as))
+        METHODS.add(name, Method(name, fn, declared, inputs, takes_alpha, needs_base, tuple(statistics), prepare,
+                                 same_as))
         return fn
 
     return wrap

@@ -40,12 +40,13 @@ def arithmetic(x: TensorInputs, alpha: None, lam: float) -> torch.Tensor:
     return x.base + lam * sum(w - x.base for w in x.models.values())
 
 
-@register("experts_regmean", inputs=EXPERTS, needs_grams=True, gamma=Param(0.9, 0, 1))
+@register("experts_regmean", inputs=EXPERTS, statistics=("grams",), gamma=Param(0.9, 0, 1))
 def regmean(x: TensorInputs, alpha: float, gamma: float) -> torch.Tensor:
     """RegMean over the experts of one linear layer, each weighted as in interpolation; a tensor
     without Grams (norms) interpolated."""
-    if x.grams is None:
+    grams = x.statistics.get("grams")
+    if grams is None:
         return interpolation(x, alpha)
     c = coefficients(alpha, list(x.models))
     names = list(x.models)
-    return regmean_weight([x.models[e] for e in names], [x.grams[e] for e in names], [c[e] for e in names], gamma)
+    return regmean_weight([x.models[e] for e in names], [grams[e] for e in names], [c[e] for e in names], gamma)

@@ -29,8 +29,9 @@ def regmean_weight(weights: list[torch.Tensor], grams: list[torch.Tensor], coefs
 
 
 # At α = 1 and 0 one model has all the weight: RegMean's solution is that model's weights.
-@register("regmean", needs_grams=True, same_as=endpoint, gamma=Param(0.9, 0, 1))
+@register("regmean", statistics=("grams",), same_as=endpoint, gamma=Param(0.9, 0, 1))
 def regmean(x: TensorInputs, alpha: float, gamma: float) -> torch.Tensor:
-    if x.grams is None:
+    grams = x.statistics.get("grams")
+    if grams is None:
         return torch.lerp(x.mm, x.text, alpha)
-    return regmean_weight([x.text, x.mm], [x.grams["text"], x.grams["mm"]], [alpha, 1 - alpha], gamma)
+    return regmean_weight([x.text, x.mm], [grams["text"], grams["mm"]], [alpha, 1 - alpha], gamma)
