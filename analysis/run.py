@@ -17,6 +17,7 @@ from vlmerge.analysis.findings import Finding, findings, to_json, to_markdown
 from vlmerge.analysis.correlations import COLUMNS as CORRELATION_COLUMNS
 from vlmerge.analysis.correlations import correlations, too_few_points
 from vlmerge.analysis.load import CHECKPOINT_PAIR, Results, load, twin_results
+from vlmerge.analysis.probe import probe_findings, probe_tables, rank_agreement
 from vlmerge.analysis.report import Section, html_report, markdown_summary, markdown_table
 from vlmerge.analysis.scores import chance, task_metrics, task_scores
 from vlmerge.analysis.tables import BEST_COLUMNS, SCORE_COLUMNS, Merges, best_alpha, merges, multimodal_drop
@@ -159,6 +160,8 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
     # the expert models have Sung et al.'s views (below), the fine-tuned models their table and findings
     a = compute(twin_results(without_finetune(loaded)), options)
     a.findings += finetune_findings(twin_results(loaded), options.bootstrap, np.random.default_rng(options.seed))
+    drops, choices = probe_tables(a.results.metrics, options)
+    a.findings += probe_findings(drops, choices, options.tolerance)
     out.mkdir(parents=True, exist_ok=True)
     tables = write_tables(a, out)
     figures = draw(a, out / "figures")
@@ -181,6 +184,18 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
                 [("distance vs drop", tables["headline"])]),
         *figures,
     ]
+    if len(drops):
+        write_text(out / "probe_drops.csv", drops.to_csv(index=False))
+        write_text(out / "probe_choices.csv", choices.to_csv(index=False))
+        agreement = rank_agreement(drops)
+        shown = choices.assign(setting=[setting_label(*k) for k in choices[SETTING].itertuples(index=False)])
+        sections.insert(2, Section(
+            "Mergeability probe", "The probe's signals of every merge (held-out LM loss; caption loss with the true "
+            "against shuffled image features), mapped to each task's score by a line fitted on the twins, beside the "
+            "full evaluation: Spearman's ρ of predicted against measured drops, and the probe's best α against the "
+            "grid's (probe_drops.csv, probe_choices.csv).",
+            [("predicted vs measured drops", agreement),
+             ("best α: probe vs grid", shown[["setting", "mm_words", "task", "grid_best", "probe_best", "steps_apart"]])]))
     if len(finetuned):
         write_text(out / "finetune.csv", finetuned.to_csv(index=False))
         write_text(out / "finetune.md", markdown_table(finetuned) + "\n")

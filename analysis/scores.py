@@ -22,8 +22,9 @@ import pandas as pd
 
 from vlmerge.analysis.load import MODEL, Results
 from vlmerge.analysis.stats import resample_counts
+from vlmerge.predict import PROBE
+from vlmerge.results import LOWER_IS_BETTER
 
-LOWER_IS_BETTER = {"perplexity", "loss"}
 # What guessing scores, by (task, metric): two-way choices 1/2; Winoground's text and image
 # scores 1/4 and group score 1/6 (Thrush et al. 2022); BabyLM's VQA picks among 8 answers.
 CHANCE = {
@@ -76,6 +77,8 @@ def task_metrics(metrics: pd.DataFrame, text: dict[str, str], multimodal: dict[s
     out = []
     for task in present.index.get_level_values("task").unique():
         wanted = [k for k in (*text, *multimodal) if k.partition("/")[0] == task]
+        if task == PROBE:
+            continue  # the probe's signals, no task: the probe section compares them with the scores
         if not wanted:
             notes.append(f"task {task}: in neither analysis.text_tasks nor analysis.multimodal_tasks; left out")
         for key in wanted:

@@ -259,6 +259,38 @@ def _merge(args: argparse.Namespace) -> None:
     print(f"merge {args.method}: {len(outs)} model(s) in {args.out}")
 
 
+def _probe(cfg: Config, args: argparse.Namespace) -> None:
+    from vlmerge.device import resolve_device
+    from vlmerge.evaluate.probe import SIGNALS, ProbeSet, signals
+    from vlmerge.evaluate.run import load_model
+    from vlmerge.io import write_json
+    from vlmerge.merge.core import PairMerger
+    from vlmerge.merge.distance import distances
+    from vlmerge.sweep.run import open_pair
+
+    alphas = _alphas(args.alpha, False)
+    device = resolve_device(cfg.compute.device)
+    probe = ProbeSet.load(cfg)
+    text, mm = Path(args.text), Path(args.mm)
+    pair = open_pair(cfg, args.method, text, mm, Path(args.base) if args.base else None)
+    merger = PairMerger(pair, device=device)
+    model, _ = load_model(text, device)
+    params = _params(args.param)
+    rows = []
+    print(f"{'α':>5} " + " ".join(f"{s:>22}" for s in SIGNALS))
+    for alpha in alphas:
+        merger.merge_into(model, args.method, alpha, params)
+        values = signals(model, probe)
+        rows.append({"alpha": alpha, **values})
+        print(f"{alpha:>5g} " + " ".join(f"{values[s]:>22.4f}" for s in SIGNALS))
+    between = distances(pair.text, pair.mm, pair.base, per_layer=False, device=device)
+    for scope, per in between.items():
+        print(f"distances ({scope}): " + ", ".join(f"{metric} {v:.4g}" for metric, v in per.items()))
+    if args.out:
+        write_json(Path(args.out), {"method": args.method, "params": params, "signals": rows, "distances": between})
+        print(f"probe: -> {args.out}")
+
+
 def _merge_experts(args: argparse.Namespace) -> None:
     from vlmerge.layout import merge_outputs
     from vlmerge.merge.experts import expert_method, merge_experts
@@ -500,6 +532,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output directory (alpha-X.XX/ inside it for several alphas)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(handler=None, command=_merge)
+
+    p = stage("probe", _probe, "the mergeability probe of a pair at a few α: held-out LM loss, caption loss with the "
+              "true and with shuffled image features, and the distances (a few seconds an α)")
+    p.add_argument("--text", required=True, help="the text model (a checkpoint)")
+    p.add_argument("--mm", required=True, help="the multimodal model (a checkpoint)")
+    p.add_argument("--method", default="linear", help="a merge method of the twins")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a method parameter")
+    p.add_argument("--base", help="shared initialisation, for methods on task vectors")
+    p.add_argument("--alpha", default="0,0.25,0.5,0.75,1", help="weights of the text model (default: 0,0.25,0.5,0.75,1)")
+    p.add_argument("--out", help="also write the signals and distances to this JSON file")
 
     p = sub.add_parser("merge-experts", help="merge a modality-expert checkpoint into one plain (agnostic) model")
     p.add_argument("--checkpoint", required=True, help="a checkpoint of the experts run")

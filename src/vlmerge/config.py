@@ -309,6 +309,15 @@ class SweepConfig(_Section):
     statistics_batches: int = Field(16, ge=1, description="batches of its own data each model sees for the data "
                                     "statistics of RegMean (Grams) and Fisher merging")
     array_throttle: int = Field(8, ge=1, description="array tasks running at once (the sbatch %% limit)")
+    probe: bool = Field(False, description="the mergeability probe's signals (task 'probe') of every merge and twin")
+    probe_lines: int = Field(256, ge=2, description="dev lines, and captions, the probe's losses are taken on")
+    search: Literal["grid", "adaptive"] = Field(
+        "grid", description="grid: evaluate every α; adaptive: probe every α, evaluate the α the probe predicts best "
+                            "(analysis.tolerance) and its neighbours, refine (the probe is on)")
+    search_task: str = Field("blimp", description="adaptive: the text task ([task/subtask], its analysis.text_tasks "
+                                                  "metric) whose best α the search looks for")
+    search_budget: float = Field(0.4, gt=0, le=1, description="adaptive: evaluations (a share of the grid) past which "
+                                                              "only the measured best's neighbours are evaluated")
     export_babylm: list[ExportSpec] = Field(
         [], description="merges whose predictions are written in BabyLM's submission layout, under "
                         "results/<exp>/babylm/<model>/main")

@@ -198,7 +198,7 @@ class Collator:
     samples: Samples
     bos: int
     eos: int
-    pad: int
+    pad_id: int
     image_token: int
     max_length: int
     multimodal_flags: bool = False  # add `multimodal` [B] (has a real image) for the expert model's routing
@@ -216,22 +216,29 @@ class Collator:
         return 1 + self.samples.features.tokens
 
     def __call__(self, pieces: Sequence[Piece]) -> dict[str, torch.Tensor]:
-        seqs = [self.sequence(p) for p in pieces]
+        rows = torch.from_numpy(self.samples.feature_row[[p.sample for p in pieces]])
+        feats = self.samples.features.features[rows.clamp(min=0)].float()
+        feats[rows < 0] = self.samples.features.null
+        out = self.pad([self.sequence(p) for p in pieces], feats)
+        if self.multimodal_flags:
+            out["multimodal"] = rows >= 0
+        return out
+
+    def text_sequence(self, tokens: Sequence[int]) -> list[int]:
+        """A text that is no corpus sample (a dev line) as a sequence: the null image before it."""
+        return ([self.bos] + [self.image_token] * self.samples.features.tokens + list(tokens) + [self.eos])[: self.max_length]
+
+    def pad(self, seqs: Sequence[Sequence[int]], feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Sequences (each with its image feature) as one padded batch, the prefix left out of the labels."""
         width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad, dtype=torch.long)
+        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for i, s in enumerate(seqs):
             ids[i, : len(s)] = torch.tensor(s)
             mask[i, : len(s)] = 1
         labels = ids.masked_fill(mask == 0, -100)
         labels[:, : self.prefix] = -100  # BOS and the image tokens are context, not targets
-        rows = torch.from_numpy(self.samples.feature_row[[p.sample for p in pieces]])
-        feats = self.samples.features.features[rows.clamp(min=0)].float()
-        feats[rows < 0] = self.samples.features.null
-        out = {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": feats}
-        if self.multimodal_flags:
-            out["multimodal"] = rows >= 0
-        return out
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels, "pixel_values": feats}
 
     def tokens_in(self, pieces: Sequence[Piece]) -> int:
         """Target tokens the pieces hold (text + EOS), for tokens-seen accounting."""

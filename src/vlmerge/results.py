@@ -25,6 +25,7 @@ MODEL_FIELDS = [("experiment", pa.string()), ("item_id", pa.string()), ("text_ru
                 ("mm_run", pa.string()), ("text_words", pa.int64()), ("mm_words", pa.int64()),
                 ("method", pa.string()), ("alpha", pa.float64()), ("method_params", pa.string()),
                 ("study", pa.string())]
+LOWER_IS_BETTER = {"perplexity", "loss"}  # metrics where a lower value is the better score
 RESULTS_SCHEMA = pa.schema(MODEL_FIELDS + [
     ("task", pa.string()), ("subtask", pa.string()), ("metric", pa.string()), ("value", pa.float64()),
     ("n", pa.int64()), ("code_version", pa.string()), ("config_hash", pa.string()), ("slurm_job_id", pa.string()),

@@ -138,17 +138,35 @@ def item_statistics(cfg: Config, method: str) -> str:
     return json.dumps({name: settings(cfg) for name in names}, sort_keys=True)
 
 
+def root_relative(cfg: Config, path: str | None) -> str | None:
+    """A path under the root relative to it (so that a results folder moved with its root keeps its item ids)."""
+    return str(Path(path).relative_to(cfg.root)) if path and Path(path).is_relative_to(cfg.root) else path
+
+
 def eval_salt(cfg: Config, tasks: list[str], data: Mapping[str, str] | None = None) -> str:
     """What decides the scores besides the weights: the tasks' data (eval.tasks, or `data`), how they
-    are scored (paths under the root count relative to it, so that a results folder moved with its
-    root keeps its item ids)."""
-
-    def rel(path: str | None) -> str | None:
-        return str(Path(path).relative_to(cfg.root)) if path and Path(path).is_relative_to(cfg.root) else path
-
+    are scored."""
     paths = {**{t: cfg.eval.tasks[t] for t in tasks if t in cfg.eval.tasks}, **(data or {})}
-    return fingerprint([{t: rel(paths[t]) for t in tasks}, cfg.eval.prompt, cfg.eval.dtype, rel(cfg.eval.features),
-                        cfg.features.name])
+    return fingerprint([{t: root_relative(cfg, paths[t]) for t in tasks}, cfg.eval.prompt, cfg.eval.dtype,
+                        root_relative(cfg, cfg.eval.features), cfg.features.name])
+
+
+def probing(cfg: Config) -> bool:
+    """Whether the sweep's models get the probe's signals (sweep.probe, or the adaptive search that reads them)."""
+    return cfg.sweep.probe or cfg.sweep.search == "adaptive"
+
+
+def sweep_salt(cfg: Config, tasks: list[str]) -> str:
+    """eval_salt, and the probe and the search where they are on: they decide what an item writes."""
+    salt = eval_salt(cfg, tasks)
+    if not probing(cfg):
+        return salt
+    s = cfg.sweep
+    search = {"search": s.search, "task": s.search_task, "budget": s.search_budget,
+              "tolerance": cfg.analysis.tolerance, "multimodal": cfg.analysis.multimodal_tasks}
+    dev = [root_relative(cfg, p) for p in cfg.data.dev_text]
+    return fingerprint([salt, {"probe_lines": s.probe_lines, "dev_text": dev},
+                        search if s.search == "adaptive" else {}])
 
 
 BEST_TEXT_RUNS = ("text", "multimodal")  # scored on the best-text data: the text twin picks, both are Fig. 3
@@ -204,7 +222,7 @@ def pairs(cfg: Config, best_text: dict[Path, Path] | None = None, runs: Checkpoi
 def plan(cfg: Config, best_text: dict[Path, Path] | None = None, runs: Checkpoints = None) -> list[WorkItem]:
     """Every work item of the sweep, in a stable order (of the checkpoints `runs` projects, if given)."""
     tasks = sweep_tasks(cfg)
-    salt = eval_salt(cfg, tasks)
+    salt = sweep_salt(cfg, tasks)
     grid = method_grid(cfg)
     twins = [(m, p) for m, p in grid if not is_expert_method(m)]
     experts = [(m, p) for m, p in grid if is_expert_method(m)]

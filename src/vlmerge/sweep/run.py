@@ -8,6 +8,11 @@
 
 An item whose metrics file exists is done (that file is written last); a killed item leaves
 no file and runs again from the start.
+
+With the probe on (`sweep.probe`, or `sweep.search: adaptive`) every model scored, twin or merge,
+also gets the probe's signals as rows of the task `probe`. The adaptive search probes every α of
+a pair's grid, and evaluates in full only those `vlmerge.predict` picks; the others keep their
+probe rows only.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from vlmerge.data import FeatureTable
 from vlmerge.device import resolve_device
 from vlmerge.evaluate.run import (TaskResult, config_scorer, evaluate, export_babylm, load_model, load_tokenizer,
                                   prepare, result_rows, task_specs)
+from vlmerge.evaluate.probe import ProbeSet, probe_result, signals
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.io import fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.merge.core import Pair, PairMerger
@@ -33,12 +39,13 @@ from vlmerge.merge.distance import distance_rows, write_parquet
 from vlmerge.merge.experts import ExpertMerger, expert_distance_rows, expert_method, is_expert_method
 from vlmerge.merge.statistics import write_statistics
 from vlmerge.merge.methods import get_method
+from vlmerge.predict import Predictor, first_alphas, next_alphas, targets
 from vlmerge.problems import ProblemLog
 from vlmerge.layout import (RESULT_DATASETS, babylm_export_dir, babylm_exports_root, best_text_cache,
                             checkpoint_words, endpoint_name, result_dataset_dir, result_file)
 from vlmerge.results import (ITEMS_SCHEMA, MM_ALPHA, RESULTS_SCHEMA, TEXT_ALPHA, UNMERGED, ModelKey, checkpoint_run,
-                             compacted_item_ids, write_rows)
-from vlmerge.sweep.plan import (BEST_TEXT_RUNS, WorkItem, best_text_data, best_text_salt, run_checkpoints,
+                             compacted_item_ids, read_results, write_rows)
+from vlmerge.sweep.plan import (BEST_TEXT_RUNS, WorkItem, best_text_data, best_text_salt, probing, run_checkpoints,
                                 sweep_tasks)
 
 
@@ -91,12 +98,15 @@ class Timing:
     load: float = 0.0
     merge: float = 0.0
     evaluate: float = 0.0
-    alphas: int = 0
+    alphas: int = 0  # evaluated in full
+    probe: float = 0.0
+    probed: int = 0
 
     def line(self) -> str:
         per = max(self.alphas, 1)
+        probe = f", probe {self.probe / self.probed:.2f}s ({self.probed} α)" if self.probed else ""
         return (f"load {self.load:.2f}s, per α: merge {self.merge / per:.3f}s, "
-                f"evaluate {self.evaluate / per:.2f}s ({self.alphas} α)")
+                f"evaluate {self.evaluate / per:.2f}s ({self.alphas} α){probe}")
 
 
 class ItemRunner:
@@ -110,6 +120,8 @@ class ItemRunner:
         problems = ProblemLog()
         self.tasks = prepare(task_specs(cfg, sweep_tasks(cfg)), self.features, problems)
         problems.report("sweep tasks")
+        self.probe = ProbeSet.load(cfg) if probing(cfg) else None
+        self._predictor: Predictor | None = None  # fitted once per process (adaptive search)
 
     def run(self, item: WorkItem) -> Timing | None:
         """Run one item unless it is done; returns its timing (None when skipped)."""
@@ -143,7 +155,7 @@ class ItemRunner:
         key = ModelKey.of_pair(checkpoint_run(text), checkpoint_run(mm), item.method, item.params, item.study)
         params = json.loads(item.params)
         return self._merges(item, model, scorer, key, lambda a: merger.merge_into(model, item.method, a, params),
-                            timing)
+                            timing, adaptive=self.cfg.sweep.search == "adaptive" and len(item.alphas) > 2)
 
     def _run_experts(self, item: WorkItem, timing: Timing) -> Timing:
         """An expert checkpoint merged into the plain model at every setting (α: the vision
@@ -165,25 +177,78 @@ class ItemRunner:
         return self._merges(item, model, scorer, key, lambda a: merger.merge_into(model, a, params), timing)
 
     def _merges(self, item: WorkItem, model, scorer: Scorer, key: ModelKey, merge_at: Callable[[float | None], None],
-                timing: Timing) -> Timing:
-        """Merge at each α of the item (once, α None, for a method without one), score, write the rows."""
+                timing: Timing, adaptive: bool = False) -> Timing:
+        """Merge at each α of the item (once, α None, for a method without one), score, write the rows;
+        `adaptive`: probe every α, and evaluate those the search picks."""
         rows, items = [], []
-        for alpha in item.alphas or (None,):
+
+        def at(alpha: float | None, *, full: bool) -> list[dict]:
+            """The rows of the merge at α: the tasks (full) or the probe alone."""
             t = time.perf_counter()
             merge_at(alpha)
             timing.merge += time.perf_counter() - t
             t = time.perf_counter()
-            results = evaluate(scorer, self.tasks)
-            if alpha is not None:
-                self._export(item, alpha, key.mm_words, results)
+            if full:
+                results = evaluate(scorer, self.tasks)
+                if alpha is not None:
+                    self._export(item, alpha, key.mm_words, results)
+                timing.evaluate += time.perf_counter() - t
+                timing.alphas += 1
+            if self.probe is not None and (not full or not adaptive):  # an adaptive item probed every α first
+                t = time.perf_counter()
+                results = (results if full else []) + [probe_result(signals(model, self.probe), self.probe)]
+                timing.probe += time.perf_counter() - t
+                timing.probed += 1
             r, i = result_rows(dataclasses.replace(key, alpha=alpha), results,
                                item_id=item.item_id, config_hash=self.cfg.hash(), job_id=self.job_id)
-            timing.evaluate += time.perf_counter() - t
-            rows, items = rows + r, items + i
-            timing.alphas += 1
+            rows.extend(r)
+            items.extend(i)
+            return r
+
+        if adaptive:
+            self._search(item, lambda a: at(a, full=False), lambda a: at(a, full=True))
+        else:
+            for alpha in item.alphas or (None,):
+                at(alpha, full=True)
         write_rows(items, ITEMS_SCHEMA, items_path(self.cfg, item.item_id))
         write_rows(rows, RESULTS_SCHEMA, metrics_path(self.cfg, item.item_id))  # last: marks the item done
         return timing
+
+    def _search(self, item: WorkItem, probe_at: Callable[[float], list[dict]],
+                evaluate_at: Callable[[float], list[dict]]) -> None:
+        """The adaptive search of the item's grid (vlmerge.predict): probe every α, evaluate the predicted
+        best and its neighbours, refine."""
+        grid = sorted(item.alphas)
+        predictor = self._fitted(item)
+        twins = tuple(self._endpoint_rows(item, [rel])[0] for rel in (item.text, item.mm))
+        predicted = {a: predictor.predicted(probe_at(a), twins) for a in grid}
+        tolerance, measured = self.cfg.analysis.tolerance, {}
+        todo = first_alphas(grid, predicted, tolerance)
+        while todo:
+            for a in todo:
+                measured[a] = predictor.measured(evaluate_at(a), twins)
+            todo = next_alphas(grid, measured, predicted, tolerance, self.cfg.sweep.search_budget)
+
+    def _fitted(self, item: WorkItem) -> Predictor:
+        """The predictor, fitted on the twins of every checkpoint of both runs (each scored and probed
+        first where it is not yet): the same calibration for every item of the sweep."""
+        if self._predictor is None:
+            rels = [str(c.relative_to(self.cfg.root)) for run in BEST_TEXT_RUNS for c in run_checkpoints(self.cfg, run)]
+            for rel in rels:
+                name = endpoint_id(item, rel)
+                if not finished(self.cfg, name):
+                    model, tokenizer = load_model(self.cfg.root / rel, self.device)
+                    self._write_endpoint(name, self.cfg.root / rel, config_scorer(self.cfg, model, tokenizer,
+                                                                                 self.features), item.study)
+            self._predictor = Predictor.fitted(*targets(self.cfg), self._endpoint_rows(item, rels))
+        return self._predictor
+
+    def _endpoint_rows(self, item: WorkItem, rels: list[str]) -> list[list[dict]]:
+        """The result rows of the twins of these checkpoints (written, compacted or not)."""
+        names = [endpoint_id(item, rel) for rel in rels]
+        rows = read_results(self.cfg.layout.results_dir)
+        rows = rows[rows.item_id.isin(names)]
+        return [rows[rows.item_id == n].to_dict("records") for n in names]
 
     def _endpoints(self, item: WorkItem, merger: PairMerger, model, scorer: Scorer) -> None:
         """Each unmerged twin, evaluated once per checkpoint (linear at the twin's α is that twin,
@@ -197,8 +262,10 @@ class ItemRunner:
     def _write_endpoint(self, name: str, checkpoint: Path, scorer: Scorer, study: str) -> None:
         """The scores of the unmerged model of `checkpoint`, which `scorer` holds."""
         key = ModelKey.twin(checkpoint_run(checkpoint), study)
-        rows, items = result_rows(key, evaluate(scorer, self.tasks),
-                                  item_id=name, config_hash=self.cfg.hash(), job_id=self.job_id)
+        results = evaluate(scorer, self.tasks)
+        if self.probe is not None:
+            results.append(probe_result(signals(scorer.model, self.probe), self.probe))
+        rows, items = result_rows(key, results, item_id=name, config_hash=self.cfg.hash(), job_id=self.job_id)
         write_rows(items, ITEMS_SCHEMA, items_path(self.cfg, name))
         write_rows(rows, RESULTS_SCHEMA, metrics_path(self.cfg, name))
 

@@ -1,0 +1,153 @@
+"""The mergeability probe, its predictor and the adaptive search: the maths by hand and against
+statsmodels, the signals against a one-sequence-at-a-time loss, and the search through the sweep."""
+
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST_TRAIN, SMALL_WORLD
+from vlmerge.cli import main
+from vlmerge.config import load_config
+from vlmerge.layout import list_checkpoints
+from vlmerge.predict import Outcome, Predictor, Target, best_alpha, fit, first_alphas, next_alphas
+from vlmerge.results import read_results
+
+GRID = [0.0, 0.25, 0.5, 0.75, 1.0]
+NINE = [i / 8 for i in range(9)]
+
+
+def test_the_fitted_line_and_its_prediction_interval_equal_statsmodels_ols():
+    import statsmodels.api as sm
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 2))
+    y = 0.5 + x @ [2.0, -1.0] + rng.normal(scale=0.1, size=12)
+    new = np.array([[0.3, -0.2], [1.5, 2.0]])
+    mean, low, high = fit(x, y).predict(new, level=0.9)
+    frame = sm.OLS(y, sm.add_constant(x)).fit().get_prediction(sm.add_constant(new, has_constant="add")).summary_frame(alpha=0.1)
+    np.testing.assert_allclose(mean, frame["mean"], rtol=1e-10)
+    np.testing.assert_allclose(low, frame["obs_ci_lower"], rtol=1e-10)
+    np.testing.assert_allclose(high, frame["obs_ci_upper"], rtol=1e-10)
+    exact = fit(np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]), np.array([3.0, 2.0, 4.0]))  # y = 1 + 2a + b
+    np.testing.assert_allclose(exact.coef, [1.0, 2.0, 1.0], atol=1e-12)
+    assert np.isinf(exact.predict(np.array([[2.0, 2.0]]))[2]).all()  # no residual degrees of freedom: no bound
+
+
+def test_the_best_alpha_is_the_analysis_rule_highest_score_within_tolerance_ties_to_the_smaller():
+    o = {0.0: Outcome(0.60, 0.00), 0.25: Outcome(0.70, 0.01), 0.5: Outcome(0.70, 0.02), 0.75: Outcome(0.90, 0.30)}
+    assert best_alpha(o, 0.05) == 0.25  # 0.75 scores best but loses too much grounding; 0.25 ties 0.5
+    assert best_alpha(o, 0.5) == 0.75
+    assert best_alpha({0.5: Outcome(0.7, 0.2)}, 0.05) is None
+
+
+def predicted(scores, drops, width=0.02):
+    return {a: Outcome(s, d, s + width, d - width) for a, s, d in zip(GRID, scores, drops)}
+
+
+def test_the_search_evaluates_the_predicted_best_and_neighbours_then_follows_the_measurements():
+    guess = predicted([0.5, 0.6, 0.7, 0.65, 0.8], [0.0, 0.01, 0.02, 0.03, 0.2])
+    first = first_alphas(GRID, guess, 0.05)
+    assert first == [0.5, 0.25, 0.75]  # predicted best (1.0 is out of tolerance) and its neighbours
+    # measured: 0.75 is in fact the best: its neighbour 1.0 comes next (the prediction was off)
+    measured = {0.5: Outcome(0.7, 0.02), 0.25: Outcome(0.6, 0.01), 0.75: Outcome(0.75, 0.03)}
+    assert next_alphas(GRID, measured, guess, 0.05, budget=1.0) == [1.0]
+    measured[1.0] = Outcome(0.8, 0.2)  # out of tolerance: 0.75 stays best, its neighbours are measured
+    # with the budget left, an α whose interval could still beat 0.75 is evaluated: none can (0.0: 0.52)
+    assert next_alphas(GRID, measured, guess, 0.05, budget=1.0) == []
+    hopeful = guess | {0.0: Outcome(0.5, 0.0, 0.9, 0.0)}  # a wide interval that could beat it
+    assert next_alphas(GRID, measured, hopeful, 0.05, budget=1.0) == [0.0]
+    assert next_alphas(GRID, measured, hopeful, 0.05, budget=0.8) == []  # 4 of 5 evaluated: over budget
+    # nothing within tolerance: only an α whose interval reaches the tolerance is tried, the smallest drop first
+    lossy = predicted([0.5, 0.6, 0.7, 0.8, 0.9], [0.10, 0.06, 0.2, 0.3, 0.4])
+    assert first_alphas(GRID, lossy, 0.05) == [0.25, 0.0, 0.5]
+    tried = {a: Outcome(0.6, 0.1) for a in (0.25, 0.0, 0.5)}
+    assert next_alphas(GRID, tried, lossy, 0.05, budget=1.0) == []  # the others cannot be within: done
+
+
+def test_the_predictor_orients_lower_is_better_and_measures_drops_against_the_better_twin():
+    def rows(lm, grounding, blimp, vqa, ppl):
+        return [{"task": "probe", "subtask": "", "metric": "lm_loss", "value": lm},
+                {"task": "probe", "subtask": "", "metric": "grounding", "value": grounding},
+                {"task": "blimp", "subtask": "", "metric": "accuracy", "value": blimp},
+                {"task": "vqa", "subtask": "", "metric": "accuracy", "value": vqa},
+                {"task": "perplexity", "subtask": "", "metric": "perplexity", "value": ppl}]
+
+    # scores are exact linear functions of the signals: blimp = 1 − lm/10, vqa = 0.2 + grounding
+    twins = [rows(lm, g, 1 - lm / 10, 0.2 + g, 10 * lm) for lm, g in [(3, 0), (2.5, 0.4), (2, 0.1), (1.5, 0.6), (4, 0.3)]]
+    p = Predictor.fitted(Target("blimp", "accuracy"), [Target("vqa", "accuracy"), Target("perplexity", "perplexity")],
+                         twins)
+    text_twin, mm_twin = rows(2, 0.0, 0.8, 0.2, 20), rows(2.2, 0.5, 0.78, 0.7, 22)
+    merge = rows(2.1, 0.25, 0.79, 0.45, 25)
+    out = p.predicted(merge, (text_twin, mm_twin))
+    assert out.score == pytest.approx(0.79, abs=1e-9)
+    # vqa: 0.7 − 0.45 = 0.25; perplexity (lower is better): −20 − (−25) = 5, predicted from the line −10·lm: −20 + 21
+    assert out.mm_drop == pytest.approx(max(0.25, -20 + 21), abs=1e-9)
+    assert p.measured(merge, (text_twin, mm_twin)) == Outcome(0.79, pytest.approx(5.0))
+
+
+def test_probe_signals_equal_a_one_sequence_at_a_time_loss(twins):
+    from vlmerge.evaluate.probe import ProbeSet, signals
+    from vlmerge.evaluate.run import load_model
+
+    cfg = load_config(None, [f"paths.root={twins}", *SMALL_WORLD, "sweep.probe_lines=8"])
+    probe = ProbeSet.load(cfg)
+    assert sum(len(b["input_ids"]) for b in probe.text) == 8
+    own = torch.cat([b["pixel_values"] for b in probe.captions])
+    other = torch.cat([b["pixel_values"] for b in probe.shuffled])
+    assert not any(torch.equal(a, b) for a, b in zip(own, other))  # every caption gets another's image
+    model, _ = load_model(list_checkpoints(twins / "runs/demo/multimodal")[-1], "cpu")
+    got = signals(model, probe)
+
+    def by_hand(batches):
+        total = count = 0
+        for b in batches:
+            for i in range(len(b["input_ids"])):
+                keep = b["attention_mask"][i].bool()
+                ids, labels = b["input_ids"][i][keep], b["labels"][i][keep]
+                with torch.no_grad():
+                    logits = model(input_ids=ids[None], attention_mask=torch.ones_like(ids)[None],
+                                   pixel_values=b["pixel_values"][i: i + 1]).logits[0]
+                logp = torch.log_softmax(logits.double(), -1)
+                for t in range(1, len(ids)):
+                    if labels[t] != -100:
+                        total, count = total - float(logp[t - 1, ids[t]]), count + 1
+        return total / count
+
+    assert got["lm_loss"] == pytest.approx(by_hand(probe.text), rel=1e-5)
+    assert got["caption_loss"] == pytest.approx(by_hand(probe.captions), rel=1e-5)
+    assert got["grounding"] == pytest.approx(by_hand(probe.shuffled) - by_hand(probe.captions), abs=1e-5)
+    assert got["grounding"] > 0  # the multimodal twin reads its images
+
+
+def test_the_adaptive_sweep_probes_every_alpha_and_evaluates_fewer(twins, tmp_path, capsys):
+    root = tmp_path / "r"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
+    common = [f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, "sweep.tasks=[blimp, vqa]", "sweep.probe_lines=16",
+              "sweep.methods=[{name: linear}]", f"sweep.alphas={NINE}",
+              "analysis.multimodal_tasks={vqa: accuracy}", "analysis.tolerance=0.05"]
+    text, mm = (list_checkpoints(root / f"runs/demo/{run}")[-1] for run in ("text", "multimodal"))
+    assert main(["probe", "--text", str(text), "--mm", str(mm), "--alpha", "0,1", "--out", str(tmp_path / "p.json"),
+                 *common]) == 0
+    out = capsys.readouterr().out
+    assert "grounding" in out and "distances (model)" in out
+    signals = json.loads((tmp_path / "p.json").read_text())["signals"]
+    assert [s["alpha"] for s in signals] == [0.0, 1.0] and signals[0]["grounding"] > signals[1]["grounding"]
+
+    assert main(["sweep", "run", "--quiet", "sweep.search=adaptive", *common]) == 0
+    rows = read_results(root / "results/demo")
+    merged = rows[rows.method == "linear"]
+    pairs = merged.groupby(["text_words", "mm_words"])
+    assert len(pairs) == 3
+    for _, part in pairs:
+        assert sorted(set(part[part.task == "probe"].alpha)) == NINE
+        evaluated = sorted(set(part[part.task == "blimp"].alpha))
+        assert 2 <= len(evaluated) < 9  # the predicted best and its neighbours, refined: not the whole grid
+    twins_scored = rows[(rows.method == "none") & (rows.task == "probe")]
+    checkpoints = [c for run in ("text", "multimodal") for c in list_checkpoints(root / f"runs/demo/{run}")
+                   if not c.name.endswith("000000000000")]  # every checkpoint of both runs but step 0
+    assert len(twins_scored.drop_duplicates(["text_run", "mm_run", "text_words", "mm_words"])) == len(checkpoints)
+    assert main(["sweep", "run", "--quiet", "sweep.search=adaptive", *common]) == 0  # done: skipped
+    assert "0 item(s) run" in capsys.readouterr().out
