@@ -21,7 +21,7 @@ from vlmerge.analysis.load import MODEL, PAIR
 from vlmerge.analysis.stats import spearman
 from vlmerge.analysis.tables import twin_keys
 from vlmerge.config import AnalysisConfig
-from vlmerge.predict import PROBE, Predictor, Target, best_alpha, first_alphas, signals
+from vlmerge.predict import PROBE, Predictor, Target, best_alpha, first_alphas, multimodal_targets
 from vlmerge.results import UNMERGED
 
 DROP_COLUMNS = [*PAIR, "alpha", "task", "predicted_drop", "measured_drop"]
@@ -41,7 +41,7 @@ def probe_tables(metrics: pd.DataFrame, options: AnalysisConfig) -> tuple[pd.Dat
     if not text or len(twins) < 4:
         return empty
     target = Target(text[0], options.text_tasks[text[0]])
-    predictor = Predictor.fitted(target, [Target(k, m) for k, m in options.multimodal_tasks.items()], twins)
+    predictor = Predictor.fitted(target, multimodal_targets(options.multimodal_tasks), twins)
     merged = pd.DataFrame([k for k in probed if k[1] != UNMERGED], columns=MODEL)
     if merged.empty:
         return empty
@@ -58,8 +58,7 @@ def probe_tables(metrics: pd.DataFrame, options: AnalysisConfig) -> tuple[pd.Dat
         if scored:
             for t in [target, *predictor.multimodal]:
                 ref = max(t.value(pair[0]), t.value(pair[1]))
-                mean = float(predictor.fits[t.key].predict(signals(own)[None])[0][0])
-                drops.append([*key, t.key, ref - mean, ref - t.value(own)])
+                drops.append([*key, t.key, ref - predictor.score(t, own)[0], ref - t.value(own)])
     choices = []
     frame = pd.DataFrame([[*k] for k in outcomes], columns=MODEL)
     for pair_key, part in frame.groupby(PAIR, sort=True):
@@ -91,8 +90,8 @@ def probe_findings(drops: pd.DataFrame, choices: pd.DataFrame, tolerance: float)
     for task, rho, n in rank_agreement(drops).itertuples(index=False):
         if math.isnan(rho):
             continue
-        out.append(Finding("probe", task, f"The mergeability probe (held-out LM loss and image reliance, fitted on "
-                           f"the twins) ranks the merges' drops in {task} with Spearman ρ = {rho:.3f} against the "
+        out.append(Finding("probe", task, f"The mergeability probe (a line from the held-out LM loss, or the caption "
+                           f"loss for a multimodal task, to the score, fitted on the twins) ranks the merges' drops in {task} with Spearman ρ = {rho:.3f} against the "
                            f"measured drops ({n} merges).", rho, math.nan, math.nan, 0.0, n))
     found = choices
     if len(found):

@@ -191,7 +191,8 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
         shown = choices.assign(setting=[setting_label(*k) for k in choices[SETTING].itertuples(index=False)])
         sections.insert(2, Section(
             "Mergeability probe", "The probe's signals of every merge (held-out LM loss; caption loss with the true "
-            "against shuffled image features), mapped to each task's score by a line fitted on the twins, beside the "
+            "and with shuffled image features), mapped to each task's score by a line fitted on the twins (from the LM "
+            "loss for a text task, the caption loss for a multimodal one), beside the "
             "full evaluation: Spearman's ρ of predicted against measured drops, and the probe's best α against the "
             "grid's (probe_drops.csv, probe_choices.csv).",
             [("predicted vs measured drops", agreement),

@@ -12,7 +12,7 @@ from conftest import FAST_TRAIN, SMALL_WORLD
 from vlmerge.cli import main
 from vlmerge.config import load_config
 from vlmerge.layout import list_checkpoints
-from vlmerge.predict import Outcome, Predictor, Target, best_alpha, fit, first_alphas, next_alphas
+from vlmerge.predict import Outcome, Predictor, Target, best_alpha, fit, first_alphas, multimodal_targets, next_alphas
 from vlmerge.results import read_results
 
 GRID = [0.0, 0.25, 0.5, 0.75, 1.0]
@@ -59,7 +59,7 @@ def test_the_search_evaluates_the_predicted_best_and_neighbours_then_follows_the
     assert next_alphas(GRID, measured, guess, 0.05, budget=1.0) == []
     hopeful = guess | {0.0: Outcome(0.5, 0.0, 0.9, 0.0)}  # a wide interval that could beat it
     assert next_alphas(GRID, measured, hopeful, 0.05, budget=1.0) == [0.0]
-    assert next_alphas(GRID, measured, hopeful, 0.05, budget=0.8) == []  # 4 of 5 evaluated: over budget
+    assert next_alphas(GRID, measured, hopeful, 0.05, budget=0.8) == []  # a fifth evaluation would leave the budget (0.8 of 5)
     # nothing within tolerance: only an α whose interval reaches the tolerance is tried, the smallest drop first
     lossy = predicted([0.5, 0.6, 0.7, 0.8, 0.9], [0.10, 0.06, 0.2, 0.3, 0.4])
     assert first_alphas(GRID, lossy, 0.05) == [0.25, 0.0, 0.5]
@@ -67,25 +67,29 @@ def test_the_search_evaluates_the_predicted_best_and_neighbours_then_follows_the
     assert next_alphas(GRID, tried, lossy, 0.05, budget=1.0) == []  # the others cannot be within: done
 
 
-def test_the_predictor_orients_lower_is_better_and_measures_drops_against_the_better_twin():
-    def rows(lm, grounding, blimp, vqa, ppl):
+def test_the_predictor_reads_each_kind_of_task_from_its_signal_and_orients_lower_is_better():
+    def rows(lm, caption, blimp, vqa, ppl):
         return [{"task": "probe", "subtask": "", "metric": "lm_loss", "value": lm},
-                {"task": "probe", "subtask": "", "metric": "grounding", "value": grounding},
+                {"task": "probe", "subtask": "", "metric": "caption_loss", "value": caption},
                 {"task": "blimp", "subtask": "", "metric": "accuracy", "value": blimp},
                 {"task": "vqa", "subtask": "", "metric": "accuracy", "value": vqa},
                 {"task": "perplexity", "subtask": "", "metric": "perplexity", "value": ppl}]
 
-    # scores are exact linear functions of the signals: blimp = 1 − lm/10, vqa = 0.2 + grounding
-    twins = [rows(lm, g, 1 - lm / 10, 0.2 + g, 10 * lm) for lm, g in [(3, 0), (2.5, 0.4), (2, 0.1), (1.5, 0.6), (4, 0.3)]]
-    p = Predictor.fitted(Target("blimp", "accuracy"), [Target("vqa", "accuracy"), Target("perplexity", "perplexity")],
+    # exact lines: blimp = 1 − lm/10 (text: the LM loss), vqa = 0.9 − caption/10 and perplexity = 5·caption
+    # (multimodal: the caption loss)
+    twins = [rows(lm, c, 1 - lm / 10, 0.9 - c / 10, 5 * c) for lm, c in [(3, 8), (2.5, 1), (2, 6), (1.5, 2), (4, 4)]]
+    p = Predictor.fitted(Target("blimp", "accuracy"), multimodal_targets({"vqa": "accuracy", "perplexity": "perplexity"}),
                          twins)
-    text_twin, mm_twin = rows(2, 0.0, 0.8, 0.2, 20), rows(2.2, 0.5, 0.78, 0.7, 22)
-    merge = rows(2.1, 0.25, 0.79, 0.45, 25)
+    text_twin, mm_twin = rows(2, 8, 0.8, 0.2, 40), rows(2.2, 1, 0.78, 0.8, 22)
+    merge = rows(2.1, 3, 0.70, 0.45, 25)
     out = p.predicted(merge, (text_twin, mm_twin))
-    assert out.score == pytest.approx(0.79, abs=1e-9)
-    # vqa: 0.7 − 0.45 = 0.25; perplexity (lower is better): −20 − (−25) = 5, predicted from the line −10·lm: −20 + 21
-    assert out.mm_drop == pytest.approx(max(0.25, -20 + 21), abs=1e-9)
-    assert p.measured(merge, (text_twin, mm_twin)) == Outcome(0.79, pytest.approx(5.0))
+    assert out.score == pytest.approx(0.79, abs=1e-9)  # 1 − 2.1/10, whatever the merge measured
+    # predicted: vqa 0.9 − 0.3 = 0.6 against the better twin's 0.8: 0.2; perplexity 15 against 22 (lower is
+    # better, oriented −15 against −22): −7, a gain
+    assert out.mm_drop == pytest.approx(0.2, abs=1e-9)
+    assert out.score_high == pytest.approx(out.score, abs=1e-9)  # exact lines: no residual, an interval of no width
+    # measured: vqa 0.8 − 0.45 = 0.35, perplexity −22 − (−25) = 3
+    assert p.measured(merge, (text_twin, mm_twin)) == Outcome(0.70, pytest.approx(3.0))
 
 
 def test_probe_signals_equal_a_one_sequence_at_a_time_loss(twins):
@@ -94,17 +98,19 @@ def test_probe_signals_equal_a_one_sequence_at_a_time_loss(twins):
 
     cfg = load_config(None, [f"paths.root={twins}", *SMALL_WORLD, "sweep.probe_lines=8"])
     probe = ProbeSet.load(cfg)
-    assert sum(len(b["input_ids"]) for b in probe.text) == 8
-    own = torch.cat([b["pixel_values"] for b in probe.captions])
-    other = torch.cat([b["pixel_values"] for b in probe.shuffled])
-    assert not any(torch.equal(a, b) for a, b in zip(own, other))  # every caption gets another's image
+    assert probe.lines == 8
+    groups = torch.cat(probe.groups)
+    feats = torch.cat([b["pixel_values"] for b in probe.batches])
+    ids = torch.cat([torch.nn.functional.pad(b["input_ids"], (0, 64 - b["input_ids"].shape[1])) for b in probe.batches])
+    assert torch.equal(ids[groups == 1], ids[groups == 2])  # the same captions…
+    assert not any(torch.equal(a, b) for a, b in zip(feats[groups == 1], feats[groups == 2]))  # …each with another's image
     model, _ = load_model(list_checkpoints(twins / "runs/demo/multimodal")[-1], "cpu")
     got = signals(model, probe)
 
-    def by_hand(batches):
+    def by_hand(group: int) -> float:
         total = count = 0
-        for b in batches:
-            for i in range(len(b["input_ids"])):
+        for b, g in zip(probe.batches, probe.groups):
+            for i in torch.nonzero(g == group).flatten().tolist():
                 keep = b["attention_mask"][i].bool()
                 ids, labels = b["input_ids"][i][keep], b["labels"][i][keep]
                 with torch.no_grad():
@@ -116,9 +122,9 @@ def test_probe_signals_equal_a_one_sequence_at_a_time_loss(twins):
                         total, count = total - float(logp[t - 1, ids[t]]), count + 1
         return total / count
 
-    assert got["lm_loss"] == pytest.approx(by_hand(probe.text), rel=1e-5)
-    assert got["caption_loss"] == pytest.approx(by_hand(probe.captions), rel=1e-5)
-    assert got["grounding"] == pytest.approx(by_hand(probe.shuffled) - by_hand(probe.captions), abs=1e-5)
+    assert got["lm_loss"] == pytest.approx(by_hand(0), rel=1e-5)
+    assert got["caption_loss"] == pytest.approx(by_hand(1), rel=1e-5)
+    assert got["grounding"] == pytest.approx(by_hand(2) - by_hand(1), abs=1e-5)
     assert got["grounding"] > 0  # the multimodal twin reads its images
 
 

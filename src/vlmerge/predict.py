@@ -1,14 +1,15 @@
 """Predicting a merge's scores from the mergeability probe, and the adaptive search that uses it.
 
 **The predictor.** From probe signals (`vlmerge.evaluate.probe`) to task scores: one least-squares
-line per task over the signals, fitted on models scored in full (the twins of every checkpoint:
-the sweep scores them in any case), with a prediction interval for each new model.
+line per task, fitted on models scored in full (the twins of every checkpoint: the sweep scores
+them in any case), with a prediction interval for each new model. A text task is read from the
+held-out LM loss, a multimodal task from the caption loss with the true images (`FEATURES`).
 
-    score ≈ β₀ + β·signals,   interval ŷ ± t(level, n−p)·s·√(1 + x (XᵀX)⁻¹ xᵀ)
+    score ≈ β₀ + β·signal,   interval ŷ ± t(level, n−p)·s·√(1 + x (XᵀX)⁻¹ xᵀ)
 
-The twins of a sweep span its signals: the checkpoints' held-out losses from early to late
-training, and grounding from the text twin's (none) to the multimodal twin's. A merge is scored
-by where its signals fall on that line.
+The twins of a sweep span the signals: the held-out loss from early to late checkpoints, the
+caption loss from the text twin's (it never saw an image) to the multimodal twin's. A merge is
+scored by where its signals fall on those lines.
 
 **The adaptive search** of one pair's α grid (`sweep.search: adaptive`) looks for the best α as the
 analysis picks it: the highest score on the search task among the α whose multimodal drop (the
@@ -42,7 +43,9 @@ from vlmerge.errors import VlmergeError
 from vlmerge.results import LOWER_IS_BETTER
 
 PROBE = "probe"  # the task name of the probe's result rows (vlmerge.evaluate.probe)
-FEATURES = ("lm_loss", "grounding")  # the probe signals the predictor reads
+# The probe signal each kind of task is predicted from. With a dozen twins to fit, one signal a line:
+# two (the LM loss and grounding) fitted the demo's twins closer and ranked its merges' drops worse.
+FEATURES = {"text": ("lm_loss",), "multimodal": ("caption_loss",)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +119,7 @@ def next_alphas(grid: Sequence[float], measured: Mapping[float, Outcome], predic
         missing = [a for a in neighbourhood(grid, best) if a not in measured]
         if missing:
             return missing
-    if len(measured) >= budget * len(grid):
+    if len(measured) + 1 > budget * len(grid):  # one more would leave the budget
         return []
     left = [a for a in grid if a not in measured and predicted[a].mm_drop_low <= tolerance]
     if best is None:  # nothing measured within tolerance: the α most likely to be, if any may be
@@ -132,10 +135,16 @@ Rows = Sequence[Mapping]  # one model's result rows (task, subtask, metric, valu
 
 @dataclasses.dataclass(frozen=True)
 class Target:
-    """A task ("task" or "task/subtask") and its metric; sign +1 where higher is better."""
+    """A task ("task" or "task/subtask"), its metric, and its kind (text or multimodal: which probe
+    signals predict it); sign +1 where higher is better."""
 
     key: str
     metric: str
+    kind: str = "text"
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return FEATURES[self.kind]
 
     @property
     def sign(self) -> int:
@@ -154,12 +163,17 @@ def targets(cfg: Config) -> tuple[Target, list[Target]]:
     if task not in cfg.analysis.text_tasks:
         raise VlmergeError(f"sweep.search_task {task!r}: not in analysis.text_tasks (known: "
                            f"{', '.join(cfg.analysis.text_tasks)}); it names the metric the search maximises")
-    return Target(task, cfg.analysis.text_tasks[task]), [Target(k, m) for k, m in cfg.analysis.multimodal_tasks.items()]
+    return Target(task, cfg.analysis.text_tasks[task]), multimodal_targets(cfg.analysis.multimodal_tasks)
 
 
-def signals(rows: Rows) -> np.ndarray:
-    """The predictor's features (FEATURES) from a model's probe rows."""
-    return np.array([Target(PROBE, name).value(rows) for name in FEATURES])
+def multimodal_targets(tasks: Mapping[str, str]) -> list[Target]:
+    """analysis.multimodal_tasks as targets."""
+    return [Target(k, m, "multimodal") for k, m in tasks.items()]
+
+
+def signals(rows: Rows, features: Sequence[str]) -> np.ndarray:
+    """These probe signals of a model, from its probe rows (NaN where missing)."""
+    return np.array([Target(PROBE, name).value(rows) for name in features])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,12 +187,12 @@ class Predictor:
     @classmethod
     def fitted(cls, text: Target, multimodal: list[Target], calibration: Sequence[Rows]) -> Predictor:
         """Fitted on the twins' rows (`calibration`); a multimodal target they do not score is left out."""
-        x = np.array([signals(rows) for rows in calibration])
         fits = {}
         for t in [text, *multimodal]:
+            x = np.array([signals(rows, t.features) for rows in calibration]).reshape(len(calibration), -1)
             y = np.array([t.value(rows) for rows in calibration])
             keep = ~np.isnan(y) & ~np.isnan(x).any(axis=1)
-            if keep.sum() > len(FEATURES) + 1:
+            if keep.sum() > len(t.features) + 1:
                 fits[t.key] = fit(x[keep], y[keep])
         if text.key not in fits:
             raise VlmergeError(f"sweep.search_task {text.key}: too few twins scored on it ({len(calibration)} "
@@ -194,14 +208,18 @@ class Predictor:
         drops = [ref[t.key] - t.value(rows) for t in self.multimodal]
         return Outcome(self.text.value(rows), max(drops, default=0.0))
 
+    def score(self, target: Target, probe_rows: Rows) -> tuple[float, float, float]:
+        """(mean, low, high) of a target's oriented score the probe's signals predict."""
+        mean, low, high = self.fits[target.key].predict(signals(probe_rows, target.features)[None])
+        return float(mean[0]), float(low[0]), float(high[0])
+
     def predicted(self, probe_rows: Rows, twins: tuple[Rows, Rows]) -> Outcome:
         """The outcome the probe's signals predict, with the optimistic ends of the intervals."""
-        x = signals(probe_rows)[None]
-        score, low, high = self.fits[self.text.key].predict(x)
+        score, _, high = self.score(self.text, probe_rows)
         ref = self.reference(twins)
         drops, lows = [0.0], [0.0]
         for t in self.multimodal:
-            mean, lo, hi = self.fits[t.key].predict(x)
-            drops.append(ref[t.key] - float(mean[0]))
-            lows.append(ref[t.key] - float(hi[0]))
-        return Outcome(float(score[0]), max(drops), float(high[0]), max(lows))
+            mean, _, hi = self.score(t, probe_rows)
+            drops.append(ref[t.key] - mean)
+            lows.append(ref[t.key] - hi)
+        return Outcome(score, max(drops), high, max(lows))

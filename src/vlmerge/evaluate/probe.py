@@ -26,18 +26,20 @@ from vlmerge.evaluate.tasks import Metric
 from vlmerge.predict import PROBE
 from vlmerge.problems import ProblemLog
 
-SIGNALS = ("lm_loss", "caption_loss", "caption_loss_shuffled", "grounding")
-_BATCH = 64
+LOSSES = ("lm_loss", "caption_loss", "caption_loss_shuffled")  # the mean losses, by the group of a sequence
+SIGNALS = (*LOSSES, "grounding")
+_BATCH_TOKENS = 8192  # rows × model.max_length per forward pass
 _SHUFFLE_SEED = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class ProbeSet:
-    """The probe's batches: dev lines after the null image; captions with their image and with another's."""
+    """The probe's sequences in batches, each row of one group of LOSSES: dev lines after the null
+    image; captions with their image; the same captions with another caption's image."""
 
-    text: list[dict[str, torch.Tensor]]
-    captions: list[dict[str, torch.Tensor]]
-    shuffled: list[dict[str, torch.Tensor]]
+    batches: list[dict[str, torch.Tensor]]
+    groups: list[torch.Tensor]  # per batch: each row's index into LOSSES
+    lines: int
 
     @classmethod
     def load(cls, cfg: Config) -> ProbeSet:
@@ -52,51 +54,47 @@ class ProbeSet:
         if not lines:
             raise VlmergeError(f"{cfg.data.dev_text[0]}: no lines for the probe's held-out loss")
         collate, words = data.collate, data.samples.words
-        tokens = data.tokenizer(lines, add_special_tokens=False)["input_ids"]
+        text = [collate.text_sequence(t) for t in data.tokenizer(lines, add_special_tokens=False)["input_ids"]]
         null = collate.samples.features.null
-        text = [collate.pad([collate.text_sequence(t) for t in tokens[i: i + _BATCH]],
-                            null.expand(len(tokens[i: i + _BATCH]), *null.shape).clone())
-                for i in range(0, len(tokens), _BATCH)]
         with_image = np.flatnonzero(data.samples.feature_row >= 0)[:n]
         if len(with_image) < 2:
             raise VlmergeError("sweep.probe: fewer than 2 captions with an image feature for the caption loss")
         pieces = [Piece(int(i), 0, int(words[i])) for i in with_image]
-        captions = [collate(pieces[i: i + _BATCH]) for i in range(0, len(pieces), _BATCH)]
+        captions = [collate.sequence(p) for p in pieces]
+        images = collate(pieces)["pixel_values"]
         # every caption gets another caption's image: a derangement of the probe's images
         order = np.random.default_rng(_SHUFFLE_SEED).permutation(len(pieces))
-        other = np.roll(order, 1)[np.argsort(order)]
-        feats = torch.cat([b["pixel_values"] for b in captions])[torch.from_numpy(other)]
-        shuffled, start = [], 0
-        for b in captions:
-            shuffled.append(b | {"pixel_values": feats[start: start + len(b["input_ids"])]})
-            start += len(b["input_ids"])
-        return cls(text, captions, shuffled)
+        other = torch.from_numpy(np.roll(order, 1)[np.argsort(order)])
+        seqs = text + captions + captions
+        feats = torch.cat([null.expand(len(text), *null.shape), images, images[other]])
+        groups = torch.tensor([0] * len(text) + [1] * len(captions) + [2] * len(captions))
+        rows = max(1, _BATCH_TOKENS // cfg.model.max_length)
+        starts = range(0, len(seqs), rows)
+        return cls([collate.pad(seqs[i: i + rows], feats[i: i + rows]) for i in starts],
+                   [groups[i: i + rows] for i in starts], len(text))
 
 
-def mean_loss(model: torch.nn.Module, batches: list[dict[str, torch.Tensor]]) -> float:
-    """The mean token loss over every target token of `batches` (not the mean of batch means)."""
+def mean_losses(model: torch.nn.Module, probe: ProbeSet) -> dict[str, float]:
+    """Per group of LOSSES, the mean token loss over its every target token (not a mean of means)."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
+    sums, counts = torch.zeros(len(LOSSES), dtype=torch.float64), torch.zeros(len(LOSSES), dtype=torch.float64)
     with torch.inference_mode():
-        for batch in batches:
+        for batch, group in zip(probe.batches, probe.groups):
             b = {k: v.to(device) for k, v in batch.items() if k != "labels"}
             logits = model(**b).logits[:, :-1].float()
             labels = batch["labels"][:, 1:].to(device)
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                     ignore_index=-100, reduction="sum")
-            total += float(loss)
-            count += int((labels != -100).sum())
-    return total / count if count else math.nan
+            nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+            sums.index_add_(0, group, nll.sum(1).double().cpu())
+            counts.index_add_(0, group, (labels != -100).sum(1).double().cpu())
+    return {name: float(s / c) if c else math.nan for name, s, c in zip(LOSSES, sums, counts)}
 
 
 def signals(model: torch.nn.Module, probe: ProbeSet) -> dict[str, float]:
     """The probe's signals of one model (SIGNALS)."""
-    out = {"lm_loss": mean_loss(model, probe.text), "caption_loss": mean_loss(model, probe.captions),
-           "caption_loss_shuffled": mean_loss(model, probe.shuffled)}
+    out = mean_losses(model, probe)
     return out | {"grounding": out["caption_loss_shuffled"] - out["caption_loss"]}
 
 
 def probe_result(values: dict[str, float], probe: ProbeSet) -> TaskResult:
     """The signals as result rows of the task `probe` (n: the dev lines)."""
-    lines = sum(len(b["input_ids"]) for b in probe.text)
-    return TaskResult(PROBE, [Metric("", name, float(values[name]), lines) for name in SIGNALS], [])
+    return TaskResult(PROBE, [Metric("", name, float(values[name]), probe.lines) for name in SIGNALS], [])
