@@ -92,7 +92,28 @@ def pct(x: float) -> str:
 
 
 def setting_name(method: str, params: str) -> str:
-    return method if params == "{}" else f"{method} {params}"
+    """A merge setting as the report names it: the method, its parameters, its α schedule in words."""
+    given = json.loads(params)
+    schedule = given.pop("schedule", None)
+    name = method if not given else f"{method} {json.dumps(given, sort_keys=True)}"
+    return name if schedule is None else f"{name} ({schedule_words(schedule)})"
+
+
+def schedule_words(schedule) -> str:
+    """A merge's α schedule (mergekit's syntax, vlmerge.merge.schedule) in words:
+    `[{filter: multi_modal_projector, value: 0}]` → "multi_modal_projector at 0, the rest at α"."""
+    def value(v) -> str:
+        if isinstance(v, list):
+            return "→".join(value(x) for x in v) + " over the layers"
+        return "α" if v == "alpha" else f"{v:g}"
+
+    bare = not isinstance(schedule, list) or all(not isinstance(c, dict) for c in schedule)
+    conditions = [{"value": schedule}] if bare else schedule
+    words = [f"{'every tensor' if c.get('filter') in (None, '*') else c['filter']}"
+             f"{' ' if isinstance(c['value'], list) else ' at '}{value(c['value'])}" for c in conditions]
+    if all(c.get("filter") not in (None, "*") for c in conditions):
+        words.append("the rest at α")
+    return ", ".join(words)
 
 
 def last_pair(keys: pd.DataFrame) -> pd.Series:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from vlmerge.analysis import paper, plots, sung
 from vlmerge.analysis.finetune import finetune_findings, finetune_table, without_finetune
-from vlmerge.analysis.findings import Finding, findings, to_json, to_markdown
+from vlmerge.analysis.findings import Finding, findings, setting_name, to_json, to_markdown
 from vlmerge.analysis.correlations import COLUMNS as CORRELATION_COLUMNS
 from vlmerge.analysis.correlations import correlations, too_few_points
 from vlmerge.analysis.load import CHECKPOINT_PAIR, Results, load, twin_results
@@ -85,7 +85,7 @@ def by_setting_and_task(scores: pd.DataFrame) -> Iterator[tuple[tuple[str, str, 
 
 
 def setting_label(experiment: str, method: str, params: str) -> str:
-    return f"{experiment}: {method}" + ("" if params == "{}" else f" {params}")
+    return f"{experiment}: {setting_name(method, params)}"
 
 
 def _slug(*parts: object) -> str:

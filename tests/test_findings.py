@@ -144,3 +144,15 @@ def test_best_method_is_the_higher_mean_over_alpha_and_says_when_it_is_no_winner
     assert found.text.endswith(f"by {margin:.3f} [{found.low:.3f}, {found.high:.3f}].")
     (tie,) = best_method(settings_merges(0.0))
     assert not tie.effect and tie.text.endswith("an interval that contains 0: no clear winner.")
+
+
+def test_a_merge_setting_with_an_alpha_schedule_is_named_in_words():
+    from vlmerge.analysis.findings import setting_name
+
+    assert setting_name("linear", '{"schedule": [{"filter": "multi_modal_projector", "value": 0}]}') == \
+        "linear (multi_modal_projector at 0, the rest at α)"
+    assert setting_name("ties", '{"density": 0.2, "schedule": [0, 1]}') == \
+        'ties {"density": 0.2} (every tensor 0→1 over the layers)'
+    assert setting_name("linear", '{"schedule": [{"filter": "self_attn", "value": [0, "alpha", 1]}, {"value": 0.5}]}') \
+        == "linear (self_attn 0→α→1 over the layers, every tensor at 0.5)"
+    assert setting_name("task_arithmetic", '{"lam": 2.0}') == 'task_arithmetic {"lam": 2.0}'
