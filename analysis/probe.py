@@ -87,12 +87,16 @@ def rank_agreement(drops: pd.DataFrame) -> pd.DataFrame:
 def probe_findings(drops: pd.DataFrame, choices: pd.DataFrame, tolerance: float) -> list[Finding]:
     """How well the probe ranks the drops, and how often its best α is the grid's (within one step)."""
     out = []
-    for task, rho, n in rank_agreement(drops).itertuples(index=False):
-        if math.isnan(rho):
-            continue
-        out.append(Finding("probe", task, f"The mergeability probe (a line from the held-out LM loss, or the caption "
-                           f"loss for a multimodal task, to the score, fitted on the twins) ranks the merges' drops in {task} with Spearman ρ = {rho:.3f} against the "
-                           f"measured drops ({n} merges).", rho, math.nan, math.nan, 0.0, n))
+    ranks = rank_agreement(drops).dropna()
+    if len(ranks):
+        lead = ranks.task == (choices.task.iloc[0] if len(choices) else ranks.task.iloc[0])  # the search task
+        first = ranks[lead].iloc[0] if lead.any() else ranks.iloc[0]
+        each = ", ".join(f"{rho:.3f} ({task})" for task, rho, _ in ranks.itertuples(index=False))
+        out.append(Finding("probe", str(first.task), f"The mergeability probe (a line from the held-out LM loss to a "
+                           f"text task's score, from the caption loss to a multimodal task's, fitted on the twins) "
+                           f"ranks the drops of {int(first.n)} merges as the full evaluation measures them: Spearman "
+                           f"ρ = {each}.", float(first.spearman), math.nan, math.nan, 0.0, int(first.n),
+                           details={row.task: row.spearman for row in ranks.itertuples(index=False)}))
     found = choices
     if len(found):
         near = int((found.steps_apart <= 1).sum())  # NaN: one of the two finds no α within tolerance
