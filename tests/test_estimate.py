@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 
@@ -45,7 +46,7 @@ def test_projected_checkpoints_are_the_schedule_and_the_epoch_ends(tmp_path):
 
 def calibration(**kw) -> Calibration:
     values = dict(device="cpu (test)", model="m", import_s=5.0, setup_s=1.0, load_s=2.0,
-                  merge_s={"linear": 0.5}, first_merge_s={"linear": 1.5}, distances_s=3.0,
+                  merge_s={"linear": 0.5}, first_merge_s={"linear": 1.5}, distances_s=3.0, probe_s=0.0,
                   tasks=[TaskCost("blimp", 1000, 100, prepare_s=0.2, score_s=1.0, bytes=10)], peak_rss=2**30,
                   peak_gpu=0, metric_rows=10, item_rows=1000.0, metric_row_bytes=50.0, item_row_bytes=10.0,
                   export_bytes=0.0)
@@ -56,6 +57,10 @@ def test_an_items_seconds_are_its_load_tokenising_and_each_alpha_merged_and_scor
     item = WorkItem("t", "m", "linear", "{}", (0.0, 0.5, 1.0), None, "s")
     # load 2 + tokenising 0.2 × 10 + first merge 1.5 + 2 more merges × 0.5 + 3 α × scoring 1.0 × 10
     assert item_seconds(item, calibration()) == pytest.approx(2 + 2 + 1.5 + 1 + 30)
+    # with the probe (0.1 s a model) and the adaptive search scoring 0.4 of 11 α: 5 α merged again and scored
+    eleven = dataclasses.replace(item, alphas=tuple(i / 10 for i in range(11)))
+    assert item_seconds(eleven, calibration(probe_s=0.1), 0.4) == pytest.approx(2 + 2 + 1.5 + (10 + 5) * 0.5
+                                                                                 + 11 * 0.1 + 5 * 10)
 
 
 def test_the_report_warns_past_the_partitions_time_limit_and_max_array_size():

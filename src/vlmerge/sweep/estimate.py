@@ -10,6 +10,9 @@ pair's weight distances. The sweep then costs
                        a scoring of every item of every task (the sample's time × items / sample)
     per endpoint       each unmerged checkpoint scored once
     per pair           its weight distances (sweep.distances)
+    the probe          with sweep.probe, its signals of every model (timed on the calibration model);
+                       with sweep.search adaptive, every α probed and sweep.search_budget of them
+                       (rounded up) merged again and scored
 
 laid out as the Slurm array is (items per array task), with a worker's peak memory and the disk
 that the results take (their rows × the bytes a row takes in Parquet, measured on the sample).
@@ -22,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -38,6 +42,7 @@ from vlmerge.data import FeatureTable
 from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.tasks import get_task
+from vlmerge.evaluate.probe import ProbeSet, signals
 from vlmerge.evaluate.run import (PreparedTask, babylm_files, config_scorer, evaluate, load_model, prepare, result_rows,
                                   task_specs)
 from vlmerge.io import read_json
@@ -49,7 +54,7 @@ from vlmerge.merge.methods import get_method
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, write_rows
 from vlmerge.sweep.plan import (BEST_TEXT_RUNS, Checkpoints, WorkItem, all_checkpoints, array_layout, best_text_data,
-                                best_text_salt, plan, run_checkpoints, sweep_runs, sweep_tasks)
+                                best_text_salt, plan, probing, run_checkpoints, sweep_runs, sweep_tasks)
 from vlmerge.sweep.run import endpoint_id, finished
 from vlmerge.train.schedule import checkpoint_words as schedule_words
 
@@ -132,6 +137,7 @@ class Calibration:
     merge_s: dict[str, float]  # method -> one α, warm
     first_merge_s: dict[str, float]  # method -> its first α on an item (whole-model statistics)
     distances_s: float
+    probe_s: float  # the probe's signals of one model (0: the probe off)
     tasks: list[TaskCost]
     peak_rss: int
     peak_gpu: int
@@ -241,6 +247,17 @@ def calibrate(cfg: Config, model_dir: Path, methods: Sequence[str], sample: int 
             merger.merge_into(model, method, alpha)
             _sync(device)
             timings[method] = time.perf_counter() - t0
+    probe = 0.0
+    if probing(cfg):
+        t0 = time.perf_counter()
+        probe_set = ProbeSet.load(cfg)
+        setup += time.perf_counter() - t0
+        signals(model, probe_set)  # warm
+        _sync(device)
+        t0 = time.perf_counter()
+        signals(model, probe_set)
+        _sync(device)
+        probe = time.perf_counter() - t0
     distances = 0.0  # sweep.distances off: none to time (at width 768 on a CPU, a minute)
     if cfg.sweep.distances:
         t0 = time.perf_counter()
@@ -271,7 +288,7 @@ def calibrate(cfg: Config, model_dir: Path, methods: Sequence[str], sample: int 
                   for content in babylm_files([r]).values())
     return Calibration(
         device=_device_name(device), model=str(model_dir), import_s=imports, setup_s=setup, load_s=load,
-        merge_s=warm, first_merge_s=first, distances_s=distances, tasks=costs,
+        merge_s=warm, first_merge_s=first, distances_s=distances, probe_s=probe, tasks=costs,
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         peak_gpu=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0,
         metric_rows=len(rows), item_rows=item_rows, metric_row_bytes=parquet_bytes_per_row(rows, RESULTS_SCHEMA),
@@ -323,13 +340,16 @@ class Estimate:
         return dataclasses.asdict(self) | {"total_seconds": self.total_seconds}
 
 
-def item_seconds(item: WorkItem, cal: Calibration) -> float:
-    """One item's own work: its pair loaded, the tasks tokenised, each α merged and scored."""
+def item_seconds(item: WorkItem, cal: Calibration, scored_share: float = 1.0) -> float:
+    """One item's own work: its pair loaded, the tasks tokenised, each α merged, probed (cal.probe_s) and
+    scored; `scored_share` < 1 (the adaptive search): that share of the α, rounded up, merged again and scored."""
     alphas = max(len(item.alphas), 1)
+    scored = alphas if scored_share >= 1 else math.ceil(scored_share * alphas)
     method = "linear" if is_expert_method(item.method) else item.method  # (expert merges: as linear)
     merge_first = cal.first_merge_s.get(method, 0.0)
     merge = cal.merge_s.get(method, 0.0)
-    return cal.load_s + cal.prepare_s + merge_first + (alphas - 1) * merge + alphas * cal.score_s
+    merges = alphas - 1 + (scored if scored_share < 1 else 0)
+    return cal.load_s + cal.prepare_s + merge_first + merges * merge + alphas * cal.probe_s + scored * cal.score_s
 
 
 def array_seconds(cfg: Config, todo: Sequence[WorkItem], cal: Calibration,
@@ -341,12 +361,13 @@ def array_seconds(cfg: Config, todo: Sequence[WorkItem], cal: Calibration,
     for k in range(0, len(todo), per_task):
         seconds = start
         for it in todo[k : k + per_task]:
-            seconds += item_seconds(it, cal)
+            adaptive = cfg.sweep.search == "adaptive" and len(it.alphas) > 2 and not is_expert_method(it.method)
+            seconds += item_seconds(it, cal, cfg.sweep.search_budget if adaptive else 1.0)
             for rel in {it.text, it.mm}:
                 name = endpoint_id(it, rel)
                 if name not in endpoints and not finished(cfg, name):
                     endpoints.add(name)
-                    seconds += cal.merge_s.get("linear", 0.0) + cal.score_s
+                    seconds += cal.merge_s.get("linear", 0.0) + cal.score_s + cal.probe_s
             pair = (it.text, it.mm, it.base)
             if cfg.sweep.distances and pair not in pairs:
                 pairs.add(pair)
@@ -428,7 +449,8 @@ def report(cal: Calibration, est: Estimate, *, plan_source: str, array: tuple[in
     merges = ", ".join(f"{m} {s:.3f} s" for m, s in cal.merge_s.items())
     lines += [
         f"  one model scored: {hours(cal.score_s)}; tokenising the tasks: {cal.prepare_s:.1f} s per item; "
-        f"merge per α: {merges}; load {cal.load_s:.1f} s; distances {cal.distances_s:.1f} s",
+        f"merge per α: {merges}; load {cal.load_s:.1f} s; distances {cal.distances_s:.1f} s"
+        + (f"; probe {cal.probe_s:.3f} s per model" if cal.probe_s else ""),
         f"  worker start: imports {cal.import_s:.1f} s, features and task data {cal.setup_s:.1f} s",
         f"  array: {tasks} task(s) × {per_task} item(s); per task {hours(longest)} at most, "
         f"{hours(est.total_seconds / max(len(est.task_seconds), 1))} on average; "
