@@ -7,29 +7,7 @@ from collections.abc import Iterable
 import torch
 
 from vlmerge.merge.methods import Param, TensorInputs, register
-
-
-def magnitude_threshold(values: torch.Tensor, density: float) -> float:
-    """The smallest magnitude among the `density` share of largest-magnitude entries."""
-    flat = values.abs().flatten()
-    k = int(round(density * flat.numel()))
-    if k == 0:
-        return float("inf")
-    return flat.kthvalue(flat.numel() - k + 1).values.item()
-
-
-def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
-
-
-def disjoint_mean(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Elect sign(Σ wᵢτᵢ) per entry; mean of the wᵢτᵢ that agree, over the weights that agree."""
-    weighted = [w * t for w, t in zip(weights, taus)]
-    sign = torch.sign(sum(weighted))
-    agree = [(torch.sign(t) == sign) & (t != 0) for t in taus]
-    num = sum(torch.where(a, wt, torch.zeros_like(wt)) for a, wt in zip(agree, weighted))
-    den = sum(a.to(num.dtype) * w for a, w in zip(agree, weights))
-    return torch.where(den > 0, num / den.clamp(min=1e-12), torch.zeros_like(num))
+from vlmerge.merge.methods.parts import disjoint_mean, magnitude_threshold, trim
 
 
 def whole_model_thresholds(inputs: Iterable[TensorInputs], params: dict) -> dict:
