@@ -120,6 +120,28 @@ def test_ties_trims_elects_and_takes_the_disjoint_mean():
         [7, -3, 1, -7]
 
 
+def test_ties_keeps_the_floor_of_density_times_n_and_elects_plus_on_a_tie():
+    # 3 entries, density ½: ⌊1.5⌋ = 1 entry kept (mergekit's count)
+    assert run("ties", [3, -1, 2], [0, 0, 0], 1.0, base=[0, 0, 0], density=0.5).tolist() == [3, 0, 0]
+    # a positive density keeps at least one entry
+    assert run("ties", [3, -1, 2], [0, 0, 0], 1.0, base=[0, 0, 0], density=0.1).tolist() == [3, 0, 0]
+    assert run("ties", [3], [-1], 0.5, base=[1], density=1.0).tolist() == [3.0]  # τ = 2, -2: + elected
+    # the same with one threshold over the whole model (a single tensor here)
+    assert run("ties", [3, -1, 2], [0, 0, 0], 1.0, base=[0, 0, 0], density=0.5, scope="model").tolist() == [3, 0, 0]
+
+
+def test_ranked_breaks_ties_at_the_cut_as_the_sort_does():
+    from vlmerge.merge.methods.parts import ranked
+
+    g = torch.Generator().manual_seed(0)
+    for values in (torch.randint(0, 5, (200,), generator=g).float(), torch.rand(200, generator=g)):
+        for lo, hi in ((0, 50), (37, 120), (150, 200), (10, 10)):
+            for desc in (False, True):
+                expected = torch.zeros(200, dtype=torch.bool)
+                expected[torch.sort(values, descending=desc).indices[lo:hi]] = True
+                assert torch.equal(ranked(values, lo, hi, descending=desc), expected), (lo, hi, desc)
+
+
 def test_dare_drops_and_rescales_reproducibly():
     text, mm, base = [1.0] * 1000, [3.0] * 1000, [0.0] * 1000
     no_drop = run("dare", text, mm, 0.5, base=base, p=0.0)
