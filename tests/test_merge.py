@@ -34,9 +34,10 @@ def run(method: str, text, mm, alpha: float, base=None, grams=None, **params) ->
 
 
 def test_registry_lists_every_method():
-    assert {n for n, m in METHODS.items() if m.inputs == "twins"} == {"linear", "task_arithmetic", "regmean", "ties",
-                                                                       "dare", "slerp"}
-    with pytest.raises(VlmergeError, match="unknown merge method 'avg' \\(known: dare, experts_arithmetic"):
+    assert {n for n, m in METHODS.items() if m.inputs == "twins"} == {
+        "linear", "task_arithmetic", "regmean", "ties", "dare", "slerp", "dare_linear", "dare_ties", "breadcrumbs",
+        "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "karcher", "sce", "magmax", "tsv", "iso_c"}
+    with pytest.raises(VlmergeError, match="unknown merge method 'avg' \\(known: breadcrumbs, breadcrumbs_ties, dare"):
         get_method("avg")
     with pytest.raises(VlmergeError, match="unknown parameter 'densty' \\(allowed: density, lam, scope\\)"):
         get_method("ties").params({"densty": 0.3})

@@ -3,17 +3,18 @@
 to float32 rounding): a sparsification of each task vector τ = θ − θ₀ alone, then a consensus
 (which entries agree) and a combination, in `task_vector_merge`.
 
-No method is registered here. Random draws come from a CPU generator seeded by (seed, role,
-tensor name): a merge is reproducible, the same on a GPU as on the CPU, and does not depend on
-the order of the tensors.
+No method is registered here. Random parts compare uniforms drawn on a CPU generator seeded by
+(seed, role, tensor name) with each entry's keep probability (kept where u < p, as a Bernoulli
+draw): a merge is reproducible, the same on a GPU as on the CPU, and does not depend on the
+order of the tensors.
 
-Where a rule ranks entries by magnitude (TIES's top-k), entries of equal
+Where a rule ranks entries by magnitude (top-k, breadcrumbs, SCE's variance), entries of equal
 magnitude at the cut are chosen as torch's sort orders them, which is what mergekit does; the
 common case, no tie at the cut, needs no sort (`ranked`).
 """
 
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -25,6 +26,11 @@ ROLES = ("text", "mm")  # the order of the inputs, as mergekit's models list: te
 def generator(seed: int, role: str, name: str) -> torch.Generator:
     """A CPU generator of its own for each (seed, input role, tensor)."""
     return torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{role}:{name}".encode()))
+
+
+def uniforms(shape: Sequence[int], seed: int, role: str, name: str, device: torch.device) -> torch.Tensor:
+    """Float32 uniforms in [0, 1) for one input's tensor, drawn on the host, then moved to `device`."""
+    return torch.rand(tuple(shape), generator=generator(seed, role, name)).to(device)
 
 
 def ranked(values: torch.Tensor, lo: int, hi: int, descending: bool = False,
@@ -61,6 +67,18 @@ def _sorted_mask(values, lo, hi, descending, chosen) -> torch.Tensor:
     return mask
 
 
+def rescaled(tau: torch.Tensor, keep: torch.Tensor, rescale: bool, eps: float = 1e-7) -> torch.Tensor:
+    """τ where kept (else 0); with `rescale`, times ‖τ‖₁/‖kept τ‖₁ (mergekit's L1 rescaling, its
+    `rescale: true`), unless either norm is below `eps`."""
+    masked = tau * keep
+    if not rescale:
+        return masked
+    before, after = tau.abs().sum(), masked.abs().sum()
+    if before < eps or after < eps:
+        return masked
+    return masked * (before / after)
+
+
 # -- sparsification: one task vector -> its sparsified (and rescaled) version ---------------------
 
 def magnitude_threshold(values: torch.Tensor, density: float) -> float:
@@ -87,6 +105,80 @@ def magnitude(tau: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(tau)
     k = max(1, int(density * n))
     return tau * ranked(tau.abs().flatten(), 0, k, descending=True).view(tau.shape)
+
+
+def breadcrumbs(tau: torch.Tensor, density: float, gamma: float, rescale: bool) -> torch.Tensor:
+    """Model Breadcrumbs: drop the ⌊γ·n⌋ largest magnitudes (outliers) and the smallest, keeping
+    ⌊density·n⌋ entries; fewer outliers go when both do not fit (mergekit's `magnitude_outliers`)."""
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    target, n_top = int(density * n), int(gamma * n)
+    n_bot = max(0, n - target - n_top)
+    return rescaled(tau, ranked(tau.abs().flatten(), n_bot, n_bot + target).view(tau.shape), rescale)
+
+
+def random_drop(tau: torch.Tensor, density: float, u: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """DARE as mergekit's `dare_*`: keep each entry with probability `density` (u < density),
+    then the L1 rescaling (not DARE's 1/density, see `dare.py` for that)."""
+    if density >= 1:
+        return tau
+    keep = u.view(tau.shape) < torch.tensor(density, dtype=tau.dtype, device=tau.device)
+    return rescaled(tau, keep, rescale)
+
+
+def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """DELLA's MagPrune keep probabilities per row (a 1-D tensor is one row): linear in the
+    magnitude's rank within the row, from density − ε (smallest) to density + ε (largest).
+    A row of one entry: density. Shape: τ as 2-D (or more) rows."""
+    rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
+    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    # 1-based ranks: the inverse permutation of the sort (mergekit's order.argsort(dim=1) + 1)
+    ranks = torch.empty_like(order).scatter_(1, order, torch.arange(order.shape[1], device=order.device)
+                                             .view(1, -1, *([1] * (order.dim() - 2))).expand_as(order))
+    ranks = ranks.to(rows.dtype) + 1
+    low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    if rows.shape[1] == 1:
+        rank_norm = torch.full_like(rank_norm, 0.5)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def della(tau: torch.Tensor, density: float, epsilon: float, u: torch.Tensor, rescale: bool) -> torch.Tensor:
+    """DELLA's MagPrune (mergekit's `della_magprune`): keep each entry with its rank's probability,
+    then the L1 rescaling (mergekit's; the paper rescales each kept entry by 1/p)."""
+    if density >= 1:
+        return tau
+    if density <= 0:
+        return torch.zeros_like(tau)
+    probs = della_probabilities(tau, density, epsilon)
+    rows = tau if tau.dim() >= 2 else tau.unsqueeze(0)
+    return rescaled(rows, u.view(probs.shape) < probs, rescale).reshape(tau.shape)
+
+
+def sce_select(taus: torch.Tensor, share: float) -> torch.Tensor:
+    """SCE's Select: a 0/1 mask of the ⌊share·(nonzero variances)⌋ entries whose variance over the
+    task vectors (stacked on dim 0) is largest (mergekit's `sce_mask`)."""
+    if share <= 0:
+        return torch.zeros_like(taus[0])
+    if share >= 1:
+        return torch.ones_like(taus[0])
+    var = torch.var(taus, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * share)  # a float32 product, as mergekit's
+    if k == 0:
+        return torch.zeros_like(var)
+    flat = var.abs().view(-1)
+    top = ranked(flat, 0, k, descending=True, chosen=lambda: torch.topk(flat, k=k, largest=True).indices)
+    return top.view(var.shape).to(var.dtype)
+
+
+def sce_weights(taus: torch.Tensor) -> torch.Tensor:
+    """SCE's Calculate: each task vector's mean square over their sum (uniform if that is ~0)."""
+    weights = taus.square().reshape(taus.shape[0], -1).mean(dim=1)
+    total = torch.sum(weights).item()
+    if abs(total) < 1e-6:
+        return torch.ones_like(weights) / weights.shape[0]
+    return weights / total
 
 
 # -- consensus and combination --------------------------------------------------------------------
