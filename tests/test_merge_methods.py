@@ -2,6 +2,9 @@
 identical inputs, small examples computed by hand, and the reproducibility of the random ones."""
 
 import math
+import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -338,3 +341,16 @@ def test_new_methods_merge_to_disk_as_in_memory(tmp_path):
         assert all(torch.equal(state[k], disk[k]) for k in disk), method
         assert all(torch.isfinite(v).all() for v in disk.values()), method
 
+
+# -- against mergekit, on small tensors (the full-size figure: tests/bench/bench_method_parity.py) --
+
+PEERS = Path(os.environ.get("PEERS_VENV", Path(__file__).resolve().parents[1] / ".venv-peers"))
+
+
+@pytest.mark.skipif(not (PEERS / "bin" / "python").is_file(), reason="no peer venv with mergekit (make peers)")
+def test_small_tensors_agree_with_mergekit(tmp_path):
+    sys.path.insert(0, str(Path(__file__).parent / "bench"))
+    import bench_method_parity as bench
+
+    results = bench.small_parity(tmp_path, PEERS / "bin" / "python")
+    assert results and max(results.values()) <= 1e-6, results
