@@ -34,9 +34,10 @@ def run(method: str, text, mm, alpha: float, base=None, grams=None, **params) ->
 
 
 def test_registry_lists_every_method():
-    assert {n for n, m in METHODS.items() if m.inputs == "twins"} == {"linear", "task_arithmetic", "regmean", "ties", "fisher",
-                                                                       "dare", "slerp"}
-    with pytest.raises(VlmergeError, match="unknown merge method 'avg' \\(known: dare, experts_arithmetic"):
+    assert {n for n, m in METHODS.items() if m.inputs == "twins"} == {
+        "linear", "task_arithmetic", "regmean", "fisher", "ties", "dare", "slerp", "dare_linear", "dare_ties", "breadcrumbs",
+        "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "karcher", "sce", "magmax", "tsv", "iso_c"}
+    with pytest.raises(VlmergeError, match="unknown merge method 'avg' \\(known: breadcrumbs, breadcrumbs_ties, dare"):
         get_method("avg")
     with pytest.raises(VlmergeError, match="unknown parameter 'densty' \\(allowed: density, lam, scope\\)"):
         get_method("ties").params({"densty": 0.3})
@@ -118,6 +119,28 @@ def test_ties_trims_elects_and_takes_the_disjoint_mean():
     # λ scales the merged task vector; the base is added back
     assert run("ties", [4, -1, 0.5, -3], [-1, -1, 2, 2], 0.5, base=[1, 1, 1, 1], density=0.5, lam=2.0).tolist() == \
         [7, -3, 1, -7]
+
+
+def test_ties_keeps_the_floor_of_density_times_n_and_elects_plus_on_a_tie():
+    # 3 entries, density ½: ⌊1.5⌋ = 1 entry kept (mergekit's count)
+    assert run("ties", [3, -1, 2], [0, 0, 0], 1.0, base=[0, 0, 0], density=0.5).tolist() == [3, 0, 0]
+    # a positive density keeps at least one entry
+    assert run("ties", [3, -1, 2], [0, 0, 0], 1.0, base=[0, 0, 0], density=0.1).tolist() == [3, 0, 0]
+    assert run("ties", [3], [-1], 0.5, base=[1], density=1.0).tolist() == [3.0]  # τ = 2, -2: + elected
+    # the same with one threshold over the whole model (a single tensor here)
+    assert run("ties", [3, -1, 2], [0, 0, 0], 1.0, base=[0, 0, 0], density=0.5, scope="model").tolist() == [3, 0, 0]
+
+
+def test_ranked_breaks_ties_at_the_cut_as_the_sort_does():
+    from vlmerge.merge.methods.parts import ranked
+
+    g = torch.Generator().manual_seed(0)
+    for values in (torch.randint(0, 5, (200,), generator=g).float(), torch.rand(200, generator=g)):
+        for lo, hi in ((0, 50), (37, 120), (150, 200), (10, 10)):
+            for desc in (False, True):
+                expected = torch.zeros(200, dtype=torch.bool)
+                expected[torch.sort(values, descending=desc).indices[lo:hi]] = True
+                assert torch.equal(ranked(values, lo, hi, descending=desc), expected), (lo, hi, desc)
 
 
 def test_dare_drops_and_rescales_reproducibly():

@@ -1,35 +1,20 @@
-"""TIES-merging (Yadav et al. 2023): trim each task vector to its top-k% magnitudes (per tensor,
-or with one threshold over the whole model), elect a sign per entry, average the entries that
-agree with it (weighted α, 1−α), and add λ times that to θ₀."""
+"""TIES-merging (Yadav et al. 2023), as mergekit's `ties`:
+
+    θ = θ₀ + λ·Σᵢ mᵢ·wᵢ·trim(τᵢ) / Σᵢ mᵢ·wᵢ,   w = (α, 1−α) for (text, mm), τ = θ − θ₀,
+
+where trim keeps each task vector's max(1, ⌊density·n⌋) largest magnitudes in the tensor (or,
+scope=model, the entries that reach one threshold over the whole model, found with that count),
+and mᵢ says whether wᵢ·trim(τᵢ) has the elected sign, that of Σᵢ wᵢ·trim(τᵢ) (+ where it is 0).
+
+α = 1 (0): θ₀ + λ·trim(τ_text) (trim(τ_mm)); with density 1 and λ = 1 that is the model itself.
+"""
 
 from collections.abc import Iterable
 
 import torch
 
 from vlmerge.merge.methods import Param, TensorInputs, register
-
-
-def magnitude_threshold(values: torch.Tensor, density: float) -> float:
-    """The smallest magnitude among the `density` share of largest-magnitude entries."""
-    flat = values.abs().flatten()
-    k = int(round(density * flat.numel()))
-    if k == 0:
-        return float("inf")
-    return flat.kthvalue(flat.numel() - k + 1).values.item()
-
-
-def trim(tau: torch.Tensor, threshold: float) -> torch.Tensor:
-    return torch.where(tau.abs() >= threshold, tau, torch.zeros_like(tau))
-
-
-def disjoint_mean(taus: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Elect sign(Σ wᵢτᵢ) per entry; mean of the wᵢτᵢ that agree, over the weights that agree."""
-    weighted = [w * t for w, t in zip(weights, taus)]
-    sign = torch.sign(sum(weighted))
-    agree = [(torch.sign(t) == sign) & (t != 0) for t in taus]
-    num = sum(torch.where(a, wt, torch.zeros_like(wt)) for a, wt in zip(agree, weighted))
-    den = sum(a.to(num.dtype) * w for a, w in zip(agree, weights))
-    return torch.where(den > 0, num / den.clamp(min=1e-12), torch.zeros_like(num))
+from vlmerge.merge.methods.parts import dense_unscaled_endpoint, magnitude, magnitude_threshold, task_vector_merge, trim
 
 
 def whole_model_thresholds(inputs: Iterable[TensorInputs], params: dict) -> dict:
@@ -41,12 +26,14 @@ def whole_model_thresholds(inputs: Iterable[TensorInputs], params: dict) -> dict
     return {"thresholds": tuple(magnitude_threshold(f, params["density"]) for f in flat)}
 
 
-@register("ties", needs_base=True, prepare=whole_model_thresholds, density=Param(0.2, 0, 1), lam=1.0,
-          scope=Param("tensor", choices=("tensor", "model")))
+@register("ties", needs_base=True, prepare=whole_model_thresholds, same_as=dense_unscaled_endpoint,
+          density=Param(0.2, 0, 1), lam=1.0, scope=Param("tensor", choices=("tensor", "model")))
 def ties(x: TensorInputs, alpha: float, density: float, lam: float, scope: str,
          thresholds: tuple[float, float] | None = None) -> torch.Tensor:
-    tau_text, tau_mm = x.task_vectors()
     if thresholds is None:
-        thresholds = (magnitude_threshold(tau_text, density), magnitude_threshold(tau_mm, density))
-    taus = [trim(tau_text, thresholds[0]), trim(tau_mm, thresholds[1])]
-    return x.base + lam * disjoint_mean(taus, [alpha, 1 - alpha])
+        def sparsify(tau, role):
+            return magnitude(tau, density)
+    else:
+        def sparsify(tau, role):
+            return trim(tau, thresholds[0 if role == "text" else 1])
+    return task_vector_merge(x, alpha, sparsify, consensus=True, normalize=True, lam=lam)
