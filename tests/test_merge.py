@@ -529,3 +529,41 @@ def test_fisher_merging_through_the_cli_computes_the_statistics_of_each_twin_on_
         assert not torch.allclose(merged[name], torch.lerp(m[name], t[name], 0.3), atol=1e-4)  # not a plain lerp
     assert main(["statistics", "--statistic", "fishr", "--checkpoint", str(text), *common]) == 2
     assert "unknown data statistic 'fishr' (known: fisher, grams)" in capsys.readouterr().err
+
+
+def test_a_method_without_alpha_merges_once_through_merge_and_the_sweep(trio, twins, tmp_path, capsys):
+    import subprocess
+
+    from conftest import SMALL_WORLD
+    from vlmerge.config import load_config
+    from vlmerge.results import read_results
+    from vlmerge.sweep.plan import plan
+    from vlmerge.sweep.run import run_items
+
+    text, mm, base = trio
+    out = tmp_path / "stock"
+    assert main(["merge", "--text", str(text), "--mm", str(mm), "--base", str(base), "--method", "model_stock",
+                 "--out", str(out)]) == 0
+    assert json.loads((out / "merge.json").read_text())["alpha"] is None  # one model, in --out itself
+    got, t, m, b = (load_file(p / "model.safetensors") for p in (out, text, mm, base))
+    name = "model.layers.0.mlp.up_proj.weight"
+    method = get_method("model_stock")
+    expected = method.merge(TensorInputs.twins(name, t[name], m[name], b[name]), None, method.params({}))
+    torch.testing.assert_close(got[name], expected, rtol=0, atol=0)
+    assert main(["merge", "--text", str(text), "--mm", str(mm), "--base", str(base), "--method", "model_stock",
+                 "--alpha", "0.5", "--out", str(tmp_path / "no")]) == 2
+    assert "method model_stock takes no α (its weights come from the models): leave out --alpha" in capsys.readouterr().err
+    assert main(["merge", "--text", str(text), "--mm", str(mm), "--method", "linear", "--out", str(tmp_path / "no")]) == 2
+    assert "method linear needs an α (--alpha, the weight of the text model)" in capsys.readouterr().err
+
+    root = tmp_path / "r"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
+    cfg = load_config(None, [f"paths.root={root}", *SMALL_WORLD, "sweep.methods=[{name: model_stock}]",
+                             "sweep.tasks=[blimp]", "sweep.distances=false", "sweep.probe=false"])
+    items = plan(cfg)
+    assert items and all(it.alphas == () for it in items)
+    assert run_items(cfg, items[:1]) == 1
+    rows = read_results(root / "results/demo")
+    stock = rows[rows.method == "model_stock"]
+    assert len(stock[stock.task == "blimp"].drop_duplicates(["alpha", "subtask", "metric"])) == \
+        len(stock[stock.task == "blimp"]) and stock.alpha.isna().all()  # merged and scored once, with no α

@@ -252,7 +252,8 @@ def _merge(args: argparse.Namespace) -> None:
     from vlmerge.merge.core import merge_to_disk
 
     outs = merge_to_disk(
-        args.text, args.mm, args.out, args.method, _alphas(args.alpha, args.allow_extrapolation),
+        args.text, args.mm, args.out, args.method,
+        [None] if args.alpha is None else _alphas(args.alpha, args.allow_extrapolation),
         params=_params(args.param), base=args.base,
         allow_extrapolation=args.allow_extrapolation, progress=_progress(args),
     )
@@ -525,7 +526,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, help="the text-only model (HF directory with safetensors)")
     p.add_argument("--mm", required=True, help="the multimodal model, same architecture")
     p.add_argument("--method", default="linear", help="linear, task_arithmetic, ties, dare, slerp, regmean")
-    p.add_argument("--alpha", required=True, help="weight of the TEXT model; several: 0,0.1,0.2 (one read)")
+    p.add_argument("--alpha", help="weight of the TEXT model; several: 0,0.1,0.2 (one read); none for a method "
+                                   "without α (model_stock, sce)")
     p.add_argument("--base", help="shared initialisation, for methods on task vectors")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="a method parameter")
     p.add_argument("--allow-extrapolation", action="store_true", help="allow alpha outside [0, 1]")

@@ -31,8 +31,15 @@ COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_
           "special_tokens_map.json")
 
 
-def check_alphas(alphas: Sequence[float], allow_extrapolation: bool) -> list[float]:
-    """The alphas as floats, or a one-line error: non-empty, finite, unique, in [0, 1] unless extrapolating."""
+def check_alphas(alphas: Sequence[float | None], allow_extrapolation: bool, method: Method) -> list[float | None]:
+    """The alphas as floats, or a one-line error: non-empty, finite, unique, in [0, 1] unless extrapolating;
+    for a method without α (model_stock), [None]: it takes none."""
+    if not method.takes_alpha:
+        if any(a is not None for a in alphas):
+            raise VlmergeError(f"method {method.name} takes no α (its weights come from the models): leave out --alpha")
+        return [None]
+    if not alphas or any(a is None for a in alphas):
+        raise VlmergeError(f"method {method.name} needs an α (--alpha, the weight of the text model)")
     out = [float(a) for a in alphas]
     problem = alpha_problem(out, allow_extrapolation)
     if problem:
@@ -98,7 +105,7 @@ class Resolved:
     schedule: list[dict[str, Any]] | None
     layers: int
 
-    def alpha(self, name: str, alpha: float) -> float:
+    def alpha(self, name: str, alpha: float | None) -> float | None:
         return alpha if self.schedule is None else tensor_alpha(name, alpha, self.schedule, self.layers)
 
     def copies(self, alpha: float) -> str | None:
@@ -120,6 +127,8 @@ def resolve(method_name: str, params: dict[str, Any], pair: Pair, inputs: Iterab
                            "(vlmerge merge-experts)")
     if method.needs_base and pair.base is None:
         raise VlmergeError(f"method {method_name} works on task vectors: give the shared initialisation (--base)")
+    if SCHEDULE in params and not method.takes_alpha:
+        raise VlmergeError(f"method {method_name} takes no α, so no α schedule")
     schedule = check_schedule(params[SCHEDULE], allow_extrapolation) if SCHEDULE in params else None
     full = method.params({k: v for k, v in params.items() if k != SCHEDULE})
     if method.prepare:
@@ -141,7 +150,8 @@ def _record(resolved: Resolved, alpha: float, pair: Pair, hashes: dict[str, str]
 
 
 def merge_to_disk(
-    text: str | Path, mm: str | Path, out: str | Path, method_name: str = "linear", alphas: Sequence[float] = (0.5,),
+    text: str | Path, mm: str | Path, out: str | Path, method_name: str = "linear",
+    alphas: Sequence[float | None] = (0.5,),
     *, params: dict[str, Any] | None = None, base: str | Path | None = None, allow_extrapolation: bool = False,
     progress: bool = False,
 ) -> list[Path]:
@@ -151,7 +161,7 @@ def merge_to_disk(
     model. Outputs that exist with the same merge record are skipped; any other existing
     output is an error, and nothing is written over it.
     """
-    alphas = check_alphas(alphas, allow_extrapolation)
+    alphas = check_alphas(alphas, allow_extrapolation, get_method(method_name))
     outs = merge_outputs(Path(out), alphas)
     _check_out(Path(out))
     remove_stale_temps(*{o.parent for o in outs})  # what merges killed mid-write left
@@ -310,9 +320,10 @@ class PairMerger:
         self.inputs = {n: pair.inputs(n).to(device) for n in names}
         self._resolved: dict[str, Resolved] = {}
 
-    def merge_into(self, model: torch.nn.Module, method_name: str, alpha: float, params: dict | None = None) -> None:
+    def merge_into(self, model: torch.nn.Module, method_name: str, alpha: float | None,
+                   params: dict | None = None) -> None:
         """Overwrite `model`'s weights with the merge at α (no allocation beyond one tensor)."""
-        check_alphas([alpha], self.allow_extrapolation)
+        check_alphas([alpha], self.allow_extrapolation, get_method(method_name))
         key = json.dumps([method_name, params or {}], sort_keys=True)
         if key not in self._resolved:
             self._resolved[key] = resolve(method_name, params or {}, self.pair, self.inputs.values(),

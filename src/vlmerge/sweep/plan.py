@@ -127,6 +127,11 @@ def expert_seed(cfg: Config, runs: Checkpoints = None) -> Path:
     return ckpts[-1] if cfg.runs.seed_pretraining else ckpts[0]
 
 
+def method_alphas(cfg: Config, method: str) -> tuple[float, ...]:
+    """An item's α: the grid, or none for a method without α (merged once)."""
+    return tuple(cfg.sweep.alphas) if get_method(method).takes_alpha else ()
+
+
 def item_statistics(cfg: Config, method: str) -> str:
     """A work item's `statistics`: for a method that merges with data statistics, the settings that decide
     each (a changed sweep.statistics_batches makes new items, never stale scores); empty otherwise."""
@@ -239,13 +244,12 @@ def plan(cfg: Config, best_text: dict[Path, Path] | None = None, runs: Checkpoin
                 if needs_base and not base:
                     raise VlmergeError(f"method {method} needs the text run's initial (step 0) checkpoint")
                 items.append(WorkItem(rel(text), rel(mm), method, json.dumps(params, sort_keys=True),
-                                      tuple(cfg.sweep.alphas), rel(base[0]) if needs_base else None, salt,
+                                      method_alphas(cfg, method), rel(base[0]) if needs_base else None, salt,
                                       statistics=item_statistics(cfg, method)))
     if experts:
         seed = rel(expert_seed(cfg, runs))
         for ckpt in run_checkpoints(cfg, EXPERT_RUN, runs):
             for method, params in experts:
-                alphas = tuple(cfg.sweep.alphas) if get_method(method).takes_alpha else ()
-                items.append(WorkItem(rel(ckpt), rel(ckpt), method, json.dumps(params, sort_keys=True), alphas,
-                                      seed, salt, statistics=item_statistics(cfg, method)))
+                items.append(WorkItem(rel(ckpt), rel(ckpt), method, json.dumps(params, sort_keys=True),
+                                      method_alphas(cfg, method), seed, salt, statistics=item_statistics(cfg, method)))
     return items
