@@ -58,6 +58,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from bench_merge import tensors  # (this folder: the script's, and the peer interpreter's, first path)
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = os.environ | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
                     "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -123,15 +125,6 @@ def peer_call(key: str, alpha: float, ours: Path, tag: str) -> dict:
 def uniforms(shape, seed: int, role: str, name: str) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(f"{role}:{name}".encode()))
     return torch.rand(tuple(shape), generator=g)
-
-
-def tensors(folder: Path) -> dict[str, tuple[Path, str]]:
-    """Tensor name -> (file, name) over every safetensors file of a folder (sharded or not)."""
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(f, framework="pt") as st:
-            out |= {k: (f, k) for k in st.keys()}
-    return out
 
 
 class Reader:
