@@ -21,6 +21,7 @@ from vlmerge.analysis.load import MODEL, PAIR
 from vlmerge.analysis.stats import spearman
 from vlmerge.analysis.tables import twin_keys
 from vlmerge.config import AnalysisConfig
+from vlmerge.errors import VlmergeError
 from vlmerge.predict import PROBE, Predictor, Target, best_alpha, first_alphas, multimodal_targets
 from vlmerge.results import UNMERGED
 
@@ -41,7 +42,10 @@ def probe_tables(metrics: pd.DataFrame, options: AnalysisConfig) -> tuple[pd.Dat
     if not text or len(twins) < 4:
         return empty
     target = Target(text[0], options.text_tasks[text[0]])
-    predictor = Predictor.fitted(target, multimodal_targets(options.multimodal_tasks), twins)
+    try:
+        predictor = Predictor.fitted(target, multimodal_targets(options.multimodal_tasks), twins)
+    except VlmergeError:  # too few twins scored on the text task to fit a line: nothing to compare
+        return empty
     merged = pd.DataFrame([k for k in probed if k[1] != UNMERGED], columns=MODEL)
     if merged.empty:
         return empty
@@ -56,9 +60,7 @@ def probe_tables(metrics: pd.DataFrame, options: AnalysisConfig) -> tuple[pd.Dat
         scored = any(r["task"] != PROBE for r in own)
         outcomes[key] = (predicted, predictor.measured(own, pair) if scored else None)
         if scored:
-            for t in [target, *predictor.multimodal]:
-                ref = max(t.value(pair[0]), t.value(pair[1]))
-                drops.append([*key, t.key, ref - predictor.score(t, own)[0], ref - t.value(own)])
+            drops += [[*key, task, *both] for task, both in predictor.drops(own, pair).items()]
     choices = []
     frame = pd.DataFrame([[*k] for k in outcomes], columns=MODEL)
     for pair_key, part in frame.groupby(PAIR, sort=True):

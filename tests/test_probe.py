@@ -157,3 +157,42 @@ def test_the_adaptive_sweep_probes_every_alpha_and_evaluates_fewer(twins, tmp_pa
     assert len(twins_scored.drop_duplicates(["text_run", "mm_run", "text_words", "mm_words"])) == len(checkpoints)
     assert main(["sweep", "run", "--quiet", "sweep.search=adaptive", *common]) == 0  # done: skipped
     assert "0 item(s) run" in capsys.readouterr().out
+
+
+def test_the_report_compares_the_probe_with_the_full_grid_by_the_analysis_own_rules(twins, tmp_path):
+    from vlmerge.analysis.load import load
+    from vlmerge.analysis.probe import probe_tables
+    from vlmerge.analysis.run import compute
+    from vlmerge.predict import PROBE
+
+    root = tmp_path / "r"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
+    overrides = [f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, "sweep.tasks=[blimp, vqa]", "sweep.probe_lines=16",
+                 "sweep.methods=[{name: linear}]", "sweep.alphas=[0.0, 0.25, 0.5, 0.75, 1.0]", "sweep.probe=true",
+                 "sweep.distances=false", "analysis.multimodal_tasks={vqa: accuracy}", "analysis.tolerance=0.05",
+                 "analysis.bootstrap=0"]
+    assert main(["sweep", "run", "--quiet", *overrides]) == 0
+    cfg = load_config(None, overrides)
+    results = load([root / "results/demo"])
+    drops, choices = probe_tables(results.metrics, cfg.analysis)
+    # the grid's best α is the analysis's own (tables.best_alpha), pair by pair
+    best = compute(results, cfg.analysis).best
+    best = best[best.task == "blimp"].set_index("mm_words").best_alpha
+    assert len(choices) == len(best) == 3
+    for _, c in choices.iterrows():
+        assert (c.grid_best if c.grid_best is not None else np.nan) == pytest.approx(best[c.mm_words], nan_ok=True)
+    # a predicted drop: the better twin's score minus the line fitted on the twins (numpy's polyfit) at the merge's loss
+    m = results.metrics
+    twin_rows = m[m.method == "none"]
+    lm = twin_rows[(twin_rows.task == PROBE) & (twin_rows.metric == "lm_loss")].set_index(["text_run", "text_words", "mm_words"]).value
+    acc = twin_rows[(twin_rows.task == "blimp") & (twin_rows.subtask == "")].set_index(["text_run", "text_words", "mm_words"]).value
+    slope, intercept = np.polyfit(lm.to_numpy(), acc.reindex(lm.index).to_numpy(), 1)
+    row = drops[(drops.task == "blimp") & (drops.alpha == 0.5)].iloc[0]
+    merge = m[(m.method == "linear") & (m.alpha == 0.5) & (m.mm_words == row.mm_words)]
+    loss = merge[(merge.task == PROBE) & (merge.metric == "lm_loss")].value.iloc[0]
+    score = merge[(merge.task == "blimp") & (merge.subtask == "")].value.iloc[0]
+    twins_here = twin_rows[(twin_rows.task == "blimp") & (twin_rows.subtask == "") &
+                           ((twin_rows.text_words == row.text_words) | (twin_rows.mm_words == row.mm_words))]
+    better = twins_here.value.max()
+    assert row.predicted_drop == pytest.approx(better - (intercept + slope * loss), abs=1e-9)
+    assert row.measured_drop == pytest.approx(better - score, abs=1e-12)

@@ -82,52 +82,6 @@ def fit(signals: np.ndarray, scores: np.ndarray) -> Fit:
     return Fit(coef, xtx_inv, s2, dof)
 
 
-@dataclasses.dataclass(frozen=True)
-class Outcome:
-    """The search task's score and the multimodal drop of one α, measured or predicted (with intervals)."""
-
-    score: float
-    mm_drop: float
-    score_high: float = math.nan  # predicted: the interval's optimistic ends
-    mm_drop_low: float = math.nan
-
-
-def best_alpha(outcomes: Mapping[float, Outcome], tolerance: float) -> float | None:
-    """The analysis's rule: the highest score whose drop is within tolerance, ties to the smaller α."""
-    ok = [(-o.score, a) for a, o in outcomes.items() if o.mm_drop <= tolerance and not math.isnan(o.score)]
-    return min(ok)[1] if ok else None
-
-
-def first_alphas(grid: Sequence[float], predicted: Mapping[float, Outcome], tolerance: float) -> list[float]:
-    """The predicted best α (or, none within tolerance, the one of the smallest predicted drop) and its neighbours."""
-    best = best_alpha(predicted, tolerance)
-    if best is None:
-        best = min(grid, key=lambda a: (predicted[a].mm_drop, a))
-    return neighbourhood(grid, best)
-
-
-def neighbourhood(grid: Sequence[float], alpha: float) -> list[float]:
-    i = list(grid).index(alpha)
-    return [grid[j] for j in (i, i - 1, i + 1) if 0 <= j < len(grid)]
-
-
-def next_alphas(grid: Sequence[float], measured: Mapping[float, Outcome], predicted: Mapping[float, Outcome],
-                tolerance: float, budget: float) -> list[float]:
-    """What to evaluate next given what is measured ([] when the search is done)."""
-    best = best_alpha(measured, tolerance)
-    if best is not None:
-        missing = [a for a in neighbourhood(grid, best) if a not in measured]
-        if missing:
-            return missing
-    if len(measured) + 1 > budget * len(grid):  # one more would leave the budget
-        return []
-    left = [a for a in grid if a not in measured and predicted[a].mm_drop_low <= tolerance]
-    if best is None:  # nothing measured within tolerance: the α most likely to be, if any may be
-        return sorted(left, key=lambda a: (predicted[a].mm_drop, a))[:1]
-    hopeful = [a for a in left if predicted[a].score_high > measured[best].score]
-    return sorted(hopeful, key=lambda a: (-predicted[a].score, a))[:1]
-
-
 # -- targets and the predictor over result rows -------------------------------------------------
 
 Rows = Sequence[Mapping]  # one model's result rows (task, subtask, metric, value)
@@ -199,14 +153,19 @@ class Predictor:
                                "checkpoints) to fit the probe's predictor")
         return cls(text, [t for t in multimodal if t.key in fits], fits)
 
-    def reference(self, twins: tuple[Rows, Rows]) -> dict[str, float]:
-        """Per multimodal target, the better twin's oriented value (what a drop is measured against)."""
-        return {t.key: max(t.value(twins[0]), t.value(twins[1])) for t in self.multimodal}
+    @staticmethod
+    def reference(target: Target, twins: tuple[Rows, Rows]) -> float:
+        """The better twin's oriented value: what a drop is measured against."""
+        return max(target.value(twins[0]), target.value(twins[1]))
 
     def measured(self, rows: Rows, twins: tuple[Rows, Rows]) -> Outcome:
-        ref = self.reference(twins)
-        drops = [ref[t.key] - t.value(rows) for t in self.multimodal]
+        drops = [self.reference(t, twins) - t.value(rows) for t in self.multimodal]
         return Outcome(self.text.value(rows), max(drops, default=0.0))
+
+    def drops(self, rows: Rows, twins: tuple[Rows, Rows]) -> dict[str, tuple[float, float]]:
+        """Per target, the search task first: (predicted, measured) drop of a merge with probe and task rows."""
+        return {t.key: (self.reference(t, twins) - self.score(t, rows)[0], self.reference(t, twins) - t.value(rows))
+                for t in [self.text, *self.multimodal]}
 
     def score(self, target: Target, probe_rows: Rows) -> tuple[float, float, float]:
         """(mean, low, high) of a target's oriented score the probe's signals predict."""
@@ -216,10 +175,57 @@ class Predictor:
     def predicted(self, probe_rows: Rows, twins: tuple[Rows, Rows]) -> Outcome:
         """The outcome the probe's signals predict, with the optimistic ends of the intervals."""
         score, _, high = self.score(self.text, probe_rows)
-        ref = self.reference(twins)
-        drops, lows = [0.0], [0.0]
+        drops, lows = [], []
         for t in self.multimodal:
             mean, _, hi = self.score(t, probe_rows)
-            drops.append(ref[t.key] - mean)
-            lows.append(ref[t.key] - hi)
-        return Outcome(score, max(drops), high, max(lows))
+            drops.append(self.reference(t, twins) - mean)
+            lows.append(self.reference(t, twins) - hi)
+        return Outcome(score, max(drops, default=0.0), high, max(lows, default=0.0))
+
+
+# -- the adaptive search --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """The search task's score and the multimodal drop of one α, measured or predicted (with intervals)."""
+
+    score: float
+    mm_drop: float
+    score_high: float = math.nan  # predicted: the interval's optimistic ends
+    mm_drop_low: float = math.nan
+
+
+def best_alpha(outcomes: Mapping[float, Outcome], tolerance: float) -> float | None:
+    """The analysis's rule: the highest score whose drop is within tolerance, ties to the smaller α."""
+    ok = [(-o.score, a) for a, o in outcomes.items() if o.mm_drop <= tolerance and not math.isnan(o.score)]
+    return min(ok)[1] if ok else None
+
+
+def first_alphas(grid: Sequence[float], predicted: Mapping[float, Outcome], tolerance: float) -> list[float]:
+    """The predicted best α (or, none within tolerance, the one of the smallest predicted drop) and its neighbours."""
+    best = best_alpha(predicted, tolerance)
+    if best is None:
+        best = min(grid, key=lambda a: (predicted[a].mm_drop, a))
+    return neighbourhood(grid, best)
+
+
+def neighbourhood(grid: Sequence[float], alpha: float) -> list[float]:
+    i = list(grid).index(alpha)
+    return [grid[j] for j in (i, i - 1, i + 1) if 0 <= j < len(grid)]
+
+
+def next_alphas(grid: Sequence[float], measured: Mapping[float, Outcome], predicted: Mapping[float, Outcome],
+                tolerance: float, budget: float) -> list[float]:
+    """What to evaluate next given what is measured ([] when the search is done)."""
+    best = best_alpha(measured, tolerance)
+    if best is not None:
+        missing = [a for a in neighbourhood(grid, best) if a not in measured]
+        if missing:
+            return missing
+    if len(measured) + 1 > budget * len(grid):  # one more would leave the budget
+        return []
+    left = [a for a in grid if a not in measured and predicted[a].mm_drop_low <= tolerance]
+    if best is None:  # nothing measured within tolerance: the α most likely to be, if any may be
+        return sorted(left, key=lambda a: (predicted[a].mm_drop, a))[:1]
+    hopeful = [a for a in left if predicted[a].score_high > measured[best].score]
+    return sorted(hopeful, key=lambda a: (-predicted[a].score, a))[:1]
