@@ -2,7 +2,8 @@
 
     .venv/bin/python tests/bench/bench_adaptive.py [--root outputs] [--alphas 11] [--probe-lines 32]
 
-The demo's trained twins (`make demo` first: --root is its `paths.root`) are swept twice, in fresh
+The demo's trained twins (`make demo`'s; --root is its `paths.root`, and without them there the demo
+pipeline runs there first) are swept twice, in fresh
 copies of the root, with the demo's three merge settings over an --alphas grid and the probe on:
 the full grid (every α evaluated: the peer) and `sweep.search: adaptive`. Printed:
 
@@ -78,8 +79,10 @@ def main() -> None:
     ap.add_argument("--alphas", type=int, default=11)
     ap.add_argument("--probe-lines", type=int, default=32)
     args = ap.parse_args()
-    if not (args.root / "runs/demo/text").is_dir():
-        sys.exit(f"{args.root}: no trained demo twins; run `make demo` first (or give --root)")
+    if not (args.root / "runs/demo/text").is_dir():  # the demo world first, as `make demo` builds it
+        print(f"{args.root}: no trained demo twins: running the demo pipeline there first", flush=True)
+        subprocess.run([sys.executable, "-m", "vlmerge", "pipeline", "--config", "configs/demo.yaml",
+                        f"paths.root={args.root.resolve()}"], cwd=REPO, check=True)
     alphas = [round(i / (args.alphas - 1), 4) for i in range(args.alphas)]
     with tempfile.TemporaryDirectory(prefix="vlmerge-bench-adaptive-") as tmp:
         roots = {}
