@@ -11,7 +11,7 @@ RMS x (a shared part + the model's own part)/sqrt(2) (seeds 4; 1 and 2), so that
 vectors are meaningful (cosine ~0.5 between them, signs disagreeing on a third of the entries).
 
 Ours is always `python -m vlmerge merge --text --mm [--base] --method M --param k=v --alpha 0.3,0.7`
-(one process, every alpha; the code of this checkout: PYTHONPATH=src). Mergekit (the peer venv,
+(one process, every alpha; none for a method without α; the code of this checkout: PYTHONPATH=src). Mergekit (the peer venv,
 `make peers`) is, per method:
 
 - `cli`: its CLI, `mergekit-yaml` (dtype float32), one run per alpha, with models text (weight
@@ -94,7 +94,7 @@ CASES: dict[str, Case] = {
     "karcher": Case(base=False),  # alpha 0.5 by its CLI, other alphas by its function
     "sce": Case({"select_topk": 0.5}, shared={"select_topk": 0.5}),
 }
-NO_ALPHA = {"model_stock", "sce"}  # takes_alpha=False: merged once (ours with --alpha 0.5, ignored)
+NO_ALPHA = {"model_stock", "sce"}  # takes_alpha=False: merged once (ours without --alpha; the peer's 0.5 unused)
 NO_WEIGHTS = {"slerp", "model_stock", "sce", "karcher"}  # mergekit methods without a weight parameter
 
 
@@ -230,7 +230,8 @@ def small_parity(tmp: Path, peer_python: Path) -> dict[str, float]:
             tag = f"{key}@{a:g}"
             out = tmp / f"ours-{len(runs)}"
             out.mkdir()
-            save_file({x.name: m.merge(x, a, params).contiguous() for x in xs}, out / "model.safetensors")
+            ours_alpha = None if name in NO_ALPHA else a
+            save_file({x.name: m.merge(x, ours_alpha, params).contiguous() for x in xs}, out / "model.safetensors")
             runs.append(peer_call(key, a, out, tag))
     return run_peer(peer_python, folders, runs, tmp / "job.json")
 
@@ -326,7 +327,8 @@ def main() -> None:
             if name == "karcher" and 0.5 not in method_alphas:
                 method_alphas = [0.5, *method_alphas]
             cmd = [sys.executable, "-m", "vlmerge", "merge", "--quiet", "--method", name, "--text", str(trio["text"]),
-                   "--mm", str(trio["mm"]), "--alpha", ",".join(map(str, method_alphas)), "--out", str(tmp / "ours")]
+                   "--mm", str(trio["mm"]), "--out", str(tmp / "ours")]
+            cmd += [] if name in NO_ALPHA else ["--alpha", ",".join(map(str, method_alphas))]
             cmd += ["--base", str(trio["base"])] if case.base else []
             for k, v in case.ours.items():
                 cmd += ["--param", f"{k}={json.dumps(v)}"]
