@@ -22,6 +22,7 @@ from vlmerge.analysis.report import Section, html_report, markdown_summary, mark
 from vlmerge.analysis.scores import chance, task_metrics, task_scores
 from vlmerge.analysis.tables import BEST_COLUMNS, SCORE_COLUMNS, Merges, best_alpha, merges, multimodal_drop
 from vlmerge.config import AnalysisConfig
+from vlmerge.results import UNMERGED
 from vlmerge.io import write_text
 
 SETTING = ["experiment", "method", "method_params"]  # one merge setting of one experiment
@@ -47,6 +48,7 @@ class Analysis:
 def compute(results: Results, options: AnalysisConfig) -> Analysis:
     """Scores with bootstrap replicates, drops, retention, best α and correlations."""
     rng = np.random.default_rng(options.seed)
+    results = without_alphaless(results)
     notes = results.notes
     tasks = task_metrics(results.metrics, options.text_tasks, options.multimodal_tasks, notes)
     all_merges = [merges(task_scores(results, tm, options.bootstrap, rng), tm) for tm in tasks]
@@ -71,6 +73,22 @@ def compute(results: Results, options: AnalysisConfig) -> Analysis:
     alphas = np.sort(scores.alpha.unique()) if len(scores) else np.array([options.alpha])
     alpha = float(alphas[np.argmin(np.abs(alphas - options.alpha))])
     return Analysis(results, all_merges, scores, best, corr, alpha, findings(all_merges, best, corr, alpha))
+
+
+def without_alphaless(results: Results) -> Results:
+    """The results less the merges without α (model_stock, sce: merged once), which the α-based tables,
+    findings and figures cannot place; a note names them."""
+    def merged_once(frame: pd.DataFrame) -> pd.Series:
+        return (frame.method != UNMERGED) & frame.alpha.isna()
+
+    once = merged_once(results.metrics)
+    if not once.any():
+        return results
+    methods = ", ".join(sorted(set(results.metrics.method[once])))
+    notes = results.notes + [f"merges without α ({methods}): left out of the α-based tables, findings and figures "
+                             "(their rows are in the results)"]
+    return dataclasses.replace(results, metrics=results.metrics[~once], items=results.items[~merged_once(results.items)],
+                               notes=notes)
 
 
 def concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:

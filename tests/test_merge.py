@@ -567,3 +567,10 @@ def test_a_method_without_alpha_merges_once_through_merge_and_the_sweep(trio, tw
     stock = rows[rows.method == "model_stock"]
     assert len(stock[stock.task == "blimp"].drop_duplicates(["alpha", "subtask", "metric"])) == \
         len(stock[stock.task == "blimp"]) and stock.alpha.isna().all()  # merged and scored once, with no α
+    # the analysis's α-based views cannot place it: left out, with a note, not NaN findings
+    from vlmerge.analysis.load import load
+    from vlmerge.analysis.run import compute
+
+    a = compute(load([root / "results/demo"]), cfg.analysis)
+    assert "merges without α (model_stock): left out of the α-based tables, findings and figures" in " ".join(a.notes)
+    assert "model_stock" not in set(a.scores.method) and not any("model_stock" in f.text for f in a.findings)
