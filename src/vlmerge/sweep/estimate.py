@@ -51,6 +51,7 @@ from vlmerge.merge.core import Pair, PairMerger
 from vlmerge.merge.distance import distance_rows
 from vlmerge.merge.experts import is_expert_method
 from vlmerge.merge.methods import get_method
+from vlmerge.merge.statistics import STATISTICS
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, write_rows
 from vlmerge.sweep.plan import (BEST_TEXT_RUNS, Checkpoints, WorkItem, all_checkpoints, array_layout, best_text_data,
@@ -200,16 +201,6 @@ def calibration_model(cfg: Config, given: Path | None, items: Sequence[WorkItem]
         yield Path(tmp)
 
 
-def stand_in_statistics(pair: Pair, name: str) -> dict[str, torch.Tensor]:
-    """Statistics that cost a method what the real ones do: identity Gram matrices of every 2-D weight but
-    the embeddings (RegMean's solves), a Fisher of ones for every tensor."""
-    specs = {n: shape for n, (dtype, shape) in pair.text.specs.items() if dtype.is_floating_point}
-    if name == "grams":
-        return {n: torch.eye(shape[1], dtype=torch.float64) for n, shape in specs.items()
-                if len(shape) == 2 and "embed" not in n}
-    return {n: torch.ones(shape, dtype=torch.float64) for n, shape in specs.items()}
-
-
 def parquet_bytes_per_row(rows: list[dict], schema) -> float:
     if not rows:
         return 0.0
@@ -232,8 +223,9 @@ def calibrate(cfg: Config, model_dir: Path, methods: Sequence[str], sample: int 
 
     t0 = time.perf_counter()
     pair = Pair.open(model_dir, model_dir, model_dir)
+    specs = {n: shape for n, (dtype, shape) in pair.text.specs.items() if dtype.is_floating_point}
     for name in {s for m in methods for s in get_method(m).statistics}:
-        stand_in = stand_in_statistics(pair, name)
+        stand_in = STATISTICS.lookup(name).stand_in(specs)
         pair.statistics[name] = (stand_in, stand_in)
     merger = PairMerger(pair, allow_extrapolation=True, device=device)
     model, tokenizer = load_model(model_dir, device)

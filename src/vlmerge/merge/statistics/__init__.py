@@ -35,22 +35,28 @@ from vlmerge.registry import Registry, import_submodules
 Batches = Iterable[dict[str, torch.Tensor]]
 
 
+Specs = dict[str, tuple[int, ...]]  # the floating-point tensors of a model: name -> shape
+
+
 @dataclasses.dataclass(frozen=True)
 class Statistic:
-    """compute(model, batches) -> ({weight name: float64 tensor}, tokens seen), on the model's device."""
+    """compute(model, batches) -> ({weight name: float64 tensor}, tokens seen), on the model's device;
+    stand_in(specs): tensors of the same names and shapes, for timing a merge before any data
+    (`sweep plan --estimate`)."""
 
     name: str
     compute: Callable[[nn.Module, Batches], tuple[dict[str, torch.Tensor], int]]
     description: str
+    stand_in: Callable[[Specs], dict[str, torch.Tensor]]
 
 
 STATISTICS: Registry[Statistic] = Registry("data statistic")
 
 
-def register(name: str, description: str):
+def register(name: str, description: str, stand_in: Callable[[Specs], dict[str, torch.Tensor]]):
     """Decorator: make `compute` the data statistic `name`."""
     def wrap(compute: Callable[[nn.Module, Batches], tuple[dict[str, torch.Tensor], int]]):
-        STATISTICS.add(name, Statistic(name, compute, description))
+        STATISTICS.add(name, Statistic(name, compute, description, stand_in))
         return compute
 
     return wrap

@@ -10,10 +10,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmerge.merge.statistics import Batches, register
+from vlmerge.merge.statistics import Batches, Specs, register
 
 
-@register("fisher", "diagonal empirical Fisher: the mean over sequences of the squared gradient of log p(sequence)")
+def unit_fisher(specs: Specs) -> dict[str, torch.Tensor]:
+    return {n: torch.ones(shape, dtype=torch.float64) for n, shape in specs.items()}
+
+
+@register("fisher", "diagonal empirical Fisher: the mean over sequences of the squared gradient of log p(sequence)",
+          stand_in=unit_fisher)
 def compute_fisher(model: nn.Module, batches: Batches) -> tuple[dict[str, torch.Tensor], int]:
     """({parameter name: F}, tokens seen), float64, in the model's eval mode (no dropout)."""
     device = next(model.parameters()).device

@@ -5,11 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vlmerge.merge.statistics import Batches, register
+from vlmerge.merge.statistics import Batches, Specs, register
 from vlmerge.model import Routed
 
 
-@register("grams", "Gram matrices Σ xᵀx of each linear layer's inputs (RegMean)")
+def identity_grams(specs: Specs) -> dict[str, torch.Tensor]:
+    """Identity Gram matrices of every 2-D weight but the embeddings: RegMean's solves cost the same."""
+    return {n: torch.eye(shape[1], dtype=torch.float64) for n, shape in specs.items()
+            if len(shape) == 2 and "embed" not in n}
+
+
+@register("grams", "Gram matrices Σ xᵀx of each linear layer's inputs (RegMean)", stand_in=identity_grams)
 def compute_grams(model: nn.Module, batches: Batches) -> tuple[dict[str, torch.Tensor], int]:
     """({'<linear>.weight': G}, tokens seen): sums over the non-padding positions of `batches` (for an
     expert's linear layer: over the positions routed to that expert)."""
