@@ -19,6 +19,8 @@
 # `sbatch --test-only`. Cluster options for every job (partition, account, GPUs…) go in
 # VLMERGE_SBATCH_ARGS, e.g.
 #   VLMERGE_SBATCH_ARGS="--partition=gpu --gpus-per-node=1 --cpus-per-task=8" bash jobs/pipeline.sh …
+# VLMERGE_JOB_TAG=NAME tags every job of this DAG (Slurm's comment), so that a script can wait on
+# its own jobs: `squeue -h -o '%k %i' | grep "^NAME "`.
 set -euo pipefail
 mode=all
 dry_run=0

@@ -10,7 +10,7 @@
 #   → report (reports/<experiment>/sung/)
 #
 # Every job skips what is done: the same command resumes a broken DAG. Cluster options for every job
-# go in VLMERGE_SBATCH_ARGS, as for jobs/pipeline.sh.
+# go in VLMERGE_SBATCH_ARGS, and VLMERGE_JOB_TAG tags its jobs, as for jobs/pipeline.sh.
 set -euo pipefail
 config="${1:?usage: bash jobs/study.sh CONFIG [KEY=VALUE ...]}"
 shift

@@ -6,6 +6,12 @@ source env/cluster.sh  # the project's python, here on the login node as in the 
 
 # Cluster options for every job (partition, account, GPUs…) come from VLMERGE_SBATCH_ARGS.
 read -r -a site <<< "${VLMERGE_SBATCH_ARGS:-}"
+# VLMERGE_JOB_TAG, where set, becomes every job's Slurm comment, also in the jobs that the DAG's
+# submitter jobs submit later (they inherit it): `squeue -o '%i %k'` then tells this DAG's jobs from
+# a user's other vlmerge jobs, which share its job names.
+if [ -n "${VLMERGE_JOB_TAG:-}" ]; then
+    site+=(--comment="$VLMERGE_JOB_TAG")
+fi
 # A dry run counts its jobs in a file: sbatch runs in a subshell ($(...), pipes) in the scripts.
 if [ "${dry_run:-0}" = 1 ]; then
     dry_log=$(mktemp)

@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -26,6 +28,10 @@ REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "slurm" / "local-cluster.sh"
 STATE_DIR = Path(os.environ.get("VLMERGE_SLURM_DIR", "/tmp/vlmerge-slurm"))
 CONF = STATE_DIR / "slurm.conf"
+# This test session's tag (jobs/submit.sh puts VLMERGE_JOB_TAG in each job's comment): tests wait on
+# their own jobs, never on a user's or a killed earlier session's jobs of the same names.
+_TAG_PREFIX = f"vlmerge-test-{socket.gethostname()}-"
+SESSION_TAG = f"{_TAG_PREFIX}{os.getpid()}"
 
 
 def ensure_cluster(timeout: float = 180) -> None:
@@ -48,17 +54,50 @@ def ensure_cluster(timeout: float = 180) -> None:
     # /etc/slurm/slurm.conf links to CONF already; this also wins over a stale SLURM_CONF in the
     # caller's environment, for every Slurm client this process starts (submitit included).
     os.environ["SLURM_CONF"] = str(CONF)
+    cancel_jobs_of_dead_sessions()
+
+
+def _queue() -> list[tuple[str, str]]:
+    """(job id, comment) of every queued or running job."""
+    out = subprocess.run(["squeue", "-h", "-o", "%i|%k"], capture_output=True, text=True, env=slurm_env(),
+                         timeout=30, check=True)
+    return [tuple(line.split("|", 1)) for line in out.stdout.splitlines()]
+
+
+def cancel_jobs_of_dead_sessions() -> None:
+    """Cancel the jobs that a killed test session of this host left queued (their tag names its pid)."""
+    stale = [job for job, tag in _queue()
+             if tag.startswith(_TAG_PREFIX) and tag[len(_TAG_PREFIX):].isdigit()
+             and not Path(f"/proc/{tag[len(_TAG_PREFIX):]}").exists()]
+    if stale:
+        subprocess.run(["scancel", *stale], env=slurm_env(), timeout=30, check=True)
+
+
+def session_jobs() -> list[str]:
+    """The ids of this test session's queued or running jobs."""
+    return [job for job, tag in _queue() if tag == SESSION_TAG]
+
+
+def wait_for_session_jobs(timeout: float) -> None:
+    """Wait until every job this test session submitted has left the queue."""
+    deadline = time.time() + timeout
+    while session_jobs():
+        if time.time() > deadline:
+            raise AssertionError(f"this session's jobs still queued after {timeout} s: {session_jobs()}")
+        time.sleep(2)
 
 
 def slurm_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """This process's environment for a Slurm client, plus `env`.
 
     SLURM_* variables are dropped (a test run inside a Slurm job would otherwise submit into that
-    job's allocation), except SLURM_CONF, which points at the local cluster's configuration.
+    job's allocation), except SLURM_CONF, which points at the local cluster's configuration. The
+    session's tag marks every job that jobs/*.sh submit.
     """
     out = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     if CONF.is_file():
         out["SLURM_CONF"] = str(CONF)
+    out["VLMERGE_JOB_TAG"] = SESSION_TAG
     out.update(env or {})
     return out
 

@@ -11,7 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from slurm_cluster import CONF, show_config, slurm_env
+from slurm_cluster import (_TAG_PREFIX, CONF, cancel_jobs_of_dead_sessions, job_info, session_jobs, show_config,
+                           slurm_env, wait_for_session_jobs)
 
 
 def write_script(path: Path, body: str) -> Path:
@@ -58,3 +59,23 @@ def test_up_is_idempotent_and_quick(slurm_cluster):
     assert proc.returncode == 0, proc.stderr
     assert "already up" in proc.stdout
     assert time.monotonic() - start < 15
+
+
+def _held_job(tmp_path: Path, *options: str) -> str:
+    return subprocess.run(["sbatch", "--parsable", "--hold", f"--output={tmp_path}/%j.out", *options, "--wrap=true"],
+                          capture_output=True, text=True, env=slurm_env(), check=True).stdout.strip()
+
+
+def test_tests_wait_on_their_own_jobs_and_cancel_those_of_dead_sessions(slurm_cluster, tmp_path):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = _held_job(tmp_path, "--job-name=vlmerge-sweep", f"--comment={_TAG_PREFIX}{dead.pid}")
+    users = _held_job(tmp_path, "--job-name=vlmerge-sweep")  # a user's own job of the same name, untagged
+    try:
+        cancel_jobs_of_dead_sessions()
+        assert job_info(stale)[0]["JobState"] == "CANCELLED"
+        assert job_info(users)[0]["JobState"] == "PENDING"
+        assert users not in session_jobs()
+        wait_for_session_jobs(5)  # returns at once: the pending job of the same name is not this session's
+    finally:
+        subprocess.run(["scancel", stale, users], env=slurm_env(), check=True)

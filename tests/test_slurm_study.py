@@ -4,8 +4,7 @@ import re
 import subprocess
 
 from conftest import REPO, SMALL_WORLD
-from slurm_cluster import slurm_env
-from test_slurm_sweep import wait_for_no_jobs
+from slurm_cluster import slurm_env, wait_for_session_jobs
 from vlmerge.config import load_config
 from vlmerge.modelkey import study_key
 from vlmerge.results import read_results
@@ -29,7 +28,7 @@ def test_study_sh_runs_its_arrays_to_the_report(slurm_cluster, tmp_path):
     assert r.returncode == 0, r.stderr
     for array, tasks in (("training", 2), ("settings", 3), ("items", 4), ("fine-tuning", 4)):
         assert re.search(rf"{array} array \d+ \({tasks} tasks\)", r.stdout), r.stdout
-    wait_for_no_jobs("vlmerge-", 1200)
+    wait_for_session_jobs(1200)
     logs = "\n".join(p.read_text()[-1500:] for p in sorted((root / "logs/sung").glob("*.out")))
     cfg = load_config("configs/demo-sung.yaml", args)
     # every studied model, by its study key: MAA; MSA and interpolation α=0.5 of each setting; the

@@ -2,10 +2,9 @@
 
 import subprocess
 import sys
-import time
 
 from conftest import FAST_TRAIN, REPO, SMALL_WORLD
-from slurm_cluster import slurm_env
+from slurm_cluster import session_jobs, slurm_env, wait_for_session_jobs
 from vlmerge.config import load_config
 from vlmerge.results import DEDUPE, read_results
 from vlmerge.sweep.finetune import finetune_plan
@@ -14,20 +13,6 @@ from vlmerge.sweep.plan import plan
 # One method: an array task per checkpoint pair (what is under test is the launching, not the methods).
 SWEEP = [*SMALL_WORLD, *FAST_TRAIN, "sweep.alphas=[0.0, 1.0]", "sweep.methods=[{name: linear}]", "sweep.tasks=[blimp]",
          "eval.batch_size=128"]
-
-
-def our_jobs(prefix: str) -> list[str]:
-    out = subprocess.run(["squeue", "-h", "-o", "%j %i %T"], capture_output=True, text=True, env=slurm_env())
-    return [line for line in out.stdout.splitlines() if line.startswith(prefix)]
-
-
-def wait_for_no_jobs(prefix: str, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if not our_jobs(prefix):
-            return
-        time.sleep(2)
-    raise AssertionError(f"jobs still queued after {timeout} s: {our_jobs(prefix)}")
 
 
 def assert_complete(root, overrides) -> None:
@@ -51,7 +36,7 @@ def test_pipeline_sh_runs_the_dag_to_the_end(slurm_cluster, tmp_path):
                        cwd=REPO, env=slurm_env({"VLMERGE_SBATCH_ARGS": "--cpus-per-task=1"}),
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    wait_for_no_jobs("vlmerge-", 1200)
+    wait_for_session_jobs(1200)
     logs = "\n".join(p.read_text()[-1500:] for p in sorted((root / "logs/demo").glob("*.out")))
     assert (root / "results/demo/metrics").is_dir(), logs
     compacted = list((root / "results/demo/metrics").glob("*.parquet"))
@@ -74,7 +59,7 @@ def test_submitit_runs_the_sweep_as_a_slurm_array(slurm_cluster, twins, tmp_path
 def test_pipeline_sh_dry_run_prints_the_dag_checks_every_job_and_submits_none(slurm_cluster, twins, tmp_path):
     root = tmp_path / "root"
     subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)  # trained: the sweep array is sized too
-    before = our_jobs("vlmerge-")
+    before = session_jobs()
     r = subprocess.run(["bash", "jobs/pipeline.sh", "--dry-run", "configs/demo.yaml", f"paths.root={root}", *SWEEP],
                        cwd=REPO, env=slurm_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
@@ -88,7 +73,7 @@ def test_pipeline_sh_dry_run_prints_the_dag_checks_every_job_and_submits_none(sl
     assert "--job-name=vlmerge-finetune-submit" in jobs[9] and "--dependency=afterok:9" in jobs[9]
     assert sum("test-only: Job" in line for line in lines) == 10
     assert "sbatch --test-only accepted every one" in r.stdout
-    assert our_jobs("vlmerge-") == before and not (root / "logs").exists()  # nothing submitted, nothing written
+    assert session_jobs() == before and not (root / "logs").exists()  # nothing submitted, nothing written
 
     refused = subprocess.run(["bash", "jobs/pipeline.sh", "--dry-run", "configs/demo.yaml", f"paths.root={root}",
                               *SWEEP, "compute.device=cuda"], cwd=REPO, env=slurm_env(), capture_output=True,
