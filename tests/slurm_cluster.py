@@ -1,4 +1,7 @@
-"""The real single-node Slurm of slurm/local-cluster.sh, for tests: start it, submit, inspect.
+"""The real Slurm of slurm/local-cluster.sh, for tests: start it, submit, inspect.
+
+It has two nodes, each in its own network namespace (one where namespaces are not allowed:
+`two_nodes` then skips the tests that need two).
 
 Use from any test module::
 
@@ -34,11 +37,15 @@ _TAG_PREFIX = f"vlmerge-test-{socket.gethostname()}-"
 SESSION_TAG = f"{_TAG_PREFIX}{os.getpid()}"
 
 
+NODES = 2
+
+
 def ensure_cluster(timeout: float = 180) -> None:
-    """Start the local cluster unless it is up already; fail the calling test if it cannot."""
+    """Start the local cluster unless it is up already (a crashed node's slurmd is started again);
+    fail the calling test if it cannot."""
     try:
         proc = subprocess.run(
-            ["bash", str(SCRIPT), "up"],
+            ["bash", str(SCRIPT), "up", "--nodes", str(NODES)],
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -55,6 +62,13 @@ def ensure_cluster(timeout: float = 180) -> None:
     # caller's environment, for every Slurm client this process starts (submitit included).
     os.environ["SLURM_CONF"] = str(CONF)
     cancel_jobs_of_dead_sessions()
+
+
+def node_names() -> list[str]:
+    """The cluster's nodes."""
+    out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, env=slurm_env(),
+                         timeout=30, check=True)
+    return sorted(set(out.stdout.split()))
 
 
 def _queue() -> list[tuple[str, str]]:
