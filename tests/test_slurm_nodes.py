@@ -1,21 +1,30 @@
 """Two real nodes (slurm/local-cluster.sh up --nodes 2, each in its own network namespace):
-`jobs/pretrain.sbatch` trains across them over gloo, and a job that loses a node resumes on the
-node that is left, with half the ranks and the same global batch."""
+`jobs/pretrain.sbatch` trains across them over gloo; a job that loses a node resumes on the node
+that is left, with half the ranks and the same global batch; and the sweep's array tasks on both
+nodes share one results folder."""
 
 from __future__ import annotations
 
 import json
+import random
 import subprocess
 import time
 from pathlib import Path
 
+import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, SMALL_WORLD
-from slurm_cluster import SCRIPT as CLUSTER, SESSION_TAG, ensure_cluster, job_info, node_names, slurm_env
-from vlmerge.layout import LATEST, STATE_POSITION, list_checkpoints, states_dir
+from conftest import FAST_TRAIN, REPO, SMALL_WORLD
+from slurm_cluster import (SCRIPT as CLUSTER, SESSION_TAG, ensure_cluster, job_info, node_names, slurm_env,
+                           wait_for_session_jobs)
+from vlmerge.cli import main
+from vlmerge.config import load_config
+from vlmerge.layout import LATEST, STATE_POSITION, list_checkpoints, result_files, states_dir
+from vlmerge.results import DEDUPE
+from vlmerge.sweep.plan import plan
 
 PRETRAIN = REPO / "jobs" / "pretrain.sbatch"
 # ~250 steps of a global batch of 16 (one micro-batch of 8 on each of two ranks, two on one rank),
@@ -136,3 +145,71 @@ def test_a_job_that_loses_a_node_resumes_on_the_node_left_with_the_same_batches(
     worst = max((got[k] - want[k]).abs().max().item() for k in want)
     print(f"lost node: {position['step']} steps, {position['words_seen']} words; max |Δweight| {worst:.2e}")
     assert all(torch.allclose(got[k], want[k], rtol=1e-4, atol=1e-5) for k in want), worst
+
+
+# -- many writers, one results folder ----------------------------------------------------------------
+
+SWEEP = [*SMALL_WORLD, *FAST_TRAIN, "sweep.alphas=[0.0, 1.0]", "sweep.methods=[{name: linear}, {name: slerp}]", "sweep.tasks=[blimp]",
+         "eval.batch_size=128"]
+
+
+def submit(root: Path, *words: str) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={REPO}", "--cpus-per-task=1", f"--comment={SESSION_TAG}",
+                           f"--output={root}/slurm-%A_%a.out", *words], capture_output=True, text=True,
+                          env=slurm_env(), timeout=60, check=True)
+    return proc.stdout.split(";")[0].strip()
+
+
+def raw_rows(results: Path, dataset: str) -> pd.DataFrame:
+    """Every row of every file of a results dataset, duplicates kept."""
+    files = result_files(results, dataset)
+    return pd.concat([pq.read_table(f).to_pandas() for f in files]) if files else pd.DataFrame()
+
+
+def test_a_results_folder_shared_by_both_nodes_holds_each_item_once(two_nodes, twins, tmp_path):
+    """The sweep array spread over both nodes, one of its tasks submitted twice, a task killed at a
+    random point and submitted again (a requeue), and compactions started while items still write."""
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
+    args = ["configs/demo.yaml", f"paths.root={root}", *SWEEP]
+    cfg = load_config(args[0], args[1:])
+    planned = {it.item_id for it in plan(cfg)}
+    n = len(planned)
+    sweep = ["jobs/sweep.sbatch", *args]
+    compaction = ["jobs/vlmerge.sbatch", "results", "compact", "--config", *args]
+
+    array = submit(root, f"--array=0-{n - 1}", *sweep)
+    twice = rng.randrange(n)
+    submit(root, f"--array={twice}", *sweep)  # a requeue overlapping the running task: the same items twice
+    time.sleep(rng.uniform(0, 8))
+    submit(root, *compaction)
+    killed = rng.randrange(n)
+    time.sleep(rng.uniform(0, 8))
+    subprocess.run(["scancel", "--signal=KILL", "--full", f"{array}_{killed}"], env=slurm_env(), check=True)
+    submit(root, f"--array={killed}", *sweep)
+    time.sleep(rng.uniform(0, 8))
+    submit(root, *compaction)
+    wait_for_session_jobs(900)
+    spread = {line.split()[-1] for p in root.glob("slurm-*.out") for line in p.read_text().splitlines()
+              if line.startswith("sweep: job ")}
+    print(f"shared folder (seed {seed}): task {twice} twice, task {killed} killed, array tasks on {sorted(spread)}")
+
+    results = cfg.layout.results_dir
+    before = raw_rows(results, "metrics")
+    assert main(["results", "compact", "--config", *args]) == 0
+    after = raw_rows(results, "metrics")
+    merged = after[after.method != "none"]
+    assert set(merged.item_id) == planned  # no item lost
+    keys = ["item_id", *DEDUPE["metrics"]]
+    assert not after.duplicated(keys).any()  # no row twice
+    assert set(map(tuple, after[keys].astype(str).values)) == set(map(tuple, before[keys].astype(str).values))
+    # every item has its every row: the same (α, task, subtask, metric) rows as each item of its method
+    per_item = merged.groupby("item_id").apply(lambda f: frozenset(zip(f.alpha, f.subtask, f.metric)))
+    methods = merged.groupby("item_id").method.first()
+    assert all(len(set(per_item[methods == m])) == 1 for m in set(methods)), per_item
+    items = raw_rows(results, "items")
+    assert not items.duplicated(["item_id", *DEDUPE["items"]]).any()
+    assert len(spread) == 2, spread  # the array ran on both nodes
