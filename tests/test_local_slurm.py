@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from slurm_cluster import (_TAG_PREFIX, CONF, cancel_jobs_of_dead_sessions, job_info, session_jobs, show_config,
+from slurm_cluster import (_TAG_PREFIX, CONF, NODES, cancel_jobs_of_dead_sessions, job_info, session_jobs, show_config,
                            slurm_env, wait_for_session_jobs)
 
 
@@ -53,7 +53,7 @@ def test_config_is_the_generated_one(slurm_cluster):
 def test_up_is_idempotent_and_quick(slurm_cluster):
     start = time.monotonic()
     proc = subprocess.run(
-        ["bash", "slurm/local-cluster.sh", "up"], capture_output=True, text=True, timeout=120,
+        ["bash", "slurm/local-cluster.sh", "up", "--nodes", str(NODES)], capture_output=True, text=True, timeout=120,
         cwd=Path(__file__).resolve().parents[1], env=slurm_env(),
     )
     assert proc.returncode == 0, proc.stderr
