@@ -37,8 +37,8 @@ def finished_text_run(root) -> Path:
     return root
 
 
-def train(root: Path, run: str, *extra: str) -> subprocess.CompletedProcess:
-    return vlmerge_cli("train", "--quiet", "--run", run, f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, *extra)
+def train(root: Path, run: str, *extra: str, **kw) -> subprocess.CompletedProcess:
+    return vlmerge_cli("train", "--quiet", "--run", run, f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, *extra, **kw)
 
 
 def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -321,6 +321,36 @@ def test_a_rerun_removes_what_a_killed_run_left_and_nothing_else(finished_text_r
     assert not any(p.exists() for p in left)
     assert all(f.read_text() == "the user's" for f in foreign)
     assert log.read_text() == logged
+
+
+# One short training: enough to reach the first step, state and checkpoint.
+SHORT = ("train.epochs=1", "checkpoints.words=[1000]")
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    """The one error line of a refused command (its exit code 2 checked)."""
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert r.returncode == 2 and len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0], r.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_second_training_of_a_run_is_refused_in_one_line_and_a_dead_ones_lock_taken_over(root):
+    from vlmerge.io import HOST
+    from vlmerge.layout import run_lock
+    from vlmerge.locks import hold
+
+    lock = run_lock(root / "runs/demo/text")
+    with hold(lock, "train --run text"):  # a training of this run still going (this process stands in)
+        line = one_error_line(train(root, "text", *SHORT))
+    assert str(lock) in line and f"host {HOST}, pid {os.getpid()}" in line, line
+    assert sorted(p.name for p in lock.parent.iterdir()) == []  # nothing logged or saved beside the first
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": HOST, "pid": dead.pid, "started": "then", "what": "train", "token": "x"}))
+    r = train(root, "text", *SHORT)  # the killed training's lock is taken over
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not lock.exists()
 
 
 def test_training_state_round_trips_without_pickle_and_names_no_class(tmp_path):

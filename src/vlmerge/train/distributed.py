@@ -3,11 +3,15 @@ sets them under srun, and a plain process is rank 0 of 1 on a free local port.""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+from collections.abc import Iterator
+from pathlib import Path
 
 from vlmerge.errors import VlmergeError
+from vlmerge.locks import hold
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -46,3 +50,25 @@ def setup() -> tuple[int, int]:
         torch.cuda.set_device(local_gpu(int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()))
     deepspeed.init_distributed(dist_backend=backend, verbose=False)
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+
+
+@contextlib.contextmanager
+def held_by_rank0(path: Path, what: str) -> Iterator[None]:
+    """The lock `path` held for the whole job: rank 0 takes it (every rank of a job shares the run
+    folder, so one holder per job) and every rank learns whether it could, so that all ranks stop
+    with the same one-line error when another job holds it."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    with contextlib.ExitStack() as stack:
+        refused = [None]
+        if rank == 0:
+            try:
+                stack.enter_context(hold(path, what))
+            except VlmergeError as e:
+                refused = [str(e)]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast_object_list(refused, src=0)
+        if refused[0] is not None:
+            raise VlmergeError(refused[0])
+        yield

@@ -21,7 +21,7 @@ from vlmerge.io import atomic_path, fingerprint, read_json, remove_stale_temps, 
 from vlmerge.model import PooledLlavaForConditionalGeneration, build_config, experts_from_agnostic, init_model
 from vlmerge.problems import ProblemLog
 from vlmerge.train import distributed
-from vlmerge.layout import checkpoints_dir, list_checkpoints, run_config, run_metrics_log, states_dir
+from vlmerge.layout import checkpoints_dir, list_checkpoints, run_config, run_lock, run_metrics_log, states_dir
 from vlmerge.train.checkpoint import StateStore, TrainState, write_checkpoint
 from vlmerge.train.preemption import StopFlag
 from vlmerge.train.schedule import batch_shape, checkpoint_words, lr_factor, rank_micro_batches
@@ -68,17 +68,21 @@ def _run_fingerprint(cfg: Config, run: str) -> str:
                         cfg.runs.seed_pretraining, cfg.data.model_dump(), *features, cfg.tokenizer.identity()])
 
 
+def check_request(cfg: Config, run: str) -> None:
+    """What can be refused before a run's folder is touched: the run's name, its settings."""
+    if run not in RUN_NAMES:
+        raise VlmergeError(f"--run {run!r}: expected one of {', '.join(RUN_NAMES)}")
+    if run == "seed" and not cfg.runs.seed_pretraining:
+        raise VlmergeError("--run seed: seed pre-training is off (set runs.seed_pretraining=true)")
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise VlmergeError("train.precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
+                           "use bf16 or fp32 on the CPU")
+
+
 class Trainer:
     """One run on one rank: data, engine, state, checkpoints."""
 
     def __init__(self, cfg: Config, run: str, rank: int, world: int, progress: bool):
-        if run not in RUN_NAMES:
-            raise VlmergeError(f"--run {run!r}: expected one of {', '.join(RUN_NAMES)}")
-        if run == "seed" and not cfg.runs.seed_pretraining:
-            raise VlmergeError("--run seed: seed pre-training is off (set runs.seed_pretraining=true)")
-        if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-            raise VlmergeError("train.precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
-                               "use bf16 or fp32 on the CPU")
         self.cfg, self.run, self.rank, self.world, self.progress = cfg, run, rank, world, progress
         self.spec = getattr(cfg.runs, run)
         self.run_dir = cfg.layout.run_dir(run)
@@ -288,8 +292,11 @@ class Trainer:
 def train(cfg: Config, run: str, *, progress: bool = True) -> Path:
     """Train one run to the end (or until a signal), resuming from its newest state if any."""
     rank, world = distributed.setup()
-    trainer = Trainer(cfg, run, rank, world, progress)
-    out = trainer.fit()
+    check_request(cfg, run)
+    # One training of a run at a time: a second one (a requeue beside a job still running) would
+    # log and save over the first. A killed job's lock is taken over (`vlmerge.locks`).
+    with distributed.held_by_rank0(run_lock(cfg.layout.run_dir(run)), f"train --run {run}"):
+        out = Trainer(cfg, run, rank, world, progress).fit()
     if rank == 0:
         ckpts = list_checkpoints(out)
         print(f"train {run}: {out}: {len(ckpts)} checkpoints, last {ckpts[-1].name}")
