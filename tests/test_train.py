@@ -353,6 +353,16 @@ def test_a_second_training_of_a_run_is_refused_in_one_line_and_a_dead_ones_lock_
     assert not lock.exists()
 
 
+def test_a_stale_extension_build_lock_does_not_hang_training(root, tmp_path):
+    # What a training killed while DeepSpeed compiled its shared-memory op leaves: torch's lock file,
+    # naming no process, on which every later build waited forever.
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    r = train(root, "text", *SHORT, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
 def test_training_state_round_trips_without_pickle_and_names_no_class(tmp_path):
     import collections
     import enum

@@ -13,6 +13,14 @@ from pathlib import Path
 from vlmerge.errors import VlmergeError
 from vlmerge.locks import hold
 
+# DeepSpeed's shared-memory communication op (a C++ extension it compiles on first use on the CPU)
+# serves only its inference all-reduce (`inference_all_reduce`, tensor parallelism); training
+# all-reduces through torch.distributed. Its build waits on torch's lock file in the extension
+# folder, which names no process: a process killed mid-build left a lock that made every later
+# training on the machine wait forever, without a word (issue 28). Training never builds it.
+SHM_OP = "deepspeed_shm_comm"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -40,9 +48,12 @@ def setup() -> tuple[int, int]:
     """Start the process group from the rendezvous variables; return (rank, world size)."""
     import deepspeed
     import torch
+    from deepspeed.accelerator import get_accelerator
     from deepspeed.utils import logger
 
     logger.setLevel(logging.WARNING)  # DeepSpeed logs every setup step at INFO
+    if get_accelerator().get_op_builder("ShareMemCommBuilder") is not None:  # the CPU's (a GPU has none)
+        deepspeed.ops.__compatible_ops__[SHM_OP] = False  # DeepSpeed keeps this one dict: the edit holds
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update(single_process_env())
     backend = "nccl" if torch.cuda.is_available() else "gloo"
