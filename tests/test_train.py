@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -361,6 +362,21 @@ def test_a_stale_extension_build_lock_does_not_hang_training(root, tmp_path):
     (extensions / "deepspeed_shm_comm" / "lock").touch()
     r = train(root, "text", *SHORT, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}, timeout=180)
     assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("limit, what", [(300_000, "checkpoint"), (1_000_000, "training state")])
+def test_a_full_disk_during_training_is_one_line_and_leaves_no_partial_output(root, limit, what):
+    def full_disk():  # writes beyond `limit` bytes fail (EFBIG) as on a full disk: the checkpoint, or the state
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    line = one_error_line(train(root, "text", *SHORT, preexec_fn=full_disk))
+    assert f"could not write the {what} (" in line and "File too large" in line, line
+    run = root / "runs/demo/text"
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+    states = run / "deepspeed"
+    assert not states.exists() or not any(states.iterdir())
+    assert all((c / "trainer_state.json").is_file() for c in (run / "checkpoints").iterdir())
 
 
 def test_training_state_round_trips_without_pickle_and_names_no_class(tmp_path):

@@ -175,6 +175,14 @@ def write_jsonl(path: str | os.PathLike, rows: Any) -> int:
     return n
 
 
+def write_failure(e: Exception) -> str:
+    """Why a write failed, in a few words: the system's reason (a full disk, a quota, a file size
+    limit), also when safetensors reports it in an error of its own."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
 def check_writable(root: str | os.PathLike) -> Path:
     """Create `root` if needed and prove a file can be written there, or raise a one-line error."""
     root = Path(root)
