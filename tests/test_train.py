@@ -379,6 +379,16 @@ def test_a_full_disk_during_training_is_one_line_and_leaves_no_partial_output(ro
     assert all((c / "trainer_state.json").is_file() for c in (run / "checkpoints").iterdir())
 
 
+def test_a_symlink_planted_as_the_runs_log_is_refused_not_followed(root, tmp_path):
+    outside = tmp_path / "outside.jsonl"
+    run = root / "runs/demo/text"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").symlink_to(outside)  # dangling: a write through it would create it
+    line = one_error_line(train(root, "text", *SHORT))
+    assert "metrics.jsonl: is a symbolic link" in line, line
+    assert not outside.exists()
+
+
 def test_training_state_round_trips_without_pickle_and_names_no_class(tmp_path):
     import collections
     import enum

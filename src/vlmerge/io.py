@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -181,6 +182,19 @@ def write_failure(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror:
         return e.strerror
     return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to a log file (created if missing) that is no symbolic link: a link planted in
+    its place, a dangling one too, would send the writes outside the output root."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise VlmergeError(f"{path}: is a symbolic link; expected the log file itself (remove the link)") from None
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def check_writable(root: str | os.PathLike) -> Path:

@@ -17,7 +17,7 @@ from vlmerge.config import EXPERT_RUN, RUN_NAMES, Config, merge_dicts, save_reso
 from vlmerge.data import Batch, Piece, count_batches, data_digest, epoch_order, plan_batches, run_data
 from vlmerge.errors import Preempted, VlmergeError
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import atomic_path, fingerprint, read_json, remove_stale_temps, write_json
+from vlmerge.io import append_text, atomic_path, fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.model import PooledLlavaForConditionalGeneration, build_config, experts_from_agnostic, init_model
 from vlmerge.problems import ProblemLog
 from vlmerge.train import distributed
@@ -266,8 +266,7 @@ class Trainer:
                "tokens_per_s": round(tokens_per_s, 1), "time": time.time()}
         if self.cfg.train.check_replicas:
             row["replica_digests"] = self.replica_digests
-        with open(self._metrics_path(), "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_text(self._metrics_path(), json.dumps(row) + "\n")
 
     def _metrics_truncate(self, step: int) -> None:
         """On resume, forget metrics logged after the state we resume from (they will be logged again)."""
