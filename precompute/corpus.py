@@ -137,6 +137,10 @@ class TokenShards:
         """Whitespace words of every sample."""
         return np.concatenate([words for _, _, words, _, _ in self._shards])
 
+    def lengths(self) -> np.ndarray:
+        """Tokens of every sample."""
+        return np.concatenate([np.diff(offsets) for _, offsets, _, _, _ in self._shards])
+
     def image_ids(self) -> np.ndarray:
         """The image id of every sample (caption sources only)."""
         if any(images is None for _, _, _, images, _ in self._shards):

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vlmerge.config import EXPERT_RUN, RUN_NAMES, Config, merge_dicts, save_resolved
-from vlmerge.data import Batch, Piece, count_batches, data_digest, epoch_order, plan_batches, run_data
+from vlmerge.data import Batch, Piece, count_batches, data_digest, epoch_order, plan_batches, run_data, split_note
 from vlmerge.errors import Preempted, VlmergeError
 from vlmerge.hf import quiet_transformers
 from vlmerge.io import append_text, atomic_path, fingerprint, read_json, remove_stale_temps, write_json
@@ -93,9 +93,11 @@ class Trainer:
         self.tok_dir = cfg.layout.tokenizer_dir
         problems = ProblemLog()
         data = run_data(cfg, self.spec.sources, problems, multimodal_flags=run == EXPERT_RUN)
+        self.samples, self.collate = data.samples, data.collate
         if self.rank == 0:
             problems.report(f"train {run}")
-        self.samples, self.collate = data.samples, data.collate
+            if note := split_note(self.samples, cfg.model.max_length):
+                print(f"train {run}: warning: {note}", file=sys.stderr)
         t = cfg.train
         self.global_batch, self.accum = batch_shape(t.micro_batch_size, t.grad_accum, t.global_batch, world)
         model = self._initial_model(build_config(cfg.model, data.tokenizer, data.features.dim, cfg.features.layer,
