@@ -167,7 +167,7 @@ def _counted(
         entry = {"path": str(path), "samples": 0, "words": 0}
         files.append(entry)
         if source == "text":
-            samples = ((None, line) for line in iter_text_lines([path]))
+            samples = ((None, line) for line in iter_text_lines([path], problems))
         else:
             samples = iter_captions([path], problems)
         for image_id, text in samples:
