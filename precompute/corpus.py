@@ -137,6 +137,10 @@ class TokenShards:
         """Whitespace words of every sample."""
         return np.concatenate([words for _, _, words, _, _ in self._shards])
 
+    def lengths(self) -> np.ndarray:
+        """Tokens of every sample."""
+        return np.concatenate([np.diff(offsets) for _, offsets, _, _, _ in self._shards])
+
     def image_ids(self) -> np.ndarray:
         """The image id of every sample (caption sources only)."""
         if any(images is None for _, _, _, images, _ in self._shards):
@@ -163,7 +167,7 @@ def _counted(
         entry = {"path": str(path), "samples": 0, "words": 0}
         files.append(entry)
         if source == "text":
-            samples = ((None, line) for line in iter_text_lines([path]))
+            samples = ((None, line) for line in iter_text_lines([path], problems))
         else:
             samples = iter_captions([path], problems)
         for image_id, text in samples:

@@ -13,6 +13,7 @@ character offsets (`vlmerge.precompute.corpus.word_starts`).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -33,29 +34,41 @@ def normalize(text: str) -> str:
     return " ".join(text.split())
 
 
-def iter_text_lines(paths: Iterable[Path]) -> Iterator[str]:
-    """Non-empty lines of BabyLM-style text files (one utterance per line), normalised."""
+_UNDECODABLE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of bytes that are not UTF-8
+_NUL = "malformed line: holds a NUL byte"
+
+
+def iter_text_lines(paths: Iterable[Path], problems: ProblemLog) -> Iterator[str]:
+    """Non-empty lines of BabyLM-style text files (one utterance per line), normalised. A line that is
+    not UTF-8 or holds a NUL byte (a binary file, a broken download) is a problem, left out."""
     for path in paths:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line := normalize(line):
+        with open(path, encoding="utf-8", errors="surrogateescape") as f:
+            for lineno, line in enumerate(f, 1):
+                if _UNDECODABLE.search(line):
+                    problems.add(f"{path}:{lineno}", "malformed line: not UTF-8")
+                elif "\0" in line:
+                    problems.add(f"{path}:{lineno}", _NUL)
+                elif line := normalize(line):
                     yield line
 
 
 def iter_captions(paths: Iterable[Path], problems: ProblemLog) -> Iterator[tuple[str, str]]:
-    """(image_id, caption) of caption manifests; lines without both are problems."""
+    """(image_id, caption) of caption manifests; lines without both, or with a NUL in them, are problems."""
     for path in paths:
         for where, obj in read_jsonl(path, problems, "manifest"):
             image_id, caption = obj.get("image_id"), obj.get("caption")
             if not isinstance(image_id, str) or not isinstance(caption, str) or not caption.strip():
                 problems.add(where, "malformed line: expected string 'image_id' and non-empty 'caption'")
                 continue
+            if "\0" in image_id + caption:  # ("\u0000" in the JSON)
+                problems.add(where, _NUL)
+                continue
             yield image_id, normalize(caption)
 
 
 def training_text(cfg: Config, problems: ProblemLog) -> Iterator[str]:
     """Every line of text the models train on: text files, then captions."""
-    yield from iter_text_lines(expand_paths(cfg.data.text, "data.text"))
+    yield from iter_text_lines(expand_paths(cfg.data.text, "data.text"), problems)
     yield from (c for _, c in iter_captions(expand_paths(cfg.data.captions, "data.captions"), problems))
 
 

@@ -1,9 +1,11 @@
 """Nothing left behind: a stage's next run removes the temp files its killed runs left in its own
 folders, and nothing else; `results compact` touches only the sweep's files, one run at a time;
-outputs get the modes the user's umask allows."""
+outputs get the modes the user's umask allows; a lock file is held by one process at a time, and a
+dead holder's is taken over."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import stat
@@ -22,7 +24,9 @@ from safetensors.torch import load_file
 
 from vlmerge.cli import main
 from vlmerge.demo.world import save_random_dinov2
-from vlmerge.io import FOREIGN_TEMP_STALE_S, atomic_path, remove_stale_temps, temp_sibling
+from vlmerge.errors import VlmergeError
+from vlmerge.io import FOREIGN_TEMP_STALE_S, HOST, atomic_path, remove_stale_temps, temp_sibling
+from vlmerge.locks import STALE_AFTER_S, hold
 from vlmerge.layout import store_config, store_shard_dir
 from vlmerge.merge.core import merge_to_disk
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, compact, read_results, write_rows
@@ -214,3 +218,109 @@ def test_two_concurrent_compactions_both_succeed(results):
     assert sorted(o[0] for o in outcomes) == [1, 4]  # the second waited, then found one file
     assert len(list((results / "metrics").glob("*.parquet"))) == 1
     assert len(read_results(results)) == 4
+
+
+# -- lock files (vlmerge.locks): one holder at a time, on NFS too ----------------------------------------
+
+def _plant_lock(path: Path, host: str, pid: int, age_s: float = 0.0) -> None:
+    path.write_text(json.dumps({"host": host, "pid": pid, "started": "earlier", "what": "someone", "token": "t"}))
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+
+
+def _dead_pid() -> int:
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    return dead.pid
+
+
+def test_a_live_holders_lock_is_refused_in_one_line_and_a_dead_ones_taken_over(tmp_path):
+    lock = tmp_path / "run" / "train.lock"
+    with hold(lock, "first") as held:
+        assert json.loads(held.read_text())["pid"] == os.getpid()
+        with pytest.raises(VlmergeError) as refused:
+            with hold(lock, "second"):
+                pass
+    message = str(refused.value)
+    assert "\n" not in message and str(lock) in message and f"host {HOST}, pid {os.getpid()}" in message
+    assert not lock.exists()  # released
+
+    sleeper = subprocess.Popen(["sleep", "30"])
+    try:
+        live = [(HOST, os.getppid(), 0.0), ("elsewhere", 1, 0.0)]  # a live pid; another host's fresh lock
+        stale = [(HOST, _dead_pid(), 0.0), ("elsewhere", 1, STALE_AFTER_S + 60),
+                 (HOST, sleeper.pid, 3600.0)]  # the pid of a process started after the lock was last touched
+        for host, pid, age in live:
+            _plant_lock(lock, host, pid, age)
+            with pytest.raises(VlmergeError, match=f"host {host}, pid {pid}"):
+                with hold(lock, "second"):
+                    pass
+        for host, pid, age in stale:
+            _plant_lock(lock, host, pid, age)
+            with hold(lock, "taker") as held:
+                assert json.loads(held.read_text())["what"] == "taker"
+        lock.write_text("")  # an older vlmerge's empty lock file, long untouched
+        os.utime(lock, (0, 0))
+        with hold(lock, "taker"):
+            pass
+    finally:
+        sleeper.kill()
+    assert sorted(p.name for p in lock.parent.iterdir()) == []  # no renamed stale lock left either
+
+
+_RACE = """
+import pathlib, sys, time
+from vlmerge.errors import VlmergeError
+from vlmerge.locks import hold
+lock, go, release = map(pathlib.Path, sys.argv[1:])
+while not go.exists():
+    time.sleep(0.001)
+try:
+    with hold(lock, "racer"):
+        print("won", flush=True)
+        while not release.exists():  # held until every racer has tried
+            time.sleep(0.01)
+except VlmergeError:
+    print("refused", flush=True)
+"""
+
+
+def test_racers_on_a_stale_lock_exactly_one_wins(tmp_path):
+    lock = tmp_path / "train.lock"
+    # Threads of one process...
+    for _ in range(5):
+        _plant_lock(lock, HOST, _dead_pid())
+        barrier, release, outcomes = threading.Barrier(6), threading.Event(), []
+
+        def race():
+            barrier.wait()
+            try:
+                with hold(lock, "racer"):
+                    outcomes.append("won")
+                    release.wait(60)  # held until every racer has tried
+            except VlmergeError:
+                outcomes.append("refused")
+
+        threads = [threading.Thread(target=race) for _ in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 60
+        while len(outcomes) < 6 and time.time() < deadline:
+            time.sleep(0.01)
+        release.set()
+        for t in threads:
+            t.join()
+        assert sorted(outcomes) == ["refused"] * 5 + ["won"]
+    # ...and processes, let go together.
+    _plant_lock(lock, HOST, _dead_pid())
+    go, release = tmp_path / "go", tmp_path / "release"
+    procs = [subprocess.Popen([sys.executable, "-c", _RACE, str(lock), str(go), str(release)], stdout=subprocess.PIPE,
+                              text=True, cwd=REPO) for _ in range(4)]
+    time.sleep(1)
+    go.touch()
+    outcomes = sorted(p.stdout.readline().strip() for p in procs)
+    release.touch()
+    for p in procs:
+        p.communicate(timeout=60)
+    assert outcomes == ["refused"] * 3 + ["won"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "release"]  # the lock released, no guard left

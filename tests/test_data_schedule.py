@@ -103,3 +103,38 @@ def test_ranks_come_from_slurm_under_srun():
     assert rendezvous_env(torchrun)["RANK"] == "0"  # torchrun's own variables win
     alone = rendezvous_env({})
     assert alone["RANK"] == "0" and alone["WORLD_SIZE"] == "1" and int(alone["MASTER_PORT"]) > 0
+
+
+def test_a_line_longer_than_max_length_trains_whole_as_several_sequences(small_prepared, tmp_path):
+    """Every word counted as seen is trained on: a long line is split between words, not cut."""
+    from conftest import SMALL_WORLD
+    from vlmerge.config import load_config
+    from vlmerge.data import Piece, run_data, split_note
+    from vlmerge.precompute import corpus
+    from vlmerge.problems import ProblemLog
+
+    root = tmp_path / "root"
+    for rel in ("demo", "features", "runs/demo/tokenizer"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).symlink_to(small_prepared / rel)
+    lines = [l for l in (small_prepared / "demo/text/train.txt").read_text().splitlines() if l.strip()][:20]
+    long_line = " ".join(lines)  # some 170 words, 290 tokens: the others fit in 48
+    text = tmp_path / "text.train"
+    text.write_text("\n".join([*lines[:5], long_line, *lines[5:10]]) + "\n")
+    cfg = load_config(None, [f"paths.root={root}", *SMALL_WORLD, f"data.text=['{text}']", "model.max_length=48"])
+    corpus.run(cfg)
+    data = run_data(cfg, ["text"], ProblemLog())
+    samples, collate = data.samples, data.collate
+
+    index = corpus.TokenShards(cfg.layout.corpus_source_dir("text")).index
+    assert samples.words.sum() == index["words"] == sum(len(l.split()) for l in [*lines[:10], long_line])
+    seqs = [collate.sequence(Piece(i, 0, int(samples.words[i]))) for i in range(len(samples))]
+    assert max(len(s) for s in seqs) <= 48
+    # Every token of every line is trained on once, with one EOS per line.
+    assert collate.tokens_in([Piece(i, 0, int(samples.words[i])) for i in range(len(samples))]) == \
+        index["tokens"] + 11
+    parts = [seqs[i][collate.prefix:] for i in np.flatnonzero(samples.local == 5)]  # the long line's
+    ids = data.tokenizer.backend_tokenizer.encode(long_line, add_special_tokens=False).ids
+    assert sum(parts, []) == ids + [collate.eos] and all(collate.eos not in p for p in parts[:-1])
+    assert samples.split_lines == 1 and len(parts) == samples.parts > 5
+    assert "1 of 11 corpus lines do not fit model.max_length 48" in split_note(samples, 48)

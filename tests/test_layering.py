@@ -19,7 +19,7 @@ SOURCES = {REPO / "src" / "vlmerge": "vlmerge", REPO / "precompute": "vlmerge.pr
            REPO / "analysis": "vlmerge.analysis"}
 SOURCES_ROOT = REPO / "src" / "vlmerge"
 CORE = {"config", "layout", "modelkey", "io", "errors", "results", "registry", "problems", "hf", "configs", "device",
-        "predict"}
+        "predict", "locks"}
 ORCHESTRATION = {"sweep", "launch", "pipeline", "study", "cli"}
 STAGES = {"precompute", "data", "model", "train", "merge", "evaluate", "finetune", "demo"}
 

@@ -120,6 +120,22 @@ def test_malformed_caption_lines_are_counted_not_fatal(make_cfg, tmp_path, capsy
     assert len(TokenShards(cfg.layout.corpus_source_dir("captions"))) == 2
 
 
+def test_nul_bytes_and_invalid_utf8_are_counted_problems_left_out_of_the_corpus(make_cfg, tmp_path, capsys):
+    text = tmp_path / "t.train"
+    text.write_bytes(b"the cat sat .\nthe \x00dog ran .\na caf\xe9 line .\nthe bird flew .\n")
+    caps = tmp_path / "caps.jsonl"
+    caps.write_text('{"image_id": "a", "caption": "a red circle ."}\n{"image_id": "b", "caption": "a \\u0000 square"}\n')
+    cfg = make_cfg(f"data.text=['{text}']", f"data.captions=['{caps}']")
+    tokenizer.run(cfg, progress=False)
+    corpus.run(cfg)
+    err = capsys.readouterr().err
+    assert "t.train:2: malformed line: holds a NUL byte" in err and "t.train:3: malformed line: not UTF-8" in err
+    assert "caps.jsonl:2: malformed line: holds a NUL byte" in err
+    shards = TokenShards(cfg.layout.corpus_source_dir("text"))
+    assert len(shards) == 2 and shards.index["words"] == 8
+    assert len(TokenShards(cfg.layout.corpus_source_dir("captions"))) == 1
+
+
 def test_a_tokenizer_without_the_image_token_is_refused(tmp_path):
     tc = TokenizerConfig(vocab_size=300)
     tok = train_bpe(["a red circle ."] * 20, tc, progress=False)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -37,8 +38,8 @@ def finished_text_run(root) -> Path:
     return root
 
 
-def train(root: Path, run: str, *extra: str) -> subprocess.CompletedProcess:
-    return vlmerge_cli("train", "--quiet", "--run", run, f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, *extra)
+def train(root: Path, run: str, *extra: str, **kw) -> subprocess.CompletedProcess:
+    return vlmerge_cli("train", "--quiet", "--run", run, f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, *extra, **kw)
 
 
 def tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
@@ -321,6 +322,71 @@ def test_a_rerun_removes_what_a_killed_run_left_and_nothing_else(finished_text_r
     assert not any(p.exists() for p in left)
     assert all(f.read_text() == "the user's" for f in foreign)
     assert log.read_text() == logged
+
+
+# One short training: enough to reach the first step, state and checkpoint.
+SHORT = ("train.epochs=1", "checkpoints.words=[1000]")
+
+
+def one_error_line(r: subprocess.CompletedProcess) -> str:
+    """The one error line of a refused command (its exit code 2 checked)."""
+    errors = [line for line in r.stderr.splitlines() if "error" in line.lower()]
+    assert r.returncode == 2 and len(errors) == 1 and r.stderr.strip().splitlines()[-1] == errors[0], r.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_second_training_of_a_run_is_refused_in_one_line_and_a_dead_ones_lock_taken_over(root):
+    from vlmerge.io import HOST
+    from vlmerge.layout import run_lock
+    from vlmerge.locks import hold
+
+    lock = run_lock(root / "runs/demo/text")
+    with hold(lock, "train --run text"):  # a training of this run still going (this process stands in)
+        line = one_error_line(train(root, "text", *SHORT))
+    assert str(lock) in line and f"host {HOST}, pid {os.getpid()}" in line, line
+    assert sorted(p.name for p in lock.parent.iterdir()) == []  # nothing logged or saved beside the first
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    lock.write_text(json.dumps({"host": HOST, "pid": dead.pid, "started": "then", "what": "train", "token": "x"}))
+    r = train(root, "text", *SHORT)  # the killed training's lock is taken over
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert not lock.exists()
+
+
+def test_a_stale_extension_build_lock_does_not_hang_training(root, tmp_path):
+    # What a training killed while DeepSpeed compiled its shared-memory op leaves: torch's lock file,
+    # naming no process, on which every later build waited forever.
+    extensions = tmp_path / "torch_extensions"
+    (extensions / "deepspeed_shm_comm").mkdir(parents=True)
+    (extensions / "deepspeed_shm_comm" / "lock").touch()
+    r = train(root, "text", *SHORT, env={**os.environ, "TORCH_EXTENSIONS_DIR": str(extensions)}, timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("limit, what", [(300_000, "checkpoint"), (1_000_000, "training state")])
+def test_a_full_disk_during_training_is_one_line_and_leaves_no_partial_output(root, limit, what):
+    def full_disk():  # writes beyond `limit` bytes fail (EFBIG) as on a full disk: the checkpoint, or the state
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    line = one_error_line(train(root, "text", *SHORT, preexec_fn=full_disk))
+    assert f"could not write the {what} (" in line and "File too large" in line, line
+    run = root / "runs/demo/text"
+    assert not [p for p in run.rglob("*") if ".tmp-" in p.name]
+    states = run / "deepspeed"
+    assert not states.exists() or not any(states.iterdir())
+    assert all((c / "trainer_state.json").is_file() for c in (run / "checkpoints").iterdir())
+
+
+def test_a_symlink_planted_as_the_runs_log_is_refused_not_followed(root, tmp_path):
+    outside = tmp_path / "outside.jsonl"
+    run = root / "runs/demo/text"
+    run.mkdir(parents=True)
+    (run / "metrics.jsonl").symlink_to(outside)  # dangling: a write through it would create it
+    line = one_error_line(train(root, "text", *SHORT))
+    assert "metrics.jsonl: is a symbolic link" in line, line
+    assert not outside.exists()
 
 
 def test_training_state_round_trips_without_pickle_and_names_no_class(tmp_path):

@@ -213,6 +213,14 @@ class ModelConfig(_Section):
             raise ValueError(f"cross_modal_layers ({self.cross_modal_layers}) exceeds num_layers ({self.num_layers})")
         return self
 
+    @field_validator("num_heads")
+    @classmethod
+    def _heads_divide_the_width(cls, v: int, info: ValidationInfo) -> int:  # after hidden_size: checked first
+        width = info.data.get("hidden_size")
+        if width is not None and width % v:
+            raise ValueError(f"must divide hidden_size ({width}): each attention head takes an equal share of it")
+        return v
+
 
 class TrainConfig(_Section):
     """Optimisation and DeepSpeed settings shared by every run of the experiment."""
@@ -245,6 +253,18 @@ class CheckpointConfig(_Section):
     every_epoch: bool = True
     keep_states: int = Field(2, ge=1, description="DeepSpeed states kept (newest first)")
     state_every_steps: int = Field(1000, ge=1)
+
+    @field_validator("words")
+    @classmethod
+    def _words_increase(cls, v: Literal["babylm"] | list[int]) -> Literal["babylm"] | list[int]:
+        if isinstance(v, list):
+            if nonpositive := [w for w in v if w <= 0]:
+                raise ValueError(f"{nonpositive[0]} is not a positive word count (the initial weights are saved "
+                                 "anyway)")
+            if unsorted := [b for a, b in zip(v, v[1:]) if b <= a]:
+                raise ValueError(f"{unsorted[0]} does not follow a smaller count: list the word counts in "
+                                 "increasing order, each once")
+        return v
 
 
 class RunConfig(_Section):

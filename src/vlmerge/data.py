@@ -1,6 +1,10 @@
 """Training data: samples from token shards, a deterministic epoch order, and batches that end
 exactly on the checkpoint schedule's word counts.
 
+A sample is a corpus line, or, where a line's tokens do not fit `model.max_length`, a run of its
+words that does: a long line is trained as several sequences (split between words, each with the
+line's image, EOS after the last), so that every word counted as seen is a word trained on.
+
 A batch is a list of pieces (sample, first word, end word). Normally a piece is a whole sample;
 when a scheduled word count falls inside a sample, the batch ends with the sample's head and
 the next batch starts with its tail, so that checkpoints land on the scheduled count exactly.
@@ -141,12 +145,50 @@ class FeatureTable:
         self.features[order] = self.features[np.roll(order, 1)].clone()  # a cycle through all rows: no fixed point
 
 
-class Samples:
-    """The samples of one run: its sources' token shards concatenated, each with its feature row."""
+@dataclasses.dataclass(frozen=True)
+class _Part:
+    """A sample that is part of a long line: its tokens [lo, hi) of the line, and whether it ends it."""
 
-    def __init__(self, sources: dict[str, TokenShards], features: FeatureTable, problems: ProblemLog):
+    lo: int
+    hi: int
+    last: bool
+
+
+def _word_starts_at(starts: np.ndarray, words: int) -> np.ndarray:
+    """The position of each word's first token (`starts`: per token, whether it begins a word)."""
+    at = np.flatnonzero(starts)
+    if len(at) != words:
+        raise VlmergeError(f"a sample has {words} words but {len(at)} word-start tokens; rebuild the corpus")
+    return at
+
+
+def split_line(starts: np.ndarray, words: int, budget: int) -> list[tuple[int, int, int]]:
+    """A line as runs of whole words of at most `budget` tokens each: (words, first token, end token).
+    A single word longer than `budget` is a run of its own (the collator cuts it)."""
+    at = _word_starts_at(starts, words)
+    ends = np.append(at[1:], len(starts))  # one past each word's last token
+    runs, first = [], 0
+    while first < words:
+        lo = int(at[first]) if first else 0
+        stop = max(int(np.searchsorted(ends, lo + budget, side="right")), first + 1)
+        runs.append((stop - first, lo, int(ends[stop - 1])))
+        first = stop
+    return runs
+
+
+class Samples:
+    """The samples of one run: its sources' token shards concatenated, each with its feature row.
+
+    A line of more than `budget` text tokens becomes several samples (`split_line`); `split_lines`
+    counts such lines and `parts` the samples they became."""
+
+    def __init__(self, sources: dict[str, TokenShards], features: FeatureTable, problems: ProblemLog,
+                 budget: int | None = None):
         self.shards: list[TokenShards] = []
+        self._parts: dict[int, _Part] = {}  # sample -> its span of a long line (rare: a dict, not arrays)
+        self.split_lines = 0
         locals_, shard_of, rows, words = [], [], [], []
+        total = 0
         for name, shards in sources.items():
             n = len(shards)
             local = np.arange(n)
@@ -157,16 +199,49 @@ class Samples:
                 for i in np.flatnonzero(missing)[:1000]:
                     problems.add(f"captions[{i}]", f"no feature: image {shards.image_ids()[i]!r} is not in the store")
                 local, row = local[~missing], row[~missing]
+            count = shards.words()[local].astype(np.int64)
+            if budget is not None:
+                local, row, count = self._split_long(name, shards, local, row, count, budget, total, problems)
             locals_.append(local)
             shard_of.append(np.full(len(local), len(self.shards)))
             rows.append(row)
-            words.append(shards.words()[local])
+            words.append(count)
             self.shards.append(shards)
+            total += len(local)
         self.local = np.concatenate(locals_)
         self.shard_of = np.concatenate(shard_of)
         self.feature_row = np.concatenate(rows)
         self.words = np.concatenate(words).astype(np.int64)
         self.features = features
+
+    def _split_long(self, name: str, shards: TokenShards, local: np.ndarray, row: np.ndarray, count: np.ndarray,
+                    budget: int, before: int, problems: ProblemLog) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(local, row, words) with each line of more than `budget` tokens repeated once per part."""
+        long = np.flatnonzero(shards.lengths()[local] > budget)
+        if not len(long):
+            return local, row, count
+        runs = {}
+        for i in long:
+            _, line_words, _, starts = shards[int(local[i])]
+            runs[i] = split_line(starts, line_words, budget)
+            for _, lo, hi in runs[i]:
+                if hi - lo > budget and len(problems) < 1000:
+                    problems.add(f"{name}[{int(local[i])}]", f"long word: {hi - lo} tokens, cut to model.max_length")
+        repeat = np.ones(len(local), dtype=np.int64)
+        repeat[long] = [len(runs[i]) for i in long]
+        first = np.cumsum(repeat) - repeat  # where each line's first sample lands
+        count = np.repeat(count, repeat)
+        for i, parts in runs.items():
+            for k, (n, lo, hi) in enumerate(parts):
+                count[first[i] + k] = n
+                self._parts[before + int(first[i]) + k] = _Part(lo, hi, k == len(parts) - 1)
+        self.split_lines += len(long)
+        return np.repeat(local, repeat), np.repeat(row, repeat), count
+
+    @property
+    def parts(self) -> int:
+        """Samples that are parts of long lines."""
+        return len(self._parts)
 
     def __len__(self) -> int:
         return len(self.words)
@@ -174,7 +249,24 @@ class Samples:
     def tokens(self, sample: int) -> tuple[np.ndarray, np.ndarray]:
         """A sample's token ids, and which of them begin a word."""
         tokens, _, _, starts = self.shards[self.shard_of[sample]][int(self.local[sample])]
-        return tokens, starts
+        part = self._parts.get(sample)
+        return (tokens, starts) if part is None else (tokens[part.lo : part.hi], starts[part.lo : part.hi])
+
+    def ends_line(self, sample: int) -> bool:
+        """Whether the sample's last word ends its corpus line (EOS follows it)."""
+        part = self._parts.get(sample)
+        return part is None or part.last
+
+
+def split_note(samples: Samples, max_length: int) -> str | None:
+    """What to tell about the lines too long for `max_length` (None when there are none)."""
+    split, parts = samples.split_lines, samples.parts
+    if not split:
+        return None
+    lines = len(samples) - parts + split
+    most = " (most lines: is model.max_length too small?)" if 2 * split > lines else ""
+    return (f"{split} of {lines} corpus lines do not fit model.max_length {max_length}; they train as {parts} "
+            f"shorter sequences, split between words{most}")
 
 
 def piece_tokens(tokens: np.ndarray, piece: Piece, words: int, starts: np.ndarray) -> np.ndarray:
@@ -182,9 +274,7 @@ def piece_tokens(tokens: np.ndarray, piece: Piece, words: int, starts: np.ndarra
     begins a word)."""
     if piece.start == 0 and piece.stop == words:
         return tokens
-    at = np.flatnonzero(starts)
-    if len(at) != words:
-        raise VlmergeError(f"a sample has {words} words but {len(at)} word-start tokens; rebuild the corpus")
+    at = _word_starts_at(starts, words)
     lo = at[piece.start]
     hi = at[piece.stop] if piece.stop < words else len(tokens)
     return tokens[lo:hi]
@@ -207,7 +297,7 @@ class Collator:
         words = int(self.samples.words[piece.sample])
         tokens, starts = self.samples.tokens(piece.sample)
         text = piece_tokens(tokens, piece, words, starts).tolist()
-        end = [self.eos] if piece.stop == words else []
+        end = [self.eos] if piece.stop == words and self.samples.ends_line(piece.sample) else []
         return ([self.bos] + [self.image_token] * self.samples.features.tokens + text + end)[: self.max_length]
 
     @property
@@ -260,10 +350,11 @@ def run_data(cfg: Config, sources: Sequence[str], problems: ProblemLog, *, multi
     `multimodal_flags`: batches say which samples carry an image (the expert model routes by it)."""
     tokenizer = load_tokenizer(cfg.layout.tokenizer_dir, cfg.tokenizer)
     features = FeatureTable(cfg.store_path)
-    if cfg.model.max_length < features.tokens + 2:
+    budget = cfg.model.max_length - 1 - features.tokens - 1  # text tokens between BOS + image tokens and EOS
+    if budget < 1:
         raise VlmergeError(f"model.max_length: {cfg.model.max_length} leaves no room for text after BOS and the "
-                           f"store's {features.tokens} image tokens per image")
-    samples = Samples({s: TokenShards(cfg.layout.corpus_source_dir(s)) for s in sources}, features, problems)
+                           f"store's {features.tokens} image tokens per image, before EOS")
+    samples = Samples({s: TokenShards(cfg.layout.corpus_source_dir(s)) for s in sources}, features, problems, budget)
     if not len(samples):
         raise VlmergeError(f"no training samples in {', '.join(sources)}")
     collate = Collator(

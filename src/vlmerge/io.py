@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -20,16 +21,17 @@ from vlmerge.errors import VlmergeError
 _HASH_BLOCK = 1 << 24  # bytes per read when hashing a file
 # `.<name>.tmp-<host>-<pid>-<8 hex>` (older versions wrote no host): the only names cleanup removes.
 _TEMP_NAME = re.compile(r"\.(?P<name>.+)\.tmp-(?:(?P<host>[A-Za-z0-9._-]+)-)?(?P<pid>\d+)-[0-9a-f]{8}")
-_HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"
+HOST = re.sub(r"[^A-Za-z0-9._-]", "_", socket.gethostname()) or "host"  # as it appears in names and locks
 # A temp file of another machine (a shared file system) is only removed once nobody touched it
 # for this long: its writer's process cannot be looked up from here.
 FOREIGN_TEMP_STALE_S = 6 * 3600
+_CLOCK_SLACK_S = 2.0  # boot time is known to the second: a process start time is this uncertain
 
 
 def temp_sibling(path: Path) -> Path:
     """A fresh temp name beside `path`, naming this host and process (see `remove_stale_temps`)."""
     # Same directory as the target, so the final rename never crosses filesystems.
-    return path.with_name(f".{path.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}.tmp-{HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
 
 
 def _alive(pid: int) -> bool:
@@ -42,17 +44,44 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _process_started(pid: int) -> float | None:
+    """When process `pid` started (seconds since the epoch), where Linux tells it; else None."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, after the command's name
+        with open("/proc/stat", encoding="ascii") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def writer_gone(path: Path, host: str | None, pid: int, foreign_after_s: float) -> bool:
+    """True when the process (`host`, `pid`) that wrote `path` has ended.
+
+    On this host (or no host named) its pid is dead, or now belongs to a process that started after
+    `path` was last written (a reused pid). Another host's processes cannot be looked up from here:
+    there it is gone once nobody touched `path` for `foreign_after_s` (a live writer may refresh its
+    mtime to show it is alive).
+    """
+    try:
+        touched = path.lstat().st_mtime
+    except FileNotFoundError:
+        return False  # gone already: nothing to judge
+    if host not in (None, HOST):
+        return time.time() - touched > foreign_after_s
+    if pid == os.getpid():
+        return False
+    if not _alive(pid):
+        return True
+    started = _process_started(pid)
+    return started is not None and started > touched + _CLOCK_SLACK_S
+
+
 def is_stale_temp(path: Path) -> bool:
     """True for a temp name of `temp_sibling` whose writer is gone (this host: its process has ended)."""
     match = _TEMP_NAME.fullmatch(path.name)
-    if not match:
-        return False
-    if match["host"] in (None, _HOST):
-        return int(match["pid"]) != os.getpid() and not _alive(int(match["pid"]))
-    try:
-        return time.time() - path.lstat().st_mtime > FOREIGN_TEMP_STALE_S
-    except FileNotFoundError:
-        return False
+    return bool(match) and writer_gone(path, match["host"], int(match["pid"]), FOREIGN_TEMP_STALE_S)
 
 
 def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
@@ -145,6 +174,27 @@ def write_jsonl(path: str | os.PathLike, rows: Any) -> int:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
             n += 1
     return n
+
+
+def write_failure(e: Exception) -> str:
+    """Why a write failed, in a few words: the system's reason (a full disk, a quota, a file size
+    limit), also when safetensors reports it in an error of its own."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append `text` to a log file (created if missing) that is no symbolic link: a link planted in
+    its place, a dangling one too, would send the writes outside the output root."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise VlmergeError(f"{path}: is a symbolic link; expected the log file itself (remove the link)") from None
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(text)
 
 
 def check_writable(root: str | os.PathLike) -> Path:

@@ -11,9 +11,11 @@ Under the output root (`paths.root`):
     runs/<exp>/tokenizer/                                the BPE tokenizer
     runs/<exp>/corpus/<source>/{tokens,offsets,words,images}-<k>.npy + index.json
     runs/<exp>/<run>/config.yaml, metrics.jsonl
+    runs/<exp>/<run>/train.lock                          held while a training runs (`vlmerge.locks`)
     runs/<exp>/<run>/checkpoints/words-<12 digits>/      a Hugging Face checkpoint
     runs/<exp>/<run>/deepspeed/step-<9 digits>/, latest  resumable DeepSpeed state
     results/<exp>/{metrics,items,distances}/<name>.parquet, best_text.json
+    results/<exp>/.compact.lock                          held while `results compact` runs
     results/<exp>/babylm/<model>/main/…                  sweep.export_babylm's prediction files
     reports/<exp>/                                       the analysis
     <merge --out>/alpha-<a.aa>/                           `vlmerge merge` at several α
@@ -202,6 +204,11 @@ def run_config(run_dir: Path) -> Path:
 
 def run_metrics_log(run_dir: Path) -> Path:
     return run_dir / "metrics.jsonl"
+
+
+def run_lock(run_dir: Path) -> Path:
+    """The lock file a training holds: one training of a run at a time (`vlmerge.locks`)."""
+    return run_dir / "train.lock"
 
 
 def statistics_file(checkpoint: Path, statistic: str) -> Path:

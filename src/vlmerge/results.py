@@ -3,10 +3,7 @@ per-item scores beside them; Parquet, written atomically, with a fixed schema.""
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ import pyarrow.parquet as pq
 from vlmerge import code_version
 from vlmerge.io import atomic_path, fingerprint, remove_stale_temps
 from vlmerge.layout import compact_files, compact_lock, compact_name, result_dataset_dir, result_file, result_files
+from vlmerge.locks import hold
 from vlmerge.modelkey import CHECKPOINT_PAIR, MM_ALPHA, MODEL, PAIR, TEXT_ALPHA, UNMERGED, ModelKey, checkpoint_run
 
 __all__ = ["CHECKPOINT_PAIR", "MM_ALPHA", "MODEL", "PAIR", "TEXT_ALPHA", "UNMERGED", "ModelKey", "checkpoint_run"]
@@ -109,7 +107,7 @@ def compact(results_dir: Path, dataset: str, planned: set[str]) -> tuple[int, in
     they might see meanwhile. Returns (files compacted, rows, files left alone).
     """
     schema = SCHEMAS[dataset]
-    with _locked(compact_lock(results_dir)):
+    with hold(compact_lock(results_dir), "results compact", wait=None):
         remove_stale_temps(result_dataset_dir(results_dir, dataset))
         known = planned | compacted_item_ids(results_dir)
         files, foreign = [], []
@@ -126,18 +124,6 @@ def compact(results_dir: Path, dataset: str, planned: set[str]) -> tuple[int, in
             if f != out:
                 f.unlink()
     return len(files), len(frame), foreign
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created if missing) for the block; waits for another holder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def compacted_item_ids(results_dir: Path) -> set[str]:

@@ -17,10 +17,11 @@ import shutil
 from pathlib import Path
 
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from vlmerge.errors import VlmergeError
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import atomic_path, file_sha256, read_json, temp_sibling, write_json, write_text
+from vlmerge.io import atomic_path, file_sha256, read_json, temp_sibling, write_failure, write_json, write_text
 from vlmerge.layout import (LATEST, STATE_ENGINE, STATE_MODULE, STATE_POSITION, checkpoint_dir, is_state_tag,
                             state_rank_part, state_tag, states_dir)
 from vlmerge.model import copy_tokenizer_files
@@ -45,12 +46,16 @@ def write_checkpoint(model, tokenizer_dir: Path, run_dir: Path, state: TrainStat
     out = checkpoint_dir(run_dir, state.words_seen)
     if out.exists():  # a resumed run passing the same point writes the same weights
         return out
-    with atomic_path(out, is_dir=True) as tmp:
-        with quiet_transformers():
-            model.save_pretrained(tmp)
-        file_sha256(tmp / "model.safetensors", remember=True)  # cached beside it: merges record it without rereading
-        copy_tokenizer_files(tokenizer_dir, tmp)
-        write_json(tmp / "trainer_state.json", {"run": run, **dataclasses.asdict(state)})
+    try:
+        with atomic_path(out, is_dir=True) as tmp:  # a failed write leaves nothing
+            with quiet_transformers():
+                model.save_pretrained(tmp)
+            # cached beside it: merges record it without rereading
+            file_sha256(tmp / "model.safetensors", remember=True)
+            copy_tokenizer_files(tokenizer_dir, tmp)
+            write_json(tmp / "trainer_state.json", {"run": run, **dataclasses.asdict(state)})
+    except (OSError, SafetensorError) as e:  # a full disk, a quota
+        raise VlmergeError(f"{out}: could not write the checkpoint ({write_failure(e)})") from None
     return out
 
 
@@ -96,19 +101,28 @@ class StateStore:
         if self.rank == 0:
             tmp.mkdir(parents=True)
         _barrier()
-        save_state(tmp, state_rank_part(self.rank), {"optimizer": engine.optimizer.state_dict(), "rng": rng_state()})
-        if self.rank == 0:
-            save_state(tmp, STATE_MODULE, engine.module.state_dict())
-            save_state(tmp, STATE_ENGINE, {**{k: getattr(engine, k) for k in _ENGINE_COUNTERS},
-                                           "lr_scheduler": engine.lr_scheduler.state_dict(), "world": self.world,
-                                           "global_batch": self.global_batch})
-        _barrier()
-        if self.rank == 0:
-            write_json(tmp / STATE_POSITION, dataclasses.asdict(state))
-            shutil.rmtree(self.root / tag, ignore_errors=True)
-            tmp.rename(self.root / tag)
-            write_text(self.root / LATEST, tag + "\n")
-            self._prune()
+        try:
+            save_state(tmp, state_rank_part(self.rank),
+                       {"optimizer": engine.optimizer.state_dict(), "rng": rng_state()})
+            if self.rank == 0:
+                save_state(tmp, STATE_MODULE, engine.module.state_dict())
+                save_state(tmp, STATE_ENGINE, {**{k: getattr(engine, k) for k in _ENGINE_COUNTERS},
+                                               "lr_scheduler": engine.lr_scheduler.state_dict(), "world": self.world,
+                                               "global_batch": self.global_batch})
+            _barrier()
+            if self.rank == 0:
+                write_json(tmp / STATE_POSITION, dataclasses.asdict(state))
+                shutil.rmtree(self.root / tag, ignore_errors=True)
+                tmp.rename(self.root / tag)
+                write_text(self.root / LATEST, tag + "\n")
+                self._prune()
+        except Exception as e:  # no half-written state stays (the last complete one does)
+            if self.rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (OSError, SafetensorError)):  # a full disk, a quota
+                raise VlmergeError(f"{self.root / tag}: could not write the training state "
+                                   f"({write_failure(e)})") from None
+            raise
         _barrier()
 
     def _prune(self) -> None:

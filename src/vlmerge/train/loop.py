@@ -14,14 +14,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from vlmerge.config import EXPERT_RUN, RUN_NAMES, Config, merge_dicts, save_resolved
-from vlmerge.data import Batch, Piece, count_batches, data_digest, epoch_order, plan_batches, run_data
+from vlmerge.data import Batch, Piece, count_batches, data_digest, epoch_order, plan_batches, run_data, split_note
 from vlmerge.errors import Preempted, VlmergeError
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import atomic_path, fingerprint, read_json, remove_stale_temps, write_json
+from vlmerge.io import append_text, atomic_path, fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.model import PooledLlavaForConditionalGeneration, build_config, experts_from_agnostic, init_model
 from vlmerge.problems import ProblemLog
 from vlmerge.train import distributed
-from vlmerge.layout import checkpoints_dir, list_checkpoints, run_config, run_metrics_log, states_dir
+from vlmerge.layout import checkpoints_dir, list_checkpoints, run_config, run_lock, run_metrics_log, states_dir
 from vlmerge.train.checkpoint import StateStore, TrainState, write_checkpoint
 from vlmerge.train.preemption import StopFlag
 from vlmerge.train.schedule import batch_shape, checkpoint_words, lr_factor, rank_micro_batches
@@ -68,17 +68,21 @@ def _run_fingerprint(cfg: Config, run: str) -> str:
                         cfg.runs.seed_pretraining, cfg.data.model_dump(), *features, cfg.tokenizer.identity()])
 
 
+def check_request(cfg: Config, run: str) -> None:
+    """What can be refused before a run's folder is touched: the run's name, its settings."""
+    if run not in RUN_NAMES:
+        raise VlmergeError(f"--run {run!r}: expected one of {', '.join(RUN_NAMES)}")
+    if run == "seed" and not cfg.runs.seed_pretraining:
+        raise VlmergeError("--run seed: seed pre-training is off (set runs.seed_pretraining=true)")
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise VlmergeError("train.precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
+                           "use bf16 or fp32 on the CPU")
+
+
 class Trainer:
     """One run on one rank: data, engine, state, checkpoints."""
 
     def __init__(self, cfg: Config, run: str, rank: int, world: int, progress: bool):
-        if run not in RUN_NAMES:
-            raise VlmergeError(f"--run {run!r}: expected one of {', '.join(RUN_NAMES)}")
-        if run == "seed" and not cfg.runs.seed_pretraining:
-            raise VlmergeError("--run seed: seed pre-training is off (set runs.seed_pretraining=true)")
-        if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-            raise VlmergeError("train.precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
-                               "use bf16 or fp32 on the CPU")
         self.cfg, self.run, self.rank, self.world, self.progress = cfg, run, rank, world, progress
         self.spec = getattr(cfg.runs, run)
         self.run_dir = cfg.layout.run_dir(run)
@@ -89,9 +93,11 @@ class Trainer:
         self.tok_dir = cfg.layout.tokenizer_dir
         problems = ProblemLog()
         data = run_data(cfg, self.spec.sources, problems, multimodal_flags=run == EXPERT_RUN)
+        self.samples, self.collate = data.samples, data.collate
         if self.rank == 0:
             problems.report(f"train {run}")
-        self.samples, self.collate = data.samples, data.collate
+            if note := split_note(self.samples, cfg.model.max_length):
+                print(f"train {run}: warning: {note}", file=sys.stderr)
         t = cfg.train
         self.global_batch, self.accum = batch_shape(t.micro_batch_size, t.grad_accum, t.global_batch, world)
         model = self._initial_model(build_config(cfg.model, data.tokenizer, data.features.dim, cfg.features.layer,
@@ -262,8 +268,7 @@ class Trainer:
                "tokens_per_s": round(tokens_per_s, 1), "time": time.time()}
         if self.cfg.train.check_replicas:
             row["replica_digests"] = self.replica_digests
-        with open(self._metrics_path(), "a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        append_text(self._metrics_path(), json.dumps(row) + "\n")
 
     def _metrics_truncate(self, step: int) -> None:
         """On resume, forget metrics logged after the state we resume from (they will be logged again)."""
@@ -288,8 +293,11 @@ class Trainer:
 def train(cfg: Config, run: str, *, progress: bool = True) -> Path:
     """Train one run to the end (or until a signal), resuming from its newest state if any."""
     rank, world = distributed.setup()
-    trainer = Trainer(cfg, run, rank, world, progress)
-    out = trainer.fit()
+    check_request(cfg, run)
+    # One training of a run at a time: a second one (a requeue beside a job still running) would
+    # log and save over the first. A killed job's lock is taken over (`vlmerge.locks`).
+    with distributed.held_by_rank0(run_lock(cfg.layout.run_dir(run)), f"train --run {run}"):
+        out = Trainer(cfg, run, rank, world, progress).fit()
     if rank == 0:
         ckpts = list_checkpoints(out)
         print(f"train {run}: {out}: {len(ckpts)} checkpoints, last {ckpts[-1].name}")
