@@ -222,8 +222,8 @@ def test_two_concurrent_compactions_both_succeed(results):
 
 # -- lock files (vlmerge.locks): one holder at a time, on NFS too ----------------------------------------
 
-def _plant_lock(path: Path, host: str, pid: int, age_s: float = 0.0) -> None:
-    path.write_text(json.dumps({"host": host, "pid": pid, "started": "earlier", "what": "someone", "token": "t"}))
+def _plant_lock(path: Path, host: str, pid: int, age_s: float = 0.0, **job: object) -> None:
+    path.write_text(json.dumps({"host": host, "pid": pid, "started": "earlier", "what": "someone", "token": "t"} | job))
     then = time.time() - age_s
     os.utime(path, (then, then))
 
@@ -283,6 +283,21 @@ try:
 except VlmergeError:
     print("refused", flush=True)
 """
+
+
+def test_a_lock_of_an_earlier_start_of_the_same_slurm_job_is_taken_over_from_any_host(tmp_path, monkeypatch):
+    """A job requeued after losing the node that held its lock must not wait for that node."""
+    lock = tmp_path / "train.lock"
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for holder in ({"job": "76", "start": 0}, {"job": "77", "start": 1}, {}):  # another job; this very start
+        _plant_lock(lock, "lost-node", 1, **holder)
+        with pytest.raises(VlmergeError, match="host lost-node"):
+            with hold(lock, "second"):
+                pass
+    _plant_lock(lock, "lost-node", 1, job="77", start=0)
+    with hold(lock, "requeued") as held:
+        assert json.loads(held.read_text()) | {"job": "77", "start": 1} == json.loads(held.read_text())
 
 
 def test_racers_on_a_stale_lock_exactly_one_wins(tmp_path):

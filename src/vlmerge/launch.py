@@ -48,6 +48,11 @@ def job_id(env: Mapping[str, str] = os.environ) -> str:
     return env.get("SLURM_JOB_ID", "")
 
 
+def job_start(env: Mapping[str, str] = os.environ) -> int:
+    """Which start of its Slurm job this is: 0, then 1, 2, … after each requeue (SLURM_RESTART_COUNT)."""
+    return _env_int(env, "SLURM_RESTART_COUNT") or 0
+
+
 def max_array_size() -> int:
     """The cluster's MaxArraySize (`scontrol show config`), or Slurm's default without a cluster."""
     try:

@@ -2,9 +2,12 @@
 
 A lock is a file created with O_CREAT | O_EXCL (atomic on local file systems and NFSv3+, where
 `flock` may do nothing or lock only one node's processes) that holds JSON
-`{host, pid, started, what, token}`. Removing the file releases it.
+`{host, pid, started, what, token, job, start}`. Removing the file releases it.
 
 Stale rule (who may take a lock over):
+- a holder that was an earlier start of this very Slurm job (its job id, a lower
+  SLURM_RESTART_COUNT) is dead wherever it ran: Slurm ends a job's every process before it starts
+  the job again, after a requeue or a lost node, whose host can never refresh the lock again;
 - a holder on this host is dead when its pid is (or the pid now belongs to a process started
   after the lock was last touched: a reused pid);
 - a holder on another host cannot be looked up: it is dead once the lock file's mtime is
@@ -34,6 +37,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+from vlmerge import launch
 from vlmerge.errors import VlmergeError
 from vlmerge.io import HOST, writer_gone
 
@@ -60,6 +64,9 @@ def _holder(path: Path) -> dict | None:
 
 def _stale(path: Path, holder: dict, foreign_after_s: float = STALE_AFTER_S) -> bool:
     """The stale rule of the module's docstring."""
+    job = launch.job_id()
+    if job and holder.get("job") == job and isinstance(holder.get("start"), int) and holder["start"] < launch.job_start():
+        return True
     host, pid = holder.get("host"), holder.get("pid")
     if not isinstance(host, str) or not isinstance(pid, int):  # unreadable: judged by its age
         host, pid = _UNKNOWN_HOST, 0
@@ -137,7 +144,7 @@ def hold(path: str | os.PathLike, what: str, *, wait: float | None = 0.0) -> Ite
     path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     record = {"host": HOST, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "what": what,
-              "token": token}
+              "token": token, "job": launch.job_id(), "start": launch.job_start()}
     deadline = None if wait is None else time.monotonic() + wait
     told = False
     while not _try_create(path, record):
