@@ -283,3 +283,17 @@ def test_a_full_disk_during_a_merge_is_one_line_and_leaves_nothing(world, tmp_pa
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "could not write the merge (No space left on device)" in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_an_os_error_without_a_file_name_is_one_line_without_an_empty_name(world, capsys, monkeypatch):
+    import errno
+
+    from vlmerge.evaluate import run
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run, "write_results", full)
+    assert main(_eval(world, out=str(world / "evalout"))) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["vlmerge eval: error: No space left on device"], err

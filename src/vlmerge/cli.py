@@ -600,6 +600,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmerge {args.stage}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # the system refused (read-only file system, full disk, permissions): one line too
-        print(f"vlmerge {args.stage}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""  # not every OSError names a file
+        print(f"vlmerge {args.stage}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     return 0
