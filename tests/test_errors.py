@@ -47,6 +47,19 @@ def _tiny_lm(path: Path, seed: int, **overrides) -> Path:
     return path
 
 
+def _store(path: Path, features: np.ndarray, ids: list[str] | None = None, null: np.ndarray | None = None) -> Path:
+    """A linked feature store as precompute writes one, of these rows (ids img0, img1, … unless given)."""
+    import h5py
+
+    text = h5py.string_dtype("utf-8")
+    ids = [f"img{i}" for i in range(len(features))] if ids is None else ids
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=features, dtype=text if features.dtype == object else None)
+        f.create_dataset("image_ids", data=np.array(ids, dtype=object), dtype=text)
+        f.create_dataset("null_feature", data=np.zeros(features.shape[1:], np.float32) if null is None else null)
+    return path
+
+
 def _copy_with_weights(src: Path, dst: Path, weights: bytes | None) -> Path:
     shutil.copytree(src, dst)
     if weights is None:
@@ -99,6 +112,22 @@ def world(tmp_path_factory) -> Path:
     blimp.mkdir()
     first = sorted(BLIMP.glob("*.jsonl"))[0]
     (blimp / first.name).write_text("".join(first.read_text().splitlines(keepends=True)[:4]))
+
+    # VQA questions on images img0…img2, and feature stores of them, sound and not
+    vqa = [{"question": f"w{i} w5", "target_ans": "w7", "distractors": ["w8", "w9"], "image_id": f"img{i}",
+            "question_id": i} for i in range(3)]
+    (w / "vqa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in vqa))
+    stores, rows = w / "stores", rng.standard_normal((3, ENCODER_DIM)).astype(np.float32)
+    stores.mkdir()
+    _store(stores / "ok.h5", rows)
+    _store(stores / "int8.h5", rows.astype(np.int8))
+    _store(stores / "bool.h5", rows > 0)
+    _store(stores / "inf.h5", np.where(np.arange(3)[:, None] == 1, np.inf, rows).astype(np.float32))
+    _store(stores / "nan_null.h5", rows, null=np.full(ENCODER_DIM, np.nan, np.float32))
+    _store(stores / "text.h5", rows.astype(str).astype(object))
+    _store(stores / "dupids.h5", rows, ids=["img0", "img1", "img0"])
+    _store(stores / "fewids.h5", rows, ids=["img0", "img1"])
+    _store(stores / "narrow_null.h5", rows, null=np.zeros(ENCODER_DIM - 1, np.float32))
     return w
 
 
@@ -121,6 +150,12 @@ def _merge(w: Path, *extra: str, text: str = "text", mm: str = "mm", out: str = 
 def _eval(w: Path, *extra: str, model: str = "text", out: str = "evalout") -> list[str]:
     return ["eval", "--quiet", "--model", f"{w}/{model}", "--task", f"blimp={w}/blimp",
             "--out", out if out.startswith("/") else f"{w}/{out}", f"paths.root={w}/out", *extra]
+
+
+def _eval_store(w: Path, store: str) -> list[str]:
+    """eval of a task with images, its features from `stores/<store>.h5`."""
+    return ["eval", "--quiet", "--model", f"{w}/text", "--task", f"vqa={w}/vqa.jsonl", "--features",
+            f"{w}/stores/{store}.h5", "--out", f"{w}/evalout", f"paths.root={w}/out"]
 
 
 def _config(w: Path, *extra: str) -> list[str]:
@@ -193,6 +228,20 @@ CASES = [
     Case("eval not a model", lambda w: _eval(w, model="absent"), ("absent", "not a model directory")),
     Case("eval unknown task", lambda w: ["eval", "--model", f"{w}/text", "--task", "blimpp=x", "--out", f"{w}/e"],
          ("'blimpp'", "known:")),
+    Case("eval store of int8", lambda w: _eval_store(w, "int8"), ("int8.h5", "features are int8", "floating-point")),
+    Case("eval store of bool", lambda w: _eval_store(w, "bool"), ("bool.h5", "features are bool", "floating-point")),
+    Case("eval store of strings", lambda w: _eval_store(w, "text"),
+         ("text.h5", "features are object", "floating-point")),
+    Case("eval store with an Inf row", lambda w: _eval_store(w, "inf"),
+         ("inf.h5", "row 1 (image 'img1')", "NaN or Inf")),
+    Case("eval store with a NaN null", lambda w: _eval_store(w, "nan_null"),
+         ("nan_null.h5", "null_feature", "NaN or Inf")),
+    Case("eval store with repeated ids", lambda w: _eval_store(w, "dupids"),
+         ("dupids.h5", "'img0' has several rows", "each image once")),
+    Case("eval store with fewer ids than rows", lambda w: _eval_store(w, "fewids"),
+         ("fewids.h5", "2 ", "3 feature rows", "one string id per row")),
+    Case("eval store of another width", lambda w: _eval_store(w, "narrow_null"),
+         ("narrow_null.h5", f"[3, {ENCODER_DIM}]", f"[{ENCODER_DIM - 1}]", "one row's shape")),
     # -- analyze -----------------------------------------------------------------------------------------
     Case("analyze out is a file", lambda w: ["analyze", "--out", f"{w}/outfile", f"paths.root={w}/out"],
          ("outfile", "--out is a file")),
