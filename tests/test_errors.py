@@ -82,6 +82,12 @@ def world(tmp_path_factory) -> Path:
     shutil.copytree(mm, w / "nan")
     save_file(nan, w / "nan" / "model.safetensors", metadata={"format": "pt"})
     _tiny_lm(w / "wide", 2, intermediate_size=48)
+    _copy_with_weights(text, w / "misfit", (w / "wide" / "model.safetensors").read_bytes())
+    _copy_with_weights(text, w / "pickled", None)
+    torch.save(load_file(text / "model.safetensors"), w / "pickled" / "pytorch_model.bin")  # loads, if unpickled
+    partial = {k: v for k, v in load_file(text / "model.safetensors").items() if "layers.1.mlp" not in k}
+    shutil.copytree(text, w / "partial")
+    save_file(partial, w / "partial" / "model.safetensors", metadata={"format": "pt"})
     merge_to_disk(text, mm, w / "merged", "linear", [0.5])
 
     (w / "cfgdir").mkdir()
@@ -228,6 +234,13 @@ CASES = [
     Case("eval not a model", lambda w: _eval(w, model="absent"), ("absent", "not a model directory")),
     Case("eval unknown task", lambda w: ["eval", "--model", f"{w}/text", "--task", "blimpp=x", "--out", f"{w}/e"],
          ("'blimpp'", "known:")),
+    Case("eval weights of another shape", lambda w: _eval(w, model="misfit"),
+         ("misfit", "do not fit its config.json", "model.layers.0.mlp.down_proj.weight is [16, 48] in the weights, "
+          "[16, 32] in the model")),
+    Case("eval pickle-only weights", lambda w: _eval(w, model="pickled"),
+         ("pickled", "cannot load the model", "no file named model.safetensors")),
+    Case("eval weights missing tensors", lambda w: _eval(w, model="partial"),  # else started from random values
+         ("partial", "the weights lack 3 tensor(s)", "model.layers.1.mlp.down_proj.weight")),
     Case("eval store of int8", lambda w: _eval_store(w, "int8"), ("int8.h5", "features are int8", "floating-point")),
     Case("eval store of bool", lambda w: _eval_store(w, "bool"), ("bool.h5", "features are bool", "floating-point")),
     Case("eval store of strings", lambda w: _eval_store(w, "text"),

@@ -55,11 +55,23 @@ def load_model(path: Path, device: torch.device | str = "cpu"):
     auto = AutoModelForImageTextToText if is_multimodal(json.loads(config.read_text()).get("model_type")) else AutoModelForCausalLM
     try:
         with quiet_transformers():
-            return auto.from_pretrained(path).to(device).eval(), load_tokenizer(path)
+            # safetensors only: a pickle (pytorch_model.bin) is never opened. Mismatched shapes come back
+            # in the loading info (else transformers raises a RuntimeError that names none of them).
+            model, info = auto.from_pretrained(path, use_safetensors=True, output_loading_info=True,
+                                               ignore_mismatched_sizes=True)
+            tokenizer = load_tokenizer(path)
     except (OSError, ValueError, SafetensorError) as e:  # weights missing, truncated or garbage
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise VlmergeError(f"{path}: cannot load the model ({first.strip()[:200]}); expected a Hugging Face "
                            "directory with complete safetensors weights") from None
+    if info["mismatched_keys"]:
+        name, stored, expected = sorted(info["mismatched_keys"])[0]
+        raise VlmergeError(f"{path}: the weights do not fit its config.json: {name} is {list(stored)} in the weights, "
+                           f"{list(expected)} in the model the config describes")
+    if info["missing_keys"]:  # transformers would start them from random values
+        raise VlmergeError(f"{path}: the weights lack {len(info['missing_keys'])} tensor(s) of the model its "
+                           f"config.json describes (the first: {sorted(info['missing_keys'])[0]})")
+    return model.to(device).eval(), tokenizer
 
 
 def load_tokenizer(path: Path):
