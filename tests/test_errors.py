@@ -119,6 +119,11 @@ def world(tmp_path_factory) -> Path:
     first = sorted(BLIMP.glob("*.jsonl"))[0]
     (blimp / first.name).write_text("".join(first.read_text().splitlines(keepends=True)[:4]))
 
+    # The results of an evaluation of `text`, and results that no record names (an older vlmerge's)
+    assert main(_eval(w, out="evaldone")) == 0
+    (w / "evalold").mkdir()
+    shutil.copy(w / "evaldone" / "results.parquet", w / "evalold" / "results.parquet")
+
     # VQA questions on images img0…img2, and feature stores of them, sound and not
     vqa = [{"question": f"w{i} w5", "target_ans": "w7", "distractors": ["w8", "w9"], "image_id": f"img{i}",
             "question_id": i} for i in range(3)]
@@ -234,6 +239,9 @@ CASES = [
     Case("eval not a model", lambda w: _eval(w, model="absent"), ("absent", "not a model directory")),
     Case("eval unknown task", lambda w: ["eval", "--model", f"{w}/text", "--task", "blimpp=x", "--out", f"{w}/e"],
          ("'blimpp'", "known:")),
+    Case("eval over another model's results", lambda w: _eval(w, model="mm", out="evaldone"),
+         ("evaldone", "another evaluation", "/mm)", "choose another --out")),
+    Case("eval over results of no record", lambda w: _eval(w, out="evalold"), ("evalold", "another evaluation")),
     Case("eval weights of another shape", lambda w: _eval(w, model="misfit"),
          ("misfit", "do not fit its config.json", "model.layers.0.mlp.down_proj.weight is [16, 48] in the weights, "
           "[16, 32] in the model")),
@@ -346,6 +354,15 @@ def test_a_full_disk_during_a_merge_is_one_line_and_leaves_nothing(world, tmp_pa
     assert len(err) == 1 and "could not write the merge (No space left on device)" in err[0], err
     assert not out.exists() or not any(out.iterdir())
 
+
+def test_eval_again_into_its_own_out_replaces_its_results(world, tmp_path, capsys):
+    out = tmp_path / "eval"
+    shutil.copytree(world / "evaldone", out)
+    assert main(_eval(world, out=str(out))) == 0, capsys.readouterr().err
+    assert json.loads((out / "eval.json").read_text())["model"] == str((world / "text").resolve())
+    # a control with shuffled features is another evaluation
+    assert main(_eval(world, "--shuffle-features", "1", out=str(out))) == 2
+    assert "another evaluation" in capsys.readouterr().err
 
 def test_an_os_error_without_a_file_name_is_one_line_without_an_empty_name(world, capsys, monkeypatch):
     import errno

@@ -430,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-features", type=int, metavar="SEED",
                    help="a control: every image gets another image's feature (seeded); the model's use of "
                         "the images is lost, the text is not")
-    p.add_argument("--out", required=True, help="folder for results.parquet and items.parquet")
+    p.add_argument("--out", required=True,
+                   help="folder for results.parquet and items.parquet (not one of another model's results)")
     p.add_argument("--harness", metavar="TASK[,TASK]",
                    help="lm-evaluation-harness tasks instead of --task (log-likelihood ones, scored by our Scorer; "
                         "offline); lm-eval's results to OUT/harness/results.json")

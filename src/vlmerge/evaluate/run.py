@@ -19,8 +19,9 @@ from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.evaluate.tasks import ItemScore, Metric, Prediction, Task, get_task
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import check_creatable, remove_stale_temps, write_json
-from vlmerge.layout import babylm_dataset, babylm_predictions, checkpoint_words, eval_items_file, eval_results_file
+from vlmerge.io import check_creatable, remove_stale_temps, same_record, write_json
+from vlmerge.layout import (babylm_dataset, babylm_predictions, checkpoint_words, eval_items_file, eval_record_file,
+                            eval_results_file)
 from vlmerge.model import ExpertLlavaForConditionalGeneration, is_multimodal
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, stamp, write_rows
@@ -242,18 +243,26 @@ def aoa_sweep_command(cfg: Config, cdi: Path, *, out: Path) -> list[dict]:
     return series
 
 
-def check_out(out: Path) -> None:
-    """`--out` is a folder that can be written (checked before scoring, not after); stale temp files go."""
+def check_out(out: Path, record: dict) -> None:
+    """`--out` is a folder that can be written (checked before scoring, not after), whose results, if it has
+    any, are of the evaluation `record` describes (as `merge` refuses to write over another merge); stale
+    temp files go."""
     if out.exists() and not out.is_dir():
         files = f"{eval_results_file(out).name} and {eval_items_file(out).name}"
         raise VlmergeError(f"{out}: --out is a file; expected a folder for {files}")
     check_creatable(out)
+    written = any(f.exists() for f in (eval_results_file(out), eval_items_file(out)))
+    if written and not same_record(eval_record_file(out), record):
+        raise VlmergeError(f"{out}: holds the results of another evaluation than this one ({record['model']}); "
+                           "remove it or choose another --out")
     remove_stale_temps(out)
 
 
-def write_results(cfg: Config, key: ModelKey, results: Sequence[TaskResult], out: Path, job_id: str = "") -> None:
-    """The results and items Parquet files of one model in `out`, and the table."""
+def write_results(cfg: Config, key: ModelKey, results: Sequence[TaskResult], out: Path, record: dict,
+                  job_id: str = "") -> None:
+    """The record of the evaluation, then the results and items Parquet files of one model in `out`, and the table."""
     rows, items = result_rows(key, results, config_hash=cfg.hash(), job_id=job_id)
+    write_json(eval_record_file(out), record)
     write_rows(rows, RESULTS_SCHEMA, eval_results_file(out))
     write_rows(items, ITEMS_SCHEMA, eval_items_file(out))
     print(table(results))
@@ -264,7 +273,8 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
                  out: Path, job_id: str = "", export: Path | None = None,
                  shuffle_features: int | None = None) -> list[TaskResult]:
     specs = task_specs(cfg, tasks)
-    check_out(out)
+    record = {"model": str(model_dir.resolve()), "shuffle_features": shuffle_features}  # what --out holds
+    check_out(out, record)
     model, tokenizer = load_model(model_dir, resolve_device(cfg.compute.device))
     store = Path(features) if features else cfg.eval_store_path
     needs_store = is_multimodal(model.config.model_type) or any(t.needs_images for t, _ in specs)
@@ -278,7 +288,7 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
     problems = ProblemLog()
     results = evaluate(scorer, prepare(specs, table_, problems))
     problems.report("eval")
-    write_results(cfg, ModelKey.of_directory(model_dir), results, out, job_id)
+    write_results(cfg, ModelKey.of_directory(model_dir), results, out, record, job_id)
     if export is not None:
         print(f"eval: {len(export_babylm(results, export))} BabyLM prediction files -> {export}")
     return results
@@ -293,7 +303,10 @@ def harness_command(cfg: Config, model: Path | torch.nn.Module, tasks: Sequence[
     `harness/<task>`) to the Parquet files of `vlmerge eval`. Returns lm-eval's results dict."""
     from vlmerge.evaluate.harness import VlmergeLM, harness_results, run_tasks, write_harness
 
-    check_out(out)
+    # A model held in memory is named by its key, or has none to compare
+    name = str(model.resolve()) if isinstance(model, Path) else json.dumps(dataclasses.asdict(key or ModelKey()))
+    record = {"model": name, "shuffle_features": None}
+    check_out(out, record)
     if isinstance(model, Path):
         key = key or ModelKey.of_directory(model)
         model, tokenizer = load_model(model, resolve_device(cfg.compute.device))
@@ -306,6 +319,6 @@ def harness_command(cfg: Config, model: Path | torch.nn.Module, tasks: Sequence[
     scorer = config_scorer(cfg, model, tokenizer, features, dtype=dtype)
     results = run_tasks(VlmergeLM(scorer), tasks, include_path)
     write_harness(results, out / "harness")
-    write_results(cfg, key or ModelKey(), harness_results(results), out, job_id)
+    write_results(cfg, key or ModelKey(), harness_results(results), out, record, job_id)
     print(f"eval: lm-eval's results -> {out / 'harness' / 'results.json'}")
     return results
