@@ -355,6 +355,34 @@ def test_a_full_disk_during_a_merge_is_one_line_and_leaves_nothing(world, tmp_pa
     assert not out.exists() or not any(out.iterdir())
 
 
+def _blimp_with(tmp_path: Path, world: Path, change) -> Path:
+    """The world's BLiMP paradigm with its lines (dicts) changed by `change`."""
+    blimp = tmp_path / "blimp"
+    blimp.mkdir()
+    (paradigm,) = (world / "blimp").glob("*.jsonl")
+    lines = change([json.loads(line) for line in paradigm.read_text().splitlines()])
+    (blimp / paradigm.name).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return blimp
+
+
+def test_repeated_ids_are_counted_problems_and_only_the_first_is_scored(world, tmp_path, capsys):
+    import pandas as pd
+
+    blimp = _blimp_with(tmp_path, world, lambda lines: [*lines, {**lines[1], "sentence_good": "w1 w2"}])
+    vqa = tmp_path / "vqa.jsonl"
+    vqa.write_text((world / "vqa.jsonl").read_text() + json.dumps({**json.loads(
+        (world / "vqa.jsonl").read_text().splitlines()[0]), "question": "w3"}) + "\n")
+    code = main(["eval", "--quiet", "--model", f"{world}/text", "--task", f"blimp={blimp}", "--task", f"vqa={vqa}",
+                 "--features", f"{world}/stores/ok.h5", "--out", str(tmp_path / "eval"), f"paths.root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "2 problem(s) (2 duplicate id)" in err, err
+    assert "blimp[4]: duplicate id" in err and "vqa[3]: duplicate id: '0' is item 0's too (kept that)" in err
+    items = pd.read_parquet(tmp_path / "eval" / "items.parquet")
+    assert items.groupby("task").size().to_dict() == {"blimp": 4, "vqa": 3}
+    assert not items.duplicated(["task", "example_id"]).any()
+
+
 def test_eval_again_into_its_own_out_replaces_its_results(world, tmp_path, capsys):
     out = tmp_path / "eval"
     shutil.copytree(world / "evaldone", out)

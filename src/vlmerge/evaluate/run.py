@@ -103,11 +103,27 @@ def with_features(task: Task, items: list, features: FeatureTable | None, proble
     return kept
 
 
+def unique_ids(task: Task, items: list, problems: ProblemLog) -> list:
+    """The items, each id once: a later item with an id seen before is a problem, and only the first is kept
+    (the results keep one row per id, so a repeated id would be scored and then collapse)."""
+    first: dict[str, int] = {}
+    kept = []
+    for k, item in enumerate(items):
+        item_id = getattr(item, "item_id", None)  # tasks whose items carry no id number them in order
+        if item_id is not None and item_id in first:
+            problems.add(f"{task.name}[{k}]", f"duplicate id: {item_id!r} is item {first[item_id]}'s too (kept that)")
+            continue
+        if item_id is not None:
+            first[item_id] = k
+        kept.append(item)
+    return kept
+
+
 def prepare(specs: Sequence[tuple[Task, Path]], features: FeatureTable | None, problems: ProblemLog) -> list[PreparedTask]:
-    """Read every task once; items without image features are skipped and counted."""
+    """Read every task once; repeated ids and items without image features are skipped and counted."""
     out = []
     for task, path in specs:
-        items = with_features(task, task.load(path, problems), features, problems)
+        items = with_features(task, unique_ids(task, task.load(path, problems), problems), features, problems)
         if not items:
             raise VlmergeError(f"task {task.name}: {path}: no usable items")
         out.append(PreparedTask(task, items, task.requests(items), babylm_dataset(path)))
