@@ -239,9 +239,9 @@ CASES = [
     Case("eval not a model", lambda w: _eval(w, model="absent"), ("absent", "not a model directory")),
     Case("eval unknown task", lambda w: ["eval", "--model", f"{w}/text", "--task", "blimpp=x", "--out", f"{w}/e"],
          ("'blimpp'", "known:")),
-    Case("eval over another model's results", lambda w: _eval(w, model="mm", out="evaldone"),
-         ("evaldone", "another evaluation", "/mm)", "choose another --out")),
-    Case("eval over results of no record", lambda w: _eval(w, out="evalold"), ("evalold", "another evaluation")),
+    # a NaN compares false with everything: the first candidate, the correct one, would win every item
+    Case("eval NaN weights", lambda w: _eval(w, model="nan"),
+         ("/nan: task blimp", "8 of 8 scores are NaN or infinite")),
     Case("eval weights of another shape", lambda w: _eval(w, model="misfit"),
          ("misfit", "do not fit its config.json", "model.layers.0.mlp.down_proj.weight is [16, 48] in the weights, "
           "[16, 32] in the model")),
@@ -249,6 +249,9 @@ CASES = [
          ("pickled", "cannot load the model", "no file named model.safetensors")),
     Case("eval weights missing tensors", lambda w: _eval(w, model="partial"),  # else started from random values
          ("partial", "the weights lack 3 tensor(s)", "model.layers.1.mlp.down_proj.weight")),
+    Case("eval over another model's results", lambda w: _eval(w, model="mm", out="evaldone"),
+         ("evaldone", "another evaluation", "/mm)", "choose another --out")),
+    Case("eval over results of no record", lambda w: _eval(w, out="evalold"), ("evalold", "another evaluation")),
     Case("eval store of int8", lambda w: _eval_store(w, "int8"), ("int8.h5", "features are int8", "floating-point")),
     Case("eval store of bool", lambda w: _eval_store(w, "bool"), ("bool.h5", "features are bool", "floating-point")),
     Case("eval store of strings", lambda w: _eval_store(w, "text"),
@@ -383,6 +386,21 @@ def test_repeated_ids_are_counted_problems_and_only_the_first_is_scored(world, t
     assert not items.duplicated(["task", "example_id"]).any()
 
 
+def test_a_sentence_longer_than_the_model_takes_is_a_counted_problem_not_terabytes(world, tmp_path, capsys):
+    import pandas as pd
+
+    # 2,000 tokens for a model of 64 positions (a 10 MB sentence would take terabytes of attention)
+    long = " ".join(["w1"] * 2_000)
+    blimp = _blimp_with(tmp_path, world, lambda lines: [{**lines[0], "sentence_good": long}, *lines[1:]])
+    code = main(["eval", "--quiet", "--model", f"{world}/text", "--task", f"blimp={blimp}", "--out",
+                 str(tmp_path / "eval"), f"paths.root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "1 problem(s) (1 too long)" in err and "blimp[0]: too long: a sequence over the model's 64 positions" in err
+    results = pd.read_parquet(tmp_path / "eval" / "results.parquet")
+    assert set(results.n) == {3}
+
+
 def test_eval_again_into_its_own_out_replaces_its_results(world, tmp_path, capsys):
     out = tmp_path / "eval"
     shutil.copytree(world / "evaldone", out)
@@ -391,6 +409,7 @@ def test_eval_again_into_its_own_out_replaces_its_results(world, tmp_path, capsy
     # a control with shuffled features is another evaluation
     assert main(_eval(world, "--shuffle-features", "1", out=str(out))) == 2
     assert "another evaluation" in capsys.readouterr().err
+
 
 def test_an_os_error_without_a_file_name_is_one_line_without_an_empty_name(world, capsys, monkeypatch):
     import errno

@@ -281,7 +281,7 @@ def _probe(cfg: Config, args: argparse.Namespace) -> None:
     print(f"{'α':>5} " + " ".join(f"{s:>22}" for s in SIGNALS))
     for alpha in alphas:
         merger.merge_into(model, args.method, alpha, params)
-        values = signals(model, probe)
+        values = signals(model, probe, f"the {args.method} merge at α {alpha:g} of {text} and {mm}")
         rows.append({"alpha": alpha, **values})
         print(f"{alpha:>5g} " + " ".join(f"{values[s]:>22.4f}" for s in SIGNALS))
     between = distances(pair.text, pair.mm, pair.base, per_layer=False, device=device)

@@ -130,11 +130,42 @@ def prepare(specs: Sequence[tuple[Task, Path]], features: FeatureTable | None, p
     return out
 
 
-def evaluate(scorer: Scorer, tasks: Sequence[PreparedTask]) -> list[TaskResult]:
-    """Score and measure every task with the scorer's model as it is now."""
+def fitting(scorer: Scorer, tasks: Sequence[PreparedTask], problems: ProblemLog) -> list[PreparedTask]:
+    """The tasks without the items that have a sequence longer than the scorer's model takes, each a problem.
+
+    The BabyLM pipeline has no rule for them (it runs every sentence whole: past the trained positions
+    of a RoPE model, and into an error for absolute position embeddings), and lm-eval's loglikelihood
+    cuts the context; one such sentence of megabytes would take terabytes of attention.
+    """
     out = []
     for t in tasks:
-        scores = scorer.score(scorer.prepared(t.requests))
+        too_long = set(scorer.prepared(t.requests).too_long.tolist())
+        if not too_long:
+            out.append(t)
+            continue
+        sizes = [len(t.task.requests([item])) for item in t.items]
+        if sum(sizes) != len(t.requests):  # requests that are not each one item's (devbench_things')
+            raise VlmergeError(f"task {t.task.name}: {len(too_long)} request(s) longer than the model's "
+                               f"{scorer.max_positions} positions")
+        starts = np.cumsum([0, *sizes])
+        kept = []
+        for k, item in enumerate(t.items):
+            if too_long.isdisjoint(range(starts[k], starts[k + 1])):
+                kept.append(item)
+            else:
+                problems.add(f"{t.task.name}[{k}]",
+                             f"too long: a sequence over the model's {scorer.max_positions} positions")
+        if not kept:
+            raise VlmergeError(f"task {t.task.name}: no usable items (every one is too long for the model)")
+        out.append(dataclasses.replace(t, items=kept, requests=t.task.requests(kept)))
+    return out
+
+
+def evaluate(scorer: Scorer, tasks: Sequence[PreparedTask], model: str) -> list[TaskResult]:
+    """Score and measure every task with the scorer's model as it is now (`model` names it in errors)."""
+    out = []
+    for t in tasks:
+        scores = scorer.score(scorer.prepared(t.requests), what=f"{model}: task {t.task.name}")
         metrics, per_item = t.task.evaluate(t.items, scores)
         predictions = t.task.predict(t.items, scores) if t.task.predict else []
         out.append(TaskResult(t.task.name, metrics, per_item, predictions, t.task.babylm, t.dataset))
@@ -210,11 +241,13 @@ def aoa_command(cfg: Config, checkpoints: Sequence[Path], words: Path, cdi: Path
     cdi_table, problems = aoa.read_cdi(cdi), ProblemLog()
     (task,) = prepare([(get_task("aoa"), words)], None, problems)
     per_checkpoint, device = [], resolve_device(cfg.compute.device)
-    for ckpt in sorted(checkpoints, key=checkpoint_words):
+    for k, ckpt in enumerate(sorted(checkpoints, key=checkpoint_words)):
         model, tokenizer = load_model(ckpt, device)
         features = FeatureTable(cfg.eval_store_path) if is_multimodal(model.config.model_type) else None
         scorer = config_scorer(cfg, model, tokenizer, features, dtype=dtype)
-        (result,) = evaluate(scorer, [task])
+        if k == 0:  # the run's checkpoints share a tokenizer and positions: the same words for all
+            (task,) = fitting(scorer, [task], problems)
+        (result,) = evaluate(scorer, [task], str(ckpt))
         per_checkpoint.append((checkpoint_words(ckpt), [(i.item_id, i.value) for i in result.items]))
     problems.report("aoa")
     r, n = aoa.aoa_fitness(aoa.series_of(per_checkpoint), cdi_table)
@@ -302,8 +335,9 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
         print(f"eval: image features shuffled (seed {shuffle_features}): a control, not the model's score")
     scorer = config_scorer(cfg, model, tokenizer, table_, dtype=dtype)
     problems = ProblemLog()
-    results = evaluate(scorer, prepare(specs, table_, problems))
+    tasks_ = fitting(scorer, prepare(specs, table_, problems), problems)
     problems.report("eval")
+    results = evaluate(scorer, tasks_, str(model_dir))
     write_results(cfg, ModelKey.of_directory(model_dir), results, out, record, job_id)
     if export is not None:
         print(f"eval: {len(export_babylm(results, export))} BabyLM prediction files -> {export}")
