@@ -22,6 +22,7 @@ from vlmerge import layout
 from vlmerge.config import EXPERT_RUN
 from vlmerge.errors import VlmergeError
 from vlmerge.modelkey import EXPERT_DISTANCE_PREFIX, EXPERT_METHOD_PREFIX
+from vlmerge.problems import ProblemLog, read_jsonl
 from vlmerge.results import CHECKPOINT_PAIR, MODEL, PAIR, SCHEMAS, newest_rows
 
 __all__ = ["CHECKPOINT_PAIR", "MODEL", "PAIR", "NO_WORDS", "Results", "load"]
@@ -123,14 +124,15 @@ def read_training(runs: Path, notes: list[str]) -> pd.DataFrame:
     rows = []
     logs = (layout.run_metrics_log(run) for run in sorted(runs.iterdir()) if run.is_dir())
     for log in (log for log in logs if log.is_file()):
+        problems = ProblemLog()  # lines that are not UTF-8 or not JSON objects
         bad = 0
-        for line in log.read_text(encoding="utf-8").splitlines():
+        for _, rec in read_jsonl(log, problems):
             try:
-                rec = json.loads(line)
                 rows.append({"experiment": runs.name, "run": log.parent.name, "words": int(rec["words"]),
                              "loss": float(rec["loss"])})
             except (ValueError, KeyError, TypeError):
                 bad += 1
+        bad += len(problems)
         if bad:
             notes.append(f"{log}: {bad} malformed line(s) left out")
     return pd.DataFrame(rows, columns=TRAINING_COLUMNS)

@@ -231,8 +231,11 @@ def test_bad_input_becomes_notes_not_a_crash(tmp_path):
     pq.write_table(RESULTS_SCHEMA.empty_table(), metrics / "empty.parquet")
     pd.DataFrame({"a": [1]}).to_parquet(metrics / "foreign.parquet")
     (metrics / "broken.parquet").write_bytes(b"not parquet")
+    log = tmp_path / "runs/synth/text/metrics.jsonl"
+    log.write_bytes(log.read_bytes() + b'{"step": 3, "words": 400, "loss": 1.5, "note": "caf\xe9"}\n')  # Latin-1
     out = tmp_path / "report"
     notes = (analyze([tmp_path / "results/synth"], out, OPTIONS).parent / "summary.md").read_text()
+    assert f"{log}: 2 malformed line(s) left out" in notes  # the log's last lines: not JSON, not UTF-8
     assert "empty.parquet: empty; left out" in notes
     assert "foreign.parquet: not a metrics file (missing columns: experiment" in notes
     assert "broken.parquet: not a readable Parquet file" in notes

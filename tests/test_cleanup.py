@@ -125,7 +125,7 @@ def test_eval_removes_the_temp_files_of_its_killed_runs(pair, tmp_path, real_bli
     assert main(["eval", "--quiet", "--model", str(text), "--task", f"blimp={blimp}", "--out", str(out),
                  f"paths.root={tmp_path / 'root'}"]) == 0
     assert not left.exists()
-    assert sorted(p.name for p in out.iterdir()) == ["items.parquet", "results.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "items.parquet", "results.parquet"]
 
 
 # -- precompute ---------------------------------------------------------------------------------------

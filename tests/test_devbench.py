@@ -357,7 +357,7 @@ def test_through_the_scorer_a_missing_image_skips_its_trial_and_scores_align(dev
     tasks = prepare([(get_task(n), devbench) for n in names], features, problems)
     assert [w for w, _ in problems.items] == ["devbench_vv[2]"]
     scorer = Scorer(model, tok, features=features)
-    results = {r.task: by_key(r.metrics) for r in evaluate(scorer, tasks)}
+    results = {r.task: by_key(r.metrics) for r in evaluate(scorer, tasks, "the model")}
     for t in tasks:  # every request scored alone gives the same metrics
         alone = [scorer.score([r]) for r in t.requests]
         scores = Scores(np.array([s.logprob[0] for s in alone]), np.array([s.tokens[0] for s in alone]))

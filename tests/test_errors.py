@@ -47,6 +47,19 @@ def _tiny_lm(path: Path, seed: int, **overrides) -> Path:
     return path
 
 
+def _store(path: Path, features: np.ndarray, ids: list[str] | None = None, null: np.ndarray | None = None) -> Path:
+    """A linked feature store as precompute writes one, of these rows (ids img0, img1, … unless given)."""
+    import h5py
+
+    text = h5py.string_dtype("utf-8")
+    ids = [f"img{i}" for i in range(len(features))] if ids is None else ids
+    with h5py.File(path, "w") as f:
+        f.create_dataset("features", data=features, dtype=text if features.dtype == object else None)
+        f.create_dataset("image_ids", data=np.array(ids, dtype=object), dtype=text)
+        f.create_dataset("null_feature", data=np.zeros(features.shape[1:], np.float32) if null is None else null)
+    return path
+
+
 def _copy_with_weights(src: Path, dst: Path, weights: bytes | None) -> Path:
     shutil.copytree(src, dst)
     if weights is None:
@@ -69,6 +82,12 @@ def world(tmp_path_factory) -> Path:
     shutil.copytree(mm, w / "nan")
     save_file(nan, w / "nan" / "model.safetensors", metadata={"format": "pt"})
     _tiny_lm(w / "wide", 2, intermediate_size=48)
+    _copy_with_weights(text, w / "misfit", (w / "wide" / "model.safetensors").read_bytes())
+    _copy_with_weights(text, w / "pickled", None)
+    torch.save(load_file(text / "model.safetensors"), w / "pickled" / "pytorch_model.bin")  # loads, if unpickled
+    partial = {k: v for k, v in load_file(text / "model.safetensors").items() if "layers.1.mlp" not in k}
+    shutil.copytree(text, w / "partial")
+    save_file(partial, w / "partial" / "model.safetensors", metadata={"format": "pt"})
     merge_to_disk(text, mm, w / "merged", "linear", [0.5])
 
     (w / "cfgdir").mkdir()
@@ -99,6 +118,27 @@ def world(tmp_path_factory) -> Path:
     blimp.mkdir()
     first = sorted(BLIMP.glob("*.jsonl"))[0]
     (blimp / first.name).write_text("".join(first.read_text().splitlines(keepends=True)[:4]))
+
+    # The results of an evaluation of `text`, and results that no record names (an older vlmerge's)
+    assert main(_eval(w, out="evaldone")) == 0
+    (w / "evalold").mkdir()
+    shutil.copy(w / "evaldone" / "results.parquet", w / "evalold" / "results.parquet")
+
+    # VQA questions on images img0…img2, and feature stores of them, sound and not
+    vqa = [{"question": f"w{i} w5", "target_ans": "w7", "distractors": ["w8", "w9"], "image_id": f"img{i}",
+            "question_id": i} for i in range(3)]
+    (w / "vqa.jsonl").write_text("".join(json.dumps(q) + "\n" for q in vqa))
+    stores, rows = w / "stores", rng.standard_normal((3, ENCODER_DIM)).astype(np.float32)
+    stores.mkdir()
+    _store(stores / "ok.h5", rows)
+    _store(stores / "int8.h5", rows.astype(np.int8))
+    _store(stores / "bool.h5", rows > 0)
+    _store(stores / "inf.h5", np.where(np.arange(3)[:, None] == 1, np.inf, rows).astype(np.float32))
+    _store(stores / "nan_null.h5", rows, null=np.full(ENCODER_DIM, np.nan, np.float32))
+    _store(stores / "text.h5", rows.astype(str).astype(object))
+    _store(stores / "dupids.h5", rows, ids=["img0", "img1", "img0"])
+    _store(stores / "fewids.h5", rows, ids=["img0", "img1"])
+    _store(stores / "narrow_null.h5", rows, null=np.zeros(ENCODER_DIM - 1, np.float32))
     return w
 
 
@@ -121,6 +161,12 @@ def _merge(w: Path, *extra: str, text: str = "text", mm: str = "mm", out: str = 
 def _eval(w: Path, *extra: str, model: str = "text", out: str = "evalout") -> list[str]:
     return ["eval", "--quiet", "--model", f"{w}/{model}", "--task", f"blimp={w}/blimp",
             "--out", out if out.startswith("/") else f"{w}/{out}", f"paths.root={w}/out", *extra]
+
+
+def _eval_store(w: Path, store: str) -> list[str]:
+    """eval of a task with images, its features from `stores/<store>.h5`."""
+    return ["eval", "--quiet", "--model", f"{w}/text", "--task", f"vqa={w}/vqa.jsonl", "--features",
+            f"{w}/stores/{store}.h5", "--out", f"{w}/evalout", f"paths.root={w}/out"]
 
 
 def _config(w: Path, *extra: str) -> list[str]:
@@ -201,6 +247,33 @@ CASES = [
     Case("eval not a model", lambda w: _eval(w, model="absent"), ("absent", "not a model directory")),
     Case("eval unknown task", lambda w: ["eval", "--model", f"{w}/text", "--task", "blimpp=x", "--out", f"{w}/e"],
          ("'blimpp'", "known:")),
+    # a NaN compares false with everything: the first candidate, the correct one, would win every item
+    Case("eval NaN weights", lambda w: _eval(w, model="nan"),
+         ("/nan: task blimp", "8 of 8 scores are NaN or infinite")),
+    Case("eval weights of another shape", lambda w: _eval(w, model="misfit"),
+         ("misfit", "do not fit its config.json", "model.layers.0.mlp.down_proj.weight is [16, 48] in the weights, "
+          "[16, 32] in the model")),
+    Case("eval pickle-only weights", lambda w: _eval(w, model="pickled"),
+         ("pickled", "cannot load the model", "no file named model.safetensors")),
+    Case("eval weights missing tensors", lambda w: _eval(w, model="partial"),  # else started from random values
+         ("partial", "the weights lack 3 tensor(s)", "model.layers.1.mlp.down_proj.weight")),
+    Case("eval over another model's results", lambda w: _eval(w, model="mm", out="evaldone"),
+         ("evaldone", "another evaluation", "/mm)", "choose another --out")),
+    Case("eval over results of no record", lambda w: _eval(w, out="evalold"), ("evalold", "another evaluation")),
+    Case("eval store of int8", lambda w: _eval_store(w, "int8"), ("int8.h5", "features are int8", "floating-point")),
+    Case("eval store of bool", lambda w: _eval_store(w, "bool"), ("bool.h5", "features are bool", "floating-point")),
+    Case("eval store of strings", lambda w: _eval_store(w, "text"),
+         ("text.h5", "features are object", "floating-point")),
+    Case("eval store with an Inf row", lambda w: _eval_store(w, "inf"),
+         ("inf.h5", "row 1 (image 'img1')", "NaN or Inf")),
+    Case("eval store with a NaN null", lambda w: _eval_store(w, "nan_null"),
+         ("nan_null.h5", "null_feature", "NaN or Inf")),
+    Case("eval store with repeated ids", lambda w: _eval_store(w, "dupids"),
+         ("dupids.h5", "'img0' has several rows", "each image once")),
+    Case("eval store with fewer ids than rows", lambda w: _eval_store(w, "fewids"),
+         ("fewids.h5", "2 ", "3 feature rows", "one string id per row")),
+    Case("eval store of another width", lambda w: _eval_store(w, "narrow_null"),
+         ("narrow_null.h5", f"[3, {ENCODER_DIM}]", f"[{ENCODER_DIM - 1}]", "one row's shape")),
     # -- analyze -----------------------------------------------------------------------------------------
     Case("analyze out is a file", lambda w: ["analyze", "--out", f"{w}/outfile", f"paths.root={w}/out"],
          ("outfile", "--out is a file")),
@@ -291,3 +364,70 @@ def test_a_full_disk_during_a_merge_is_one_line_and_leaves_nothing(world, tmp_pa
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(err) == 1 and "could not write the merge (No space left on device)" in err[0], err
     assert not out.exists() or not any(out.iterdir())
+
+
+def _blimp_with(tmp_path: Path, world: Path, change) -> Path:
+    """The world's BLiMP paradigm with its lines (dicts) changed by `change`."""
+    blimp = tmp_path / "blimp"
+    blimp.mkdir()
+    (paradigm,) = (world / "blimp").glob("*.jsonl")
+    lines = change([json.loads(line) for line in paradigm.read_text().splitlines()])
+    (blimp / paradigm.name).write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return blimp
+
+
+def test_repeated_ids_are_counted_problems_and_only_the_first_is_scored(world, tmp_path, capsys):
+    import pandas as pd
+
+    blimp = _blimp_with(tmp_path, world, lambda lines: [*lines, {**lines[1], "sentence_good": "w1 w2"}])
+    vqa = tmp_path / "vqa.jsonl"
+    vqa.write_text((world / "vqa.jsonl").read_text() + json.dumps({**json.loads(
+        (world / "vqa.jsonl").read_text().splitlines()[0]), "question": "w3"}) + "\n")
+    code = main(["eval", "--quiet", "--model", f"{world}/text", "--task", f"blimp={blimp}", "--task", f"vqa={vqa}",
+                 "--features", f"{world}/stores/ok.h5", "--out", str(tmp_path / "eval"), f"paths.root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "2 problem(s) (2 duplicate id)" in err, err
+    assert "blimp[4]: duplicate id" in err and "vqa[3]: duplicate id: '0' is item 0's too (kept that)" in err
+    items = pd.read_parquet(tmp_path / "eval" / "items.parquet")
+    assert items.groupby("task").size().to_dict() == {"blimp": 4, "vqa": 3}
+    assert not items.duplicated(["task", "example_id"]).any()
+
+
+def test_a_sentence_longer_than_the_model_takes_is_a_counted_problem_not_terabytes(world, tmp_path, capsys):
+    import pandas as pd
+
+    # 2,000 tokens for a model of 64 positions (a 10 MB sentence would take terabytes of attention)
+    long = " ".join(["w1"] * 2_000)
+    blimp = _blimp_with(tmp_path, world, lambda lines: [{**lines[0], "sentence_good": long}, *lines[1:]])
+    code = main(["eval", "--quiet", "--model", f"{world}/text", "--task", f"blimp={blimp}", "--out",
+                 str(tmp_path / "eval"), f"paths.root={tmp_path}"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "1 problem(s) (1 too long)" in err and "blimp[0]: too long: a sequence over the model's 64 positions" in err
+    results = pd.read_parquet(tmp_path / "eval" / "results.parquet")
+    assert set(results.n) == {3}
+
+
+def test_eval_again_into_its_own_out_replaces_its_results(world, tmp_path, capsys):
+    out = tmp_path / "eval"
+    shutil.copytree(world / "evaldone", out)
+    assert main(_eval(world, out=str(out))) == 0, capsys.readouterr().err
+    assert json.loads((out / "eval.json").read_text())["model"] == str((world / "text").resolve())
+    # a control with shuffled features is another evaluation
+    assert main(_eval(world, "--shuffle-features", "1", out=str(out))) == 2
+    assert "another evaluation" in capsys.readouterr().err
+
+
+def test_an_os_error_without_a_file_name_is_one_line_without_an_empty_name(world, capsys, monkeypatch):
+    import errno
+
+    from vlmerge.evaluate import run
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(run, "write_results", full)
+    assert main(_eval(world, out=str(world / "evalout"))) == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["vlmerge eval: error: No space left on device"], err

@@ -105,7 +105,7 @@ def test_probe_signals_equal_a_one_sequence_at_a_time_loss(twins):
     assert torch.equal(ids[groups == 1], ids[groups == 2])  # the same captions…
     assert not any(torch.equal(a, b) for a, b in zip(feats[groups == 1], feats[groups == 2]))  # …each with another's image
     model, _ = load_model(list_checkpoints(twins / "runs/demo/multimodal")[-1], "cpu")
-    got = signals(model, probe)
+    got = signals(model, probe, "the multimodal twin")
 
     def by_hand(group: int) -> float:
         total = count = 0

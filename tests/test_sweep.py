@@ -109,6 +109,32 @@ def test_unknown_task_lists_the_known_ones(twins, tmp_path):
     assert r.returncode == 2 and "unknown task 'glue' (known: aoa, blimp, blimp_supplement, comps, devbench_things, devbench_trog" in r.stderr
 
 
+def test_a_merge_with_nan_scores_is_an_error_naming_the_merge_and_the_task(twins, tmp_path, monkeypatch, capsys):
+    # A NaN compares false with everything: every item's first candidate, the correct one, would be chosen
+    from vlmerge.cli import main
+    from vlmerge.merge.core import PairMerger
+
+    root = tmp_path / "root"
+    subprocess.run(["cp", "-a", f"{twins}/.", str(root)], check=True)
+    merge_into = PairMerger.merge_into
+
+    def nan_at_half(self, model, method, alpha, *args, **kwargs):  # a merge whose weights come out NaN
+        merge_into(self, model, method, alpha, *args, **kwargs)
+        if alpha == 0.5:
+            with torch.no_grad():
+                next(p for name, p in model.named_parameters() if name.endswith("norm.weight")).fill_(float("nan"))
+
+    monkeypatch.setattr(PairMerger, "merge_into", nan_at_half)
+    sweep = [f"paths.root={root}", *SMALL_WORLD, *FAST_TRAIN, "sweep.alphas=[0.0, 0.5]", "sweep.tasks=[blimp]",
+             "sweep.methods=[{name: linear}]", "compute.device=cpu"]
+    assert main(["sweep", "run", "--quiet", *sweep]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    first = plan(load_config(None, sweep))[0]
+    assert f"error: the linear merge at α 0.5 of {first.text} and {first.mm}: task blimp: " in err, err
+    assert "scores are NaN or infinite" in err
+    assert not (root / "results/demo/metrics" / f"{first.item_id}.parquet").exists()
+
+
 @pytest.fixture(scope="module")
 def swept(twins, tmp_path_factory):
     """The twins' root with the sweep run once (copied so that the twins stay clean)."""

@@ -281,7 +281,7 @@ def _probe(cfg: Config, args: argparse.Namespace) -> None:
     print(f"{'α':>5} " + " ".join(f"{s:>22}" for s in SIGNALS))
     for alpha in alphas:
         merger.merge_into(model, args.method, alpha, params)
-        values = signals(model, probe)
+        values = signals(model, probe, f"the {args.method} merge at α {alpha:g} of {text} and {mm}")
         rows.append({"alpha": alpha, **values})
         print(f"{alpha:>5g} " + " ".join(f"{values[s]:>22.4f}" for s in SIGNALS))
     between = distances(pair.text, pair.mm, pair.base, per_layer=False, device=device)
@@ -430,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shuffle-features", type=int, metavar="SEED",
                    help="a control: every image gets another image's feature (seeded); the model's use of "
                         "the images is lost, the text is not")
-    p.add_argument("--out", required=True, help="folder for results.parquet and items.parquet")
+    p.add_argument("--out", required=True,
+                   help="folder for results.parquet and items.parquet (not one of another model's results)")
     p.add_argument("--harness", metavar="TASK[,TASK]",
                    help="lm-evaluation-harness tasks instead of --task (log-likelihood ones, scored by our Scorer; "
                         "offline); lm-eval's results to OUT/harness/results.json")
@@ -600,6 +601,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmerge {args.stage}: interrupted", file=sys.stderr)
         return 130
     except OSError as e:  # the system refused (read-only file system, full disk, permissions): one line too
-        print(f"vlmerge {args.stage}: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""  # not every OSError names a file
+        print(f"vlmerge {args.stage}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     return 0

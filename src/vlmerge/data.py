@@ -106,6 +106,9 @@ def count_batches(order: np.ndarray, words: np.ndarray, batch_size: int, thresho
     return batches + -(-(len(w) - first) // batch_size)
 
 
+_FINITE_BLOCK = 1 << 14  # rows per finiteness check of a feature store
+
+
 class FeatureTable:
     """A linked feature store held in memory: rows by image id, and the null (black image) feature.
 
@@ -118,12 +121,40 @@ class FeatureTable:
             raise VlmergeError(f"{path}: feature store not found; run `vlmerge precompute` first")
         try:
             with h5py.File(path, "r") as f:
-                self.features = torch.from_numpy(f["features"][:])  # stored dtype (float16 halves the memory)
-                self.null = torch.from_numpy(f["null_feature"][:].astype(np.float32))
-                self.index = pd.Index(f["image_ids"].asstr()[:])
-        except (OSError, KeyError) as e:  # truncated, or not a store
+                rows, null, ids = f["features"], f["null_feature"], f["image_ids"]
+                for name, d in (("features", rows), ("null_feature", null)):  # before reading: no string, int or bool
+                    if d.dtype.kind != "f":
+                        raise VlmergeError(f"{path}: {name} are {d.dtype}; expected floating-point numbers "
+                                           "(float16 or float32)")
+                if rows.ndim not in (2, 3) or null.shape != rows.shape[1:]:
+                    raise VlmergeError(f"{path}: features of shape {list(rows.shape)} and a null_feature of shape "
+                                       f"{list(null.shape)}; expected [N, D] (or [N, G², D]) and one row's shape")
+                if ids.shape != rows.shape[:1] or h5py.check_string_dtype(ids.dtype) is None:
+                    raise VlmergeError(f"{path}: image_ids are {ids.shape[0] if ids.ndim else 0} {ids.dtype} values "
+                                       f"for {rows.shape[0]} feature rows; expected one string id per row")
+                self.features = torch.from_numpy(rows[:])  # stored dtype (float16 halves the memory)
+                self.null = torch.from_numpy(null[:].astype(np.float32))
+                self.index = pd.Index(ids.asstr()[:])
+        except (OSError, KeyError, TypeError, AttributeError) as e:  # truncated, or not a store (a group for a dataset)
             raise VlmergeError(f"{path}: not a readable feature store ({str(e).splitlines()[0][:120]}); "
                                "run `vlmerge precompute` again") from None
+        if not self.index.is_unique:
+            raise VlmergeError(f"{path}: image id {self.index[self.index.duplicated()][0]!r} has several rows; "
+                               "expected each image once")
+        self._check_finite(path)
+
+    def _check_finite(self, path: Path) -> None:
+        """Every row and the null feature hold finite numbers. The store is in memory already: one pass over
+        it in blocks, each block's bool mask small (a mask of the whole table would take a byte per number)."""
+        if not torch.isfinite(self.null).all():
+            raise VlmergeError(f"{path}: the null_feature holds NaN or Inf; run `vlmerge precompute` again")
+        for start in range(0, len(self.features), _FINITE_BLOCK):
+            block = self.features[start : start + _FINITE_BLOCK]
+            ok = torch.isfinite(block).flatten(1).all(1)
+            if not ok.all():
+                row = start + int(torch.nonzero(~ok)[0])
+                raise VlmergeError(f"{path}: row {row} (image {self.index[row]!r}) holds NaN or Inf; expected finite "
+                                   "features (recompute that image, or leave it out)")
 
     @property
     def dim(self) -> int:

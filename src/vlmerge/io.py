@@ -12,7 +12,7 @@ import shutil
 import socket
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,6 +237,16 @@ def fingerprint(obj: Any) -> str:
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)
+
+
+def same_record(path: str | os.PathLike, record: dict, keys: Iterable[str] | None = None) -> bool:
+    """Whether the JSON record at `path` (what an output folder holds: a merge, an evaluation) exists and
+    agrees with `record` on `keys` (default: all of them); an unreadable record agrees with nothing."""
+    try:
+        old = read_json(path)
+    except (OSError, ValueError):
+        return False
+    return isinstance(old, dict) and all(old.get(k) == record[k] for k in (record if keys is None else keys))
 
 
 _HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256, for this process

@@ -225,6 +225,11 @@ def eval_items_file(out: Path) -> Path:
     return out / "items.parquet"
 
 
+def eval_record_file(out: Path) -> Path:
+    """Which model's evaluation `out` holds (`vlmerge eval` refuses to write over another's)."""
+    return out / "eval.json"
+
+
 # `vlmerge finetune --out DIR`: BabyLM's results/<model>/<revision>/finetune/<task>/ (evaluation_pipeline/
 # finetune/run.py), one folder per task, written whole; our results.parquet and items.parquet beside
 def finetune_dir(out: Path, task: str) -> Path:

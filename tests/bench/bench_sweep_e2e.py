@@ -62,7 +62,7 @@ scorer = Scorer(model, tokenizer, prompt="text", dtype=job["dtype"], batch_size=
 right = {}
 for alpha in job["alphas"]:
     merger.merge_into(model, "linear", alpha)
-    (result,) = evaluate(scorer, [blimp])
+    (result,) = evaluate(scorer, [blimp], f"linear merge at {alpha}")
     right[str(alpha)] = [item.value for item in result.items]
 Path(sys.argv[2]).write_text(json.dumps(right))
 """

@@ -73,8 +73,7 @@ class VlmergeLM(LM):
     def __init__(self, scorer: Scorer, max_length: int | None = None):
         super().__init__()
         self.scorer = scorer
-        text_config = scorer.model.config.get_text_config()
-        self.max_length = max_length or text_config.max_position_embeddings
+        self.max_length = max_length or scorer.max_positions
         self._device = scorer.device
 
     @staticmethod

@@ -89,9 +89,14 @@ def mean_losses(model: torch.nn.Module, probe: ProbeSet) -> dict[str, float]:
     return {name: float(s / c) if c else math.nan for name, s, c in zip(LOSSES, sums, counts)}
 
 
-def signals(model: torch.nn.Module, probe: ProbeSet) -> dict[str, float]:
-    """The probe's signals of one model (SIGNALS)."""
+def signals(model: torch.nn.Module, probe: ProbeSet, name: str) -> dict[str, float]:
+    """The probe's signals of one model (SIGNALS); `name` names the model in the error when a loss is not
+    finite (its weights, or a merge, give NaN: a NaN signal would steer the adaptive search blindly)."""
     out = mean_losses(model, probe)
+    bad = [k for k, v in out.items() if not math.isfinite(v)]
+    if bad:
+        raise VlmergeError(f"{name}: probe: the {bad[0]} is {out[bad[0]]}; the model's weights, the image features "
+                           "or the merge give no finite losses")
     return out | {"grounding": out["caption_loss_shuffled"] - out["caption_loss"]}
 
 

@@ -19,8 +19,9 @@ from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.evaluate.tasks import ItemScore, Metric, Prediction, Task, get_task
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import check_creatable, remove_stale_temps, write_json
-from vlmerge.layout import babylm_dataset, babylm_predictions, checkpoint_words, eval_items_file, eval_results_file
+from vlmerge.io import check_creatable, remove_stale_temps, same_record, write_json
+from vlmerge.layout import (babylm_dataset, babylm_predictions, checkpoint_words, eval_items_file, eval_record_file,
+                            eval_results_file)
 from vlmerge.model import ExpertLlavaForConditionalGeneration, is_multimodal
 from vlmerge.problems import ProblemLog
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, ModelKey, stamp, write_rows
@@ -55,11 +56,23 @@ def load_model(path: Path, device: torch.device | str = "cpu"):
     auto = AutoModelForImageTextToText if is_multimodal(json.loads(config.read_text()).get("model_type")) else AutoModelForCausalLM
     try:
         with quiet_transformers():
-            return auto.from_pretrained(path).to(device).eval(), load_tokenizer(path)
+            # safetensors only: a pickle (pytorch_model.bin) is never opened. Mismatched shapes come back
+            # in the loading info (else transformers raises a RuntimeError that names none of them).
+            model, info = auto.from_pretrained(path, use_safetensors=True, output_loading_info=True,
+                                               ignore_mismatched_sizes=True)
+            tokenizer = load_tokenizer(path)
     except (OSError, ValueError, SafetensorError) as e:  # weights missing, truncated or garbage
         first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise VlmergeError(f"{path}: cannot load the model ({first.strip()[:200]}); expected a Hugging Face "
                            "directory with complete safetensors weights") from None
+    if info["mismatched_keys"]:
+        name, stored, expected = sorted(info["mismatched_keys"])[0]
+        raise VlmergeError(f"{path}: the weights do not fit its config.json: {name} is {list(stored)} in the weights, "
+                           f"{list(expected)} in the model the config describes")
+    if info["missing_keys"]:  # transformers would start them from random values
+        raise VlmergeError(f"{path}: the weights lack {len(info['missing_keys'])} tensor(s) of the model its "
+                           f"config.json describes (the first: {sorted(info['missing_keys'])[0]})")
+    return model.to(device).eval(), tokenizer
 
 
 def load_tokenizer(path: Path):
@@ -90,22 +103,69 @@ def with_features(task: Task, items: list, features: FeatureTable | None, proble
     return kept
 
 
+def unique_ids(task: Task, items: list, problems: ProblemLog) -> list:
+    """The items, each id once: a later item with an id seen before is a problem, and only the first is kept
+    (the results keep one row per id, so a repeated id would be scored and then collapse)."""
+    first: dict[str, int] = {}
+    kept = []
+    for k, item in enumerate(items):
+        item_id = getattr(item, "item_id", None)  # tasks whose items carry no id number them in order
+        if item_id is not None and item_id in first:
+            problems.add(f"{task.name}[{k}]", f"duplicate id: {item_id!r} is item {first[item_id]}'s too (kept that)")
+            continue
+        if item_id is not None:
+            first[item_id] = k
+        kept.append(item)
+    return kept
+
+
 def prepare(specs: Sequence[tuple[Task, Path]], features: FeatureTable | None, problems: ProblemLog) -> list[PreparedTask]:
-    """Read every task once; items without image features are skipped and counted."""
+    """Read every task once; repeated ids and items without image features are skipped and counted."""
     out = []
     for task, path in specs:
-        items = with_features(task, task.load(path, problems), features, problems)
+        items = with_features(task, unique_ids(task, task.load(path, problems), problems), features, problems)
         if not items:
             raise VlmergeError(f"task {task.name}: {path}: no usable items")
         out.append(PreparedTask(task, items, task.requests(items), babylm_dataset(path)))
     return out
 
 
-def evaluate(scorer: Scorer, tasks: Sequence[PreparedTask]) -> list[TaskResult]:
-    """Score and measure every task with the scorer's model as it is now."""
+def fitting(scorer: Scorer, tasks: Sequence[PreparedTask], problems: ProblemLog) -> list[PreparedTask]:
+    """The tasks without the items that have a sequence longer than the scorer's model takes, each a problem.
+
+    The BabyLM pipeline has no rule for them (it runs every sentence whole: past the trained positions
+    of a RoPE model, and into an error for absolute position embeddings), and lm-eval's loglikelihood
+    cuts the context; one such sentence of megabytes would take terabytes of attention.
+    """
     out = []
     for t in tasks:
-        scores = scorer.score(scorer.prepared(t.requests))
+        too_long = set(scorer.prepared(t.requests).too_long.tolist())
+        if not too_long:
+            out.append(t)
+            continue
+        sizes = [len(t.task.requests([item])) for item in t.items]
+        if sum(sizes) != len(t.requests):  # requests that are not each one item's (devbench_things')
+            raise VlmergeError(f"task {t.task.name}: {len(too_long)} request(s) longer than the model's "
+                               f"{scorer.max_positions} positions")
+        starts = np.cumsum([0, *sizes])
+        kept = []
+        for k, item in enumerate(t.items):
+            if too_long.isdisjoint(range(starts[k], starts[k + 1])):
+                kept.append(item)
+            else:
+                problems.add(f"{t.task.name}[{k}]",
+                             f"too long: a sequence over the model's {scorer.max_positions} positions")
+        if not kept:
+            raise VlmergeError(f"task {t.task.name}: no usable items (every one is too long for the model)")
+        out.append(dataclasses.replace(t, items=kept, requests=t.task.requests(kept)))
+    return out
+
+
+def evaluate(scorer: Scorer, tasks: Sequence[PreparedTask], model: str) -> list[TaskResult]:
+    """Score and measure every task with the scorer's model as it is now (`model` names it in errors)."""
+    out = []
+    for t in tasks:
+        scores = scorer.score(scorer.prepared(t.requests), what=f"{model}: task {t.task.name}")
         metrics, per_item = t.task.evaluate(t.items, scores)
         predictions = t.task.predict(t.items, scores) if t.task.predict else []
         out.append(TaskResult(t.task.name, metrics, per_item, predictions, t.task.babylm, t.dataset))
@@ -181,11 +241,13 @@ def aoa_command(cfg: Config, checkpoints: Sequence[Path], words: Path, cdi: Path
     cdi_table, problems = aoa.read_cdi(cdi), ProblemLog()
     (task,) = prepare([(get_task("aoa"), words)], None, problems)
     per_checkpoint, device = [], resolve_device(cfg.compute.device)
-    for ckpt in sorted(checkpoints, key=checkpoint_words):
+    for k, ckpt in enumerate(sorted(checkpoints, key=checkpoint_words)):
         model, tokenizer = load_model(ckpt, device)
         features = FeatureTable(cfg.eval_store_path) if is_multimodal(model.config.model_type) else None
         scorer = config_scorer(cfg, model, tokenizer, features, dtype=dtype)
-        (result,) = evaluate(scorer, [task])
+        if k == 0:  # the run's checkpoints share a tokenizer and positions: the same words for all
+            (task,) = fitting(scorer, [task], problems)
+        (result,) = evaluate(scorer, [task], str(ckpt))
         per_checkpoint.append((checkpoint_words(ckpt), [(i.item_id, i.value) for i in result.items]))
     problems.report("aoa")
     r, n = aoa.aoa_fitness(aoa.series_of(per_checkpoint), cdi_table)
@@ -230,18 +292,26 @@ def aoa_sweep_command(cfg: Config, cdi: Path, *, out: Path) -> list[dict]:
     return series
 
 
-def check_out(out: Path) -> None:
-    """`--out` is a folder that can be written (checked before scoring, not after); stale temp files go."""
+def check_out(out: Path, record: dict) -> None:
+    """`--out` is a folder that can be written (checked before scoring, not after), whose results, if it has
+    any, are of the evaluation `record` describes (as `merge` refuses to write over another merge); stale
+    temp files go."""
     if out.exists() and not out.is_dir():
         files = f"{eval_results_file(out).name} and {eval_items_file(out).name}"
         raise VlmergeError(f"{out}: --out is a file; expected a folder for {files}")
     check_creatable(out)
+    written = any(f.exists() for f in (eval_results_file(out), eval_items_file(out)))
+    if written and not same_record(eval_record_file(out), record):
+        raise VlmergeError(f"{out}: holds the results of another evaluation than this one ({record['model']}); "
+                           "remove it or choose another --out")
     remove_stale_temps(out)
 
 
-def write_results(cfg: Config, key: ModelKey, results: Sequence[TaskResult], out: Path, job_id: str = "") -> None:
-    """The results and items Parquet files of one model in `out`, and the table."""
+def write_results(cfg: Config, key: ModelKey, results: Sequence[TaskResult], out: Path, record: dict,
+                  job_id: str = "") -> None:
+    """The record of the evaluation, then the results and items Parquet files of one model in `out`, and the table."""
     rows, items = result_rows(key, results, config_hash=cfg.hash(), job_id=job_id)
+    write_json(eval_record_file(out), record)
     write_rows(rows, RESULTS_SCHEMA, eval_results_file(out))
     write_rows(items, ITEMS_SCHEMA, eval_items_file(out))
     print(table(results))
@@ -252,7 +322,8 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
                  out: Path, job_id: str = "", export: Path | None = None,
                  shuffle_features: int | None = None) -> list[TaskResult]:
     specs = task_specs(cfg, tasks)
-    check_out(out)
+    record = {"model": str(model_dir.resolve()), "shuffle_features": shuffle_features}  # what --out holds
+    check_out(out, record)
     model, tokenizer = load_model(model_dir, resolve_device(cfg.compute.device))
     store = Path(features) if features else cfg.eval_store_path
     needs_store = is_multimodal(model.config.model_type) or any(t.needs_images for t, _ in specs)
@@ -264,9 +335,10 @@ def eval_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, dtype: s
         print(f"eval: image features shuffled (seed {shuffle_features}): a control, not the model's score")
     scorer = config_scorer(cfg, model, tokenizer, table_, dtype=dtype)
     problems = ProblemLog()
-    results = evaluate(scorer, prepare(specs, table_, problems))
+    tasks_ = fitting(scorer, prepare(specs, table_, problems), problems)
     problems.report("eval")
-    write_results(cfg, ModelKey.of_directory(model_dir), results, out, job_id)
+    results = evaluate(scorer, tasks_, str(model_dir))
+    write_results(cfg, ModelKey.of_directory(model_dir), results, out, record, job_id)
     if export is not None:
         print(f"eval: {len(export_babylm(results, export))} BabyLM prediction files -> {export}")
     return results
@@ -281,7 +353,10 @@ def harness_command(cfg: Config, model: Path | torch.nn.Module, tasks: Sequence[
     `harness/<task>`) to the Parquet files of `vlmerge eval`. Returns lm-eval's results dict."""
     from vlmerge.evaluate.harness import VlmergeLM, harness_results, run_tasks, write_harness
 
-    check_out(out)
+    # A model held in memory is named by its key, or has none to compare
+    name = str(model.resolve()) if isinstance(model, Path) else json.dumps(dataclasses.asdict(key or ModelKey()))
+    record = {"model": name, "shuffle_features": None}
+    check_out(out, record)
     if isinstance(model, Path):
         key = key or ModelKey.of_directory(model)
         model, tokenizer = load_model(model, resolve_device(cfg.compute.device))
@@ -294,6 +369,6 @@ def harness_command(cfg: Config, model: Path | torch.nn.Module, tasks: Sequence[
     scorer = config_scorer(cfg, model, tokenizer, features, dtype=dtype)
     results = run_tasks(VlmergeLM(scorer), tasks, include_path)
     write_harness(results, out / "harness")
-    write_results(cfg, key or ModelKey(), harness_results(results), out, job_id)
+    write_results(cfg, key or ModelKey(), harness_results(results), out, record, job_id)
     print(f"eval: lm-eval's results -> {out / 'harness' / 'results.json'}")
     return results

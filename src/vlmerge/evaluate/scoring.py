@@ -217,7 +217,9 @@ class Prepared:
     requests: list[Request]
     target_lengths: list[int]
     batches: list[Batch]
-    owners: np.ndarray  # the request each scored sequence adds to (a word by subword: one per subword)
+    owners: np.ndarray  # the request each batched sequence adds to (a word by subword: one per subword)
+    # the requests with a sequence longer than the model's positions: not batched, and not scored
+    too_long: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +260,9 @@ class Scorer:
         if dtype not in DTYPES:
             raise VlmergeError(f"--dtype {dtype!r}: expected fp32 or bf16")
         self.dtype = dtype
+        # The longest sequence the model takes (None: no limit given): RoPE runs past it on untrained
+        # positions, absolute position embeddings fail, and a long text's attention grows with its square.
+        self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         cast_parameters(model, DTYPES[dtype])
         self.device = next(model.parameters()).device
         self.batch_size, self.batch_tokens = batch_limits(self.device, batch_size, batch_tokens)
@@ -369,20 +374,35 @@ class Scorer:
 
     def prepare_sequences(self, requests: Sequence[Request], seqs: Sequence[Sequence[int]], lengths: Sequence[int],
                           owners: Sequence[int]) -> Prepared:
-        """Batch sequences as `sequences` gives them (or windows of them: lm-eval's rolling log-likelihood)."""
+        """Batch sequences as `sequences` gives them (or windows of them: lm-eval's rolling log-likelihood);
+        the requests with a sequence longer than the model's positions are left out (`Prepared.too_long`)."""
         owners = np.array(owners, dtype=np.int64)
         per_request = np.bincount(owners, weights=lengths, minlength=len(requests)).astype(np.int64).tolist()
+        over = np.array([self.max_positions is not None and len(s) > self.max_positions for s in seqs], dtype=bool)
+        too_long = np.unique(owners[over])
+        if too_long.size:
+            kept = np.flatnonzero(~np.isin(owners, too_long))
+            owners, seqs, lengths = owners[kept], [seqs[i] for i in kept], [lengths[i] for i in kept]
         return Prepared(list(requests), per_request, self._batches([requests[o] for o in owners], seqs, lengths),
-                        owners)
+                        owners, too_long)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         # Host tensors of a GPU scorer are pinned: the copy is queued, and the host goes on.
         return t.to(self.device, non_blocking=self._cuda)
 
-    def score(self, requests: Sequence[Request] | Prepared, *, greedy: bool = False) -> Scores:
+    def score(self, requests: Sequence[Request] | Prepared, *, greedy: bool = False, what: str = "the model") -> Scores:
         """Σ log p of each request's target; in the requests' order. `greedy`: GreedyScores, which also say
-        whether each target is the model's greedy continuation (lm-eval's is_greedy)."""
+        whether each target is the model's greedy continuation (lm-eval's is_greedy).
+
+        Every score is finite, or none is returned: a NaN compares false with everything, so that the
+        arg-max would pick an item's first candidate, the correct one, and a NaN model would score
+        perfectly. `what` (the model and task) names them in the error. Requests too long for the model
+        are an error too (leave their items out first: `vlmerge.evaluate.run.fitting`).
+        """
         p = requests if isinstance(requests, Prepared) else self.prepare(requests)
+        if p.too_long.size:
+            raise VlmergeError(f"{what}: {p.too_long.size} request(s) longer than the model's {self.max_positions} "
+                               f"positions (the first: request {p.too_long[0]})")
         sums, misses = [], []
         # CPU: the scored sequences are short (tens of tokens): there SDPA's math kernel (in fp32 for
         # bf16 inputs) is faster than its flash kernel, whose tiling is made for long ones. GPU: the
@@ -409,6 +429,11 @@ class Scorer:
             sequences[order] = torch.cat(sums).cpu().numpy()
         # a request of one sequence gets its sum as it is (0 + x is x); a word by subword, its subwords' sum
         logprob = np.bincount(p.owners, weights=sequences, minlength=len(p.requests))
+        bad = np.flatnonzero(~np.isfinite(logprob))
+        if bad.size:
+            raise VlmergeError(f"{what}: {bad.size} of {len(logprob)} scores are NaN or infinite (the first: request "
+                               f"{bad[0]}); the model's weights, the image features or the merge give no finite "
+                               "log-probabilities, so no candidate can be chosen")
         tokens = np.array(p.target_lengths, dtype=np.int64)
         if not greedy:
             return Scores(logprob, tokens)

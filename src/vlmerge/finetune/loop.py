@@ -167,8 +167,9 @@ class Run:
     """One model fine-tuned on one task: its classifier, the tokenised splits and the optimiser."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, task: FinetuneTask, splits: dict[str, list[Example]],
-                 recipe: Recipe, *, images: ImageInputs | None = None):
+                 recipe: Recipe, *, images: ImageInputs | None = None, name: str = "the model"):
         self.task, self.recipe, self.images, self.examples = task, recipe, images, splits
+        self.name = name  # the model fine-tuned, in errors
         if images is None and any(e.images for e in splits["train"]):
             raise VlmergeError(f"{task.name}: its examples show images, and this model reads none")
         self.device = device = next(model.parameters()).device
@@ -249,6 +250,10 @@ class Run:
             for epoch in range(self.recipe.epochs):
                 self.train_epoch(rng, bar)
                 logits = self.logits()
+                if not np.isfinite(logits).all():  # a NaN logit is the arg-max: the predictions would be noise
+                    raise VlmergeError(f"{self.name}: finetune {self.task.name}: the valid logits of epoch {epoch + 1} "
+                                       "are NaN or infinite (the model's weights, a merge, or a learning rate "
+                                       "that diverged)")
                 preds = logits.argmax(-1)
                 metrics = classification_metrics(self.task.metrics, self.labels["valid"], preds, self.soft["valid"],
                                                  logits)

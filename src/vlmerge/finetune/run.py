@@ -82,9 +82,11 @@ def image_inputs(cfg: Config, model: torch.nn.Module) -> ImageInputs | None:
 
 
 def finetune_model(cfg: Config, model: torch.nn.Module, tokenizer, task: FinetuneTask, splits: dict[str, list[Example]],
-                   *, progress: bool = False) -> Outcome:
-    """Fine-tune `model` (changed in place: give a copy) on one task; the kept epoch's valid scores."""
-    return Run(model, tokenizer, task, splits, recipe(cfg.finetune, task), images=image_inputs(cfg, model)).run(progress)
+                   *, name: str, progress: bool = False) -> Outcome:
+    """Fine-tune `model` (changed in place: give a copy; `name` names it in errors) on one task; the kept
+    epoch's valid scores."""
+    return Run(model, tokenizer, task, splits, recipe(cfg.finetune, task), images=image_inputs(cfg, model),
+               name=name).run(progress)
 
 
 def outcome_rows(key: ModelKey, task: FinetuneTask, outcome: Outcome, *, item_id: str = "", config_hash: str = "",
@@ -135,7 +137,8 @@ def finetune_command(cfg: Config, model_dir: Path, tasks: Sequence[str], *, out:
     for k, (task, _) in enumerate(todo):
         if k:
             model.load_state_dict(pretrained)
-        outcome = outcomes[task.name] = finetune_model(cfg, model, tokenizer, task, data[task.name], progress=progress)
+        outcome = outcomes[task.name] = finetune_model(cfg, model, tokenizer, task, data[task.name],
+                                                       name=str(model_dir), progress=progress)
         rows, items = outcome_rows(key, task, outcome, config_hash=cfg.hash(), job_id=job_id)
         folder = write_task_folder(out, task, outcome, rows, items)
         scores = ", ".join(f"{k} {v:.4f}" for k, v in outcome.metrics.items())

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from vlmerge import code_version
 from vlmerge.config import alpha_problem
 from vlmerge.errors import VlmergeError
-from vlmerge.io import atomic_path, check_creatable, read_json, remove_stale_temps, write_json
+from vlmerge.io import atomic_path, check_creatable, remove_stale_temps, same_record, write_json
 from vlmerge.layout import merge_outputs, statistics_file
 from vlmerge.merge.io import ModelDir, SafetensorsWriter, check_compatible, numel
 from vlmerge.merge.methods import Method, TensorInputs, get_method
@@ -197,8 +197,7 @@ def _check_out(out: Path) -> None:
 
 def check_same(out: Path, record: dict) -> None:
     """An existing output is fine (skipped) when it is this very merge; anything else is an error."""
-    old = read_json(out / RECORD) if (out / RECORD).is_file() else None
-    if old is None or any(old.get(k) != record[k] for k in ("method", "alpha", "params", "inputs")):
+    if not same_record(out / RECORD, record, ("method", "alpha", "params", "inputs")):
         raise VlmergeError(f"{out}: exists and is not this merge; remove it or choose another --out")
 
 

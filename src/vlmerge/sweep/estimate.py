@@ -43,8 +43,8 @@ from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.tasks import get_task
 from vlmerge.evaluate.probe import ProbeSet, signals
-from vlmerge.evaluate.run import (PreparedTask, babylm_files, config_scorer, evaluate, load_model, prepare, result_rows,
-                                  task_specs)
+from vlmerge.evaluate.run import (PreparedTask, babylm_files, config_scorer, evaluate, fitting, load_model, prepare,
+                                  result_rows, task_specs)
 from vlmerge.io import read_json
 from vlmerge.layout import best_text_cache, checkpoint_dir, checkpoint_words, list_checkpoints
 from vlmerge.merge.core import Pair, PairMerger
@@ -244,10 +244,10 @@ def calibrate(cfg: Config, model_dir: Path, methods: Sequence[str], sample: int 
         t0 = time.perf_counter()
         probe_set = ProbeSet.load(cfg)
         setup += time.perf_counter() - t0
-        signals(model, probe_set)  # warm
+        signals(model, probe_set, str(model_dir))  # warm
         _sync(device)
         t0 = time.perf_counter()
-        signals(model, probe_set)
+        signals(model, probe_set, str(model_dir))
         _sync(device)
         probe = time.perf_counter() - t0
     distances = 0.0  # sweep.distances off: none to time (at width 768 on a CPU, a minute)
@@ -258,7 +258,7 @@ def calibrate(cfg: Config, model_dir: Path, methods: Sequence[str], sample: int 
 
     costs, results = [], []
     for task in tasks:
-        part = sample_of(task, n)
+        (part,) = fitting(scorer, [sample_of(task, n)], ProblemLog())  # as the sweep leaves out the too long
         t0 = time.perf_counter()
         prepared = scorer.prepare(part.requests)
         prepare_s = time.perf_counter() - t0
@@ -272,7 +272,7 @@ def calibrate(cfg: Config, model_dir: Path, methods: Sequence[str], sample: int 
                    if isinstance(t, torch.Tensor))
         costs.append(TaskCost(task.task.name, counts.get(task.task.name, len(task.items)), len(part.items),
                               prepare_s, score_s, size))
-        (result,) = evaluate(scorer, [part])
+        (result,) = evaluate(scorer, [part], str(model_dir))
         results.append((result, costs[-1].items / costs[-1].sampled))
     rows, items = result_rows(ModelKey.of_directory(model_dir), [r for r, _ in results])
     item_rows = sum(len(r.items) * scale for r, scale in results)

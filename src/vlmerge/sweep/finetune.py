@@ -159,7 +159,7 @@ def run_item(cfg: Config, item: FinetuneItem, *, splits: dict | None = None, pro
     if splits is None:
         splits = read_config_task(cfg, item.task, "finetune")
     model, tokenizer, key = model_of(cfg, item, resolve_device(cfg.compute.device))
-    outcome = finetune_model(cfg, model, tokenizer, task, splits, progress=progress)
+    outcome = finetune_model(cfg, model, tokenizer, task, splits, name=item.label(), progress=progress)
     rows, items = outcome_rows(key, task, outcome, item_id=item.item_id, config_hash=cfg.hash(), job_id=job_id)
     write_rows(items, ITEMS_SCHEMA, items_path(cfg, item.item_id))
     write_rows(rows, RESULTS_SCHEMA, metrics_path(cfg, item.item_id))  # last: the item is done

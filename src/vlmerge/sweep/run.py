@@ -21,6 +21,7 @@ import dataclasses
 import json
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,8 +30,8 @@ import pandas as pd
 from vlmerge.config import Config
 from vlmerge.data import FeatureTable
 from vlmerge.device import resolve_device
-from vlmerge.evaluate.run import (TaskResult, config_scorer, evaluate, export_babylm, load_model, load_tokenizer,
-                                  prepare, result_rows, task_specs)
+from vlmerge.evaluate.run import (PreparedTask, TaskResult, config_scorer, evaluate, export_babylm, fitting, load_model,
+                                  load_tokenizer, prepare, result_rows, task_specs)
 from vlmerge.evaluate.probe import ProbeSet, probe_result, signals
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.io import fingerprint, read_json, remove_stale_temps, write_json
@@ -86,6 +87,12 @@ def endpoint_id(item: WorkItem, rel: str) -> str:
     return endpoint_name(fingerprint([rel, item.salt])[:12])
 
 
+def merge_name(item: WorkItem, alpha: float | None) -> str:
+    """A merge of the item at α, in words (for errors)."""
+    at = "" if alpha is None else f" at α {alpha:g}"
+    return f"the {item.method} merge{at} of {item.text} and {item.mm}"
+
+
 def result_ids(items: list[WorkItem]) -> set[str]:
     """Every results name the sweep of `items` writes: the items and their unmerged twins."""
     return {item.item_id for item in items} | {endpoint_id(item, rel) for item in items for rel in (item.text, item.mm)}
@@ -122,6 +129,17 @@ class ItemRunner:
         problems.report("sweep tasks")
         self.probe = ProbeSet.load(cfg) if probing(cfg) else None
         self._predictor: Predictor | None = None  # fitted once per process (adaptive search)
+        # the tasks without the items too long for a scorer's model, for the last scorer (weakly: not kept alive)
+        self._tasks_for: tuple[weakref.ref, list[PreparedTask]] | None = None
+
+    def evaluate(self, scorer: Scorer, model: str) -> list[TaskResult]:
+        """The tasks scored by `scorer`'s model as it is now; the items too long for it are left out and
+        reported once per scorer."""
+        if self._tasks_for is None or self._tasks_for[0]() is not scorer:
+            problems = ProblemLog()
+            self._tasks_for = weakref.ref(scorer), fitting(scorer, self.tasks, problems)
+            problems.report(f"sweep tasks for {model}")
+        return evaluate(scorer, self._tasks_for[1], model)
 
     def run(self, item: WorkItem) -> Timing | None:
         """Run one item unless it is done; returns its timing (None when skipped)."""
@@ -189,14 +207,15 @@ class ItemRunner:
             timing.merge += time.perf_counter() - t
             t = time.perf_counter()
             if full:
-                results = evaluate(scorer, self.tasks)
+                results = self.evaluate(scorer, merge_name(item, alpha))
                 if alpha is not None:
                     self._export(item, alpha, key.mm_words, results)
                 timing.evaluate += time.perf_counter() - t
                 timing.alphas += 1
             if self.probe is not None and (not full or not adaptive):  # an adaptive item probed every α first
                 t = time.perf_counter()
-                results = (results if full else []) + [probe_result(signals(model, self.probe), self.probe)]
+                values = signals(model, self.probe, merge_name(item, alpha))
+                results = (results if full else []) + [probe_result(values, self.probe)]
                 timing.probe += time.perf_counter() - t
                 timing.probed += 1
             r, i = result_rows(dataclasses.replace(key, alpha=alpha), results,
@@ -262,9 +281,9 @@ class ItemRunner:
     def _write_endpoint(self, name: str, checkpoint: Path, scorer: Scorer, study: str) -> None:
         """The scores of the unmerged model of `checkpoint`, which `scorer` holds."""
         key = ModelKey.twin(checkpoint_run(checkpoint), study)
-        results = evaluate(scorer, self.tasks)
+        results = self.evaluate(scorer, str(checkpoint))
         if self.probe is not None:
-            results.append(probe_result(signals(scorer.model, self.probe), self.probe))
+            results.append(probe_result(signals(scorer.model, self.probe, str(checkpoint)), self.probe))
         rows, items = result_rows(key, results, item_id=name, config_hash=self.cfg.hash(), job_id=self.job_id)
         write_rows(items, ITEMS_SCHEMA, items_path(self.cfg, name))
         write_rows(rows, RESULTS_SCHEMA, metrics_path(self.cfg, name))
@@ -321,7 +340,8 @@ def best_text_scores(cfg: Config) -> dict:
         device = resolve_device(cfg.compute.device)
     for run, ckpt in todo:
         model, tokenizer = load_model(ckpt, device)
-        (result,) = evaluate(config_scorer(cfg, model, tokenizer, features), tasks)
+        scorer = config_scorer(cfg, model, tokenizer, features)
+        (result,) = evaluate(scorer, fitting(scorer, tasks, ProblemLog()), str(ckpt))
         acc = next(m.value for m in result.metrics if m.subtask == "" and m.metric == "accuracy")
         scores["accuracy"][run][str(ckpt.relative_to(cfg.root))] = {"words": checkpoint_words(ckpt), "accuracy": acc}
         write_json(cache, scores)  # after each checkpoint: a killed job keeps what it scored
