@@ -96,7 +96,7 @@ def load_encoder(path: str, layer: int, pooling: Pooling, revision: str | None =
         raise VlmergeError(f"features.encoder: {path}: no such directory (a DINOv2 saved with save_pretrained)")
     try:
         with quiet_transformers():
-            model = AutoModel.from_pretrained(path, revision=revision, local_files_only=True)
+            model = AutoModel.from_pretrained(path, revision=revision, local_files_only=True, use_safetensors=True)
             processor = AutoImageProcessor.from_pretrained(path, revision=revision, local_files_only=True)
     except (OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

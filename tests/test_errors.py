@@ -106,6 +106,9 @@ def world(tmp_path_factory) -> Path:
 
     save_random_dinov2(w / "enc", 0, hidden_size=ENCODER_DIM, num_hidden_layers=1, num_attention_heads=2,
                        intermediate_size=64)
+    shutil.copytree(w / "enc", w / "enc_pickle")  # the same encoder as a pickle: never unpickled
+    torch.save(load_file(w / "enc/model.safetensors"), w / "enc_pickle/pytorch_model.bin")
+    (w / "enc_pickle/model.safetensors").unlink()
     rng = np.random.default_rng(0)
     np.save(w / "part.npy", rng.standard_normal((3, ENCODER_DIM)).astype(np.float32))
     np.save(w / "narrow.npy", rng.standard_normal((3, ENCODER_DIM - 1)).astype(np.float32))
@@ -394,17 +397,17 @@ def test_repeated_ids_are_counted_problems_and_only_the_first_is_scored(world, t
     assert not items.duplicated(["task", "example_id"]).any()
 
 
-def test_a_sentence_longer_than_the_model_takes_is_a_counted_problem_not_terabytes(world, tmp_path, capsys):
+def test_a_sentence_longer_than_eval_max_tokens_is_a_counted_problem_not_terabytes(world, tmp_path, capsys):
     import pandas as pd
 
-    # 2,000 tokens for a model of 64 positions (a 10 MB sentence would take terabytes of attention)
-    long = " ".join(["w1"] * 2_000)
+    # 5,000 tokens, over eval.max_tokens (a 10 MB sentence would take terabytes of attention)
+    long = " ".join(["w1"] * 5_000)
     blimp = _blimp_with(tmp_path, world, lambda lines: [{**lines[0], "sentence_good": long}, *lines[1:]])
     code = main(["eval", "--quiet", "--model", f"{world}/text", "--task", f"blimp={blimp}", "--out",
                  str(tmp_path / "eval"), f"paths.root={tmp_path}"])
     err = capsys.readouterr().err
     assert code == 0, err
-    assert "1 problem(s) (1 too long)" in err and "blimp[0]: too long: a sequence over the model's 64 positions" in err
+    assert "1 problem(s) (1 too long)" in err and "blimp[0]: too long: a sequence over 4096 tokens" in err
     results = pd.read_parquet(tmp_path / "eval" / "results.parquet")
     assert set(results.n) == {3}
 
@@ -431,3 +434,11 @@ def test_an_os_error_without_a_file_name_is_one_line_without_an_empty_name(world
     assert main(_eval(world, out=str(world / "evalout"))) == 1
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert err == ["vlmerge eval: error: No space left on device"], err
+
+
+def test_a_pickle_only_encoder_is_refused_not_unpickled(world):
+    from precompute.encoder import load_encoder
+    from vlmerge.errors import VlmergeError
+
+    with pytest.raises(VlmergeError, match=r"features.encoder: .*enc_pickle: cannot load"):
+        load_encoder(str(world / "enc_pickle"), -2, "mean_patch")

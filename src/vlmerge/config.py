@@ -371,6 +371,10 @@ class EvalConfig(_Section):
                             "16384 on the CPU, 65536 on a GPU")
     share_prefix: bool = Field(True, description="the candidates of an item (same image) share one row: their "
                                                  "common token prefix computed once; the same scores up to rounding")
+    max_tokens: int = Field(4096, ge=1, description="the longest sequence scored; an item with a longer one is a "
+                                                    "counted problem, left out. A memory guard (attention grows with "
+                                                    "the square of the length): the official pipeline scores every "
+                                                    "item whole, so keep it above the data's longest")
 
     _batch = field_validator("batch_size", "batch_tokens")(classmethod(lambda cls, v: _auto_or_positive(v)))
 

@@ -145,8 +145,8 @@ def fitting(scorer: Scorer, tasks: Sequence[PreparedTask], problems: ProblemLog)
             continue
         sizes = [len(t.task.requests([item])) for item in t.items]
         if sum(sizes) != len(t.requests):  # requests that are not each one item's (devbench_things')
-            raise VlmergeError(f"task {t.task.name}: {len(too_long)} request(s) longer than the model's "
-                               f"{scorer.max_positions} positions")
+            raise VlmergeError(f"task {t.task.name}: {len(too_long)} request(s) longer than {scorer.max_tokens} "
+                               "tokens (eval.max_tokens)")
         starts = np.cumsum([0, *sizes])
         kept = []
         for k, item in enumerate(t.items):
@@ -154,9 +154,9 @@ def fitting(scorer: Scorer, tasks: Sequence[PreparedTask], problems: ProblemLog)
                 kept.append(item)
             else:
                 problems.add(f"{t.task.name}[{k}]",
-                             f"too long: a sequence over the model's {scorer.max_positions} positions")
+                             f"too long: a sequence over {scorer.max_tokens} tokens (eval.max_tokens)")
         if not kept:
-            raise VlmergeError(f"task {t.task.name}: no usable items (every one is too long for the model)")
+            raise VlmergeError(f"task {t.task.name}: no usable items (every one is longer than eval.max_tokens)")
         out.append(dataclasses.replace(t, items=kept, requests=t.task.requests(kept)))
     return out
 
@@ -217,7 +217,7 @@ def config_scorer(cfg: Config, model, tokenizer, features: FeatureTable | None, 
         model.null_feature = features.null
     return Scorer(model, tokenizer, features=features, prompt=cfg.eval.prompt, dtype=dtype or cfg.eval.dtype,
                   batch_size=cfg.eval.batch_size, batch_tokens=cfg.eval.batch_tokens,
-                  share_prefix=cfg.eval.share_prefix)
+                  share_prefix=cfg.eval.share_prefix, max_tokens=cfg.eval.max_tokens)
 
 
 def export_babylm(results: Sequence[TaskResult], out: Path) -> list[Path]:

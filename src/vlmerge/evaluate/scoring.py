@@ -218,7 +218,7 @@ class Prepared:
     target_lengths: list[int]
     batches: list[Batch]
     owners: np.ndarray  # the request each batched sequence adds to (a word by subword: one per subword)
-    # the requests with a sequence longer than the model's positions: not batched, and not scored
+    # the requests with a sequence longer than the scorer's max_tokens: not batched, and not scored
     too_long: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.int64))
 
 
@@ -238,7 +238,7 @@ class Scorer:
 
     def __init__(self, model: torch.nn.Module, tokenizer, *, features: FeatureTable | None = None,
                  prompt: str = "auto", dtype: str = "fp32", batch_size: int | str = "auto",
-                 batch_tokens: int | str = "auto", share_prefix: bool = True):
+                 batch_tokens: int | str = "auto", share_prefix: bool = True, max_tokens: int | None = None):
         self.model, self.tokenizer, self.features = model.eval(), tokenizer, features
         self.share_prefix = share_prefix
         image_token = getattr(model.config, "image_token_index", None)
@@ -260,9 +260,11 @@ class Scorer:
         if dtype not in DTYPES:
             raise VlmergeError(f"--dtype {dtype!r}: expected fp32 or bf16")
         self.dtype = dtype
-        # The longest sequence the model takes (None: no limit given): RoPE runs past it on untrained
-        # positions, absolute position embeddings fail, and a long text's attention grows with its square.
+        # The model's positions (lm-eval's max_length: the harness's windows), and the longest sequence
+        # scored at all: a memory guard, as a text's attention grows with its square (the official
+        # pipeline scores every item whole, past trained RoPE positions too: keep it above the data's).
         self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+        self.max_tokens = max_tokens
         cast_parameters(model, DTYPES[dtype])
         self.device = next(model.parameters()).device
         self.batch_size, self.batch_tokens = batch_limits(self.device, batch_size, batch_tokens)
@@ -375,10 +377,10 @@ class Scorer:
     def prepare_sequences(self, requests: Sequence[Request], seqs: Sequence[Sequence[int]], lengths: Sequence[int],
                           owners: Sequence[int]) -> Prepared:
         """Batch sequences as `sequences` gives them (or windows of them: lm-eval's rolling log-likelihood);
-        the requests with a sequence longer than the model's positions are left out (`Prepared.too_long`)."""
+        the requests with a sequence longer than `max_tokens` are left out (`Prepared.too_long`)."""
         owners = np.array(owners, dtype=np.int64)
         per_request = np.bincount(owners, weights=lengths, minlength=len(requests)).astype(np.int64).tolist()
-        over = np.array([self.max_positions is not None and len(s) > self.max_positions for s in seqs], dtype=bool)
+        over = np.array([self.max_tokens is not None and len(s) > self.max_tokens for s in seqs], dtype=bool)
         too_long = np.unique(owners[over])
         if too_long.size:
             kept = np.flatnonzero(~np.isin(owners, too_long))
@@ -401,8 +403,8 @@ class Scorer:
         """
         p = requests if isinstance(requests, Prepared) else self.prepare(requests)
         if p.too_long.size:
-            raise VlmergeError(f"{what}: {p.too_long.size} request(s) longer than the model's {self.max_positions} "
-                               f"positions (the first: request {p.too_long[0]})")
+            raise VlmergeError(f"{what}: {p.too_long.size} request(s) longer than {self.max_tokens} tokens "
+                               f"(eval.max_tokens; the first: request {p.too_long[0]})")
         sums, misses = [], []
         # CPU: the scored sequences are short (tens of tokens): there SDPA's math kernel (in fp32 for
         # bf16 inputs) is faster than its flash kernel, whose tiling is made for long ones. GPU: the

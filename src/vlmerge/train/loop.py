@@ -124,7 +124,7 @@ class Trainer:
         if not seeds:
             raise VlmergeError(f"{self.cfg.layout.run_dir('seed')}: no checkpoint; train the seed run first")
         with quiet_transformers():
-            seed = PooledLlavaForConditionalGeneration.from_pretrained(seeds[-1])
+            seed = PooledLlavaForConditionalGeneration.from_pretrained(seeds[-1], use_safetensors=True)
         if self.run == EXPERT_RUN:
             return experts_from_agnostic(seed, self.cfg.model.experts, self.cfg.model.cross_modal_layers)
         return seed

@@ -95,7 +95,7 @@ def write_statistics(cfg: Config, checkpoint: Path, names: Sequence[str]) -> Non
     plan = plan_batches(order, data.samples.words, cfg.train.micro_batch_size, [], 0)
     pieces = [b.pieces for _, b in zip(range(cfg.sweep.statistics_batches), plan)]
     with quiet_transformers():
-        model = AutoModelForImageTextToText.from_pretrained(checkpoint).to(resolve_device(cfg.compute.device)).eval()
+        model = AutoModelForImageTextToText.from_pretrained(checkpoint, use_safetensors=True).to(resolve_device(cfg.compute.device)).eval()
     for statistic in todo:
         tensors, tokens = statistic.compute(model, (data.collate(p) for p in pieces))
         with atomic_path(statistics_file(checkpoint, statistic.name)) as tmp:
