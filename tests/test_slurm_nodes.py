@@ -121,8 +121,9 @@ def test_a_job_that_loses_a_node_resumes_on_the_node_left_with_the_same_batches(
                "training to pass step 70")
     assert "on 2 node(s): vlnode[1-2]" in log(root)
     try:
-        subprocess.run(["bash", str(CLUSTER), "crash", "vlnode2"], env=slurm_env(), check=True, capture_output=True)
-        # slurmctld finds the node silent (SlurmdTimeout), ends the job's tasks on vlnode1 and requeues it;
+        # the node of the batch script, of rank 0 and of the run's lock: the job goes on on the other one
+        subprocess.run(["bash", str(CLUSTER), "crash", "vlnode1"], env=slurm_env(), check=True, capture_output=True)
+        # slurmctld finds the node silent (SlurmdTimeout), ends the job's tasks on vlnode2 and requeues it;
         # Slurm holds a requeued job back for two minutes (BeginTime), which an operator may release.
         wait_until(lambda: job_state(job) == "PENDING", 180, "the job to be requeued after the node was lost")
         subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], env=slurm_env(), check=True)
@@ -130,7 +131,7 @@ def test_a_job_that_loses_a_node_resumes_on_the_node_left_with_the_same_batches(
         assert job_state(job) == "COMPLETED", log(root)
     finally:
         ensure_cluster()  # the lost node's slurmd starts again, and the node returns
-    assert "start 2, on 1 node(s): vlnode1" in log(root), log(root)
+    assert "start 2, on 1 node(s): vlnode2" in log(root), log(root)
 
     # The same batches in the same steps: every step once, each with the uninterrupted run's data digest,
     # and every word of every epoch seen once (10 epochs of the first epoch's words).
