@@ -257,7 +257,7 @@ def run(cfg: Config) -> Path:
         files = cfg.data.text if source == "text" else cfg.data.captions
         if not files:
             continue
-        fp = fingerprint([source, files, tok_fp, cfg.corpus.shard_samples, FORMAT])
+        fp = fingerprint([source, [cfg.layout.relative(f) for f in files], tok_fp, cfg.corpus.shard_samples, FORMAT])
         folder = cfg.layout.corpus_source_dir(source)
         if (folder / "index.json").is_file():
             if (index := read_json(folder / "index.json"))["fingerprint"] == fp:

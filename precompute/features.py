@@ -150,7 +150,8 @@ def store_attrs(cfg: Config, ids_fp: str, rt: Runtime) -> dict:
         "image_size": crop_size(rt.processor),
         "dtype": fc.dtype,
         "code_version": code_version(),
-        "fingerprint": fingerprint([fc.encoder, fc.revision, fc.layer, fc.pooling, fc.dtype, ids_fp, *grid]),
+        "fingerprint": fingerprint([cfg.layout.relative(fc.encoder), fc.revision, fc.layer, fc.pooling, fc.dtype,
+                                    ids_fp, *grid]),
     }
 
 
@@ -313,7 +314,10 @@ def precompute(
         raise VlmergeError("features.images: the manifests list no images")
     source = provenance(fc, has_images=bool(items))
     rt = Runtime.create(fc)
-    ids_fp = fingerprint([[it.image_id for it in items], [i.model_dump() for i in fc.imports]])
+    rel = cfg.layout.relative
+    imports = [i.model_dump() | {"captions": rel(i.captions), "npy": [rel(p) for p in i.npy],
+                                 "null_feature": rel(i.null_feature)} for i in fc.imports]
+    ids_fp = fingerprint([[it.image_id for it in items], imports])
     attrs = store_attrs(cfg, ids_fp, rt) | dict(zip(("encoder", "layer", "pooling"), source))
     if out.exists():
         try:

@@ -129,7 +129,8 @@ def run(cfg: Config, *, progress: bool = True) -> Path:
     """Train and save the tokenizer with its stats; skip if an identical one is already saved."""
     out = cfg.layout.tokenizer_dir
     check_writable(cfg.root)
-    fp = fingerprint([cfg.tokenizer.identity(), cfg.data.text, cfg.data.captions])
+    rel = cfg.layout.relative
+    fp = fingerprint([cfg.tokenizer.identity(), [rel(p) for p in cfg.data.text], [rel(p) for p in cfg.data.captions]])
     if (out / "stats.json").is_file():
         if read_json(out / "stats.json").get("fingerprint") == fp:
             print(f"tokenizer: {out} is up to date")

@@ -179,7 +179,11 @@ def check_creatable(path: str | os.PathLike) -> None:
 
 
 def fingerprint(obj: Any) -> str:
-    """A short stable hash of a JSON-able description of what determines an output."""
+    """A short stable hash of a JSON-able description of what determines an output.
+
+    Paths go in as `Layout.relative` gives them (root-relative inside the output root), so that a moved
+    or copied root keeps its fingerprints.
+    """
     canon = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 

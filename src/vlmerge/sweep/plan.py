@@ -143,17 +143,12 @@ def item_statistics(cfg: Config, method: str) -> str:
     return json.dumps({name: settings(cfg) for name in names}, sort_keys=True)
 
 
-def root_relative(cfg: Config, path: str | None) -> str | None:
-    """A path under the root relative to it (so that a results folder moved with its root keeps its item ids)."""
-    return str(Path(path).relative_to(cfg.root)) if path and Path(path).is_relative_to(cfg.root) else path
-
-
 def eval_salt(cfg: Config, tasks: list[str], data: Mapping[str, str] | None = None) -> str:
     """What decides the scores besides the weights: the tasks' data (eval.tasks, or `data`), how they
     are scored."""
     paths = {**{t: cfg.eval.tasks[t] for t in tasks if t in cfg.eval.tasks}, **(data or {})}
-    return fingerprint([{t: root_relative(cfg, paths[t]) for t in tasks}, cfg.eval.prompt, cfg.eval.dtype,
-                        root_relative(cfg, cfg.eval.features), cfg.features.name])
+    return fingerprint([{t: cfg.layout.relative(paths[t]) for t in tasks}, cfg.eval.prompt, cfg.eval.dtype,
+                        cfg.layout.relative(cfg.eval.features), cfg.features.name])
 
 
 def probing(cfg: Config) -> bool:
@@ -169,7 +164,7 @@ def sweep_salt(cfg: Config, tasks: list[str]) -> str:
     s = cfg.sweep
     search = {"search": s.search, "task": s.search_task, "budget": s.search_budget,
               "tolerance": cfg.analysis.tolerance, "multimodal": cfg.analysis.multimodal_tasks}
-    dev = [root_relative(cfg, p) for p in cfg.data.dev_text]
+    dev = [cfg.layout.relative(p) for p in cfg.data.dev_text]
     return fingerprint([salt, {"probe_lines": s.probe_lines, "dev_text": dev},
                         search if s.search == "adaptive" else {}])
 
