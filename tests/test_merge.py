@@ -1,8 +1,10 @@
 """Merge methods and distances against hand-computed values; streamed and in-memory merges."""
 
+import errno
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -228,8 +230,14 @@ def test_linear_merge_to_disk_endpoints_are_the_inputs_bitwise(trio, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_copied_endpoints_are_the_bytes_a_merged_output_would_have(trio, tmp_path):
+@pytest.mark.parametrize("cross_device", [False, True])
+def test_copied_endpoints_are_the_bytes_a_merged_output_would_have(trio, tmp_path, monkeypatch, cross_device):
     text, mm, _ = trio
+    if cross_device:  # the output on another file system than the inputs: the kernel cannot copy between them
+        def no_kernel_copy(*args):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+        monkeypatch.setattr(os, "copy_file_range", no_kernel_copy)
     zero, one = merge_to_disk(text, mm, tmp_path / "m", "linear", [0.0, 1.0])
     for out, src in ((zero, mm), (one, text)):
         model = ModelDir(src)  # what the merging path writes: our header, then each tensor's bytes

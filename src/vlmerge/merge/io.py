@@ -3,6 +3,7 @@ a safetensors file tensor by tensor, so that memory stays about the largest tens
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -159,7 +160,7 @@ class SafetensorsWriter:
             raise RuntimeError(f"{name}: {end - begin} bytes in {path}, {stop - start} expected")
         with open(path, "rb") as src:
             while begin < end:
-                n = os.copy_file_range(src.fileno(), self._fd, end - begin, begin, start)
+                n = _copy_range(src.fileno(), self._fd, end - begin, begin, start)
                 if n == 0:
                     raise RuntimeError(f"{path}: ends before the data of {name}")
                 begin, start = begin + n, start + n
@@ -177,6 +178,24 @@ class SafetensorsWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+# copy_file_range's answers where the kernel cannot copy between these two files (another file system,
+# one that does not support it): the bytes then go through memory.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+_COPY_BLOCK = 1 << 24  # bytes per read when copying through memory
+
+
+def _copy_range(src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int:
+    """Copy up to `count` bytes between file offsets, kernel-side where it can; return the bytes copied."""
+    try:
+        return os.copy_file_range(src, dst, count, src_offset, dst_offset)
+    except OSError as e:
+        if e.errno not in _NO_KERNEL_COPY:
+            raise
+    data = os.pread(src, min(count, _COPY_BLOCK), src_offset)
+    _pwrite(dst, memoryview(data), dst_offset)
+    return len(data)
 
 
 def _pwrite(fd: int, data: memoryview, offset: int) -> None:
