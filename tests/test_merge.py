@@ -48,13 +48,26 @@ def test_registry_lists_every_method():
 @pytest.mark.parametrize("method, params, message", [
     ("ties", {"density": 1.5}, "method ties: parameter density=1.5: expected a value in \\[0, 1\\]"),
     ("ties", {"scope": "layer"}, "method ties: parameter scope='layer': expected one of 'tensor', 'model'"),
-    ("dare", {"p": 1}, "method dare: parameter p=1: expected a value in \\[0, 0.99\\]"),
+    ("dare", {"p": 1}, "method dare: parameter p=1: expected a value in \\[0, 1\\)"),
+    ("slerp", {"eps": 0}, "method slerp: parameter eps=0: expected a value in \\(0, 1\\]"),
+    ("ties", {"lam": float("nan")}, "method ties: parameter lam=nan: expected a finite number"),
+    ("karcher", {"max_iter": 2.5}, "method karcher: parameter max_iter=2.5: expected a whole number"),
+    ("nuslerp", {"flatten": 1}, "method nuslerp: parameter flatten=1: expected one of True, False"),
     ("regmean", {"gamma": "high"}, "method regmean: parameter gamma='high': expected a number"),
 ])
 def test_a_parameter_out_of_its_declared_range_is_refused_by_name(method, params, message):
     with pytest.raises(VlmergeError, match=message):
         get_method(method).params(params)
     assert get_method("ties").params({"density": 1}) == {"density": 1, "lam": 1.0, "scope": "tensor"}
+
+
+def test_every_parameter_of_every_method_refuses_nan_infinity_and_a_word():
+    for m in METHODS.values():
+        for name, param in m.declared.items():
+            assert param.problem(param.default) is None, (m.name, name)
+            for bad in ([float("nan"), float("inf"), "abc", None] if param.choices is None else ["abc", None]):
+                with pytest.raises(VlmergeError, match=f"method {m.name}: parameter {name}="):
+                    m.params({name: bad})
 
 
 def test_a_name_registered_twice_is_refused():

@@ -86,14 +86,16 @@ def method_grid(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     """(method, parameters) for every method of the sweep and every combination of its grid."""
     out = []
     for spec in cfg.sweep.methods:
-        first = {**spec.params, **{k: v[0] for k, v in spec.grid.items() if v}}
-        if "alpha" in first:
+        if "alpha" in spec.params or "alpha" in spec.grid:
             raise VlmergeError(f"sweep.methods: {spec.name}: α comes from sweep.alphas, not from params or grid")
         method = get_method(spec.name)
-        method.params({k: v for k, v in first.items() if k != SCHEDULE})
         keys = list(spec.grid)
         for combo in itertools.product(*(spec.grid[k] for k in keys)):
             params = {**spec.params, **dict(zip(keys, combo))}
+            try:  # every combination: a grid's value out of range is refused now, before any work
+                method.params({k: v for k, v in params.items() if k != SCHEDULE})
+            except VlmergeError as e:
+                raise VlmergeError(f"sweep.methods: {e}") from None
             if SCHEDULE in params:  # α per tensor (vlmerge.merge.schedule), for the twins' methods
                 if method.merges_experts:
                     raise VlmergeError(f"sweep.methods: {spec.name}: a schedule is for the twins' methods")
