@@ -534,7 +534,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. train.lr=3e-4")
-    return key.split("."), yaml.safe_load(value) if value else ""
+    return key.split("."), parse_value(value, f"override {text!r}") if value else ""
+
+
+def parse_value(value: str, where: str) -> Any:
+    """A command-line value read as YAML (`3e-4`, `[0, 0.5]`, `{a: 1}`); one line naming `where` when it is not YAML."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def apply_override(raw: dict, keys: list[str], value: Any) -> None:

@@ -15,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from vlmerge.errors import VlmergeError
+from vlmerge.hf import read_model_config
 from vlmerge.io import file_sha256
 
 INDEX = "model.safetensors.index.json"
@@ -38,7 +39,7 @@ class ModelDir:
             raise VlmergeError(f"{self.path}: no {SINGLE} or {INDEX} (a Hugging Face safetensors directory)")
         if not (self.path / "config.json").is_file():
             raise VlmergeError(f"{self.path}: no config.json")
-        self.config = json.loads((self.path / "config.json").read_text())
+        self.config = read_model_config(self.path / "config.json")
         self._where: dict[str, Path] = {}
         self.specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for f in self.files:
