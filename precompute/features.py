@@ -54,22 +54,27 @@ def aligned_batches(pending: np.ndarray, n: int, batch_size: int) -> list[np.nda
     return out
 
 
-def load_rgb(path: Path | None) -> Image.Image:
-    """Decode an image fully; the error says 'missing image' or 'corrupt image' and why."""
+def load_rgb(path: Path | None, max_pixels: int) -> Image.Image:
+    """Decode an image fully; the error says 'missing image', 'oversized image' (its header declares more
+    than `max_pixels`) or 'corrupt image', and why."""
     if path is None or not path.is_file():
         raise ValueError(f"missing image: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            width, height = im.size  # from the header: nothing is decoded before `convert`
+            if width * height <= max_pixels:
+                return im.convert("RGB")
     except Exception as e:  # PIL raises many types for bad files; all mean the same here
         raise ValueError(f"corrupt image: {path} ({type(e).__name__}: {e})") from None
+    raise ValueError(f"oversized image: {path} declares {width}×{height} pixels, more than "
+                     f"features.max_image_pixels ({max_pixels})")
 
 
 class ImageBatches(Dataset):
     """Item k is batch k: (rows that loaded, pixel values, [(row, error), ...])."""
 
-    def __init__(self, items: list[ImageItem], batches: list[np.ndarray], processor):
-        self.items, self.batches, self.processor = items, batches, processor
+    def __init__(self, items: list[ImageItem], batches: list[np.ndarray], processor, max_pixels: int):
+        self.items, self.batches, self.processor, self.max_pixels = items, batches, processor, max_pixels
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -78,7 +83,7 @@ class ImageBatches(Dataset):
         ok, images, failed = [], [], []
         for row in self.batches[k]:
             try:
-                images.append(load_rgb(self.items[row].path))
+                images.append(load_rgb(self.items[row].path, self.max_pixels))
                 ok.append(row)
             except ValueError as e:
                 failed.append((int(row), str(e)))
@@ -186,7 +191,7 @@ def run_shard(
             return result
         batches = aligned_batches(~done, len(mine), cfg.features.batch_size)
         loader = DataLoader(
-            ImageBatches(mine, batches, rt.processor),
+            ImageBatches(mine, batches, rt.processor, cfg.features.max_image_pixels),
             batch_size=None,
             num_workers=cfg.features.num_workers,
             pin_memory=rt.device.type == "cuda",

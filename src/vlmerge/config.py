@@ -174,6 +174,11 @@ class FeaturesConfig(_Section):
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(2, ge=0)
     num_shards: int = Field(1, ge=1)
+    # PIL's own bound (Image.MAX_IMAGE_PIXELS); PIL refuses any image of more than twice it.
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, le=2 * 89_478_485,
+        description="an image whose header declares more pixels (width × height) is not decoded: a broken image, "
+                    "recorded and counted (a small file can declare a huge image, and decoding it takes gigabytes)")
 
     _name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
     _device = field_validator("device")(classmethod(lambda cls, v: check_device_spec(v)))
