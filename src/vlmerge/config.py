@@ -73,6 +73,13 @@ class _Section(BaseModel):
 class PathsConfig(_Section):
     root: str = "outputs"
 
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if not v.strip():  # `{root}/demo` would become `/demo`
+            raise ValueError("expected the output folder, not an empty path")
+        return v
+
 
 class DemoConfig(_Section):
     """Parameters of the built-in demo world (`vlmerge demo-data`)."""
