@@ -235,6 +235,17 @@ def test_streamed_multi_alpha_merge_equals_single_merges_and_loads(trio, tmp_pat
     assert set(record["inputs"]) == {"text", "mm", "base"}
 
 
+def test_a_hash_cache_left_beside_an_input_never_reaches_the_merge_record(trio, tmp_path):
+    text, mm, _ = trio
+    weights = text / "model.safetensors"
+    stat = weights.stat()  # a stale (or planted) cache that matches the file's size and mtime
+    (text / "model.safetensors.sha256").write_text(
+        json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": "0" * 64}))
+    out = merge_to_disk(text, mm, tmp_path / "m", "linear", [0.5])[0]
+    record = json.loads((out / "merge.json").read_text())
+    assert record["inputs"]["text"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
 def test_linear_merge_to_disk_endpoints_are_the_inputs_bitwise(trio, tmp_path):
     text, mm, _ = trio
     zero, one = merge_to_disk(text, mm, tmp_path / "m", "linear", [0.0, 1.0])

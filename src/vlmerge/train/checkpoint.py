@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from vlmerge.errors import VlmergeError
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import atomic_path, file_sha256, read_json, temp_sibling, write_json, write_text
+from vlmerge.io import atomic_path, read_json, temp_sibling, write_json, write_text
 from vlmerge.layout import (LATEST, STATE_ENGINE, STATE_MODULE, STATE_POSITION, checkpoint_dir, is_state_tag,
                             state_rank_part, state_tag, states_dir)
 from vlmerge.model import copy_tokenizer_files
@@ -48,7 +48,6 @@ def write_checkpoint(model, tokenizer_dir: Path, run_dir: Path, state: TrainStat
     with atomic_path(out, is_dir=True) as tmp:
         with quiet_transformers():
             model.save_pretrained(tmp)
-        file_sha256(tmp / "model.safetensors", remember=True)  # cached beside it: merges record it without rereading
         copy_tokenizer_files(tokenizer_dir, tmp)
         write_json(tmp / "trainer_state.json", {"run": run, **dataclasses.asdict(state)})
     return out
