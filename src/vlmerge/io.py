@@ -75,6 +75,15 @@ def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def link_inside(target: Path, link: Path) -> None:
+    """Make `link` a symlink to `target` by a relative path, so that a folder moved or copied as a whole
+    (`cp -a`) keeps its links inside itself; a dangling link there (its folder moved) is replaced."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and not link.exists():
+        link.unlink()
+    os.symlink(os.path.relpath(target, link.parent), link)
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where Linux tells it (other threads create files)."""
     try:
