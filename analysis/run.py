@@ -23,7 +23,7 @@ from vlmerge.analysis.scores import chance, task_metrics, task_scores
 from vlmerge.analysis.tables import BEST_COLUMNS, SCORE_COLUMNS, Merges, best_alpha, merges, multimodal_drop
 from vlmerge.config import AnalysisConfig
 from vlmerge.results import UNMERGED
-from vlmerge.io import write_text
+from vlmerge.io import remove_stale_temps, write_text
 
 SETTING = ["experiment", "method", "method_params"]  # one merge setting of one experiment
 
@@ -181,6 +181,7 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
     drops, choices = probe_tables(a.results.metrics, options)
     a.findings += probe_findings(drops, choices, options.tolerance)
     out.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, out / "figures")  # what killed analyses left
     tables = write_tables(a, out)
     figures = draw(a, out / "figures")
     experiments = sorted(a.results.metrics.experiment.unique())

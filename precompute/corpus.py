@@ -28,7 +28,7 @@ from vlmerge.precompute.tokenizer import ENCODE_BATCH, batched, iter_captions, i
 from vlmerge import layout
 from vlmerge.config import Config, save_resolved
 from vlmerge.errors import VlmergeError
-from vlmerge.io import atomic_path, check_writable, fingerprint, read_json, write_json
+from vlmerge.io import atomic_path, check_writable, fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.problems import ProblemLog
 
 SOURCES = ("text", "captions")
@@ -251,6 +251,7 @@ def run(cfg: Config) -> Path:
     """Write the token shards of every configured source; sources already written are skipped."""
     out = cfg.layout.corpus_dir
     check_writable(cfg.root)
+    remove_stale_temps(out)  # the temp folders of killed runs
     tok_dir = cfg.layout.tokenizer_dir
     tokenizer = load_tokenizer(tok_dir, cfg.tokenizer)
     tok_fp = read_json(tok_dir / "stats.json")["fingerprint"]
@@ -261,7 +262,7 @@ def run(cfg: Config) -> Path:
         files = cfg.data.text if source == "text" else cfg.data.captions
         if not files:
             continue
-        fp = fingerprint([source, files, tok_fp, cfg.corpus.shard_samples, FORMAT])
+        fp = fingerprint([source, [cfg.layout.relative(f) for f in files], tok_fp, cfg.corpus.shard_samples, FORMAT])
         folder = cfg.layout.corpus_source_dir(source)
         if (folder / "index.json").is_file():
             if (index := read_json(folder / "index.json"))["fingerprint"] == fp:

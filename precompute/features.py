@@ -54,22 +54,27 @@ def aligned_batches(pending: np.ndarray, n: int, batch_size: int) -> list[np.nda
     return out
 
 
-def load_rgb(path: Path | None) -> Image.Image:
-    """Decode an image fully; the error says 'missing image' or 'corrupt image' and why."""
+def load_rgb(path: Path | None, max_pixels: int) -> Image.Image:
+    """Decode an image fully; the error says 'missing image', 'oversized image' (its header declares more
+    than `max_pixels`) or 'corrupt image', and why."""
     if path is None or not path.is_file():
         raise ValueError(f"missing image: {path}")
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            width, height = im.size  # from the header: nothing is decoded before `convert`
+            if width * height <= max_pixels:
+                return im.convert("RGB")
     except Exception as e:  # PIL raises many types for bad files; all mean the same here
         raise ValueError(f"corrupt image: {path} ({type(e).__name__}: {e})") from None
+    raise ValueError(f"oversized image: {path} declares {width}×{height} pixels, more than "
+                     f"features.max_image_pixels ({max_pixels})")
 
 
 class ImageBatches(Dataset):
     """Item k is batch k: (rows that loaded, pixel values, [(row, error), ...])."""
 
-    def __init__(self, items: list[ImageItem], batches: list[np.ndarray], processor):
-        self.items, self.batches, self.processor = items, batches, processor
+    def __init__(self, items: list[ImageItem], batches: list[np.ndarray], processor, max_pixels: int):
+        self.items, self.batches, self.processor, self.max_pixels = items, batches, processor, max_pixels
 
     def __len__(self) -> int:
         return len(self.batches)
@@ -78,7 +83,7 @@ class ImageBatches(Dataset):
         ok, images, failed = [], [], []
         for row in self.batches[k]:
             try:
-                images.append(load_rgb(self.items[row].path))
+                images.append(load_rgb(self.items[row].path, self.max_pixels))
                 ok.append(row)
             except ValueError as e:
                 failed.append((int(row), str(e)))
@@ -150,7 +155,8 @@ def store_attrs(cfg: Config, ids_fp: str, rt: Runtime) -> dict:
         "image_size": crop_size(rt.processor),
         "dtype": fc.dtype,
         "code_version": code_version(),
-        "fingerprint": fingerprint([fc.encoder, fc.revision, fc.layer, fc.pooling, fc.dtype, ids_fp, *grid]),
+        "fingerprint": fingerprint([cfg.layout.relative(fc.encoder), fc.revision, fc.layer, fc.pooling, fc.dtype,
+                                    ids_fp, *grid]),
     }
 
 
@@ -185,7 +191,7 @@ def run_shard(
             return result
         batches = aligned_batches(~done, len(mine), cfg.features.batch_size)
         loader = DataLoader(
-            ImageBatches(mine, batches, rt.processor),
+            ImageBatches(mine, batches, rt.processor, cfg.features.max_image_pixels),
             batch_size=None,
             num_workers=cfg.features.num_workers,
             pin_memory=rt.device.type == "cuda",
@@ -313,7 +319,10 @@ def precompute(
         raise VlmergeError("features.images: the manifests list no images")
     source = provenance(fc, has_images=bool(items))
     rt = Runtime.create(fc)
-    ids_fp = fingerprint([[it.image_id for it in items], [i.model_dump() for i in fc.imports]])
+    rel = cfg.layout.relative
+    imports = [i.model_dump() | {"captions": rel(i.captions), "npy": [rel(p) for p in i.npy],
+                                 "null_feature": rel(i.null_feature)} for i in fc.imports]
+    ids_fp = fingerprint([[it.image_id for it in items], imports])
     attrs = store_attrs(cfg, ids_fp, rt) | dict(zip(("encoder", "layer", "pooling"), source))
     if out.exists():
         try:

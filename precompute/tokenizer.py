@@ -23,7 +23,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from vlmerge.precompute.manifests import expand_paths
 from vlmerge.config import Config, TokenizerConfig, save_resolved
 from vlmerge.errors import VlmergeError
-from vlmerge.io import atomic_path, check_writable, fingerprint, read_json, write_json
+from vlmerge.io import atomic_path, check_writable, fingerprint, read_json, remove_stale_temps, write_json
 from vlmerge.problems import ProblemLog, read_jsonl
 
 ENCODE_BATCH = 10_000  # lines per call into the (parallel, Rust) batch encoder
@@ -142,7 +142,9 @@ def run(cfg: Config, *, progress: bool = True) -> Path:
     """Train and save the tokenizer with its stats; skip if an identical one is already saved."""
     out = cfg.layout.tokenizer_dir
     check_writable(cfg.root)
-    fp = fingerprint([cfg.tokenizer.identity(), cfg.data.text, cfg.data.captions])
+    remove_stale_temps(out.parent)  # the temp folders of killed runs
+    rel = cfg.layout.relative
+    fp = fingerprint([cfg.tokenizer.identity(), [rel(p) for p in cfg.data.text], [rel(p) for p in cfg.data.captions]])
     if (out / "stats.json").is_file():
         if read_json(out / "stats.json").get("fingerprint") == fp:
             print(f"tokenizer: {out} is up to date")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -22,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from vlmerge.analysis.run import analyze
 from vlmerge.cli import main
 from vlmerge.demo.world import save_random_dinov2
 from vlmerge.errors import VlmergeError
@@ -31,7 +33,8 @@ from vlmerge.layout import store_config, store_shard_dir
 from vlmerge.merge.core import merge_to_disk
 from vlmerge.results import ITEMS_SCHEMA, RESULTS_SCHEMA, compact, read_results, write_rows
 
-from conftest import REPO, stale_temp
+from conftest import REPO, SMALL_WORLD, stale_temp
+from test_analysis import OPTIONS, write_results
 from test_errors import _tiny_lm
 
 
@@ -157,6 +160,31 @@ def test_precompute_cleans_up_and_finishes_an_interrupted_link(tmp_path, capsys)
     assert main(argv) == 0
     assert "is complete" in capsys.readouterr().out
     assert store_config(store).is_file() and not store_shard_dir(store).exists() and store.read_bytes() == stored
+
+
+# -- demo-data, tokenizer, corpus, analyze ------------------------------------------------------------
+
+def test_the_data_stages_remove_the_temps_of_their_killed_runs(small_prepared, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(small_prepared, root, symlinks=True)
+    left = [stale_temp(root / "demo", is_dir=True), stale_temp(root / "runs/demo/tokenizer", is_dir=True),
+            stale_temp(root / "runs/demo/corpus/text", is_dir=True), stale_temp(root / "runs/demo/corpus/config.yaml")]
+    foreign = [root / "notes.txt", root / "runs/demo/notes.txt", root / "runs/demo/corpus/notes.txt"]
+    for f in foreign:
+        f.write_text("mine")
+    for stage in ("demo-data", "tokenizer", "corpus"):
+        assert main([stage, "--quiet", f"paths.root={root}", *SMALL_WORLD]) == 0
+    assert not any(p.exists() for p in left) and all(f.read_text() == "mine" for f in foreign)
+
+
+def test_analyze_removes_the_temps_of_its_killed_runs(tmp_path):
+    write_results(tmp_path)
+    out = tmp_path / "report"
+    left = [stale_temp(out / "figures/curve.png"), stale_temp(out / "report.html")]
+    foreign = out / "figures/mine.png"
+    foreign.write_bytes(b"mine")
+    analyze([tmp_path / "results/synth"], out, OPTIONS)
+    assert not any(p.exists() for p in left) and foreign.read_bytes() == b"mine"
 
 
 # -- results compact ----------------------------------------------------------------------------------

@@ -94,6 +94,9 @@ def world(tmp_path_factory) -> Path:
     (w / "latin1.yaml").write_bytes(b"experiment: caf\xe9\n")
     (w / "bad.yaml").write_text("experiment: [demo\n")
     (w / "outfile").write_text("a file where a folder is expected\n")
+    for name, config in (("cfgnotjson", '{"architectures": ["Llama'), ("cfglist", "[1, 2]")):
+        shutil.copytree(text, w / name)
+        (w / name / "config.json").write_text(config)
 
     # Existing outputs a failed command must leave exactly as they are.
     out = w / "out"
@@ -195,6 +198,8 @@ CASES = [
     Case("experiment hidden", lambda w: _config(w, "experiment=.x"), ("experiment", "plain name")),
     Case("experiment with a slash", lambda w: _config(w, "experiment=a/b"), ("experiment", "plain name")),
     Case("store name escapes", lambda w: _config(w, "features.name=../x"), ("features.name", "plain name")),
+    Case("root empty", lambda w: ["config", "paths.root="], ("paths.root", "not an empty path")),
+    Case("root blank", lambda w: ["config", "paths.root=' '"], ("paths.root", "not an empty path")),
     Case("sweep alpha 1.5", lambda w: _config(w, "sweep.alphas=[0, 1.5]"),
          ("sweep.alphas", "1.5 is outside [0, 1]", "sweep.allow_extrapolation=true")),
     Case("sweep alpha NaN", lambda w: _config(w, "sweep.alphas=[.nan]"), ("sweep.alphas", "nan is not a finite number")),
@@ -205,6 +210,7 @@ CASES = [
     Case("unknown key", lambda w: _config(w, "train.lrr=1"), ("unknown key", "train.lrr", "allowed here")),
     Case("negative learning rate", lambda w: _config(w, "train.lr=-1"), ("train.lr", "greater than 0")),
     Case("override without value", lambda w: _config(w, "train.lr"), ("train.lr", "expected KEY.PATH=VALUE")),
+    Case("override value not YAML", lambda w: _config(w, "sweep.alphas=[0,"), ("'sweep.alphas=[0,'", "not valid YAML")),
     Case("import without provenance", lambda w: _config(w, "features.imports=[{captions: c.json, npy: [a.npy], prefix: cc}]"),
          ("features.imports.0.encoder", "Field required")),
     Case("import prefix escapes", lambda w: _config(w, _import(w, prefix="../cc")), ("features.imports.0.prefix", "plain name")),
@@ -238,9 +244,34 @@ CASES = [
     Case("merge other shapes", lambda w: _merge(w, mm="wide"), ("differ at tensor", "shape")),
     Case("merge unknown method", lambda w: _merge(w, "--method", "blend"), ("'blend'", "known:")),
     Case("merge bad param", lambda w: _merge(w, "--param", "density"), ("--param 'density'", "expected NAME=VALUE")),
+    Case("merge param value not YAML", lambda w: _merge(w, "--method", "slerp", "--param", "eps=[0,"),
+         ("--param 'eps=[0,'", "not valid YAML")),
+    Case("merge param above its range", lambda w: _merge(w, "--method", "ties", "--base", f"{w}/mm", "--param", "density=5"),
+         ("method ties", "density=5", "expected a value in [0, 1]")),
+    Case("merge param not a number", lambda w: _merge(w, "--method", "dare", "--base", f"{w}/mm", "--param", "p=abc"),
+         ("method dare", "p='abc'", "expected a number")),
+    Case("merge dare dropping everything", lambda w: _merge(w, "--method", "dare", "--base", f"{w}/mm", "--param", "p=1"),
+         ("p=1", "expected a value in [0, 1)")),
+    Case("merge slerp eps 0", lambda w: _merge(w, "--method", "slerp", "--param", "eps=0"), ("eps=0", "(0, 1]")),
+    Case("merge slerp eps negative", lambda w: _merge(w, "--method", "slerp", "--param", "eps=-1"), ("eps=-1", "(0, 1]")),
+    Case("merge ties lam NaN", lambda w: _merge(w, "--method", "ties", "--base", f"{w}/mm", "--param", "lam=.nan"),
+         ("lam=nan", "expected a finite number")),
+    Case("merge ties lam not a number", lambda w: _merge(w, "--method", "ties", "--base", f"{w}/mm", "--param", "lam=x"),
+         ("lam='x'", "expected a number")),
+    Case("merge seed not whole", lambda w: _merge(w, "--method", "dare", "--base", f"{w}/mm", "--param", "seed=1.5"),
+         ("seed=1.5", "expected a whole number")),
+    Case("merge config.json not JSON", lambda w: _merge(w, text="cfgnotjson"), ("cfgnotjson/config.json", "not valid JSON")),
+    Case("merge config.json not an object", lambda w: _merge(w, mm="cfglist"), ("cfglist/config.json", "JSON object")),
     Case("merge task vectors without base", lambda w: _merge(w, "--method", "task_arithmetic"), ("--base",)),
     Case("merge over another merge", lambda w: _merge(w, out="merged", alpha="0.7"),
          ("merged", "exists and is not this merge")),
+    # -- sweep plan ------------------------------------------------------------------------------------
+    Case("sweep plan grid value out of range",
+         lambda w: ["sweep", "plan", f"paths.root={w}/out", "sweep.methods=[{name: ties, grid: {density: [0.2, 5]}}]"],
+         ("sweep.methods", "method ties", "density=5", "[0, 1]")),
+    Case("sweep plan param NaN", lambda w: ["sweep", "plan", f"paths.root={w}/out",
+                                             "sweep.methods=[{name: ties, params: {lam: .nan}}]"],
+         ("sweep.methods", "lam=nan", "finite")),
     # -- eval ------------------------------------------------------------------------------------------
     Case("eval out is a file", lambda w: _eval(w, out=f"{w}/outfile"), ("outfile", "--out is a file")),
     Case("eval out unwritable", lambda w: _eval(w, out=UNWRITABLE), (UNWRITABLE, "not writable")),
@@ -248,6 +279,7 @@ CASES = [
     Case("eval truncated weights", lambda w: _eval(w, model="trunc"), ("trunc", "cannot load the model")),
     Case("eval garbage weights", lambda w: _eval(w, model="garbage"), ("garbage", "cannot load the model")),
     Case("eval not a model", lambda w: _eval(w, model="absent"), ("absent", "not a model directory")),
+    Case("eval config.json not JSON", lambda w: _eval(w, model="cfgnotjson"), ("cfgnotjson/config.json", "not valid JSON")),
     Case("eval unknown task", lambda w: ["eval", "--model", f"{w}/text", "--task", "blimpp=x", "--out", f"{w}/e"],
          ("'blimpp'", "known:")),
     # a NaN compares false with everything: the first candidate, the correct one, would win every item

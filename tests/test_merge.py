@@ -1,8 +1,10 @@
 """Merge methods and distances against hand-computed values; streamed and in-memory merges."""
 
+import errno
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -46,13 +48,26 @@ def test_registry_lists_every_method():
 @pytest.mark.parametrize("method, params, message", [
     ("ties", {"density": 1.5}, "method ties: parameter density=1.5: expected a value in \\[0, 1\\]"),
     ("ties", {"scope": "layer"}, "method ties: parameter scope='layer': expected one of 'tensor', 'model'"),
-    ("dare", {"p": 1}, "method dare: parameter p=1: expected a value in \\[0, 0.99\\]"),
+    ("dare", {"p": 1}, "method dare: parameter p=1: expected a value in \\[0, 1\\)"),
+    ("slerp", {"eps": 0}, "method slerp: parameter eps=0: expected a value in \\(0, 1\\]"),
+    ("ties", {"lam": float("nan")}, "method ties: parameter lam=nan: expected a finite number"),
+    ("karcher", {"max_iter": 2.5}, "method karcher: parameter max_iter=2.5: expected a whole number"),
+    ("nuslerp", {"flatten": 1}, "method nuslerp: parameter flatten=1: expected one of True, False"),
     ("regmean", {"gamma": "high"}, "method regmean: parameter gamma='high': expected a number"),
 ])
 def test_a_parameter_out_of_its_declared_range_is_refused_by_name(method, params, message):
     with pytest.raises(VlmergeError, match=message):
         get_method(method).params(params)
     assert get_method("ties").params({"density": 1}) == {"density": 1, "lam": 1.0, "scope": "tensor"}
+
+
+def test_every_parameter_of_every_method_refuses_nan_infinity_and_a_word():
+    for m in METHODS.values():
+        for name, param in m.declared.items():
+            assert param.problem(param.default) is None, (m.name, name)
+            for bad in ([float("nan"), float("inf"), "abc", None] if param.choices is None else ["abc", None]):
+                with pytest.raises(VlmergeError, match=f"method {m.name}: parameter {name}="):
+                    m.params({name: bad})
 
 
 def test_a_name_registered_twice_is_refused():
@@ -220,6 +235,17 @@ def test_streamed_multi_alpha_merge_equals_single_merges_and_loads(trio, tmp_pat
     assert set(record["inputs"]) == {"text", "mm", "base"}
 
 
+def test_a_hash_cache_left_beside_an_input_never_reaches_the_merge_record(trio, tmp_path):
+    text, mm, _ = trio
+    weights = text / "model.safetensors"
+    stat = weights.stat()  # a stale (or planted) cache that matches the file's size and mtime
+    (text / "model.safetensors.sha256").write_text(
+        json.dumps({"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": "0" * 64}))
+    out = merge_to_disk(text, mm, tmp_path / "m", "linear", [0.5])[0]
+    record = json.loads((out / "merge.json").read_text())
+    assert record["inputs"]["text"]["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+
+
 def test_linear_merge_to_disk_endpoints_are_the_inputs_bitwise(trio, tmp_path):
     text, mm, _ = trio
     zero, one = merge_to_disk(text, mm, tmp_path / "m", "linear", [0.0, 1.0])
@@ -228,8 +254,14 @@ def test_linear_merge_to_disk_endpoints_are_the_inputs_bitwise(trio, tmp_path):
         assert all(torch.equal(a[k], b[k]) for k in b)
 
 
-def test_copied_endpoints_are_the_bytes_a_merged_output_would_have(trio, tmp_path):
+@pytest.mark.parametrize("cross_device", [False, True])
+def test_copied_endpoints_are_the_bytes_a_merged_output_would_have(trio, tmp_path, monkeypatch, cross_device):
     text, mm, _ = trio
+    if cross_device:  # the output on another file system than the inputs: the kernel cannot copy between them
+        def no_kernel_copy(*args):
+            raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+        monkeypatch.setattr(os, "copy_file_range", no_kernel_copy)
     zero, one = merge_to_disk(text, mm, tmp_path / "m", "linear", [0.0, 1.0])
     for out, src in ((zero, mm), (one, text)):
         model = ModelDir(src)  # what the merging path writes: our header, then each tensor's bytes

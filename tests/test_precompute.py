@@ -135,25 +135,31 @@ def test_sigkill_midway_then_rerun_equals_an_uninterrupted_run(tmp_path, demo_wo
     assert np.array_equal(a[1], b[1]) and np.array_equal(a[2], b[2])
 
 
-def test_corrupt_and_missing_images_are_recorded_and_counted(tmp_path, demo_world, make_cfg, capsys):
+def test_corrupt_missing_and_oversized_images_are_recorded_and_counted(tmp_path, demo_world, make_cfg, capsys):
     rows = manifest_rows(demo_world.root / "captions.jsonl")[:20]
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\nthis is not an image")
+    huge = tmp_path / "huge.png"  # a few kB that declare 4 Mpx (a hostile file declares 144 Mpx in 140 kB)
+    Image.new("L", (2000, 2000)).save(huge)
     rows[3] = {**rows[3], "path": str(corrupt)}
     rows[7] = {**rows[7], "path": str(tmp_path / "gone.png")}
+    rows[9] = {**rows[9], "path": str(huge)}
     manifest = tmp_path / "m.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{not json\n")
     cfg_args = [f"paths.root={tmp_path / 'out'}", f"features.images=[{{manifest: '{manifest}'}}]",
-                f"features.encoder={demo_world.encoder_dir}", "features.name=bad", "features.num_workers=0"]
+                f"features.encoder={demo_world.encoder_dir}", "features.name=bad", "features.num_workers=0",
+                "features.max_image_pixels=1000000"]
     assert main(["precompute", "--quiet", *cfg_args]) == 0
     out, err = capsys.readouterr()
-    assert "2 failed (1 corrupt image, 1 missing image)" in out or "2 failed (1 missing image, 1 corrupt image)" in out
+    assert "3 failed (" in out and all(f"1 {kind} image" in out for kind in ("corrupt", "missing", "oversized"))
     assert "m.jsonl:21: malformed line" in err
     with h5py.File(tmp_path / "out" / "features" / "bad.h5") as f:
         failed = dict(zip(f["failures/image_id"].asstr()[:], f["failures/error"].asstr()[:]))
-        assert len(f["image_ids"]) == 18
+        assert len(f["image_ids"]) == 17
     assert failed[rows[3]["image_id"]].startswith("corrupt image:")
     assert failed[rows[7]["image_id"]].startswith("missing image:")
+    assert failed[rows[9]["image_id"]] == (f"oversized image: {huge} declares 2000×2000 pixels, more than "
+                                          "features.max_image_pixels (1000000)")
 
 
 def _snapshot(root: Path) -> dict:

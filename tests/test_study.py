@@ -2,6 +2,7 @@
 identity in the study column, a killed study resumed without redoing finished items."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,6 +65,21 @@ def test_a_killed_study_resumes_skipping_finished_items_and_records_each_models_
     third = study(root)  # all done: nothing runs, nothing is written
     assert third.communicate(timeout=600)[0].count("sweep finetune:") == 0 and third.returncode == 0
     assert {p.name: p.stat().st_mtime_ns for p in metrics.glob("*.parquet")} == after
+
+
+def test_a_studys_links_stay_inside_a_root_copied_elsewhere(tmp_path):
+    from vlmerge.study import expert_config, share_inputs
+
+    cfg = load_config(None, [f"paths.root={tmp_path / 'root'}", *STUDY])
+    for folder in (cfg.layout.tokenizer_dir, cfg.layout.corpus_dir):
+        folder.mkdir(parents=True)
+        (folder / "made.txt").write_text(folder.name)
+    share_inputs(cfg, expert_config(cfg, "all", 0))
+    subprocess.run(["cp", "-a", str(tmp_path / "root"), str(tmp_path / "copy")], check=True)
+    shutil.rmtree(tmp_path / "root")
+    sub = expert_config(load_config(None, [f"paths.root={tmp_path / 'copy'}", *STUDY]), "all", 0)
+    assert (sub.layout.tokenizer_dir / "made.txt").read_text() == "tokenizer"
+    assert (sub.layout.corpus_dir / "made.txt").read_text() == "corpus"
 
 
 def test_the_study_checks_its_fine_tuning_tasks_before_training(tmp_path):

@@ -269,6 +269,17 @@ def test_a_rerun_removes_what_killed_items_left_and_compact_keeps_foreign_files(
     assert len(list((results / "metrics").glob("compact-*.parquet"))) == 1
 
 
+def test_salts_of_items_do_not_depend_on_where_the_root_is(tmp_path):
+    # A root moved or copied keeps its items' ids: paths inside it count relative to it.
+    from vlmerge.sweep.finetune import finetune_salt
+    from vlmerge.sweep.plan import sweep_salt, sweep_tasks
+
+    a, b = (load_config(None, [f"paths.root={tmp_path / name}", f"eval.features={tmp_path / name}/features/x.h5"])
+            for name in ("a", "b"))
+    assert finetune_salt(a, "cola") == finetune_salt(b, "cola")
+    assert sweep_salt(a, sweep_tasks(a)) == sweep_salt(b, sweep_tasks(b))
+
+
 def test_expert_methods_take_alpha_from_the_grid_and_need_only_the_expert_run():
     from vlmerge.errors import VlmergeError
     from vlmerge.sweep.plan import method_grid, sweep_runs

@@ -274,8 +274,7 @@ CRAFTED = {  # how a copied run directory may have been tampered with -> what th
 
 @pytest.mark.slow
 def test_a_crafted_resume_state_cannot_run_code_and_is_refused_in_one_line(finished_text_run, tmp_path):
-    # A run is bound to its root (its fingerprint holds the data paths): the finished run itself is
-    # tampered with, and its resumable state restored after each case.
+    # The finished run itself is tampered with, and its resumable state restored after each case.
     states = finished_text_run / "runs/demo/text/deepspeed"
     pristine = tmp_path / "pristine"
     shutil.copytree(states, pristine)
@@ -387,6 +386,19 @@ def test_a_symlink_planted_as_the_runs_log_is_refused_not_followed(root, tmp_pat
     line = one_error_line(train(root, "text", *SHORT))
     assert "metrics.jsonl: is a symbolic link" in line, line
     assert not outside.exists()
+def test_a_root_copied_elsewhere_skips_its_finished_stages_instead_of_refusing(small_prepared, twins, tmp_path):
+    # Fingerprints hold the paths inside the root relative to it (Layout.relative).
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(small_prepared), str(copy)], check=True)
+    subprocess.run(["cp", "-a", str(twins / "runs/demo/text"), str(copy / "runs/demo/text")], check=True)
+    for stage, done in (("demo-data", "demo-data:"), ("tokenizer", "is up to date"),
+                        ("corpus", "is up to date"), ("precompute", "is complete")):
+        r = vlmerge_cli(stage, "--quiet", f"paths.root={copy}", *SMALL_WORLD)
+        assert r.returncode == 0 and done in r.stdout, (stage, r.stderr)
+    before = sorted(p.name for p in (copy / "runs/demo/text/checkpoints").iterdir())
+    r = train(copy, "text")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in (copy / "runs/demo/text/checkpoints").iterdir()) == before
 
 
 def test_training_state_round_trips_without_pickle_and_names_no_class(tmp_path):

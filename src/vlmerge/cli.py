@@ -8,10 +8,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import yaml
-
 from vlmerge import launch
-from vlmerge.config import RUN_NAMES, Config, alpha_problem, load_config
+from vlmerge.config import RUN_NAMES, Config, alpha_problem, load_config, parse_value
 from vlmerge.errors import PREEMPTED_EXIT, Preempted, VlmergeError
 from vlmerge.study import PARTS as study_parts
 
@@ -376,7 +374,7 @@ def _params(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise VlmergeError(f"--param {item!r}: expected NAME=VALUE, e.g. density=0.2")
-        out[key] = yaml.safe_load(value)
+        out[key] = parse_value(value, f"--param {item!r}")
     return out
 
 

@@ -73,6 +73,13 @@ class _Section(BaseModel):
 class PathsConfig(_Section):
     root: str = "outputs"
 
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if not v.strip():  # `{root}/demo` would become `/demo`
+            raise ValueError("expected the output folder, not an empty path")
+        return v
+
 
 class DemoConfig(_Section):
     """Parameters of the built-in demo world (`vlmerge demo-data`)."""
@@ -174,6 +181,11 @@ class FeaturesConfig(_Section):
     batch_size: int = Field(64, ge=1)
     num_workers: int = Field(2, ge=0)
     num_shards: int = Field(1, ge=1)
+    # PIL's own bound (Image.MAX_IMAGE_PIXELS); PIL refuses any image of more than twice it.
+    max_image_pixels: int = Field(
+        89_478_485, ge=1, le=2 * 89_478_485,
+        description="an image whose header declares more pixels (width × height) is not decoded: a broken image, "
+                    "recorded and counted (a small file can declare a huge image, and decoding it takes gigabytes)")
 
     _name = field_validator("name")(classmethod(lambda cls, v: _safe_name(v)))
     _device = field_validator("device")(classmethod(lambda cls, v: check_device_spec(v)))
@@ -558,7 +570,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, value = text.partition("=")
     if not sep or not key or any(not part for part in key.split(".")):
         raise ConfigError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. train.lr=3e-4")
-    return key.split("."), yaml.safe_load(value) if value else ""
+    return key.split("."), parse_value(value, f"override {text!r}") if value else ""
+
+
+def parse_value(value: str, where: str) -> Any:
+    """A command-line value read as YAML (`3e-4`, `[0, 0.5]`, `{a: 1}`); one line naming `where` when it is not YAML."""
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: the value is not valid YAML ({getattr(e, 'problem', None) or e})") from None
 
 
 def apply_override(raw: dict, keys: list[str], value: Any) -> None:

@@ -104,6 +104,15 @@ def remove_stale_temps(*folders: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def link_inside(target: Path, link: Path) -> None:
+    """Make `link` a symlink to `target` by a relative path, so that a folder moved or copied as a whole
+    (`cp -a`) keeps its links inside itself; a dangling link there (its folder moved) is replaced."""
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and not link.exists():
+        link.unlink()
+    os.symlink(os.path.relpath(target, link.parent), link)
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where Linux tells it (other threads create files)."""
     try:
@@ -229,7 +238,11 @@ def check_creatable(path: str | os.PathLike) -> None:
 
 
 def fingerprint(obj: Any) -> str:
-    """A short stable hash of a JSON-able description of what determines an output."""
+    """A short stable hash of a JSON-able description of what determines an output.
+
+    Paths go in as `Layout.relative` gives them (root-relative inside the output root), so that a moved
+    or copied root keeps its fingerprints.
+    """
     canon = json.dumps(obj, sort_keys=True, default=str)
     return hashlib.sha256(canon.encode()).hexdigest()[:16]
 
@@ -249,33 +262,21 @@ def same_record(path: str | os.PathLike, record: dict, keys: Iterable[str] | Non
     return isinstance(old, dict) and all(old.get(k) == record[k] for k in (record if keys is None else keys))
 
 
-_HASHES: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256, for this process
+# (path, size, mtime_ns, inode, ctime_ns) -> sha256, for this process. No hash is ever kept beside a
+# file: a `<file>.sha256` that someone left there (stale, copied or planted) cannot be told from ours
+# by size and mtime, which `cp -p`, `rsync -t` and `touch -r` keep, and a record must name the bytes
+# that were read. A rewrite of the file changes its ctime, which no one can set back.
+_HASHES: dict[tuple, str] = {}
 
 
-def file_sha256(path: Path, *, remember: bool = False) -> str:
-    """sha256 of a file; a `<file>.sha256` beside it is trusted while its size and mtime stay the same.
-
-    Only the writer of a file (`remember=True`, e.g. a checkpoint being written) stores that cache:
-    readers never write into an input folder, they keep the hash in memory.
-    """
-    side = path.with_name(path.name + ".sha256")
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, computed once per process while the file stays the same."""
     stat = path.stat()
-    stamp = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-    if key in _HASHES:
-        return _HASHES[key]
-    if side.is_file():
-        try:
-            cached = json.loads(side.read_text())
-            if {k: cached.get(k) for k in stamp} == stamp:
-                return cached["sha256"]
-        except (ValueError, KeyError, UnicodeDecodeError):
-            pass  # a damaged cache is recomputed
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(_HASH_BLOCK):
-            h.update(block)
-    _HASHES[key] = h.hexdigest()
-    if remember:
-        write_json(side, {**stamp, "sha256": h.hexdigest()})
-    return h.hexdigest()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while block := fh.read(_HASH_BLOCK):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]

@@ -33,6 +33,7 @@ A checkpoint knows its experiment, run and words seen from its path alone (`Chec
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -56,6 +57,17 @@ class Layout:
 
     root: Path
     experiment: str
+
+    def relative(self, path: str | os.PathLike | None) -> str | None:
+        """What a fingerprint holds for `path` (the one rule, for every stage): root-relative inside the
+        output root, so that a root moved or copied (`cp -a`) keeps its fingerprints and item ids; as given
+        outside it (a user's data elsewhere is named by its path: moved, it is another input). Compared as
+        written (no working folder, no symlinks resolved): the same config names the same inputs wherever
+        it runs."""
+        if not path:
+            return path
+        p, root = Path(os.path.normpath(path)), Path(os.path.normpath(self.root))
+        return str(p.relative_to(root)) if p.is_relative_to(root) else str(path)
 
     # Data preparation
     @property

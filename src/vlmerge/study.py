@@ -20,12 +20,12 @@ reads; no name is parsed. All results go to the base experiment's results folder
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vlmerge.config import EXPERT_RUN, Config, merge_dicts
 from vlmerge.errors import VlmergeError
+from vlmerge.io import link_inside
 from vlmerge.layout import maa_experiment, study_experiment
 from vlmerge.modelkey import EXPERT_METHOD_PREFIX, MAA_VARIANT, MM_ALPHA, UNMERGED, study_key
 
@@ -80,8 +80,7 @@ def share_inputs(base: Config, sub: Config) -> None:
     """The sub-experiment reads the base experiment's tokenizer and corpus (links, made once)."""
     for src, dst in ((base.layout.tokenizer_dir, sub.layout.tokenizer_dir), (base.layout.corpus_dir, sub.layout.corpus_dir)):
         if not dst.exists():
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            os.symlink(src.resolve(), dst)
+            link_inside(src, dst)
 
 
 def merge_grid(cfg: Config, variant: str, k: int) -> list[tuple[str, dict[str, float], tuple[float, ...]]]:
@@ -150,8 +149,7 @@ def train_seed(base: Config, sub: Config, k: int, progress: bool) -> None:
     train(canonical, "seed", progress=progress)
     here, there = sub.layout.run_dir("seed"), canonical.layout.run_dir("seed")
     if here != there and not here.exists():
-        here.parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(there.resolve(), here)
+        link_inside(there, here)
 
 
 # The study in parts, for Slurm (jobs/study.sh): data → training array (MAA and each seed run) →

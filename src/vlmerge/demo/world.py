@@ -45,7 +45,7 @@ from vlmerge.demo.images import (
 from vlmerge.demo.tasks import PHENOMENA, minimal_pairs, vqa_items, winoground_items
 from vlmerge.demo.vl_tasks import write_vl_tasks
 from vlmerge.errors import VlmergeError
-from vlmerge.io import atomic_path, write_json, write_jsonl, write_text
+from vlmerge.io import atomic_path, remove_stale_temps, write_json, write_jsonl, write_text
 
 FORMAT_VERSION = 5
 FILES = {
@@ -150,6 +150,7 @@ def generate(
         "pairs_per_phenomenon": pairs_per_phenomenon,
     }
     _validate(seed, params)
+    remove_stale_temps(out_dir.parent)  # the temp folders of killed runs
     existing = _existing_world(out_dir, seed, params)
     if existing is not None:
         return existing

@@ -18,7 +18,7 @@ from vlmerge.device import resolve_device
 from vlmerge.errors import VlmergeError
 from vlmerge.evaluate.scoring import Scorer
 from vlmerge.evaluate.tasks import ItemScore, Metric, Prediction, Task, get_task
-from vlmerge.hf import quiet_transformers
+from vlmerge.hf import quiet_transformers, read_model_config
 from vlmerge.io import check_creatable, remove_stale_temps, same_record, write_json
 from vlmerge.layout import (babylm_dataset, babylm_predictions, checkpoint_words, eval_items_file, eval_record_file,
                             eval_results_file)
@@ -53,7 +53,7 @@ def load_model(path: Path, device: torch.device | str = "cpu"):
     config = path / "config.json"
     if not config.is_file():
         raise VlmergeError(f"{path}: not a model directory (no config.json)")
-    auto = AutoModelForImageTextToText if is_multimodal(json.loads(config.read_text()).get("model_type")) else AutoModelForCausalLM
+    auto = AutoModelForImageTextToText if is_multimodal(read_model_config(config).get("model_type")) else AutoModelForCausalLM
     try:
         with quiet_transformers():
             # safetensors only: a pickle (pytorch_model.bin) is never opened. Mismatched shapes come back

@@ -3,6 +3,7 @@ a safetensors file tensor by tensor, so that memory stays about the largest tens
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from vlmerge.errors import VlmergeError
+from vlmerge.hf import read_model_config
 from vlmerge.io import file_sha256
 
 INDEX = "model.safetensors.index.json"
@@ -37,7 +39,7 @@ class ModelDir:
             raise VlmergeError(f"{self.path}: no {SINGLE} or {INDEX} (a Hugging Face safetensors directory)")
         if not (self.path / "config.json").is_file():
             raise VlmergeError(f"{self.path}: no config.json")
-        self.config = json.loads((self.path / "config.json").read_text())
+        self.config = read_model_config(self.path / "config.json")
         self._where: dict[str, Path] = {}
         self.specs: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
         for f in self.files:
@@ -159,7 +161,7 @@ class SafetensorsWriter:
             raise RuntimeError(f"{name}: {end - begin} bytes in {path}, {stop - start} expected")
         with open(path, "rb") as src:
             while begin < end:
-                n = os.copy_file_range(src.fileno(), self._fd, end - begin, begin, start)
+                n = _copy_range(src.fileno(), self._fd, end - begin, begin, start)
                 if n == 0:
                     raise RuntimeError(f"{path}: ends before the data of {name}")
                 begin, start = begin + n, start + n
@@ -177,6 +179,24 @@ class SafetensorsWriter:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+# copy_file_range's answers where the kernel cannot copy between these two files (another file system,
+# one that does not support it): the bytes then go through memory.
+_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL})
+_COPY_BLOCK = 1 << 24  # bytes per read when copying through memory
+
+
+def _copy_range(src: int, dst: int, count: int, src_offset: int, dst_offset: int) -> int:
+    """Copy up to `count` bytes between file offsets, kernel-side where it can; return the bytes copied."""
+    try:
+        return os.copy_file_range(src, dst, count, src_offset, dst_offset)
+    except OSError as e:
+        if e.errno not in _NO_KERNEL_COPY:
+            raise
+    data = os.pread(src, min(count, _COPY_BLOCK), src_offset)
+    _pwrite(dst, memoryview(data), dst_offset)
+    return len(data)
 
 
 def _pwrite(fd: int, data: memoryview, offset: int) -> None:

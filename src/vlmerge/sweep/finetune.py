@@ -66,8 +66,8 @@ class FinetuneItem:
 def finetune_salt(cfg: Config, task: str) -> str:
     """What decides a fine-tuning's result besides the weights: the data, the recipe, the prompt."""
     recipe = cfg.finetune.model_dump(mode="json", exclude={"tasks"})
-    return fingerprint([task, cfg.finetune.tasks.get(task), recipe, cfg.eval.prompt, cfg.eval.features,
-                        cfg.features.name])
+    return fingerprint([task, cfg.layout.relative(cfg.finetune.tasks.get(task)), recipe, cfg.eval.prompt,
+                        cfg.layout.relative(cfg.eval.features), cfg.features.name])
 
 
 def best_alphas(cfg: Config) -> dict[tuple[str, str, int, int], float]:

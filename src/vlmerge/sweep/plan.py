@@ -86,14 +86,16 @@ def method_grid(cfg: Config) -> list[tuple[str, dict[str, Any]]]:
     """(method, parameters) for every method of the sweep and every combination of its grid."""
     out = []
     for spec in cfg.sweep.methods:
-        first = {**spec.params, **{k: v[0] for k, v in spec.grid.items() if v}}
-        if "alpha" in first:
+        if "alpha" in spec.params or "alpha" in spec.grid:
             raise VlmergeError(f"sweep.methods: {spec.name}: α comes from sweep.alphas, not from params or grid")
         method = get_method(spec.name)
-        method.params({k: v for k, v in first.items() if k != SCHEDULE})
         keys = list(spec.grid)
         for combo in itertools.product(*(spec.grid[k] for k in keys)):
             params = {**spec.params, **dict(zip(keys, combo))}
+            try:  # every combination: a grid's value out of range is refused now, before any work
+                method.params({k: v for k, v in params.items() if k != SCHEDULE})
+            except VlmergeError as e:
+                raise VlmergeError(f"sweep.methods: {e}") from None
             if SCHEDULE in params:  # α per tensor (vlmerge.merge.schedule), for the twins' methods
                 if method.merges_experts:
                     raise VlmergeError(f"sweep.methods: {spec.name}: a schedule is for the twins' methods")
@@ -143,17 +145,12 @@ def item_statistics(cfg: Config, method: str) -> str:
     return json.dumps({name: settings(cfg) for name in names}, sort_keys=True)
 
 
-def root_relative(cfg: Config, path: str | None) -> str | None:
-    """A path under the root relative to it (so that a results folder moved with its root keeps its item ids)."""
-    return str(Path(path).relative_to(cfg.root)) if path and Path(path).is_relative_to(cfg.root) else path
-
-
 def eval_salt(cfg: Config, tasks: list[str], data: Mapping[str, str] | None = None) -> str:
     """What decides the scores besides the weights: the tasks' data (eval.tasks, or `data`), how they
     are scored."""
     paths = {**{t: cfg.eval.tasks[t] for t in tasks if t in cfg.eval.tasks}, **(data or {})}
-    return fingerprint([{t: root_relative(cfg, paths[t]) for t in tasks}, cfg.eval.prompt, cfg.eval.dtype,
-                        root_relative(cfg, cfg.eval.features), cfg.features.name])
+    return fingerprint([{t: cfg.layout.relative(paths[t]) for t in tasks}, cfg.eval.prompt, cfg.eval.dtype,
+                        cfg.layout.relative(cfg.eval.features), cfg.features.name])
 
 
 def probing(cfg: Config) -> bool:
@@ -169,7 +166,7 @@ def sweep_salt(cfg: Config, tasks: list[str]) -> str:
     s = cfg.sweep
     search = {"search": s.search, "task": s.search_task, "budget": s.search_budget,
               "tolerance": cfg.analysis.tolerance, "multimodal": cfg.analysis.multimodal_tasks}
-    dev = [root_relative(cfg, p) for p in cfg.data.dev_text]
+    dev = [cfg.layout.relative(p) for p in cfg.data.dev_text]
     return fingerprint([salt, {"probe_lines": s.probe_lines, "dev_text": dev},
                         search if s.search == "adaptive" else {}])
 

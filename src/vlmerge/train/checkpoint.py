@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 
 from vlmerge.errors import VlmergeError
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import atomic_path, file_sha256, read_json, temp_sibling, write_failure, write_json, write_text
+from vlmerge.io import atomic_path, read_json, temp_sibling, write_failure, write_json, write_text
 from vlmerge.layout import (LATEST, STATE_ENGINE, STATE_MODULE, STATE_POSITION, checkpoint_dir, is_state_tag,
                             state_rank_part, state_tag, states_dir)
 from vlmerge.model import copy_tokenizer_files
@@ -50,8 +50,6 @@ def write_checkpoint(model, tokenizer_dir: Path, run_dir: Path, state: TrainStat
         with atomic_path(out, is_dir=True) as tmp:  # a failed write leaves nothing
             with quiet_transformers():
                 model.save_pretrained(tmp)
-            # cached beside it: merges record it without rereading
-            file_sha256(tmp / "model.safetensors", remember=True)
             copy_tokenizer_files(tokenizer_dir, tmp)
             write_json(tmp / "trainer_state.json", {"run": run, **dataclasses.asdict(state)})
     except (OSError, SafetensorError) as e:  # a full disk, a quota

@@ -64,8 +64,9 @@ def _run_fingerprint(cfg: Config, run: str) -> str:
                                  | ({"vocab_size"} if cfg.model.vocab_size is None else set()))
     # A feature grid shapes the model (G² image tokens); grid 1 runs keep the fingerprints they had.
     features = [cfg.features.name] + ([cfg.features.grid] if cfg.features.grid > 1 else [])
+    data = {k: [cfg.layout.relative(p) for p in v] for k, v in cfg.data.model_dump().items()}
     return fingerprint([model, t, cfg.checkpoints.words, getattr(cfg.runs, run).model_dump(),
-                        cfg.runs.seed_pretraining, cfg.data.model_dump(), *features, cfg.tokenizer.identity()])
+                        cfg.runs.seed_pretraining, data, *features, cfg.tokenizer.identity()])
 
 
 def check_request(cfg: Config, run: str) -> None:

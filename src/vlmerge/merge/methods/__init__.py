@@ -14,14 +14,16 @@ third model, for three-way merges), the seed weights W_seed of an expert model. 
 statistics of each input they need (`statistics`: `grams`, `fisher`; see
 `vlmerge.merge.statistics`), which reach them in `TensorInputs.statistics`.
 
-A parameter is declared with its default, `p=0.5`, or with its range too, `p=Param(0.5, 0, 1)`:
-a value outside it is refused with the parameter's name before any work.
+A parameter is declared with its default, `lam=1.0` (any finite number), or with its range or
+choices too, `p=Param(0.5, 0, 1, high_open=True)`: a value outside it is refused with the parameter's
+name before any work (`vlmerge merge`, and `sweep plan` for every combination of a method's grid).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,33 +39,57 @@ TWINS, EXPERTS = "twins", "experts"  # what a method merges (Method.inputs)
 
 @dataclasses.dataclass(frozen=True)
 class Param:
-    """A declared parameter: its default, and the closed range [low, high] or the choices it may take."""
+    """A declared parameter: its default, and the choices it may take or its range of numbers.
+
+    A number lies in [low, high] (a bound None: unbounded; `low_open`/`high_open` leave that end out), and
+    is finite: NaN and ±inf are never a parameter's value. A whole-number default makes a whole-number
+    parameter (a seed, a count).
+    """
 
     default: Any
     low: float | None = None
     high: float | None = None
     choices: tuple[Any, ...] | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    @property
+    def whole(self) -> bool:
+        return isinstance(self.default, int) and not isinstance(self.default, bool)
 
     def problem(self, value: Any) -> str | None:
         """Why `value` is not allowed, or None."""
         if self.choices is not None:
-            return None if value in self.choices else f"expected one of {', '.join(map(repr, self.choices))}"
-        if self.low is None and self.high is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            return "expected a number"
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            low = "-inf" if self.low is None else f"{self.low:g}"
-            high = "inf" if self.high is None else f"{self.high:g}"
-            return f"expected a value in [{low}, {high}]"
-        return None
+            # Compared with their types too: YAML's 1 is not the choice True.
+            ok = any(type(value) is type(c) and value == c for c in self.choices)
+            return None if ok else f"expected one of {', '.join(map(repr, self.choices))}"
+        number = isinstance(value, int if self.whole else (int, float)) and not isinstance(value, bool)
+        if not number:
+            return "expected a whole number" if self.whole else "expected a number"
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:  # an integer beyond any float
+            finite = False
+        if not finite:
+            return "expected a finite number"
+        above = self.low is None or value > self.low or (value == self.low and not self.low_open)
+        below = self.high is None or value < self.high or (value == self.high and not self.high_open)
+        return None if above and below else f"expected a value in {self.describe()}"
 
     def describe(self) -> str:
+        """The choices (`a|b`) or the range (`[0, 1)`)."""
         if self.choices is not None:
             return "|".join(map(str, self.choices))
-        if self.low is None and self.high is None:
-            return ""
-        return f"[{'-inf' if self.low is None else f'{self.low:g}'}, {'inf' if self.high is None else f'{self.high:g}'}]"
+        low, high = ("-inf" if self.low is None else _bound(self.low)), ("inf" if self.high is None else _bound(self.high))
+        return (f"{'(' if self.low is None or self.low_open else '['}{low}, "
+                f"{high}{')' if self.high is None or self.high_open else ']'}")
+
+
+def _bound(b: float) -> str:
+    return f"{b:g}" if isinstance(b, float) else str(b)
+
+
+SEED = Param(0, 0, 2**32 - 1)  # the random methods' seed (parts.generator's arithmetic stays in range)
 
 
 @dataclasses.dataclass(frozen=True)

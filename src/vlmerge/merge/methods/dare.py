@@ -3,7 +3,7 @@
 
 import torch
 
-from vlmerge.merge.methods import Param, TensorInputs, register
+from vlmerge.merge.methods import SEED, Param, TensorInputs, register
 from vlmerge.merge.methods.parts import generator
 
 
@@ -16,7 +16,7 @@ def drop_and_rescale(tau: torch.Tensor, p: float, gen: torch.Generator) -> torch
     return torch.where(keep, tau / (1 - p), torch.zeros_like(tau))
 
 
-@register("dare", needs_base=True, p=Param(0.5, 0, 0.99), lam=1.0, seed=0)  # p < 1: survivors scale by 1/(1−p)
+@register("dare", needs_base=True, p=Param(0.5, 0, 1, high_open=True), lam=1.0, seed=SEED)  # survivors scale by 1/(1−p)
 def dare(x: TensorInputs, alpha: float, p: float, lam: float, seed: int) -> torch.Tensor:
     tau_text, tau_mm = x.task_vectors()
     # Each (seed, tensor, model) has its own stream: the result does not depend on tensor order.

@@ -15,10 +15,10 @@ p is the drop probability).
 
 import torch
 
-from vlmerge.merge.methods import Param, TensorInputs, register
+from vlmerge.merge.methods import SEED, Param, TensorInputs, register
 from vlmerge.merge.methods.parts import dense_unscaled_endpoint, random_drop, task_vector_merge, uniforms
 
-COMMON = dict(density=Param(0.5, 0, 1), lam=1.0, rescale=Param(True, choices=(True, False)), seed=0)
+COMMON = dict(density=Param(0.5, 0, 1), lam=1.0, rescale=Param(True, choices=(True, False)), seed=SEED)
 
 
 def dropper(x: TensorInputs, density: float, rescale: bool, seed: int):

@@ -17,12 +17,12 @@ from collections.abc import Iterable
 import torch
 
 from vlmerge.errors import VlmergeError
-from vlmerge.merge.methods import Param, TensorInputs, register
+from vlmerge.merge.methods import SEED, Param, TensorInputs, register
 from vlmerge.merge.methods.parts import dense_unscaled_endpoint, task_vector_merge, uniforms
 from vlmerge.merge.methods.parts import della as magprune
 
 COMMON = dict(density=Param(0.5, 0, 1), epsilon=Param(0.15, 0, 0.5), lam=1.0,
-              rescale=Param(True, choices=(True, False)), seed=0)
+              rescale=Param(True, choices=(True, False)), seed=SEED)
 
 
 def check_epsilon(method: str):

@@ -7,7 +7,7 @@ import torch
 from vlmerge.merge.methods import Param, TensorInputs, endpoint, register
 
 
-@register("slerp", same_as=endpoint, eps=Param(1e-6, 0, 1))
+@register("slerp", same_as=endpoint, eps=Param(1e-6, 0, 1, low_open=True))
 def slerp(x: TensorInputs, alpha: float, eps: float) -> torch.Tensor:
     a, b = x.mm.double().flatten(), x.text.double().flatten()
     na, nb = a.norm(), b.norm()
