@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from vlmerge.cli import main
-from vlmerge.config import ConfigError, load_config, save_resolved
+from vlmerge.config import ConfigError, load_config, parse_value, save_resolved
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -100,3 +100,10 @@ def test_null_in_an_overlay_drops_the_base_configs_entry(tmp_path):
     cfg = load_config(tmp_path / "top.yaml")
     assert cfg.eval.tasks == {"blimp": "/b", "vqa": "/v"}  # ewok dropped, vqa added
     assert cfg.eval.features is None and cfg.sweep.best_text_data == "/full"  # the default back; the rest kept
+
+
+def test_a_number_in_exponent_notation_is_a_number_on_the_command_line():
+    # YAML 1.1 (PyYAML) reads `1e-3` as a string: `--param eps=1e-3` was refused as "expected a number"
+    assert parse_value("1e-3", "x") == 0.001 and parse_value("-2E+2", "x") == -200.0
+    assert parse_value("1.5e3", "x") == 1500.0 and parse_value("e3", "x") == "e3"
+    assert load_config(None, ["train.lr=3e-4"]).train.lr == 3e-4

@@ -573,8 +573,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), parse_value(value, f"override {text!r}") if value else ""
 
 
+# A number in exponent notation without a dot (`3e-4`), which YAML 1.1 (PyYAML) reads as a string.
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def parse_value(value: str, where: str) -> Any:
     """A command-line value read as YAML (`3e-4`, `[0, 0.5]`, `{a: 1}`); one line naming `where` when it is not YAML."""
+    if _EXPONENT_FLOAT.fullmatch(value.strip()):
+        return float(value)
     try:
         return yaml.safe_load(value)
     except yaml.YAMLError as e:
