@@ -60,7 +60,7 @@ def _train(cfg: Config, args: argparse.Namespace) -> None:
     from vlmerge.train.loop import train
 
     launch.export_rendezvous()  # ranks from torchrun or srun
-    train(cfg, args.run, progress=_progress(args))
+    train(cfg, args.run, progress=_progress(args), job=launch.slurm_job())
 
 
 def _export_text(args: argparse.Namespace) -> None:

@@ -53,6 +53,11 @@ def job_start(env: Mapping[str, str] = os.environ) -> int:
     return _env_int(env, "SLURM_RESTART_COUNT") or 0
 
 
+def slurm_job(env: Mapping[str, str] = os.environ) -> tuple[str, int]:
+    """(job id, start) of this process's Slurm job, ("", 0) outside Slurm: what a run's lock records."""
+    return job_id(env), job_start(env)
+
+
 def max_array_size() -> int:
     """The cluster's MaxArraySize (`scontrol show config`), or Slurm's default without a cluster."""
     try:

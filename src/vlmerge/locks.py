@@ -37,7 +37,6 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from vlmerge import launch
 from vlmerge.errors import VlmergeError
 from vlmerge.io import HOST, writer_gone
 
@@ -62,10 +61,9 @@ def _holder(path: Path) -> dict | None:
     return record if isinstance(record, dict) else {}
 
 
-def _stale(path: Path, holder: dict, foreign_after_s: float = STALE_AFTER_S) -> bool:
+def _stale(path: Path, holder: dict, foreign_after_s: float = STALE_AFTER_S, job: tuple[str, int] = ("", 0)) -> bool:
     """The stale rule of the module's docstring."""
-    job = launch.job_id()
-    if job and holder.get("job") == job and isinstance(holder.get("start"), int) and holder["start"] < launch.job_start():
+    if job[0] and holder.get("job") == job[0] and isinstance(holder.get("start"), int) and holder["start"] < job[1]:
         return True
     host, pid = holder.get("host"), holder.get("pid")
     if not isinstance(host, str) or not isinstance(pid, int):  # unreadable: judged by its age
@@ -88,10 +86,10 @@ def _guarded(path: Path) -> Iterator[None]:
         guard.unlink(missing_ok=True)
 
 
-def _remove_if_same(path: Path, holder: dict, *, stale: bool) -> None:
+def _remove_if_same(path: Path, holder: dict, *, stale: bool, job: tuple[str, int] = ("", 0)) -> None:
     """Remove lock `path` if it still holds `holder` (and, with `stale`, is still stale)."""
     with _guarded(path):
-        if _holder(path) == holder and (not stale or _stale(path, holder)):
+        if _holder(path) == holder and (not stale or _stale(path, holder, job=job)):
             path.unlink()
 
 
@@ -134,17 +132,19 @@ def _try_create(path: Path, record: dict) -> bool:
 
 
 @contextlib.contextmanager
-def hold(path: str | os.PathLike, what: str, *, wait: float | None = 0.0) -> Iterator[Path]:
+def hold(path: str | os.PathLike, what: str, *, wait: float | None = 0.0,
+         job: tuple[str, int] = ("", 0)) -> Iterator[Path]:
     """Hold the lock file `path` for the block (`what`: who holds it, for others' messages).
 
     A live holder is waited for up to `wait` seconds (None: as long as it takes), then refused with
-    a one-line VlmergeError naming the lock file and its holder. A stale lock is taken over.
+    a one-line VlmergeError naming the lock file and its holder. A stale lock is taken over. `job`:
+    this process's Slurm job id and start (`vlmerge.launch` knows them; ("", 0) outside Slurm).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex
     record = {"host": HOST, "pid": os.getpid(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "what": what,
-              "token": token, "job": launch.job_id(), "start": launch.job_start()}
+              "token": token, "job": job[0], "start": job[1]}
     deadline = None if wait is None else time.monotonic() + wait
     told = False
     while not _try_create(path, record):
@@ -154,8 +154,8 @@ def hold(path: str | os.PathLike, what: str, *, wait: float | None = 0.0) -> Ite
         if not holder and _age(path) < _WRITING_S:  # its holder is writing it: wait to read who it is
             time.sleep(_POLL_S)
             continue
-        if _stale(path, holder):
-            _remove_if_same(path, holder, stale=True)
+        if _stale(path, holder, job=job):
+            _remove_if_same(path, holder, stale=True, job=job)
             continue
         if deadline is not None and time.monotonic() >= deadline:
             raise VlmergeError(f"{path}: locked by {_describe(path, holder)}; {what} cannot run beside it "

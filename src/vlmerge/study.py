@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from vlmerge import launch
 from vlmerge.config import EXPERT_RUN, Config, merge_dicts
 from vlmerge.errors import VlmergeError
 from vlmerge.io import link_inside
@@ -146,7 +147,7 @@ def train_seed(base: Config, sub: Config, k: int, progress: bool) -> None:
     from vlmerge.train.loop import train
 
     canonical = expert_config(base, "all", k)
-    train(canonical, "seed", progress=progress)
+    train(canonical, "seed", progress=progress, job=launch.slurm_job())
     here, there = sub.layout.run_dir("seed"), canonical.layout.run_dir("seed")
     if here != there and not here.exists():
         link_inside(there, here)
@@ -184,7 +185,7 @@ def run_training_task(cfg: Config, index: int, *, progress: bool = False) -> Non
 
     k = training_tasks(cfg)[index]
     if k is None:
-        train(maa_config(cfg), "multimodal", progress=progress)
+        train(maa_config(cfg), "multimodal", progress=progress, job=launch.slurm_job())
     else:
         train_seed(cfg, expert_config(cfg, "all", k), k, progress)
 
@@ -198,7 +199,7 @@ def run_setting_task(cfg: Config, index: int, *, progress: bool = False) -> None
     sub = expert_config(cfg, variant, k)
     if k:
         train_seed(cfg, sub, k, progress)
-    train(sub, EXPERT_RUN, progress=progress)
+    train(sub, EXPERT_RUN, progress=progress, job=launch.slurm_job())
 
 
 def run_items_task(cfg: Config, index: int, *, progress: bool = False) -> None:

@@ -64,7 +64,7 @@ def setup() -> tuple[int, int]:
 
 
 @contextlib.contextmanager
-def held_by_rank0(path: Path, what: str) -> Iterator[None]:
+def held_by_rank0(path: Path, what: str, job: tuple[str, int] = ("", 0)) -> Iterator[None]:
     """The lock `path` held for the whole job: rank 0 takes it (every rank of a job shares the run
     folder, so one holder per job) and every rank learns whether it could, so that all ranks stop
     with the same one-line error when another job holds it."""
@@ -75,7 +75,7 @@ def held_by_rank0(path: Path, what: str) -> Iterator[None]:
         refused = [None]
         if rank == 0:
             try:
-                stack.enter_context(hold(path, what))
+                stack.enter_context(hold(path, what, job=job))
             except VlmergeError as e:
                 refused = [str(e)]
         if dist.is_initialized() and dist.get_world_size() > 1:

@@ -291,13 +291,14 @@ class Trainer:
             tmp.write_text("".join(line + "\n" for line in keep))
 
 
-def train(cfg: Config, run: str, *, progress: bool = True) -> Path:
-    """Train one run to the end (or until a signal), resuming from its newest state if any."""
+def train(cfg: Config, run: str, *, progress: bool = True, job: tuple[str, int] = ("", 0)) -> Path:
+    """Train one run to the end (or until a signal), resuming from its newest state if any; `job`: the
+    Slurm job and start it runs as, whose earlier starts' lock it takes over."""
     rank, world = distributed.setup()
     check_request(cfg, run)
     # One training of a run at a time: a second one (a requeue beside a job still running) would
     # log and save over the first. A killed job's lock is taken over (`vlmerge.locks`).
-    with distributed.held_by_rank0(run_lock(cfg.layout.run_dir(run)), f"train --run {run}"):
+    with distributed.held_by_rank0(run_lock(cfg.layout.run_dir(run)), f"train --run {run}", job):
         out = Trainer(cfg, run, rank, world, progress).fit()
     if rank == 0:
         ckpts = list_checkpoints(out)
