@@ -203,7 +203,9 @@ def test_a_results_folder_shared_by_both_nodes_holds_each_item_once(two_nodes, t
     assert main(["results", "compact", "--config", *args]) == 0
     after = raw_rows(results, "metrics")
     merged = after[after.method != "none"]
-    assert set(merged.item_id) == planned  # no item lost
+    logs = "\n".join(f"== {p.name}\n{p.read_text()[-1500:]}" for p in sorted(root.glob("slurm-*.out")))
+    lost = planned - set(merged.item_id)
+    assert not lost, (lost, sorted(set(before.item_id) & lost), logs)  # no item lost
     keys = ["item_id", *DEDUPE["metrics"]]
     assert not after.duplicated(keys).any()  # no row twice
     assert set(map(tuple, after[keys].astype(str).values)) == set(map(tuple, before[keys].astype(str).values))
