@@ -1,8 +1,8 @@
 """Read the sweep's datasets (metrics, items, distances) and the runs' training logs.
 
 One results folder is `results/<experiment>` with `metrics/`, `items/` and `distances/` inside
-(DESIGN.md, "Results"); a folder that holds several such folders (`results/`) stands for all of
-them. Files that are not results (a foreign or empty Parquet) are left out with a note; a folder
+(docs/architecture.md, "Results"); a folder that holds several such folders (`results/`) stands
+for all of them. Files that are not results (a foreign or empty Parquet) are left out with a note; a folder
 without any Parquet file is an error. Rows are deduplicated on their key (the newest wins), as
 `vlmerge.results` defines (`DEDUPE`, the same key the writer's compaction uses).
 """

@@ -1,7 +1,7 @@
 """Merges beside their twins: score, performance drop and retention per pair, α and task; the best α.
 
-DESIGN.md: the performance drop of a merge on a task is the score of the better unmerged twin
-of its pair minus the merged score (a lower-is-better metric is negated first). Retention is the
+docs/architecture.md ("Results"): the performance drop of a merge on a task is the score of the
+better unmerged twin of its pair minus the merged score (a lower-is-better metric is negated first). Retention is the
 share of the text twin's advantage over the multimodal twin that the merge keeps:
 (merged − mm) / (text − mm). Every quantity is computed on all columns of a score frame at once
 (column 0 the reported values, the others bootstrap replicates).

@@ -1,4 +1,4 @@
-"""The HDF5 feature store (DESIGN.md, "Feature store") and its resumable shards.
+"""The HDF5 feature store (docs/architecture.md, "Feature store") and its resumable shards.
 
 A shard is created whole (temp name, then rename) with every dataset allocated up front, so
 that filling it only overwrites raw bytes in place: a run killed at any point leaves a shard

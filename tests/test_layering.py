@@ -154,3 +154,71 @@ def test_the_wheel_installs_only_the_vlmerge_package(tmp_path):
 def test_entry_points_start(entry):
     r = subprocess.run([sys.executable, *entry], capture_output=True, text=True, cwd="/")
     assert r.returncode == 0 and "usage:" in r.stdout, r.stderr
+
+
+# The documentation a clone has: the README and docs/. Nothing may send a reader to a file outside
+# the repository (the design notes the project started from are not part of it).
+DOC_SOURCES = ["src", "precompute", "analysis", "docs", "configs", "jobs", "slurm", "env"]
+TEXT_SUFFIXES = {".py", ".md", ".yaml", ".yml", ".sh", ".sbatch", ".txt", ".toml"}
+OUTSIDE_DOC = re.compile(r"DESIGN\.md|shared/DESIGN")
+MAP_MAX_LINES = 40
+
+
+def text_files() -> list[Path]:
+    files = [REPO / "README.md", REPO / "Makefile", REPO / "pyproject.toml"]
+    for folder in DOC_SOURCES:
+        files += [p for p in (REPO / folder).rglob("*") if p.suffix in TEXT_SUFFIXES and p.is_file()
+                  and "__pycache__" not in p.parts]
+    return files
+
+
+def test_no_docstring_or_doc_points_outside_the_repository():
+    offenders = [f"{p.relative_to(REPO)}:{n}: {line.strip()}" for p in text_files()
+                 for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
+                 if OUTSIDE_DOC.search(line)]
+    assert not offenders, "references to a design file a clone does not have (point to docs/ instead):\n" + \
+        "\n".join(offenders)
+
+
+def sections(markdown: str) -> list[tuple[int, int, str]]:
+    """(level, line index, title) of every heading outside code fences."""
+    out, fence = [], False
+    for i, line in enumerate(markdown.splitlines()):
+        if line.startswith("```"):
+            fence = not fence
+        elif not fence and (m := re.match(r"(#{1,6}) (.+)", line)):
+            out.append((len(m[1]), i, m[2].strip()))
+    return out
+
+
+def test_the_readme_opens_with_a_short_map():
+    lines = (REPO / "README.md").read_text(encoding="utf-8").splitlines()
+    heads = sections("\n".join(lines))
+    (_, title_at, _), (level, map_at, name) = heads[0], heads[1]
+    assert title_at == 0 and (level, name) == (2, "Map"), f"the README's first section is {name!r}, not the map"
+    intro = [line for line in lines[title_at + 1:map_at] if line.strip()]
+    assert 1 <= len(intro) <= 3, f"the README's intro before the map is {len(intro)} lines (1 to 3)"
+    end = next((i for lvl, i, _ in heads[2:] if lvl <= 2), len(lines))
+    assert end - map_at <= MAP_MAX_LINES, f"the README's map is {end - map_at} lines (at most {MAP_MAX_LINES})"
+
+
+def anchor(title: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation but hyphens dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", title.lower()).replace(" ", "-")
+
+
+def test_the_docs_links_and_anchors_resolve():
+    broken = []
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        text = doc.read_text(encoding="utf-8")
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            path, _, frag = target.partition("#")
+            dest = (doc.parent / path).resolve() if path else doc
+            if not dest.exists():
+                broken.append(f"{doc.relative_to(REPO)}: {target}: no such file")
+            elif frag and dest.suffix == ".md" and frag not in {anchor(t) for _, _, t in
+                                                                 sections(dest.read_text(encoding="utf-8"))}:
+                broken.append(f"{doc.relative_to(REPO)}: {target}: no such heading")
+    assert not broken, "\n".join(broken)

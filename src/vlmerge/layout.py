@@ -1,4 +1,4 @@
-"""Every on-disk name of the suite, built and parsed here and nowhere else (DESIGN.md, "Contracts").
+"""Every on-disk name of the suite, built and parsed here and nowhere else (docs/architecture.md, "On-disk layout").
 
 Under the output root (`paths.root`):
 

@@ -12,7 +12,8 @@ from typing import Any
 
 from vlmerge.layout import CheckpointRef
 
-# The merge convention (DESIGN.md): α is the weight of the TEXT twin, θ = α·θ_text + (1−α)·θ_mm.
+# The merge convention (docs/architecture.md, "Merge convention"): α is the weight of the TEXT twin,
+# θ = α·θ_text + (1−α)·θ_mm.
 TEXT_ALPHA = 1.0  # an unmerged text twin's α
 MM_ALPHA = 0.0  # an unmerged multimodal twin's α
 UNMERGED = "none"  # the method of an unmerged twin's rows

@@ -1,4 +1,4 @@
-"""The results datasets (DESIGN.md, "Results"): one row per (model, task, subtask, metric), and
+"""The results datasets (docs/architecture.md, "Results"): one row per (model, task, subtask, metric), and
 per-item scores beside them; Parquet, written atomically, with a fixed schema."""
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ def unpaired_correct(s: np.ndarray, item: np.ndarray, image: np.ndarray) -> np.n
     `caption_1` = the other item caption, label 0; 746 lines, `WINOGROUND_SIZE` in
     evaluation_pipeline/collate_preds.py) and scores a line correct iff its own caption gets
     the higher log-probability given the image, a tie counting as correct (sentence_zero_shot/
-    read_files.py `decode_winoground`, compute_results.py `rank_and_evaluate`); the README calls this the
-    "unpaired text score". So: the mean of s(c_own, i) > s(c_other, i) over the per-image
+    read_files.py `decode_winoground`, compute_results.py `rank_and_evaluate`); docs/evaluation.md
+    calls this the "unpaired text score". So: the mean of s(c_own, i) > s(c_other, i) over the per-image
     comparisons, 2N for N full items.
     """
     return s[item, image, image] >= s[item, 1 - image, image]

@@ -161,7 +161,8 @@ def distances(a: ModelDir, b: ModelDir, base: ModelDir | None = None, *, per_lay
 
 def distance_rows(text: ModelDir, mm: ModelDir, base: ModelDir | None, *, per_layer: bool = True,
                   device: torch.device | str = "cpu") -> pd.DataFrame:
-    """Rows of the distances dataset (DESIGN.md): weights space, and task-vector space with a base."""
+    """Rows of the distances dataset (docs/architecture.md, "Results"): weights space, and task-vector
+    space with a base."""
     t, m = checkpoint_run(text.path), checkpoint_run(mm.path)
     rows = []
     for space, b in (("weights", None), ("task_vector", base)):
