@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from vlmerge.config import TokenizerConfig, load_config
 from vlmerge.evaluate.run import TaskResult, babylm_files, eval_command
@@ -203,8 +203,7 @@ def test_tie_counts_as_correct_and_wug_ratio_zero(fixtures):
 # --- with a real model: the Scorer's decisions equal the official rule one item at a time ----------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tmp_path_factory):
+def make_tiny_lm() -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
     """A random 1-layer Llama and a BPE trained on the fixtures' words (its tokenizer adds no BOS)."""
     words = ("Box contains the apple nothing hat Move into It box boxes contents of to A robin penguin can fly dog "
              "fish barks cat purrs wug is a Therefore dax Yesterday he splinged splung she glinked glank we frinked "
@@ -215,6 +214,11 @@ def tiny_lm(tmp_path_factory):
     lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                       num_attention_heads=2, num_key_value_heads=2)).eval()
     return lm, tok
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    return make_tiny_lm()
 
 
 @pytest.mark.parametrize("task", ["entity_tracking", "wug_adj", "wug_past", "comps"])

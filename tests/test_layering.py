@@ -135,14 +135,20 @@ def test_only_the_layout_module_spells_on_disk_names():
     assert not offenders, "on-disk names spelled outside vlmerge/layout.py:\n" + "\n".join(offenders)
 
 
-def test_the_wheel_installs_only_the_vlmerge_package(tmp_path):
-    (tmp_path / "src-tree").mkdir()
+def build_wheel(folder: Path) -> Path:
+    """The wheel `pip wheel` builds from a copy of the repository's package sources (in `folder`)."""
+    (folder / "src-tree").mkdir()
     for name in ("pyproject.toml", "README.md", "src", "precompute", "analysis"):
-        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, tmp_path / "src-tree" / name)
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, folder / "src-tree" / name)
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                        "-w", str(tmp_path / "dist"), str(tmp_path / "src-tree")], capture_output=True, text=True)
+                        "-w", str(folder / "dist"), str(folder / "src-tree")], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
-    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    (wheel,) = (folder / "dist").glob("*.whl")
+    return wheel
+
+
+def test_the_wheel_installs_only_the_vlmerge_package(tmp_path):
+    wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"vlmerge", "vlmerge-0.1.0.dist-info"}
     assert {"vlmerge/precompute/features.py", "vlmerge/analysis/run.py", "vlmerge/layout.py"} <= set(names)
