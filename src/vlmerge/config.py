@@ -256,6 +256,16 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     check_replicas: bool = Field(False, description="compare weight checksums across ranks after every step")
     deepspeed: dict[str, Any] = Field({}, description="raw DeepSpeed config merged over the generated one")
+    monitor: list[Literal["tensorboard", "wandb"]] = Field(
+        ["tensorboard"], description="live training curves, the rows of the run's metrics log mirrored under the run "
+        "folder by rank 0: tensorboard (event files), wandb (a W&B offline run, for `wandb sync`; wandb must be installed)")
+
+    @field_validator("monitor")
+    @classmethod
+    def _monitors_once(cls, v: list[str]) -> list[str]:
+        if repeated := [m for i, m in enumerate(v) if m in v[:i]]:
+            raise ValueError(f"{repeated[0]!r} is given twice: list each monitor once")
+        return v
 
 
 class CheckpointConfig(_Section):

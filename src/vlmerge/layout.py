@@ -12,6 +12,8 @@ Under the output root (`paths.root`):
     runs/<exp>/corpus/<source>/{tokens,offsets,words,images}-<k>.npy + index.json
     runs/<exp>/<run>/config.yaml, metrics.jsonl
     runs/<exp>/<run>/train.lock                          held while a training runs (`vlmerge.locks`)
+    runs/<exp>/<run>/tensorboard/events.out.tfevents.*   train.monitor: metrics.jsonl's rows for TensorBoard
+    runs/<exp>/<run>/wandb/offline-run-*/                train.monitor: the same as a W&B offline run
     runs/<exp>/<run>/checkpoints/words-<12 digits>/      a Hugging Face checkpoint
     runs/<exp>/<run>/deepspeed/step-<9 digits>/, latest  resumable DeepSpeed state
     results/<exp>/{metrics,items,distances}/<name>.parquet, best_text.json
@@ -216,6 +218,26 @@ def run_config(run_dir: Path) -> Path:
 
 def run_metrics_log(run_dir: Path) -> Path:
     return run_dir / "metrics.jsonl"
+
+
+def run_tensorboard_dir(run_dir: Path) -> Path:
+    """The run's TensorBoard log folder (`train.monitor`)."""
+    return run_dir / "tensorboard"
+
+
+def tensorboard_event_files(folder: Path) -> list[Path]:
+    """The event files in a TensorBoard log folder (TensorBoard's own naming)."""
+    return sorted(folder.glob("events.out.tfevents.*"))
+
+
+def run_wandb_dir(run_dir: Path) -> Path:
+    """Where `wandb.init(dir=run_dir)` writes (W&B names the folder `wandb`)."""
+    return run_dir / "wandb"
+
+
+def wandb_offline_runs(folder: Path) -> list[Path]:
+    """The offline runs in a W&B folder (W&B's own naming: offline-run-<time>-<id>)."""
+    return sorted(p for p in folder.glob("offline-run-*") if p.is_dir())
 
 
 def run_lock(run_dir: Path) -> Path:

@@ -23,6 +23,7 @@ from vlmerge.problems import ProblemLog
 from vlmerge.train import distributed
 from vlmerge.layout import checkpoints_dir, list_checkpoints, run_config, run_lock, run_metrics_log, states_dir
 from vlmerge.train.checkpoint import StateStore, TrainState, write_checkpoint
+from vlmerge.train.monitor import Monitor, check_monitors
 from vlmerge.train.preemption import StopFlag
 from vlmerge.train.schedule import batch_shape, checkpoint_words, lr_factor, rank_micro_batches
 
@@ -57,7 +58,7 @@ def _optimizer(model: torch.nn.Module, cfg: Config) -> torch.optim.Optimizer:
 def _run_fingerprint(cfg: Config, run: str) -> str:
     """What determines a run's weights: a run directory is never continued under other settings."""
     # A fixed global batch is not a setting of the old runs: their fingerprints stay as they were.
-    t = cfg.train.model_dump(exclude={"log_every", "check_replicas"} | ({"global_batch"} if cfg.train.global_batch is None else set()))
+    t = cfg.train.model_dump(exclude={"log_every", "check_replicas", "monitor"} | ({"global_batch"} if cfg.train.global_batch is None else set()))
     # The expert fields shape the expert run only, a padded vocabulary the runs that have one: the
     # other runs keep the fingerprints they had.
     model = cfg.model.model_dump(exclude=(set() if run == EXPERT_RUN else {"experts", "cross_modal_layers"})
@@ -78,6 +79,7 @@ def check_request(cfg: Config, run: str) -> None:
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise VlmergeError("train.precision fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16); "
                            "use bf16 or fp32 on the CPU")
+    check_monitors(cfg.train.monitor)
 
 
 class Trainer:
@@ -163,11 +165,13 @@ class Trainer:
             state = TrainState()
             self._start_run_dir()
             self._checkpoint(state)  # step 0: the shared initialisation, for task arithmetic
-        self._metrics_truncate(state.step)
+        logged = self._metrics_truncate(state.step)
+        self.monitor = Monitor(self.cfg.train.monitor if self.rank == 0 else [], self.run_dir, logged,
+                               project=self.cfg.experiment, name=self.run, config=self.cfg.model_dump(mode="json"))
         bar = tqdm(total=self.total_steps, initial=state.step, unit="step", desc=f"train {self.run}",
                    disable=not (self.progress and self.rank == 0), file=sys.stderr, dynamic_ncols=True)
         t0, words0, tokens0 = time.perf_counter(), state.words_seen, state.tokens_seen
-        with bar, StopFlag() as stop:
+        with self.monitor, bar, StopFlag() as stop:
             while state.epoch < self.epochs:
                 order = epoch_order(len(self.samples), self.cfg.train.seed, state.epoch)
                 for batch in plan_batches(order, self.samples.words, self.global_batch, self.thresholds,
@@ -270,14 +274,16 @@ class Trainer:
         if self.cfg.train.check_replicas:
             row["replica_digests"] = self.replica_digests
         append_text(self._metrics_path(), json.dumps(row) + "\n")
+        self.monitor.log(row)  # after the record: a view never holds a row metrics.jsonl lacks
 
-    def _metrics_truncate(self, step: int) -> None:
-        """On resume, forget metrics logged after the state we resume from (they will be logged again)."""
+    def _metrics_truncate(self, step: int) -> list[dict]:
+        """On resume, forget metrics logged after the state we resume from (they will be logged again);
+        the rows kept (none on ranks other than 0)."""
         path = self._metrics_path()
         if self.rank != 0 or not path.is_file():
-            return
+            return []
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-        keep = []
+        keep, rows = [], []
         for i, line in enumerate(lines):
             try:
                 row = json.loads(line)
@@ -287,15 +293,17 @@ class Trainer:
                 raise VlmergeError(f"{path}:{i + 1}: expected one JSON object per line") from None
             if row.get("step", 0) <= step:
                 keep.append(line)
+                rows.append(row)
         with atomic_path(path) as tmp:
             tmp.write_text("".join(line + "\n" for line in keep))
+        return rows
 
 
 def train(cfg: Config, run: str, *, progress: bool = True, job: tuple[str, int] = ("", 0)) -> Path:
     """Train one run to the end (or until a signal), resuming from its newest state if any; `job`: the
     Slurm job and start it runs as, whose earlier starts' lock it takes over."""
-    rank, world = distributed.setup()
     check_request(cfg, run)
+    rank, world = distributed.setup()
     # One training of a run at a time: a second one (a requeue beside a job still running) would
     # log and save over the first. A killed job's lock is taken over (`vlmerge.locks`).
     with distributed.held_by_rank0(run_lock(cfg.layout.run_dir(run)), f"train --run {run}", job):
