@@ -145,7 +145,43 @@ def world(tmp_path_factory) -> Path:
     _store(stores / "dupids.h5", rows, ids=["img0", "img1", "img0"])
     _store(stores / "fewids.h5", rows, ids=["img0", "img1"])
     _store(stores / "narrow_null.h5", rows, null=np.zeros(ENCODER_DIM - 1, np.float32))
+    _recipes(w)
     return w
+
+
+def _recipes(w: Path) -> None:
+    """mergekit recipes of the world's models (`merge --recipe`), sound and not."""
+    import yaml
+
+    def models(*weights, **own):
+        return [{"model": f"{w}/{m}", "parameters": ({} if wt is None else {"weight": wt}) | own.get(m, {})}
+                for m, wt in zip(("text", "mm", "partial"), weights)]
+
+    linear = {"merge_method": "linear", "models": models(0.3, 0.7)}
+    ties = {"merge_method": "ties", "base_model": f"{w}/partial", "models": models(0.5, 0.5)}
+    recipes = {
+        "linear": linear,
+        "ties": ties,
+        "slices": linear | {"slices": [{"sources": [{"model": f"{w}/text", "layer_range": [0, 2]}]}]},
+        "passthrough": linear | {"merge_method": "passthrough"},
+        "unknownkey": linear | {"merges": 2},
+        "gradient": linear | {"models": [{"model": f"{w}/text", "parameters": {"weight": [0, 1]}}, models(1, 1)[1]]},
+        "densities": ties | {"models": models(0.5, 0.5, text={"density": 0.5}, mm={"density": 0.3})},
+        "bf16": linear | {"dtype": "bfloat16"},
+        "outbf16": linear | {"out_dtype": "bfloat16"},
+        "hub": linear | {"models": [models(1, 1)[0], {"model": "org/some-model", "parameters": {"weight": 1}}]},
+        "three": linear | {"models": models(0.2, 0.3, 0.5)},
+        "tiesnorm": ties | {"parameters": {"normalize": False}},
+        "slerpbase": {"merge_method": "slerp", "base_model": f"{w}/partial", "models": models(None, None),
+                      "parameters": {"t": 0.5}},
+        "noweight": linear | {"models": models(0.3, None)},
+        "unknownparam": linear | {"parameters": {"lambda": 2}},
+        "list": [linear],
+    }
+    (w / "recipes").mkdir()
+    for name, recipe in recipes.items():
+        (w / "recipes" / f"{name}.yaml").write_text(yaml.safe_dump(recipe))
+    (w / "recipes" / "notyaml.yaml").write_text("merge_method: [linear\n")
 
 
 def _import(w: Path, **fields: str) -> str:
@@ -162,6 +198,10 @@ def _precompute(w: Path, *extra: str) -> list[str]:
 def _merge(w: Path, *extra: str, text: str = "text", mm: str = "mm", out: str = "new", alpha: str = "0.5") -> list[str]:
     return ["merge", "--quiet", "--text", f"{w}/{text}", "--mm", f"{w}/{mm}", "--alpha", alpha,
             "--out", out if out.startswith("/") else f"{w}/{out}", *extra]
+
+
+def _recipe(w: Path, name: str, *extra: str) -> list[str]:
+    return ["merge", "--quiet", "--recipe", f"{w}/recipes/{name}.yaml", "--out", f"{w}/new", *extra]
 
 
 def _eval(w: Path, *extra: str, model: str = "text", out: str = "evalout") -> list[str]:
@@ -267,6 +307,30 @@ CASES = [
     Case("merge config.json not JSON", lambda w: _merge(w, text="cfgnotjson"), ("cfgnotjson/config.json", "not valid JSON")),
     Case("merge config.json not an object", lambda w: _merge(w, mm="cfglist"), ("cfglist/config.json", "JSON object")),
     Case("merge task vectors without base", lambda w: _merge(w, "--method", "task_arithmetic"), ("--base",)),
+    Case("merge no models", lambda w: ["merge", "--quiet", "--out", f"{w}/new"], ("--text and --mm", "--recipe")),
+    Case("recipe missing", lambda w: _recipe(w, "absent"), ("absent.yaml", "no such file")),
+    Case("recipe not YAML", lambda w: _recipe(w, "notyaml"), ("notyaml.yaml", "not valid YAML")),
+    Case("recipe a list", lambda w: _recipe(w, "list"), ("list.yaml", "expected mergekit's YAML recipe")),
+    Case("recipe with --text", lambda w: _recipe(w, "linear", "--text", f"{w}/text"), ("--recipe", "leave out --text")),
+    Case("recipe and a param it sets", lambda w: _recipe(w, "ties", "--param", "lam=2"),
+         ("--param lam", "the recipe sets it", "seed")),
+    Case("recipe slices", lambda w: _recipe(w, "slices"), ("slices.yaml", "slices:", "whole models")),
+    Case("recipe unknown key", lambda w: _recipe(w, "unknownkey"), ("unknownkey.yaml", "merges:", "expected merge_method")),
+    Case("recipe unshared method", lambda w: _recipe(w, "passthrough"),
+         ("merge_method: 'passthrough'", "not one of the methods vlmerge shares", "ties")),
+    Case("recipe gradient", lambda w: _recipe(w, "gradient"), ("models[0].parameters.weight", "gradient", "one value")),
+    Case("recipe densities differ", lambda w: _recipe(w, "densities"),
+         ("models[1].parameters.density: 0.3", "models[0] has 0.5", "one density")),
+    Case("recipe bfloat16", lambda w: _recipe(w, "bf16"), ("dtype: 'bfloat16'", "float32")),
+    Case("recipe out_dtype", lambda w: _recipe(w, "outbf16"), ("out_dtype: 'bfloat16'", "float32 in")),
+    Case("recipe hub model", lambda w: _recipe(w, "hub"), ("models[1].model: org/some-model", "not a local folder")),
+    Case("recipe three models", lambda w: _recipe(w, "three"), ("models: 3 model(s)", "merges two", "the text model first")),
+    Case("recipe ties without normalize", lambda w: _recipe(w, "tiesnorm"),
+         ("parameters.normalize: False", "ties behaves as normalize: True")),
+    Case("recipe slerp base elsewhere", lambda w: _recipe(w, "slerpbase"), ("base_model:", "name one of the two models")),
+    Case("recipe weight missing", lambda w: _recipe(w, "noweight"), ("models[1].parameters.weight: missing",)),
+    Case("recipe unknown parameter", lambda w: _recipe(w, "unknownparam"),
+         ("parameters.lambda", "not a parameter of mergekit's linear", "normalize")),
     Case("merge over another merge", lambda w: _merge(w, out="merged", alpha="0.7"),
          ("merged", "exists and is not this merge")),
     # -- sweep plan ------------------------------------------------------------------------------------

@@ -265,6 +265,13 @@ def test_merge_experts_writes_a_plain_checkpoint_by_each_rule(expert_checkpoint,
         assert torch.allclose(t, expected, atol=1e-6), name
     x = batch()
     forward(merged, x)  # it runs as the plain model
+    # its card names the checkpoint (and the seed), the method and the command that makes it again
+    from vlmerge.card import read_front_matter
+
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert read_front_matter(card)["base_model"] == [str(ckpt.resolve())] + ([str(seed.resolve())] * (method == "arithmetic"))
+    assert f"vlmerge merge-experts --checkpoint {ckpt.resolve()} --method {method}" in card
+    assert "No mergekit recipe" in card and not (tmp_path / "merged" / "mergekit.yaml").exists()
 
 
 def test_merge_experts_refuses_a_plain_model_and_a_missing_seed(expert_checkpoint, tmp_path, capsys):

@@ -18,7 +18,7 @@ from conftest import REPO
 SOURCES = {REPO / "src" / "vlmerge": "vlmerge", REPO / "precompute": "vlmerge.precompute",
            REPO / "analysis": "vlmerge.analysis"}
 SOURCES_ROOT = REPO / "src" / "vlmerge"
-CORE = {"config", "layout", "modelkey", "io", "errors", "results", "registry", "problems", "hf", "configs", "device",
+CORE = {"config", "layout", "modelkey", "io", "errors", "results", "registry", "problems", "hf", "configs", "device", "card",
         "predict", "locks"}
 ORCHESTRATION = {"sweep", "launch", "pipeline", "study", "cli"}
 STAGES = {"precompute", "data", "model", "train", "merge", "evaluate", "finetune", "demo"}

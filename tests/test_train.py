@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForImageTextToText, LlamaForCausalLM
 
 import vlmerge.model  # noqa: F401  (registers the model with the Auto classes, as a user would)
+from vlmerge.card import read_front_matter
 from vlmerge.config import load_config
 from vlmerge.layout import list_checkpoints
 from vlmerge.errors import PREEMPTED_EXIT as EXIT_CODE
@@ -64,6 +65,14 @@ def test_checkpoints_land_exactly_on_the_schedule_and_epoch_ends(twins):
         assert [c.name for c in ckpts] == [f"words-{w:012d}" for w in words]
         assert states[0]["step"] == 0 and states[-1]["epoch"] == 2
         assert all(s["tokens_seen"] >= s["words_seen"] for s in states[1:])
+        # each checkpoint's model card: its training data and words seen, in the Hub's front matter format
+        for c, s in zip(ckpts, states):
+            card = (c / "README.md").read_text()
+            front = read_front_matter(card)
+            assert front["library_name"] == "transformers" and "base_model" not in front  # trained from scratch
+            assert f"words seen: {s['words_seen']:,}" in card and f"run `{run}`" in card
+            assert all(f"`{f}`" in card for f in cfg.data.text)
+            assert ("image features" in card) == (run == "multimodal")
 
 
 def test_checkpoints_load_with_from_pretrained_bitwise(twins):

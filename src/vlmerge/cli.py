@@ -249,13 +249,27 @@ def _analyze(cfg: Config, args: argparse.Namespace) -> None:
 def _merge(args: argparse.Namespace) -> None:
     from vlmerge.merge.core import merge_to_disk
 
-    outs = merge_to_disk(
-        args.text, args.mm, args.out, args.method,
-        [None] if args.alpha is None else _alphas(args.alpha, args.allow_extrapolation),
-        params=_params(args.param), base=args.base,
-        allow_extrapolation=args.allow_extrapolation, progress=_progress(args),
-    )
-    print(f"merge {args.method}: {len(outs)} model(s) in {args.out}")
+    params = _params(args.param)
+    if args.recipe:
+        from vlmerge.merge.recipe import read_recipe
+
+        given = [f"--{k}" for k in ("text", "mm", "base", "method", "alpha") if getattr(args, k) is not None]
+        if given:
+            raise VlmergeError(f"--recipe gives the models, the method and α: leave out {', '.join(given)}")
+        recipe = read_recipe(Path(args.recipe))
+        if set_twice := sorted(params.keys() & recipe.params.keys()):
+            raise VlmergeError(f"--param {set_twice[0]}: the recipe sets it ({args.recipe}); --param may add only "
+                               "what mergekit's recipe cannot say (seed, schedule)")
+        text, mm, base, method, alphas = recipe.text, recipe.mm, recipe.base, recipe.method, [recipe.alpha]
+        params = recipe.params | params
+    elif args.text is None or args.mm is None:
+        raise VlmergeError("give --text and --mm (the two models), or --recipe FILE (mergekit's YAML)")
+    else:
+        text, mm, base, method = args.text, args.mm, args.base, args.method or "linear"
+        alphas = [None] if args.alpha is None else _alphas(args.alpha, args.allow_extrapolation)
+    outs = merge_to_disk(text, mm, args.out, method, alphas, params=params, base=base,
+                         allow_extrapolation=args.allow_extrapolation, progress=_progress(args))
+    print(f"merge {method}: {len(outs)} model(s) in {args.out}")
 
 
 def _probe(cfg: Config, args: argparse.Namespace) -> None:
@@ -522,9 +536,12 @@ def build_parser() -> argparse.ArgumentParser:
     analysis_cli.add_arguments(stage("analyze", _analyze, analysis_cli.HELP))
 
     p = sub.add_parser("merge", help="merge a text and a multimodal model at one or more alphas (streamed)")
-    p.add_argument("--text", required=True, help="the text-only model (HF directory with safetensors)")
-    p.add_argument("--mm", required=True, help="the multimodal model, same architecture")
-    p.add_argument("--method", default="linear", help="linear, task_arithmetic, ties, dare, slerp, regmean")
+    p.add_argument("--text", help="the text-only model (HF directory with safetensors)")
+    p.add_argument("--mm", help="the multimodal model, same architecture")
+    p.add_argument("--recipe", metavar="FILE.yaml",
+                   help="instead of --text/--mm/--base/--method/--alpha: mergekit's YAML (models[0] the text model, "
+                        "models[1] the multimodal one; docs/recipes.md)")
+    p.add_argument("--method", help="linear (default), task_arithmetic, ties, dare, slerp, regmean, …")
     p.add_argument("--alpha", help="weight of the TEXT model; several: 0,0.1,0.2 (one read); none for a method "
                                    "without α (model_stock, sce)")
     p.add_argument("--base", help="shared initialisation, for methods on task vectors")

@@ -10,6 +10,12 @@ from typing import Any
 
 from vlmerge.errors import VlmergeError
 
+# The model types of our image-taking models (`vlmerge.model`) and where their language model's
+# tensors live, here so that code reading a model folder knows them without importing transformers.
+MODEL_TYPE = "vlmerge_llava"
+EXPERT_MODEL_TYPE = "vlmerge_llava_experts"
+TEXT_PREFIX = "model.language_model."
+
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:

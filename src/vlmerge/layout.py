@@ -21,6 +21,10 @@ Under the output root (`paths.root`):
     results/<exp>/babylm/<model>/main/…                  sweep.export_babylm's prediction files
     reports/<exp>/                                       the analysis
     <merge --out>/alpha-<a.aa>/                           `vlmerge merge` at several α
+    <model folder>/README.md                             a checkpoint's or a merge's model card
+    <merge folder>/mergekit.yaml                         mergekit's recipe of the merge
+    <merge --out>.text-models/<role>/                    where the recipe reads the inputs' language
+                                                         models (`vlmerge export-text`)
     runs/<exp>-<variant>-seed<K>/, runs/<exp>-maa/       `vlmerge study`: one experiment per expert run
     logs/<exp>/                                          Slurm job logs
     <eval --export babylm DIR>/zero_shot/causal/<task>/[<dataset>/]predictions.json  BabyLM's layout
@@ -284,6 +288,23 @@ def finetune_predictions_file(folder: Path) -> Path:
 def merge_outputs(out: Path, alphas: list[float] | tuple[float, ...]) -> list[Path]:
     """`out` itself for one α; `out/alpha-0.30` and so on for several."""
     return [out] if len(alphas) == 1 else [out / f"alpha-{a:.2f}" for a in alphas]
+
+
+def model_card(folder: Path) -> Path:
+    """A checkpoint's or a merge's model card, in the Hugging Face Hub's format."""
+    return folder / "README.md"
+
+
+def mergekit_recipe(folder: Path) -> Path:
+    """mergekit's YAML that reproduces the merge in `folder`."""
+    return folder / "mergekit.yaml"
+
+
+def mergekit_text_model(out: Path, role: str) -> Path:
+    """Where a merge's recipe reads the language model of its input `role` (text, mm, base), exported
+    by `vlmerge export-text`: beside the merge's `--out`, never inside a model folder (an upload of
+    the merge would carry them)."""
+    return out.with_name(f"{out.name}.text-models") / role
 
 
 # Results

@@ -41,11 +41,8 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector, L
 
 from vlmerge.config import ModelConfig
 from vlmerge.errors import VlmergeError
+from vlmerge.hf import EXPERT_MODEL_TYPE, MODEL_TYPE, TEXT_PREFIX
 from vlmerge.io import atomic_path
-
-MODEL_TYPE = "vlmerge_llava"
-EXPERT_MODEL_TYPE = "vlmerge_llava_experts"
-TEXT_PREFIX = "model.language_model."
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 

@@ -189,10 +189,63 @@ def peer(job_file: str) -> None:
     print(json.dumps(result))
 
 
+def peer_recipes(job_file: str) -> None:
+    """In the peer interpreter: mergekit's merge (`run_merge`, what mergekit-yaml runs) of each recipe of
+    job = {runs: [{yaml, out, masks}]}. masks, for a random method: {seed, rename: [ours, mergekit's]
+    tensor-name prefix, drop: our `dare`'s p or null}: mergekit's draw is replaced by ours for (seed,
+    input, tensor), the input by its place in the recipe's models (text, mm): kept where u < mergekit's
+    keep probability, or, for `dare` (its own rule), where u >= p."""
+    import yaml
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
+    from mergekit.options import MergeOptions
+
+    job = json.loads(Path(job_file).read_text())
+    queue: list[torch.Tensor] = []
+    rule: dict = {}
+
+    def injected_bernoulli(p, *args, **kwargs):
+        u = queue.pop(0).view(p.shape)
+        return (u >= rule["drop"] if rule["drop"] is not None else u < p).to(p.dtype)
+
+    original, bernoulli = GeneralizedTaskArithmeticMerge.merge_group, torch.bernoulli
+
+    def merge_group(self, group, /, **parameters):  # our uniforms for each input of this tensor, in mergekit's order
+        name = group.metadata.name
+        mk, ours = rule["rename"]
+        name = ours + name[len(mk):] if mk and name.startswith(mk) else name
+        queue[:] = [uniforms(e.tensor.shape, rule["seed"], rule["roles"][str(e.id)], name) for e in group.non_base]
+        return original(self, group, **parameters)
+
+    for run in job["runs"]:
+        source = Path(run["yaml"]).read_text()
+        cfg = yaml.safe_load(source)
+        masks = run.get("masks")
+        if masks:
+            rule.clear()
+            rule.update(masks, roles={cfg["models"][0]["model"]: "text", cfg["models"][1]["model"]: "mm"})
+        GeneralizedTaskArithmeticMerge.merge_group = merge_group if masks else original
+        torch.bernoulli = injected_bernoulli if masks else bernoulli
+        run_merge(MergeConfiguration.model_validate(cfg), run["out"], options=MergeOptions(copy_tokenizer=False, quiet=True),
+                  config_source=source)
+    print(json.dumps({"merged": len(job["runs"])}))
+
+
 def run_peer(peer_python: Path, inputs: dict[str, Path], runs: list[dict], job: Path) -> dict[str, float]:
     job.write_text(json.dumps({"inputs": {r: str(p) for r, p in inputs.items()}, "runs": runs}))
+    return _in_peer(peer_python, "--peer", job)
+
+
+def run_peer_recipes(peer_python: Path, runs: list[dict], job: Path) -> None:
+    """mergekit's merge of each recipe in `runs` (`peer_recipes`), in the peer interpreter."""
+    job.write_text(json.dumps({"runs": runs}))
+    _in_peer(peer_python, "--peer-recipes", job)
+
+
+def _in_peer(peer_python: Path, mode: str, job: Path) -> dict:
     env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}
-    proc = subprocess.run([str(peer_python), __file__, "--peer", str(job)], stdout=subprocess.PIPE,
+    proc = subprocess.run([str(peer_python), __file__, mode, str(job)], stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, env=env)
     if proc.returncode != 0:
         sys.exit(f"bench_method_parity: the peer run failed:\n{proc.stdout.decode(errors='replace')[-3000:]}")
@@ -294,6 +347,7 @@ def run(cmd: list[str], what: str, python_env: dict | None = None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--peer", help=argparse.SUPPRESS)  # internal: run in the peer interpreter
+    ap.add_argument("--peer-recipes", help=argparse.SUPPRESS)  # internal: mergekit on recipes, in the peer
     ap.add_argument("--peers", default=str(REPO / ".venv-peers"), help="the peer venv with mergekit (make peers)")
     ap.add_argument("--methods", help="comma-separated subset of: " + ", ".join(CASES))
     ap.add_argument("--alphas", default="0.3,0.7", help="the alphas of the methods that take one")
@@ -302,6 +356,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.peer:
         return peer(args.peer)
+    if args.peer_recipes:
+        return peer_recipes(args.peer_recipes)
 
     sys.path.insert(0, str(REPO / "src"))  # this checkout's vlmerge, as the subprocesses (ENV's PYTHONPATH)
     from vlmerge.merge.methods.parts import uniforms as our_uniforms

@@ -20,10 +20,11 @@ from tqdm import tqdm
 from vlmerge import code_version
 from vlmerge.config import alpha_problem
 from vlmerge.errors import VlmergeError
-from vlmerge.io import atomic_path, check_creatable, remove_stale_temps, same_record, write_json
-from vlmerge.layout import merge_outputs, statistics_file
+from vlmerge.io import atomic_path, check_creatable, remove_stale_temps, same_record, write_json, write_text
+from vlmerge.layout import merge_outputs, mergekit_recipe, model_card, statistics_file
 from vlmerge.merge.io import ModelDir, SafetensorsWriter, check_compatible, numel
 from vlmerge.merge.methods import Method, TensorInputs, get_method
+from vlmerge.merge.recipe import merge_card, merge_command, mergekit_yaml
 from vlmerge.merge.schedule import SCHEDULE, check_schedule, num_layers, tensor_alpha
 
 RECORD = "merge.json"
@@ -182,7 +183,8 @@ def merge_to_disk(
                 check_same(o, records([alphas[i]])[0])
         if todo:
             try:
-                _stream(pair, resolved, [alphas[i] for i in todo], [outs[i] for i in todo], records, progress)
+                _stream(pair, resolved, [alphas[i] for i in todo], [outs[i] for i in todo], records, progress,
+                        Path(out))
             except OSError as e:  # a full disk, a quota: nothing half-written stays
                 raise VlmergeError(f"{e.filename or out}: could not write the merge ({e.strerror or e})") from None
     return outs
@@ -260,7 +262,7 @@ def _threads_beside_writers() -> Iterator[None]:
 
 
 def _stream(pair: Pair, resolved: Resolved, alphas: list[float], outs: list[Path],
-            records: Callable[[Sequence[float]], list[dict]], progress: bool) -> None:
+            records: Callable[[Sequence[float]], list[dict]], progress: bool, root: Path) -> None:
     specs = pair.text.specs
     method, params = resolved.method, resolved.params
     floats = [n for n in pair.text.names() if specs[n][0].is_floating_point]
@@ -293,12 +295,23 @@ def _stream(pair: Pair, resolved: Resolved, alphas: list[float], outs: list[Path
         writes.finish()
         for f in copies:
             f.result()
-        for w, tmp, record in zip(writers, tmps, records(alphas)):
+        for w, tmp, folder, record in zip(writers, tmps, outs, records(alphas)):
             w.close()
             for f in COPIED:
                 if (pair.text.path / f).is_file():
                     shutil.copy2(pair.text.path / f, tmp / f)
             write_json(tmp / RECORD, record)
+            _write_recipes(tmp, folder, record, pair, root)
+
+
+def _write_recipes(tmp: Path, folder: Path, record: dict, pair: Pair, out: Path) -> None:
+    """The model card and, where mergekit can express the merge, its recipe, into the merge's temp
+    folder `tmp` (the merge appears with them or not at all)."""
+    inputs = {role: d for role, d in (("text", pair.text), ("mm", pair.mm), ("base", pair.base)) if d is not None}
+    recipe, note = mergekit_yaml(record, inputs, out, folder)
+    if recipe is not None:
+        write_text(mergekit_recipe(tmp), recipe)
+    write_text(model_card(tmp), merge_card(record, pair.text.config, merge_command(record, folder), recipe, note))
 
 
 def _copy_all(writer: SafetensorsWriter, pair: Pair, role: str) -> None:

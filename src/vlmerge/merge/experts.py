@@ -27,15 +27,17 @@ import torch
 from vlmerge import code_version
 from vlmerge.errors import VlmergeError
 from vlmerge.hf import quiet_transformers
-from vlmerge.io import atomic_path, write_json
+from vlmerge.io import atomic_path, write_json, write_text
+from vlmerge.layout import model_card
 from vlmerge.merge.core import RECORD, check_same, load_statistics
 from vlmerge.merge.io import ModelDir, SafetensorsWriter
 from vlmerge.merge.methods import METHODS, Method, TensorInputs, get_method
+from vlmerge.merge.recipe import command, merge_card, param_args
 from vlmerge.model import (
     CROSS, EXPERT_MODEL_TYPE, LANGUAGE, VISION, ExpertLlavaConfig, PooledLlavaForConditionalGeneration,
     agnostic_config, copy_tokenizer_files, expert_param, expert_param_name,
 )
-from vlmerge.modelkey import expert_distance_run
+from vlmerge.modelkey import EXPERT_METHOD_PREFIX, expert_distance_run
 
 Setting = tuple[float | None, dict[str, Any]]  # (α, parameters) of one merge; α None for a method without one
 
@@ -162,12 +164,13 @@ def merge_experts(checkpoint: str | Path, outs: Sequence[Path], method: str, set
             read = x.read(plain)
             for w, (_, setting, _) in zip(writers, todo):
                 w.write(plain, x.merge(read, setting).to(dtype))
-        for w, tmp, (_, _, record) in zip(writers, tmps, todo):
+        for w, tmp, (out, _, record) in zip(writers, tmps, todo):
             w.close()
             with quiet_transformers():
                 config.save_pretrained(tmp)
             copy_tokenizer_files(x.src.path, tmp)
             write_json(tmp / RECORD, record)
+            write_text(model_card(tmp), merge_card(record, config.to_dict(), _command(record, out), None, NO_RECIPE))
     return list(outs)
 
 
@@ -192,6 +195,21 @@ class ExpertMerger:
         with torch.no_grad():
             for plain, read in self.inputs.items():
                 state[plain].data.copy_(self.x.merge(read, setting))
+
+
+NO_RECIPE = ("No mergekit recipe: mergekit has no merge of the modality experts inside one checkpoint "
+             "(`vlmerge merge-experts`).")
+
+
+def _command(record: dict, out: Path) -> str:
+    """The `vlmerge merge-experts` command that makes this merge (into `out`)."""
+    argv = ["vlmerge", "merge-experts", "--checkpoint", record["inputs"]["text"]["path"],
+            "--method", record["method"].removeprefix(EXPERT_METHOD_PREFIX)]
+    if record["alpha"] is not None:
+        argv += ["--alpha", repr(record["alpha"])]
+    if "base" in record["inputs"]:
+        argv += ["--seed", record["inputs"]["base"]["path"]]
+    return command([*argv, *param_args(record["params"]), "--out", str(out)])
 
 
 def _record(method: Method, setting: Setting, src: ModelDir, seed: ModelDir | None) -> dict:

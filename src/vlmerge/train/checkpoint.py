@@ -1,7 +1,7 @@
 """What a run leaves on disk: Hugging Face checkpoints by words seen, and resumable DeepSpeed state.
 
     runs/<exp>/<run>/checkpoints/words-<12 digits>/   config.json, model.safetensors, tokenizer,
-                                                      trainer_state.json
+                                                      trainer_state.json, README.md (the model card)
     runs/<exp>/<run>/deepspeed/<tag>/                 module, engine, rank-<r> (JSON + safetensors),
                                                       state.json (our position)
     runs/<exp>/<run>/deepspeed/latest                 the newest complete tag
@@ -19,11 +19,12 @@ from pathlib import Path
 import torch.distributed as dist
 from safetensors import SafetensorError
 
+from vlmerge.card import architecture, render
 from vlmerge.errors import VlmergeError
 from vlmerge.hf import quiet_transformers
 from vlmerge.io import atomic_path, read_json, temp_sibling, write_failure, write_json, write_text
 from vlmerge.layout import (LATEST, STATE_ENGINE, STATE_MODULE, STATE_POSITION, checkpoint_dir, is_state_tag,
-                            state_rank_part, state_tag, states_dir)
+                            model_card, state_rank_part, state_tag, states_dir)
 from vlmerge.model import copy_tokenizer_files
 from vlmerge.train.safestate import load_state, rng_state, save_state, set_rng_state
 
@@ -41,8 +42,45 @@ class TrainState:
     loss: float | None = None
 
 
-def write_checkpoint(model, tokenizer_dir: Path, run_dir: Path, state: TrainState, run: str) -> Path:
-    """Save the model as a Hugging Face directory named by words seen (no-op if it exists)."""
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """What a run's checkpoints were trained on and from, for their model cards."""
+
+    experiment: str
+    sources: tuple[str, ...]  # text, captions
+    files: dict[str, list[str]]  # each source's files (BabyLM text files, caption manifests)
+    features: str | None  # the image features the captions come with; None for a text-only run
+    start: str | None  # the checkpoint the run started from (seed pre-training); None: fresh weights
+    init_seed: int
+
+
+def checkpoint_card(config: dict, state: TrainState, run: str, provenance: Provenance) -> str:
+    """The model card of a checkpoint: its run, training data and words seen, and its architecture."""
+    p = provenance
+    start = f"the checkpoint `{p.start}`" if p.start else f"fresh weights (model.init_seed {p.init_seed})"
+    loss = f"{state.loss:.4f}" if state.loss is not None else "none yet (the initialisation)"
+    training = (f"- run `{run}` of experiment `{p.experiment}`, started from {start}\n"
+                f"- words seen: {state.words_seen:,} ({state.tokens_seen:,} tokens, {state.step} optimizer steps, "
+                f"epoch {state.epoch})\n- training loss at this step: {loss}")
+    data = "\n".join(f"- {source}: " + (", ".join(f"`{f}`" for f in p.files.get(source, [])) or "none")
+                     for source in p.sources)
+    if p.features:
+        data += f"\n- image features: {p.features}"
+    use = ("```python\nimport vlmerge.model  # registers the model with transformers' Auto classes\n"
+           "from transformers import AutoModelForImageTextToText\n"
+           "model = AutoModelForImageTextToText.from_pretrained(FOLDER)\n```\n\n"
+           "`vlmerge export-text FOLDER OUT` writes the language model alone as a `LlamaForCausalLM` folder "
+           "(for mergekit, minicons, lm-evaluation-harness).")
+    return render(f"{p.experiment} {run} at {state.words_seen:,} words",
+                  [("Training", training), ("Training data", data), ("Architecture", architecture(config)),
+                   ("Use", use)],
+                  tags=["vlmerge", "multimodal" if p.features else "text-only", "babylm"],
+                  base_model=[p.start] if p.start else [])
+
+
+def write_checkpoint(model, tokenizer_dir: Path, run_dir: Path, state: TrainState, run: str,
+                     provenance: Provenance) -> Path:
+    """Save the model as a Hugging Face directory named by words seen, with its card (no-op if it exists)."""
     out = checkpoint_dir(run_dir, state.words_seen)
     if out.exists():  # a resumed run passing the same point writes the same weights
         return out
@@ -52,6 +90,7 @@ def write_checkpoint(model, tokenizer_dir: Path, run_dir: Path, state: TrainStat
                 model.save_pretrained(tmp)
             copy_tokenizer_files(tokenizer_dir, tmp)
             write_json(tmp / "trainer_state.json", {"run": run, **dataclasses.asdict(state)})
+            write_text(model_card(tmp), checkpoint_card(model.config.to_dict(), state, run, provenance))
     except (OSError, SafetensorError) as e:  # a full disk, a quota
         raise VlmergeError(f"{out}: could not write the checkpoint ({write_failure(e)})") from None
     return out

@@ -22,7 +22,7 @@ from vlmerge.model import PooledLlavaForConditionalGeneration, build_config, exp
 from vlmerge.problems import ProblemLog
 from vlmerge.train import distributed
 from vlmerge.layout import checkpoints_dir, list_checkpoints, run_config, run_lock, run_metrics_log, states_dir
-from vlmerge.train.checkpoint import StateStore, TrainState, write_checkpoint
+from vlmerge.train.checkpoint import Provenance, StateStore, TrainState, write_checkpoint
 from vlmerge.train.monitor import Monitor, check_monitors
 from vlmerge.train.preemption import StopFlag
 from vlmerge.train.schedule import batch_shape, checkpoint_words, lr_factor, rank_micro_batches
@@ -108,6 +108,7 @@ class Trainer:
         self.total_steps = self._count_steps()
         self.engine = self._engine(model)
         self.states = StateStore(self.run_dir, cfg.checkpoints.keep_states, rank, world, self.global_batch)
+        self.provenance = self._provenance()
         self.replica_digests: list[str] = []
 
     def _check_run_dir(self) -> None:
@@ -118,19 +119,36 @@ class Trainer:
                 f"{self.run_dir}: this run was started with other settings; set another experiment name or remove it"
             )
 
-    def _initial_model(self, config) -> torch.nn.Module:
-        """Fresh weights from model.init_seed, or the seed run's last checkpoint (seed pre-training),
-        copied into every expert for the expert run."""
+    def _start(self) -> Path | None:
+        """The seed run's last checkpoint, where this run starts from it (seed pre-training); else None."""
         if self.run == "seed" or not self.cfg.runs.seed_pretraining:
-            return init_model(config, self.cfg.model.init_seed)
+            return None
         seeds = list_checkpoints(self.cfg.layout.run_dir("seed"))
         if not seeds:
             raise VlmergeError(f"{self.cfg.layout.run_dir('seed')}: no checkpoint; train the seed run first")
+        return seeds[-1]
+
+    def _initial_model(self, config) -> torch.nn.Module:
+        """Fresh weights from model.init_seed, or the seed run's last checkpoint (seed pre-training),
+        copied into every expert for the expert run."""
+        start = self._start()
+        if start is None:
+            return init_model(config, self.cfg.model.init_seed)
         with quiet_transformers():
-            seed = PooledLlavaForConditionalGeneration.from_pretrained(seeds[-1], use_safetensors=True)
+            seed = PooledLlavaForConditionalGeneration.from_pretrained(start, use_safetensors=True)
         if self.run == EXPERT_RUN:
             return experts_from_agnostic(seed, self.cfg.model.experts, self.cfg.model.cross_modal_layers)
         return seed
+
+    def _provenance(self) -> Provenance:
+        """What this run's checkpoint cards say it was trained on and from."""
+        cfg, sources = self.cfg, tuple(self.spec.sources)
+        f = cfg.features
+        features = (f"`{cfg.store_path}` ({f.encoder}, layer {f.layer}, {f.pooling}"
+                    + (f", a {f.grid}×{f.grid} grid" if f.grid > 1 else "") + ")") if "captions" in sources else None
+        start = self._start()
+        return Provenance(cfg.experiment, sources, {"text": cfg.data.text, "captions": cfg.data.captions}, features,
+                          None if start is None else str(start.resolve()), cfg.model.init_seed)
 
     def _count_steps(self) -> int:
         words = int(self.samples.words.sum())
@@ -259,7 +277,7 @@ class Trainer:
 
     def _checkpoint(self, state: TrainState) -> None:
         if self.rank == 0:
-            write_checkpoint(self.engine.module, self.tok_dir, self.run_dir, state, self.run)
+            write_checkpoint(self.engine.module, self.tok_dir, self.run_dir, state, self.run, self.provenance)
         dist.barrier()
 
     def _metrics_path(self) -> Path:
