@@ -340,6 +340,8 @@ CASES = [
     Case("sweep plan param NaN", lambda w: ["sweep", "plan", f"paths.root={w}/out",
                                              "sweep.methods=[{name: ties, params: {lam: .nan}}]"],
          ("sweep.methods", "lam=nan", "finite")),
+    Case("status before training", lambda w: ["status", f"paths.root={w}/out"],
+         ("runs/demo/text", "no checkpoints", "train the text run first")),
     # -- eval ------------------------------------------------------------------------------------------
     Case("eval out is a file", lambda w: _eval(w, out=f"{w}/outfile"), ("outfile", "--out is a file")),
     Case("eval out unwritable", lambda w: _eval(w, out=UNWRITABLE), (UNWRITABLE, "not writable")),

@@ -1,4 +1,4 @@
-"""`vlmerge eval` and the sweep on the small world's twins: rows, idempotence, kills, array layout."""
+"""`vlmerge eval` and the sweep on the small world's twins: rows, idempotence, kills, array layout, status."""
 
 import json
 import signal
@@ -243,6 +243,82 @@ def test_killed_item_leaves_no_file_and_a_rerun_completes_only_the_missing(swept
     assert r.returncode == 0 and len(list(metrics.glob("*.parquet"))) == 1
     again = vlmerge_cli("sweep", "run", "--quiet", f"paths.root={root}", *SWEEP)
     assert f"0 item(s) run, {len(items)} already done" in again.stdout
+
+
+def test_status_counts_a_half_finished_sweep_from_its_results_and_logs_without_slurm(swept, tmp_path, monkeypatch,
+                                                                                     capsys):
+    from vlmerge.cli import main
+
+    root = tmp_path / "r"
+    subprocess.run(["cp", "-a", f"{swept}/.", str(root)], check=True)
+    sweep = [f"paths.root={root}", *SWEEP]
+    metrics = root / "results/demo/metrics"
+    items = plan(load_config(None, sweep))  # 3 pairs × 3 settings, 3 α each; one item per array task
+    for it in items[4:]:  # forget five items' results
+        (metrics / f"{it.item_id}.parquet").unlink()
+        (root / "results/demo/items" / f"{it.item_id}.parquet").unlink()
+    # the rest of the sweep in one process, killed part way: item 4 done, item 5 killed mid-way
+    proc = subprocess.Popen([sys.executable, "-m", "vlmerge", "sweep", "run", "--quiet", *sweep])
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics / f"{items[4].item_id}.parquet").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (metrics / f"{items[5].item_id}.parquet").exists()
+    # array task 6 fails on a corrupt checkpoint, its output where Slurm writes an array task's log
+    (root / items[6].mm / "model.safetensors").write_bytes(b"not safetensors")
+    log = root / "logs/demo/vlmerge-sweep-4242_6.out"
+    log.parent.mkdir(parents=True)
+    with log.open("w") as out:
+        failed = subprocess.run([sys.executable, "-m", "vlmerge", "sweep", "run", "--quiet", "--index", "6",
+                                 "--per-task", "1", *sweep], stdout=out, stderr=subprocess.STDOUT)
+    assert failed.returncode != 0
+    last_line = log.read_text().strip().splitlines()[-1]
+
+    monkeypatch.setenv("PATH", str(Path(sys.executable).parent))  # no Slurm to ask: the results and logs alone
+    for compacted in (False, True):  # the results as the sweep writes them, then compacted
+        assert main(["status", *sweep]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert lines[0].startswith("sweep demo: 9 item(s) planned, 5 done, 1 failed, 3 not done (no Slurm"), lines
+        assert lines[1] == (f"  failed: {items[6].item_id} ({items[6].method}, {Path(items[6].mm).name}), array task 6, "
+                            f"logs/demo/vlmerge-sweep-4242_6.out: {last_line}"), lines
+        assert lines[2].startswith("  ETA: ") and lines[2].endswith("models/h"), lines
+        assert "for the 12 model(s) left" in lines[2]  # items 5 to 8, 3 α each
+        assert len(lines) == 3
+        if not compacted:
+            assert main(["results", "compact", *sweep]) == 0
+            capsys.readouterr()
+    # pairing best_text: the plan needs every checkpoint scored first, which status leaves to the sweep
+    assert main(["status", *sweep, "sweep.pairing=best_text"]) == 2
+    assert "the twins' checkpoints are not all scored yet" in capsys.readouterr().err
+    assert not (root / "results/demo/best_text.json").exists()
+
+
+@pytest.mark.parametrize("log, line", [
+    ("sweep item 1/1 x (linear, words-1): load 0.1s\nvlmerge sweep: error: a.yaml: no such key\n"
+     "srun: error: node1: task 0: Exited with exit code 2\n", "vlmerge sweep: error: a.yaml: no such key"),
+    ("Traceback (most recent call last):\n  File \"x.py\", line 1\ntorch.OutOfMemoryError: CUDA out of memory\n",
+     "torch.OutOfMemoryError: CUDA out of memory"),
+    ("sweep: job 12, array task 3, on node1\nsrun: error: node1: task 0: Killed\n", "srun: error: node1: task 0: Killed"),
+    ("sweep: job 12, array task 3, on node1\nslurmstepd: error: *** JOB 12 ON node1 CANCELLED AT 2025-01-01T00:00:00 "
+     "DUE TO TIME LIMIT ***\nsrun: Job step aborted: Waiting up to 32 seconds for job step to finish.\n",
+     "slurmstepd: error: *** JOB 12 ON node1 CANCELLED AT 2025-01-01T00:00:00 DUE TO TIME LIMIT ***"),
+    ("sweep: job 12, array task 3, on node1\nsweep item 1/1 x (linear, words-1): load 0.1s\n"
+     "sweep: 1 item(s) run, 0 already done\n", None),
+])
+def test_a_failed_jobs_log_line_is_its_own_last_error_before_sruns_echo(tmp_path, log, line):
+    from vlmerge.sweep.status import failure_line
+
+    (tmp_path / "x.out").write_text(log)
+    assert failure_line(tmp_path / "x.out") == line
+
+
+def test_eta_is_the_models_left_at_the_finished_items_rate():
+    from vlmerge.sweep.status import eta
+
+    # 3 models each at t = 0, 60, 120 s: 6 models in the 120 s after the first finish, 3 per minute
+    assert eta([(120.0, 3), (0.0, 3), (60.0, 3)], 6) == (120.0, 180.0)
+    assert eta([(0.0, 3)], 6) is None and eta([(5.0, 3), (5.0, 3)], 6) is None
 
 
 @pytest.mark.parametrize("n, max_size, expected", [(5, 1001, (5, 1)), (1001, 1001, (1001, 1)),

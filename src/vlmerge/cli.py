@@ -185,6 +185,16 @@ def _sweep(cfg: Config, args: argparse.Namespace) -> None:
                              job_id=launch.job_id(), worker=args.worker)
 
 
+def _status(cfg: Config, args: argparse.Namespace) -> None:
+    from vlmerge.layout import array_task_logs
+    from vlmerge.sweep.status import status_command
+
+    logs = array_task_logs(cfg.layout.logs_dir, launch.SWEEP_JOB_NAME)
+    status_command(cfg, logs=logs, queued=launch.queued_array_tasks(launch.SWEEP_JOB_NAME, cfg.layout.logs_dir),
+                   ended=launch.failed_array_tasks(sorted({job for job, _, _ in logs})),
+                   max_array_size=launch.max_array_size())
+
+
 def _sweep_worker_command(args: argparse.Namespace, index: int | None) -> list[str]:
     """The `vlmerge sweep run` of this process again, for its workers (each adds `--worker k/n`)."""
     words = [sys.executable, "-m", "vlmerge", "sweep", "run", "--per-task", str(args.per_task)]
@@ -516,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worker", type=_worker, metavar="K/N",
                    help="run: be worker K of N, running its share of the items (set by the parent process: "
                         "compute.workers, one per visible GPU by default)")
+
+    stage("status", _status, "how far the sweep is: items planned, done, running, pending and failed (with "
+                             "each failure's log line), from the results folder and Slurm; and when it will end")
 
     p = stage("config", _config, "print the resolved config, or one value of it (for scripts)")
     p.add_argument("--get", metavar="KEY.PATH", help="print this value only, e.g. features.num_shards")

@@ -18,6 +18,9 @@ from vlmerge.errors import VlmergeError
 
 DEFAULT_MAX_ARRAY_SIZE = 1001  # Slurm's default
 PORT_BASE = 29500
+SWEEP_JOB_NAME = "vlmerge-sweep"  # jobs/sweep.sbatch's --job-name
+# sacct's states of an array task that ended without finishing its work
+FAILED_STATES = {"FAILED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "CANCELLED", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
 
 
 def _env_int(env: Mapping[str, str], name: str) -> int | None:
@@ -58,16 +61,60 @@ def slurm_job(env: Mapping[str, str] = os.environ) -> tuple[str, int]:
     return job_id(env), job_start(env)
 
 
+def _ask(command: list[str]) -> str | None:
+    """What a Slurm client prints, or None where there is no Slurm to ask (not installed, no
+    controller, no accounting: the client exits non-zero)."""
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout if out.returncode == 0 else None
+
+
 def max_array_size() -> int:
     """The cluster's MaxArraySize (`scontrol show config`), or Slurm's default without a cluster."""
-    try:
-        out = subprocess.run(["scontrol", "show", "config"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        return DEFAULT_MAX_ARRAY_SIZE
-    for line in out.splitlines():
+    out = _ask(["scontrol", "show", "config"])
+    for line in (out or "").splitlines():
         if line.split("=")[0].strip() == "MaxArraySize":
             return int(line.split("=", 1)[1])
     return DEFAULT_MAX_ARRAY_SIZE
+
+
+def queued_array_tasks(job_name: str, logs_dir: Path) -> dict[int, str] | None:
+    """{task index: state} of the queued or running array tasks of the jobs named `job_name` that log
+    into `logs_dir` (which tells one experiment's jobs from another's), from `squeue`; a task in
+    several jobs (resubmitted) shows the one that runs. None without Slurm."""
+    out = _ask(["squeue", "--noheader", "--array", f"--name={job_name}", "--Format=ArrayTaskID:0|,State:0|,StdOut:0"])
+    if out is None:
+        return None
+    tasks: dict[int, str] = {}
+    for line in out.splitlines():
+        task, state, stdout = (line.split("|", 2) + [""] * 3)[:3]
+        if not task.isdigit() or Path(os.path.realpath(Path(stdout).parent)) != Path(os.path.realpath(logs_dir)):
+            continue
+        if int(task) not in tasks or state == "RUNNING":
+            tasks[int(task)] = state
+    return tasks
+
+
+def failed_array_tasks(array_jobs: list[int]) -> dict[tuple[int, int], str] | None:
+    """{(array job, task): state} of these array jobs' tasks that ended without finishing (FAILED,
+    TIMEOUT, OUT_OF_MEMORY, …), from `sacct`, which keeps the ended jobs squeue drops; None where
+    the cluster keeps no accounting."""
+    if not array_jobs:
+        return {}
+    out = _ask(["sacct", "--noheader", "--parsable2", "--allocations", "--format=JobID,State",
+                f"--jobs={','.join(map(str, array_jobs))}"])
+    if out is None:
+        return None
+    failed = {}
+    for line in out.splitlines():
+        job_id, _, state = line.partition("|")
+        job, _, task = job_id.partition("_")
+        state = state.split()[0] if state else ""  # "CANCELLED by 0": CANCELLED
+        if job.isdigit() and task.isdigit() and state in FAILED_STATES:  # (not a pending range: 12_[4-9])
+            failed[int(job), int(task)] = state
+    return failed
 
 
 def slurm_seconds(text: str) -> float | None:
@@ -86,10 +133,8 @@ def slurm_seconds(text: str) -> float | None:
 def partition_time_limit(partition: str | None = None) -> tuple[str, float | None] | None:
     """(partition, its MaxTime in seconds or None) of `partition`, or of the cluster's default
     partition, from `scontrol show partition`; None where Slurm does not answer."""
-    try:
-        out = subprocess.run(["scontrol", "show", "partition", "--oneliner"], capture_output=True, text=True,
-                             timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
+    out = _ask(["scontrol", "show", "partition", "--oneliner"])
+    if out is None:
         return None
     for line in out.splitlines():
         fields = dict(f.split("=", 1) for f in line.split() if "=" in f)

@@ -27,6 +27,7 @@ Under the output root (`paths.root`):
                                                          models (`vlmerge export-text`)
     runs/<exp>-<variant>-seed<K>/, runs/<exp>-maa/       `vlmerge study`: one experiment per expert run
     logs/<exp>/                                          Slurm job logs
+    logs/<exp>/<job name>-<array job>_<task>.out         an array task's log (`array_task_logs`)
     <eval --export babylm DIR>/zero_shot/causal/<task>/[<dataset>/]predictions.json  BabyLM's layout
     <export-babylm --out DIR>/chck_<n>M/, main/          a run's checkpoints as BabyLM's revisions, each
                                                          with vlmerge-export.json (its source)
@@ -53,6 +54,7 @@ STATISTICS_PREFIX = "statistics-"  # a checkpoint's data statistics for merging 
 CORPUS_ARRAYS = ("tokens", "offsets", "words", "starts", "images")
 
 _CHECKPOINT = re.compile(r"words-(\d{12})")
+_ARRAY_LOG = re.compile(r"(.+)-(\d+)_(\d+)\.out")  # sbatch --output=<logs>/%x-%A_%a.out (jobs/pipeline.sh)
 MAA_SUFFIX = "-maa"
 _STATE = re.compile(r"step-(\d{9})")
 
@@ -411,6 +413,18 @@ def compact_files(results_dir: Path, dataset: str) -> list[Path]:
 def compact_lock(results_dir: Path) -> Path:
     """The lock file that keeps `results compact` runs one at a time."""
     return results_dir / ".compact.lock"
+
+
+# Slurm job logs
+def array_task_logs(logs_dir: Path, job_name: str) -> list[tuple[int, int, Path]]:
+    """(array job id, task index, log) of every array task log of jobs named `job_name` in `logs_dir`
+    (`%x-%A_%a.out`), in order of job id and task."""
+    found = []
+    for path in logs_dir.glob(f"{job_name}-*_*.out"):
+        m = _ARRAY_LOG.fullmatch(path.name)
+        if m and m.group(1) == job_name:
+            found.append((int(m.group(2)), int(m.group(3)), path))
+    return sorted(found)
 
 
 def best_text_cache(results_dir: Path) -> Path:

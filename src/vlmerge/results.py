@@ -86,6 +86,21 @@ def read_item_scores(results_dir: Path, task: str) -> pd.DataFrame:
     return newest_rows(frame, "items", per_item=True)
 
 
+def finish_times(results_dir: Path) -> dict[str, str]:
+    """When each work item's rows were written (their newest `created_at`), compacted or not; files
+    that are not the sweep's (no such columns, not Parquet) are passed over, as `compact` leaves them."""
+    times: dict[str, str] = {}
+    for f in result_files(results_dir, "metrics"):
+        try:
+            table = pq.read_table(f, columns=["item_id", "created_at"])
+        except (pa.ArrowException, OSError):
+            continue
+        for item, at in zip(*(table.column(c).to_pylist() for c in ("item_id", "created_at"))):
+            if at and at > times.get(item, ""):
+                times[item] = at
+    return times
+
+
 def _sweep_item_ids(path: Path, schema: pa.Schema) -> set[str] | None:
     """The work items a Parquet file holds rows of, when it has `schema` exactly; else None (not the sweep's)."""
     try:

@@ -321,11 +321,9 @@ def run_items(cfg: Config, items: list[WorkItem], *, progress: bool = False, job
     return ran
 
 
-def best_text_scores(cfg: Config) -> dict:
-    """Every checkpoint of both twins scored on sweep.best_text_task (on sweep.best_text_data, or its
-    eval.tasks data), kept in results/<exp>/best_text.json: {"salt", "task", "data", "accuracy":
-    {run: {checkpoint: {"words", "accuracy"}}}}. The text twin's pick the pairing; both twins' are
-    Takmaz et al.'s Fig. 3. Checkpoints scored already are kept (a killed job, or training that went on)."""
+def kept_best_text(cfg: Config) -> tuple[dict, list[tuple[str, Path]]]:
+    """The best-text scores kept in results/<exp>/best_text.json (a fresh record where there are none
+    of these settings), and the (run, checkpoint) not scored yet."""
     cache = best_text_cache(cfg.layout.results_dir)
     task, data = best_text_data(cfg)
     salt = best_text_salt(cfg)
@@ -334,6 +332,17 @@ def best_text_scores(cfg: Config) -> dict:
                                                      "accuracy": {run: {} for run in BEST_TEXT_RUNS}}
     todo = [(run, c) for run in BEST_TEXT_RUNS for c in run_checkpoints(cfg, run)
             if str(c.relative_to(cfg.root)) not in scores["accuracy"][run]]
+    return scores, todo
+
+
+def best_text_scores(cfg: Config) -> dict:
+    """Every checkpoint of both twins scored on sweep.best_text_task (on sweep.best_text_data, or its
+    eval.tasks data), kept in results/<exp>/best_text.json: {"salt", "task", "data", "accuracy":
+    {run: {checkpoint: {"words", "accuracy"}}}}. The text twin's pick the pairing; both twins' are
+    Takmaz et al.'s Fig. 3. Checkpoints scored already are kept (a killed job, or training that went on)."""
+    cache = best_text_cache(cfg.layout.results_dir)
+    task, data = best_text_data(cfg)
+    scores, todo = kept_best_text(cfg)
     if todo:
         features = FeatureTable(cfg.eval_store_path)
         tasks = prepare(task_specs(cfg, [f"{task}={data}"]), features, ProblemLog())
