@@ -17,6 +17,9 @@ that every difference carries the items' sampling noise:
 A finding whose interval contains its null value (0, or chance) says so in its sentence: "no
 effect" is a finding too. Without replicates (analysis.bootstrap = 0) intervals are NaN and no
 effect is claimed.
+
+The report opens with four of them at most, picked by `headlines` (its docstring and
+docs/report.md give the rule); the others follow grouped by task (`by_task`).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ class Finding:
     n: int | None = None
     effect: bool = False
     details: dict = dataclasses.field(default_factory=dict)
+    headline: int | None = None  # its place (1, 2, …) among the few the report opens with (`headlines`); else None
 
     def to_json(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in dataclasses.asdict(self).items()}
@@ -295,8 +299,59 @@ def findings(all_merges: list[Merges], best: pd.DataFrame, correlations: pd.Data
     return out
 
 
+def headlines(items: list[Finding]) -> list[Finding]:
+    """The findings the report opens with, in this order, each where there is one (four at most):
+
+    1. the twins' trade-off: the largest text-twin lead and the largest multimodal-twin lead among
+       the twin gaps whose interval excludes 0 (in the task's own units);
+    2. the best merge by the analysis rule: of the merge findings (each setting at its best α: the
+       highest text-task score whose multimodal drops stay within the tolerance), the one that keeps
+       the largest share of the text twin's advantage; its sentence says what it keeps and loses.
+       Where no setting has such an α, the first setting's finding, which says so;
+    3. the best predictor of the drop: of the distance findings (per task, the distance with the
+       highest Pearson r), the one with the highest r among those whose interval excludes 0, else
+       the highest r of all, whose sentence says that no distance predicts the drop.
+    """
+    gaps = [f for f in items if f.kind == "twin_gap" and f.effect]
+    text_lead = max((f for f in gaps if f.value > 0), key=lambda f: f.value, default=None)
+    mm_lead = min((f for f in gaps if f.value < 0), key=lambda f: f.value, default=None)
+    merge = max((f for f in items if f.kind == "merge"), default=None,
+                key=lambda f: (not math.isnan(f.value), -math.inf if math.isnan(f.value) else f.value))
+    predictor = max((f for f in items if f.kind == "distance"), key=lambda f: (f.effect, f.value), default=None)
+    return [f for f in (text_lead, mm_lead, merge, predictor) if f is not None]
+
+
+def with_headlines(items: list[Finding]) -> list[Finding]:
+    """Every finding in its order, those of `headlines` with their place there (`headline`)."""
+    place = {id(f): k for k, f in enumerate(headlines(items), 1)}
+    return [dataclasses.replace(f, headline=place.get(id(f))) for f in items]
+
+
+def headline_of(items: list[Finding]) -> list[Finding]:
+    """The findings marked by `with_headlines`, in their place."""
+    return sorted((f for f in items if f.headline), key=lambda f: f.headline)
+
+
+def by_task(items: list[Finding]) -> list[tuple[str, list[Finding]]]:
+    """The findings but the headline ones, grouped by task (tasks in the order of their first finding)."""
+    groups: dict[str, list[Finding]] = {}
+    for f in items:
+        groups.setdefault(f.task, [])
+        if not f.headline:
+            groups[f.task].append(f)
+    return [(task, group) for task, group in groups.items() if group]
+
+
 def to_markdown(items: list[Finding]) -> str:
-    return "# Findings\n\n" + ("".join(f"- {f.text}\n" for f in items) or "No findings: no merged models.\n")
+    """The headline findings, then the others under a heading per task."""
+    if not items:
+        return "# Findings\n\nNo findings: no merged models.\n"
+    out = ["# Findings", ""]
+    if top := headline_of(items):
+        out += ["## Headline", "", *(f"- {f.text}" for f in top), ""]
+    for task, group in by_task(items):
+        out += [f"## {task}", "", *(f"- {f.text}" for f in group), ""]
+    return "\n".join(out)
 
 
 def to_json(items: list[Finding]) -> str:

@@ -25,6 +25,7 @@ from vlmerge.analysis.load import Results
 from vlmerge.analysis.report import Section, fmt_number, markdown_table
 from vlmerge.analysis.scores import chance
 
+TITLE = "Takmaz et al. 2025: the paper's views"  # the report's section
 PAPER_ALPHAS = (0.3, 0.5, 0.8)  # fn. 8 (and α = 0, the multimodal model)
 FIG11_ALPHA = 0.3
 BLIMP = "blimp"
@@ -50,12 +51,21 @@ DIRECTIONS = {"blimp": "text-only ahead", "blimp_supplement": "text-only ahead",
 
 @dataclasses.dataclass(frozen=True)
 class View:
-    """One of the paper's figures drawn from an experiment's results, with the values behind it."""
+    """One of the paper's figures from an experiment's results: the values behind it (one curve per column
+    but WORDS) and how it is drawn."""
 
     name: str  # "Fig. 3", …
+    experiment: str
     caption: str
     table: pd.DataFrame
-    figure: Figure
+    title: str
+    ylabel: str
+    dashed: str | None = None  # the column drawn dashed (the unmerged twin beside merges)
+    chance: float | None = None
+
+    @property
+    def figure(self) -> Figure:
+        return plots.curves(self.table, WORDS, self.title, self.ylabel, dashed=self.dashed, chance=self.chance)
 
 
 def _percent(value: float) -> str:
@@ -104,40 +114,41 @@ def views(results: Results, scores: pd.DataFrame, experiment: str) -> list[View]
     out = []
     fig3, what = twin_curves(results, scores, experiment)
     if len(fig3):
-        out.append(View("Fig. 3", f"{experiment}: both twins by words seen; {what}", fig3, plots.curves(
-            fig3, WORDS, f"Fig. 3: the twins' BLiMP by words seen ({experiment})", "BLiMP accuracy",
-            chance=chance(BLIMP, "accuracy"))))
+        out.append(View("Fig. 3", experiment, f"{experiment}: both twins by words seen; {what}", fig3,
+                        f"Fig. 3: the twins' BLiMP by words seen ({experiment})", "BLiMP accuracy",
+                        chance=chance(BLIMP, "accuracy")))
     best = best_text_words(results, experiment)
     pairing = f"the best text checkpoint ({best:,} words)" if best is not None else "the text checkpoint at equal words"
     fig10 = merge_curves(scores, experiment, BLIMP, PAPER_ALPHAS, best)
     if len(fig10):
         missing = [f"{a:g}" for a in PAPER_ALPHAS if f"α = {a:g}" not in fig10]
-        out.append(View("Fig. 10", f"{experiment}: {BLIMP} (the sweep's data) of the linear merges with {pairing}, "
-                        f"beside the multimodal twin" + (f"; α {', '.join(missing)} not in the sweep" if missing else ""),
-                        fig10, plots.curves(
-                            fig10, WORDS, f"Fig. 10: merges' BLiMP by multimodal checkpoint ({experiment})",
-                            "BLiMP accuracy", dashed=MM_TWIN, chance=chance(BLIMP, "accuracy"))))
+        out.append(View("Fig. 10", experiment, f"{experiment}: {BLIMP} (the sweep's data) of the linear merges with "
+                        f"{pairing}, beside the multimodal twin"
+                        + (f"; α {', '.join(missing)} not in the sweep" if missing else ""),
+                        fig10, f"Fig. 10: merges' BLiMP by multimodal checkpoint ({experiment})", "BLiMP accuracy",
+                        dashed=MM_TWIN, chance=chance(BLIMP, "accuracy")))
     # the full set first, then BabyLM's, or a part of either that the analysis scores apart (a tag)
     tasks = scores[scores.experiment == experiment].task.unique()
     task = next((t for w in WINOGROUND for t in sorted(tasks) if t.partition("/")[0] == w), None)
     fig11 = merge_curves(scores, experiment, task, (FIG11_ALPHA,), best) if task else pd.DataFrame()
     if len(fig11):
         metric = scores[scores.task == task].metric.iloc[0]
-        out.append(View("Fig. 11", f"{experiment}: {task} {metric} of the multimodal twin and its α = "
-                        f"{FIG11_ALPHA:g} merge with {pairing}", fig11, plots.curves(
-                            fig11, WORDS, f"Fig. 11: {task} by multimodal checkpoint ({experiment})",
-                            f"{task} {metric}", dashed=MM_TWIN, chance=chance(task, metric))))
+        out.append(View("Fig. 11", experiment, f"{experiment}: {task} {metric} of the multimodal twin and its α = "
+                        f"{FIG11_ALPHA:g} merge with {pairing}", fig11,
+                        f"Fig. 11: {task} by multimodal checkpoint ({experiment})", f"{task} {metric}",
+                        dashed=MM_TWIN, chance=chance(task, metric)))
     return out
 
 
-def section(results: Results, scores: pd.DataFrame, folder: Path) -> tuple[Section | None, str]:
-    """The report's section of the paper's views (figures as PNGs under `folder`), and its Markdown;
-    (None, "") when no experiment has the data for any of them."""
-    tables, figures, markdown, absent = [], [], [], []
+def section(results: Results, scores: pd.DataFrame, folder: Path | None) -> tuple[Section | None, str, list[View]]:
+    """The report's section of the paper's views (their figures as PNGs under `folder`; None: no PNGs), its
+    Markdown and the views; (None, "", []) when no experiment has the data for any of them."""
+    tables, figures, markdown, absent, drawn_views = [], [], [], [], []
     for experiment in sorted(scores.experiment.unique()):
         found = views(results, scores, experiment)
         if not found:
             continue
+        drawn_views += found
         drawn = {v.name for v in found}
         absent += [f"{experiment}: {name} not drawn: {why}" for name, why in NOT_DRAWN.items() if name not in drawn]
         ref = reference(found, scores, experiment)
@@ -146,16 +157,17 @@ def section(results: Results, scores: pd.DataFrame, folder: Path) -> tuple[Secti
         for v in found:
             tables.append((f"{v.name}: {v.caption}", v.table))
             markdown.append(f"## {v.name}: {v.caption}\n\n{markdown_table(v.table)}")
-            figures.append((f"{v.name}: {v.caption}", plots.save(
-                v.figure, folder / f"takmaz2025-{v.name.replace('Fig. ', 'fig')}-{experiment}.png")))
+            if folder is not None:
+                figures.append((f"{v.name}: {v.caption}", plots.save(
+                    v.figure, folder / f"takmaz2025-{v.name.replace('Fig. ', 'fig')}-{experiment}.png")))
     if not tables:
-        return None, ""
+        return None, "", []
     lead = ("Takmaz et al., BabyLM 2025 (arXiv 2510.01845): Fig. 3 (the twins' full BLiMP by words seen), Fig. 10 "
             "(BLiMP of the merges with the best text checkpoint at the paper's α), Fig. 11 (Winoground of the "
             "multimodal twin and its α = 0.3 merge); the paper's stated numbers first.")
     markdown += [f"- {line}" for line in absent]
-    return (Section("Takmaz et al. 2025: the paper's views", lead, tables, figures, bullets=absent),
-            "\n\n".join(markdown) + "\n")
+    return (Section(TITLE, lead, tables, figures, bullets=absent),
+            "\n\n".join(markdown) + "\n", drawn_views)
 
 
 def reference(found: list[View], scores: pd.DataFrame, experiment: str) -> pd.DataFrame:

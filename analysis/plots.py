@@ -17,12 +17,24 @@ from vlmerge.io import atomic_path
 
 DPI = 110
 ALPHA_COLOURS = colormaps["viridis"]
+MM_WORDS = "words seen (multimodal checkpoint)"
+
+
+def log_words(words: pd.Series) -> bool:
+    """Whether an axis of words seen is drawn on a log scale: positive words over at least a factor of 20."""
+    return bool(words.min() > 0 and words.max() / words.min() >= 20)
 
 
 def _words_axis(ax, words: pd.Series, label: str) -> None:
     ax.set_xlabel(label)
-    if words.min() > 0 and words.max() / words.min() >= 20:
+    if log_words(words):
         ax.set_xscale("log")
+
+
+def equal_words(table: pd.DataFrame) -> pd.DataFrame:
+    """The rows of checkpoint pairs at equal words, where there are such (all_pairs pairing); else all."""
+    same = table[table.text_words == table.mm_words]
+    return same if len(same) else table
 
 
 def score_vs_words(table: pd.DataFrame, title: str, chance: float | None = None) -> Figure:
@@ -32,8 +44,7 @@ def score_vs_words(table: pd.DataFrame, title: str, chance: float | None = None)
     (with all_pairs pairing, only the pairs at equal words are drawn). `chance`: a dashed line
     at the score of guessing.
     """
-    same = table[table.text_words == table.mm_words]
-    table = same if len(same) else table
+    table = equal_words(table)
     metric = f"{table.task.iloc[0]} {table.metric.iloc[0]}"
     fig = Figure(figsize=(7.5, 4.5), layout="constrained")
     ax = fig.add_subplot()
@@ -41,7 +52,7 @@ def score_vs_words(table: pd.DataFrame, title: str, chance: float | None = None)
         ax.plot(rows.mm_words, rows.score, marker="o", markersize=3, color=ALPHA_COLOURS(alpha), label=f"α = {alpha:g}")
     if chance is not None:
         ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance ({chance:.3g})")
-    _words_axis(ax, table.mm_words, "words seen (multimodal checkpoint)")
+    _words_axis(ax, table.mm_words, MM_WORDS)
     ax.set_ylabel(metric)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -57,7 +68,7 @@ def heatmap(table: pd.DataFrame, title: str) -> Figure:
     ax = fig.add_subplot()
     image = ax.imshow(grid.to_numpy(), aspect="auto", cmap="magma")
     ax.set_xticks(range(grid.shape[1]), [f"{a:g}" for a in grid.columns])
-    ax.set_yticks(range(grid.shape[0]), [_pair_label(t, m) for t, m in grid.index])
+    ax.set_yticks(range(grid.shape[0]), [pair_label(t, m) for t, m in grid.index])
     ax.set_xlabel("α (weight of the text-only model)")
     ax.set_ylabel("checkpoint (words seen)")
     ax.set_title(title)
@@ -69,7 +80,8 @@ def heatmap(table: pd.DataFrame, title: str) -> Figure:
     return fig
 
 
-def _pair_label(text_words: int, mm_words: int) -> str:
+def pair_label(text_words: int, mm_words: int) -> str:
+    """A checkpoint pair by its words seen: one number where the twins saw the same."""
     return f"{text_words:,}" if text_words == mm_words else f"text {text_words:,} / mm {mm_words:,}"
 
 

@@ -1,4 +1,7 @@
-"""`vlmerge analyze`: results → tables (CSV, Markdown), correlations, figures, report.html, summary.md."""
+"""`vlmerge analyze`: results → tables (CSV, Markdown), correlations, figures, report.html, summary.md.
+
+`analysis.figures` chooses the figures: PNGs embedded in the report (png), the report's interactive
+views (interactive), or both (the views, and the PNGs under figures/ for papers); docs/report.md."""
 
 from __future__ import annotations
 
@@ -11,15 +14,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vlmerge.analysis import paper, plots, sung
+from vlmerge.analysis import interactive, paper, plots, sung
 from vlmerge.analysis.finetune import finetune_findings, finetune_table, without_finetune
-from vlmerge.analysis.findings import Finding, findings, setting_name, to_json, to_markdown
+from vlmerge.analysis.findings import (Finding, by_task, ci, f3, findings, headline_of, setting_name, to_json,
+                                       to_markdown, with_headlines)
 from vlmerge.analysis.correlations import COLUMNS as CORRELATION_COLUMNS
 from vlmerge.analysis.correlations import correlations, too_few_points
 from vlmerge.analysis.load import CHECKPOINT_PAIR, Results, load, twin_results
 from vlmerge.analysis.probe import probe_findings, probe_tables, rank_agreement
 from vlmerge.analysis.report import Section, html_report, markdown_summary, markdown_table
 from vlmerge.analysis.scores import chance, task_metrics, task_scores
+from vlmerge.analysis.stats import line_fit
 from vlmerge.analysis.tables import BEST_COLUMNS, SCORE_COLUMNS, Merges, best_alpha, merges, multimodal_drop
 from vlmerge.config import AnalysisConfig
 from vlmerge.results import UNMERGED
@@ -136,13 +141,94 @@ def draw(a: Analysis, folder: Path) -> list[Section]:
     return sections
 
 
+def distance_drops(scores: pd.DataFrame, distances: pd.DataFrame) -> pd.DataFrame:
+    """Whole-model distances beside the drops: `scores`' rows, one per space and distance metric (columns
+    space, distance_metric, distance)."""
+    model = distances[distances.scope == "model"].drop(columns="scope")
+    return scores.merge(model.rename(columns={"value": "distance", "metric": "distance_metric"}), on=CHECKPOINT_PAIR)
+
+
 def distance_points(rows: pd.DataFrame, distances: pd.DataFrame, alpha: float) -> pd.DataFrame:
     """Whole-model weight distances beside the drop at α, one row per checkpoint pair and metric."""
-    at = rows[rows.alpha == alpha]
-    model = distances[(distances.scope == "model") & (distances.space == "weights")]
-    joined = at.merge(model.rename(columns={"value": "distance", "metric": "distance_metric"}),
-                      on=["experiment", "text_run", "mm_run", "text_words", "mm_words"])
+    joined = distance_drops(rows[rows.alpha == alpha], distances)
+    joined = joined[joined.space == "weights"]
     return joined[["distance_metric", "distance", "drop"]].rename(columns={"distance_metric": "metric"})
+
+
+# The interactive views' sections (their titles: the PNG sections')
+VIEW_LEADS = {
+    "Score by checkpoint and α": "Each merge's score, its drop (the better twin's score minus the merge's) or its "
+                                 "retention (the share of the text twin's advantage kept), per checkpoint pair and α.",
+    "Score by words seen": "The same against the multimodal checkpoint's words seen, one line per α (the pairs at "
+                           "equal words); the dotted grey line is the task's chance level.",
+    "Distance against drop": "Whole-model distances between the twins against the drop across checkpoint pairs, the "
+                             "experiments pooled as in correlations.csv (r, its 95% bootstrap interval and n in the "
+                             "title); the line is the least-squares fit. The report's tables are at α = {alpha:g}.",
+    "Training": "Training loss against words seen, one line per run.",
+}
+QUANTITIES = ("score", "drop", "retention")  # what the score views show (their selector "metric")
+
+
+def quantity_label(quantity: str, task: str, metric: str) -> str:
+    return {"score": f"{task} {metric}", "drop": f"drop in {task} {metric}",
+            "retention": f"retention of the text twin's advantage on {task}"}[quantity]
+
+
+def params_label(params: str) -> str:
+    """A setting's parameters as the selectors name them (setting_name less the method)."""
+    return setting_name("", params).strip() or "(none)"
+
+
+def views(a: Analysis, paper_views: list[paper.View]) -> dict[str, interactive.View]:
+    """The interactive views, one per figure kind (by the PNG sections' titles), from the analysis's tables."""
+    maps, curves = [], []
+    for (experiment, method, params), task, rows in by_setting_and_task(a.scores):
+        label, metric = setting_label(experiment, method, params), rows.metric.iloc[0]
+        for quantity in QUANTITIES:
+            keys, y = (experiment, task, method, params_label(params), quantity), quantity_label(quantity, task, metric)
+            maps.append((keys, interactive.heatmap(rows, quantity, f"{task} ({label})", y)))
+            curves.append((keys, interactive.curves(
+                interactive.words_table(rows, quantity), plots.MM_WORDS, f"{task} by words seen ({label})", y,
+                chance=chance(task, metric) if quantity == "score" else None)))
+    setting = ["experiment", "task", "method", "parameters", "metric"]
+    out = {"Score by checkpoint and α": interactive.View("heatmap", setting, maps),
+           "Score by words seen": interactive.View("score_vs_words", setting, curves),
+           "Distance against drop": distance_view(a),
+           "Training": interactive.View("training", ["experiment"], [
+               ((experiment,), interactive.curves(
+                   rows.pivot_table(index="words", columns="run", values="loss").rename_axis("words seen").reset_index(),
+                   "words seen", f"training curves ({experiment})", "training loss"))
+               for experiment, rows in a.results.training.groupby("experiment", sort=True)]),
+           paper.TITLE: interactive.View("takmaz2025", ["experiment", "figure"], [
+               ((v.experiment, v.name), interactive.curves(v.table, paper.WORDS, v.title, v.ylabel, dashed=v.dashed,
+                                                           chance=v.chance)) for v in paper_views])}
+    return {title: view.trimmed() for title, view in out.items() if view.figures}
+
+
+def distance_view(a: Analysis) -> interactive.View:
+    """Drop against each whole-model distance across checkpoint pairs, every experiment pooled as in the
+    correlations (whose r, interval and n the title gives), per task, setting, α and space; first shown: the
+    weights at the report's α, as the PNGs."""
+    points = distance_drops(a.scores, a.results.distances).dropna(subset=["distance", "drop"])
+    several = points.experiment.nunique() > 1
+    corr = a.correlations[a.correlations.scope == "model"].set_index(
+        ["task", "method", "method_params", "alpha", "space", "metric"])
+    out = []
+    for key, rows in points.groupby(["task", "method", "method_params", "alpha", "space", "distance_metric"],
+                                    sort=True):
+        task, method, params, alpha, space, metric = key
+        r = corr.loc[key] if key in corr.index else None
+        fitted = r is not None and np.isfinite(r.pearson)
+        what = (f"r = {f3(r.pearson)} {ci(r.ci_low, r.ci_high)}, n = {int(r.n)}" if fitted else f"n = {len(rows)}, no r")
+        shown = pd.DataFrame({"x": rows.distance, "y": rows["drop"], "label": [
+            (f"{e}: " if several else "") + plots.pair_label(t, m)
+            for e, t, m in zip(rows.experiment, rows.text_words, rows.mm_words)]})
+        out.append(((task, method, params_label(params), f"{alpha:g}", space, metric), interactive.scatter_fit(
+            shown, line_fit(shown.x, shown.y) if fitted else None,
+            f"{task}, {setting_name(method, params)} at α = {alpha:g}: {metric.upper()} ({space}), {what}",
+            f"{metric} distance ({space})", f"drop in {task} {rows.metric.iloc[0]}")))
+    initial = next((keys for keys, _ in out if keys[3:5] == (f"{a.alpha:g}", "weights")), ())
+    return interactive.View("distance_vs_drop", ["task", "method", "parameters", "α", "space", "distance"], out, initial)
 
 
 def score_grid(rows: pd.DataFrame) -> pd.DataFrame:
@@ -180,35 +266,57 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
     a.findings += finetune_findings(twin_results(loaded), options.bootstrap, np.random.default_rng(options.seed))
     drops, choices = probe_tables(a.results.metrics, options)
     a.findings += probe_findings(drops, choices, options.tolerance)
+    a.findings = with_headlines(a.findings)
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out, out / "figures")  # what killed analyses left
     tables = write_tables(a, out)
-    figures = draw(a, out / "figures")
+    png, live = options.figures != "interactive", options.figures != "png"
+    figures = draw(a, out / "figures") if png else []
+    paper_section, paper_md, paper_views = paper.section(a.results, a.scores, out / "figures" if png else None)
     experiments = sorted(a.results.metrics.experiment.unique())
     pairs, settings = (len(a.scores[cols].drop_duplicates()) for cols in (CHECKPOINT_PAIR, SETTING))
     intro = (f"Experiment(s) {', '.join(experiments) or '(none)'}: {pairs} checkpoint pair(s), {settings} merge "
              f"setting(s), {len(a.merges)} task(s); multimodal tolerance {options.tolerance:g}, {options.bootstrap} "
              f"bootstrap resamples; generated {time.strftime('%Y-%m-%d %H:%M')}.")
     grids = [(k.removeprefix("grid:"), v) for k, v in tables.items() if k.startswith("grid:")]
-    sections = [
-        Section("Findings", "What the results show at each experiment's last checkpoint pair, with 95% bootstrap "
-                "intervals (items resampled); a finding whose interval contains its null value says so "
-                "(findings.md, findings.json).", [], bullets=[f.text for f in a.findings] or ["No findings."]),
-        Section("Best α per checkpoint", "The α with the highest text-task score whose largest multimodal drop "
-                "stays within the tolerance; retention is the share of the text twin's advantage kept.",
-                [("best α", tables["best"])]),
-        Section("Scores by α", "Each merge's score; the twins' own scores on the right.", grids),
-        Section("Correlations", f"Distance against drop across checkpoint pairs at α = {a.alpha:g}, whole model "
-                "(every scope and α: correlations.csv); the interval is Pearson's 95% bootstrap interval.",
-                [("distance vs drop", tables["headline"])]),
-        *figures,
-    ]
+    headline = headline_of(a.findings)
+    findings_section = Section(
+        "Findings", "The headline: the twins' largest gaps, the best merge by the best-α rule with what it keeps and "
+        "loses, and the best predictor of the drop, at each experiment's last checkpoint pair with 95% bootstrap "
+        "intervals (items resampled); a finding whose interval contains its null value says so. Every other finding "
+        "follows by task (findings.md; findings.json flags the headline).",
+        bullets=[f.text for f in headline] or ([] if a.findings else ["No findings."]),
+        groups=[(task, [f.text for f in group]) for task, group in by_task(a.findings)])
+    shown_views, script = {}, ""
+    if live:
+        shown_views = views(a, paper_views)
+        script = interactive.script(list(shown_views.values()))
+        if png:
+            pngs = sum(len(s.figures) for s in figures) + (len(paper_section.figures) if paper_section else 0)
+            intro += f" The figures as PNGs for papers: {pngs} in figures/."
+    view_sections = [Section(title, VIEW_LEADS[title].format(alpha=a.alpha), html=[interactive.view_html(view)])
+                     for title, view in shown_views.items() if title != paper.TITLE]
+    middle = []
+    if paper_section is not None:
+        if paper.TITLE in shown_views:
+            paper_section = dataclasses.replace(paper_section, figures=[],
+                                                html=[interactive.view_html(shown_views[paper.TITLE])])
+        middle.append(paper_section)
+        write_text(out / "takmaz2025.md", paper_md)
+    if len(finetuned):
+        write_text(out / "finetune.csv", finetuned.to_csv(index=False))
+        write_text(out / "finetune.md", markdown_table(finetuned) + "\n")
+        middle.append(Section(
+            "Fine-tuning", "BabyLM's (Super)GLUE fine-tuning of the twins and of the merges chosen in "
+            "sweep.finetune, on the valid split of each task (the epoch of best valid score kept, as the "
+            "pipeline does); accuracy's 95% bootstrap interval resamples the valid items (finetune.csv).",
+            [("fine-tuning", finetuned)]))
     if len(drops):
         write_text(out / "probe_drops.csv", drops.to_csv(index=False))
         write_text(out / "probe_choices.csv", choices.to_csv(index=False))
         agreement = rank_agreement(drops)
         shown = choices.assign(setting=[setting_label(*k) for k in choices[SETTING].itertuples(index=False)])
-        sections.insert(2, Section(
+        middle.append(Section(
             "Mergeability probe", "The probe's signals of every merge (held-out LM loss; caption loss with the true "
             "and with shuffled image features), mapped to each task's score by a line fitted on the twins (from the LM "
             "loss for a text task, the caption loss for a multimodal one), beside the "
@@ -216,26 +324,30 @@ def analyze(results: Sequence[Path], out: Path, options: AnalysisConfig, runs: S
             "grid's (probe_drops.csv, probe_choices.csv).",
             [("predicted vs measured drops", agreement),
              ("best α: probe vs grid", shown[["setting", "mm_words", "task", "grid_best", "probe_best", "steps_apart"]])]))
-    if len(finetuned):
-        write_text(out / "finetune.csv", finetuned.to_csv(index=False))
-        write_text(out / "finetune.md", markdown_table(finetuned) + "\n")
-        sections.insert(2, Section(
-            "Fine-tuning", "BabyLM's (Super)GLUE fine-tuning of the twins and of the merges chosen in "
-            "sweep.finetune, on the valid split of each task (the epoch of best valid score kept, as the "
-            "pipeline does); accuracy's 95% bootstrap interval resamples the valid items (finetune.csv).",
-            [("fine-tuning", finetuned)]))
-    paper_views, paper_md = paper.section(a.results, a.scores, out / "figures")
-    if paper_views is not None:
-        sections.insert(2, paper_views)
-        write_text(out / "takmaz2025.md", paper_md)
+    # a paper's results section: the headline findings, one figure per kind, then the tables; the PNGs alone
+    # (one per task and setting) come last
+    sections = [
+        findings_section,
+        *view_sections,
+        Section("Best α per checkpoint", "The α with the highest text-task score whose largest multimodal drop "
+                "stays within the tolerance; retention is the share of the text twin's advantage kept.",
+                [("best α", tables["best"])]),
+        *middle,
+        Section("Scores by α", "Each merge's score; the twins' own scores on the right.", grids),
+        Section("Correlations", f"Distance against drop across checkpoint pairs at α = {a.alpha:g}, whole model "
+                "(every scope and α: correlations.csv); the interval is Pearson's 95% bootstrap interval.",
+                [("distance vs drop", tables["headline"])]),
+        *([] if live else figures),
+    ]
     if sung.is_study(loaded.metrics):  # `vlmerge study`'s results: Sung et al.'s views beside
         sung_html = sung.sung_report(results, out, options)
         intro += f" Sung et al.'s views of the study: {sung_html.name}."
     title = "vlmerge report: " + (", ".join(experiments) or "no results")
     report = out / "report.html"
-    write_text(report, html_report(title, intro, a.notes, sections))
+    write_text(report, html_report(title, intro, a.notes, sections, script))
     write_text(out / "summary.md", markdown_summary(title, intro, a.notes, [
         ("Best α per checkpoint", tables["best"]), (f"Correlations at α = {a.alpha:g} (whole model)",
                                                     tables["headline"]),
-        *([("Fine-tuning", finetuned)] if len(finetuned) else [])], [f.text for f in a.findings]))
+        *([("Fine-tuning", finetuned)] if len(finetuned) else [])], [f.text for f in headline],
+        f"All {len(a.findings)} findings, by task: findings.md." if len(a.findings) > len(headline) else ""))
     return report

@@ -4,6 +4,7 @@ correlations (against scipy), bootstrap intervals, the figures' data, bad input,
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import re
@@ -17,10 +18,10 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from vlmerge.analysis import analyze
+from vlmerge.analysis import analyze, interactive
 from vlmerge.analysis import plots
 from vlmerge.analysis.load import load
-from vlmerge.analysis.run import compute, distance_points
+from vlmerge.analysis.run import compute, distance_points, views
 from vlmerge.analysis.scores import TaskMetric, task_scores
 from vlmerge.analysis.tables import merges
 from conftest import REPO
@@ -41,6 +42,7 @@ TOLERANCE = 0.03
 PLANTED_BEST = [0.25, 0.5, 0.5, 0.5, 0.5, 0.5]
 OPTIONS = AnalysisConfig(text_tasks={"blimp": "accuracy"}, multimodal_tasks={"winoground": "image_score"},
                          tolerance=TOLERANCE, alpha=0.5, bootstrap=200, seed=0)
+PNG_ONLY = OPTIONS.model_copy(update={"figures": "png"})
 
 
 def text_score(i: int, alpha: float) -> float:
@@ -204,12 +206,13 @@ def test_figures_hold_the_expected_series(synth):
 
 def test_analyze_writes_tables_figures_and_one_self_contained_report(synth):
     out = synth / "report"
-    report = analyze([synth / "results/synth"], out, OPTIONS)
+    report = analyze([synth / "results/synth"], out, PNG_ONLY)
     html = report.read_text()
     figures = sorted((out / "figures").glob("*.png"))
     # (curve, heatmap, distance fit) per task + training + Takmaz et al.'s Fig. 3 and 10 (no α = 0.3: no Fig. 11)
     assert len(figures) == 2 * 3 + 1 + 2
     assert html.count('<img src="data:image/png;base64,') == len(figures) and "src=\"figures/" not in html
+    assert "<script" not in html  # analysis.figures: png draws no interactive view
     # each embedded figure decodes to the PNG written beside it, a real plot: lines and heatmaps
     # bring far more colours than text alone
     embedded = [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', html)]
@@ -266,7 +269,7 @@ def test_python_m_analysis_never_imports_torch(synth):
 
 @pytest.mark.browser
 def test_the_report_renders_in_headless_chromium(synth, tmp_path):
-    report = analyze([synth / "results/synth"], synth / "report", OPTIONS)
+    report = analyze([synth / "results/synth"], synth / "report", PNG_ONLY)
     shot = tmp_path / "shot.png"
     r = subprocess.run(["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                         "--window-size=1200,8000", f"--screenshot={shot}", report.as_uri()],
@@ -278,6 +281,114 @@ def test_the_report_renders_in_headless_chromium(synth, tmp_path):
     assert len(np.unique(page.reshape(-1, 3), axis=0)) > 5000
     inked_rows = np.flatnonzero((page < 200).any(axis=(1, 2)))
     assert inked_rows.max() > 5000
+
+
+# --- the interactive report: one view per figure kind, drawn by the vendored plotly.js ---------------------------
+
+
+def figure(view: interactive.View, *keys: str) -> dict:
+    (found,) = [fig for k, fig in view.figures if k == keys]
+    return found
+
+
+def test_interactive_views_show_the_analysis_numbers(synth):
+    a = compute(load([synth / "results/synth"]), OPTIONS)
+    shown = views(a, [])
+    assert list(shown) == ["Score by checkpoint and α", "Score by words seen", "Distance against drop", "Training"]
+    # one experiment, one merge setting, one space: no selector for them
+    heat, lines, fits = (shown[k] for k in ("Score by checkpoint and α", "Score by words seen", "Distance against drop"))
+    assert heat.selectors == lines.selectors == ["task", "metric"] and fits.selectors == ["task", "α", "distance"]
+    assert {k for k, _ in heat.figures} == {(t, q) for t in ("blimp", "winoground") for q in ("score", "drop", "retention")}
+
+    (cells,) = figure(heat, "blimp", "score")["data"]
+    assert cells["x"] == ["0", "0.25", "0.5", "0.75", "1"] and cells["y"] == [f"{w:,}" for w in WORDS]
+    z = np.array(cells["z"])
+    assert np.allclose(z[:, ALPHAS.index(0.5)], [0.8 - d for d in DROP]) and np.allclose(z[:, ALPHAS.index(1.0)], 0.8)
+    assert np.allclose(np.array(figure(heat, "blimp", "drop")["data"][0]["z"])[:, ALPHAS.index(0.5)], DROP)
+
+    score = {t["name"]: t for t in figure(lines, "winoground", "score")["data"]}
+    assert list(score) == [*(f"α = {x:g}" for x in ALPHAS), "chance (0.25)"]
+    assert score["α = 0.5"]["x"] == WORDS and np.allclose(score["α = 0.5"]["y"], [mm_score(i, 0.5) for i in range(6)])
+    assert score["chance (0.25)"]["y"] == [0.25, 0.25]
+    assert figure(lines, "winoground", "score")["layout"]["xaxis"]["type"] == "log"  # 1,000 to 32,000 words
+    assert not any(t["name"].startswith("chance") for t in figure(lines, "winoground", "drop")["data"])
+
+    points, fit = figure(fits, "blimp", "0.5", "tssd")["data"]
+    x = [tssd(i) for i in range(len(WORDS))]
+    assert np.allclose(points["x"], x, rtol=1e-4) and np.allclose(points["y"], DROP)
+    assert np.diff(fit["y"]) / np.diff(fit["x"]) == pytest.approx(np.polyfit(x, DROP, 1)[0], rel=1e-3)
+    r = a.correlations[(a.correlations.task == "blimp") & (a.correlations.alpha == 0.5) &
+                       (a.correlations.metric == "tssd") & (a.correlations.scope == "model")].pearson.item()
+    assert f"r = {r:.3f} [" in figure(fits, "blimp", "0.5", "tssd")["layout"]["title"]["text"]
+    assert fits.initial[:2] == ("blimp", "0.5")  # first shown at the report's α, as the PNGs
+
+    training = {t["name"]: t["y"] for t in shown["Training"].figures[0][1]["data"]}
+    assert training == {"multimodal": [5.5, 3.5, 2.5], "text": [5.0, 3.0, 2.0]}
+
+
+def test_a_views_figures_are_what_they_share_and_their_own_parts(synth):
+    for view in views(compute(load([synth / "results/synth"]), OPTIONS), []).values():
+        shared, own = interactive.factored([fig for _, fig in view.figures])
+        for (_, fig), mine in zip(view.figures, own):
+            assert {**shared["layout"], **mine["layout"]} == fig["layout"]
+            assert [{**shared["traces"][i], **trace} for i, trace in enumerate(mine["data"])] == fig["data"]
+        assert shared["layout"]["height"] and shared["traces"][0]["type"]
+
+
+@pytest.mark.parametrize("figures", ["both", "interactive"])
+def test_analysis_figures_gives_the_interactive_views_and_the_pngs_for_papers(synth, figures):
+    out = synth / f"report-{figures}"
+    html = analyze([synth / "results/synth"], out, OPTIONS.model_copy(update={"figures": figures})).read_text()
+    # one view per figure kind: heatmap, score by words, distance, training and the paper's views (Fig. 3 and 10)
+    assert re.findall(r"<div class='view' id='view-([a-z0-9_]+)'>", html) == \
+        ["heatmap", "score_vs_words", "distance_vs_drop", "training", "takmaz2025"]
+    assert interactive.PLOTLY.read_text(encoding="utf-8") in html  # inlined: nothing to fetch
+    assert not re.search(r"<(script|img|link)[^>]+(src|href)=", html) and "data:image/png" not in html
+    pngs = sorted(p.name for p in (out / "figures").glob("*.png"))
+    assert len(pngs) == (2 * 3 + 1 + 2 if figures == "both" else 0)
+    assert ("9 in figures/" in html) == (figures == "both")
+    assert len(html) < len(interactive.PLOTLY.read_bytes()) + 300_000
+
+
+def test_the_vendored_plotly_is_the_pinned_release():
+    data = interactive.PLOTLY.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == interactive.PLOTLY_SHA256
+    readme = (interactive.PLOTLY.parent / "README.md").read_text()
+    assert f"| {interactive.PLOTLY_VERSION} | `{interactive.PLOTLY_SHA256}` |" in readme
+    assert f"plotly.js (cartesian - minified) v{interactive.PLOTLY_VERSION}" in data[:200].decode()
+    assert b"</script" not in data.lower()  # the report inlines it in a <script> element
+    assert (interactive.PLOTLY.parent / "LICENSE-plotly.js").read_text().startswith("MIT License")
+
+
+@pytest.mark.browser
+def test_choosing_a_task_redraws_the_interactive_figure_in_headless_chromium(synth, tmp_path):
+    from chromium import Chromium
+
+    report = analyze([synth / "results/synth"], synth / "report", OPTIONS.model_copy(update={"figures": "interactive"}))
+    scores = pd.read_csv(synth / "report/scores.csv")
+    heat = "#view-heatmap"
+    state = (f"(() => {{ const plot = document.querySelector('{heat} .plot'); return {{task: "
+             f"document.querySelector('{heat} select').value, title: plot.querySelector('.gtitle').textContent, "
+             "z: plot.data[0].z}; })()")
+    with Chromium(tmp_path / "profile") as browser:
+        browser.open(report.as_uri())
+        assert browser.wait_for("[...document.querySelectorAll('.view .plot')].every(p => p.querySelector('.main-svg'))"
+                                " && document.querySelectorAll('.view').length") == 5  # every view drawn
+        assert browser.evaluate("document.querySelector('#view-distance_vs_drop select[data-selector=\"1\"]').value") \
+            == "0.5"  # the distance view opens at the report's α
+        before, shot = browser.evaluate(state), browser.screenshot(f"{heat} .plot")
+        browser.press(f"{heat} select[data-selector='0']", "ArrowDown", 40)  # the task selector: the next task
+        after = browser.wait_for(f"document.querySelector('{heat} .gtitle').textContent !== {json.dumps(before['title'])}"
+                                 f" && {state}")
+        shot_after = browser.screenshot(f"{heat} .plot")
+    assert (before["task"], after["task"]) == ("blimp", "winoground")
+    assert before["title"].startswith("blimp") and after["title"].startswith("winoground")
+    for seen in (before, after):
+        planted = scores[scores.task == seen["task"]].pivot_table(index="text_words", columns="alpha", values="score")
+        assert np.allclose(np.array(seen["z"], dtype=float), planted.to_numpy(), atol=1e-4)
+    pixels = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int) for png in (shot, shot_after)]
+    assert pixels[0].shape == pixels[1].shape and (pixels[0] != pixels[1]).any(axis=2).mean() > 0.05  # redrawn
+    assert browser.requests and all(url.startswith(("file:", "data:")) for url in browser.requests)  # no network
 
 
 def test_a_subtask_key_scores_that_subtask_alone():

@@ -384,6 +384,8 @@ CASES = [
          ("outfile", "--out is a file")),
     Case("analyze out unwritable", lambda w: ["analyze", "--out", UNWRITABLE, f"paths.root={w}/out"],
          (UNWRITABLE, "not writable")),
+    Case("analyze figures of an unknown kind", lambda w: ["analyze", f"paths.root={w}/out", "analysis.figures=svg"],
+         ("analysis.figures", "'png', 'interactive' or 'both'", "'svg'")),
     # -- precompute ------------------------------------------------------------------------------------
     Case("negative shard count", lambda w: _precompute(w, "--num-shards", "-1"), ("--num-shards -1", "at least 1")),
     Case("shard out of range", lambda w: _precompute(w, "--shard", "5", "--num-shards", "2"), ("--shard 5", "expected 0..1")),

@@ -3,7 +3,10 @@ independent computation, and the "no effect" sentences where the planted data ha
 
 from __future__ import annotations
 
+import html
 import json
+import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -12,7 +15,7 @@ from scipy import stats
 
 from test_analysis import DROP, OPTIONS, WORDS, mm_score, text_score, tssd, write_results
 from vlmerge.analysis import analyze
-from vlmerge.analysis.findings import twin_gap
+from vlmerge.analysis.findings import Finding, by_task, headlines, twin_gap, with_headlines
 from vlmerge.analysis.load import load
 from vlmerge.analysis.plots import score_vs_words
 from vlmerge.analysis.run import compute
@@ -104,14 +107,60 @@ def test_equal_twins_get_the_no_effect_sentence():
     assert bare.text.endswith("(no interval), no interval (no per-item scores) to tell.")
 
 
-def test_report_opens_with_findings_and_writes_them_for_scripts(tmp_path):
+def test_report_opens_with_the_headline_findings_and_collapses_the_others_by_task(tmp_path):
     write_results(tmp_path)
     report = analyze([tmp_path / "results/synth"], tmp_path / "report", OPTIONS).read_text()
-    assert report.index("<h2>Findings</h2>") < report.index("<h2>Best α per checkpoint</h2>")
-    assert "the text twin is ahead on blimp accuracy by 0.200" in report
+    start = report.index("<h2>Findings</h2>")
+    assert report.index("<h2>") == start  # the first section
+    part = report[start:report.index("<h2>", start + 1)]
     rows = json.loads((tmp_path / "report/findings.json").read_text())
     assert {r["kind"] for r in rows} == {"twin_gap", "chance", "merge", "alpha_trend", "distance"}
-    assert (tmp_path / "report/findings.md").read_text().count("\n- ") == len(rows)
+    top = sorted((r for r in rows if r["headline"]), key=lambda r: r["headline"])
+    assert [r["headline"] for r in top] == [1, 2, 3, 4]
+    # the headline: the first list, in its order; no other list before the groups
+    first_list = part[part.index("<ul>"):part.index("</ul>")]
+    assert re.findall(r"<li>(.*?)</li>", first_list) == [html.escape(r["text"]) for r in top]
+    assert part.index("</ul>") < part.index("<details>")
+    assert "the text twin is ahead on blimp accuracy by 0.200" in first_list
+    # every other finding once, in its task's group, each group collapsed (no `open`)
+    groups = re.findall(r"<details><summary>([^<]*) \((\d+)\)</summary>(.*?)</details>", part)
+    rest = [r for r in rows if not r["headline"]]
+    assert [(task, int(n)) for task, n, _ in groups] == [(t, sum(r["task"] == t for r in rest)) for t in ("blimp", "winoground")]
+    assert sorted(t for *_, body in groups for t in re.findall(r"<li>(.*?)</li>", body)) == \
+        sorted(html.escape(r["text"]) for r in rest)
+    assert "<details open" not in report
+    findings_md = (tmp_path / "report/findings.md").read_text()
+    assert findings_md.count("\n- ") == len(rows) and findings_md.index("## Headline") < findings_md.index("## blimp")
+    summary = (tmp_path / "report/summary.md").read_text()
+    assert summary.count("\n- At ") == len(top) and f"All {len(rows)} findings, by task: findings.md." in summary
+
+
+def finding(kind: str, task: str, value: float, effect: bool = True) -> Finding:
+    return Finding(kind, task, f"{kind} on {task}", value, value - 0.1, value + 0.1, 0.0, None, effect)
+
+
+def test_headlines_are_the_largest_gaps_the_best_merge_and_the_best_predictor():
+    items = [finding("twin_gap", "blimp", 0.1), finding("twin_gap", "ewok", 0.3, effect=False),  # larger, no effect
+             finding("twin_gap", "comps", 0.2), finding("twin_gap", "vqa", -0.4), finding("twin_gap", "winoground", -0.1),
+             finding("chance", "vqa", 0.9), finding("merge", "blimp", math.nan, effect=False),
+             finding("merge", "blimp", 0.3), finding("merge", "blimp", 0.6, effect=False),
+             finding("distance", "blimp", 0.95, effect=False), finding("distance", "vqa", 0.7),
+             finding("distance", "winoground", 0.8), finding("alpha_trend", "blimp", 0.99)]
+    assert [(f.kind, f.task, f.value) for f in headlines(items)] == [
+        ("twin_gap", "comps", 0.2), ("twin_gap", "vqa", -0.4), ("merge", "blimp", 0.6), ("distance", "winoground", 0.8)]
+    marked = with_headlines(items)
+    assert [f.text for f in marked] == [f.text for f in items]  # the order stays: findings.json keeps them all
+    assert [(f.task, f.headline) for f in marked if f.headline] == [("comps", 1), ("vqa", 2), ("blimp", 3),
+                                                                     ("winoground", 4)]
+    # the others by task, the tasks in the order of their first finding (comps has none left)
+    assert [(task, len(group)) for task, group in by_task(marked)] == [("blimp", 5), ("ewok", 1), ("vqa", 2),
+                                                                       ("winoground", 1)]
+    # no setting with an α within the tolerance, no effect anywhere: the first merge and the highest r say so
+    bare = [finding("twin_gap", "blimp", 0.1, effect=False), finding("merge", "blimp", math.nan, effect=False),
+            finding("merge", "ewok", math.nan, effect=False), finding("distance", "vqa", 0.2, effect=False),
+            finding("distance", "blimp", 0.4, effect=False)]
+    assert [(f.kind, f.task) for f in headlines(bare)] == [("merge", "blimp"), ("distance", "blimp")]
+    assert headlines([]) == []
 
 
 def test_multimodal_score_figure_has_its_chance_line(analysis):

@@ -151,7 +151,8 @@ def test_the_wheel_installs_only_the_vlmerge_package(tmp_path):
     wheel = build_wheel(tmp_path)
     names = zipfile.ZipFile(wheel).namelist()
     assert {n.split("/")[0] for n in names} == {"vlmerge", "vlmerge-0.1.0.dist-info"}
-    assert {"vlmerge/precompute/features.py", "vlmerge/analysis/run.py", "vlmerge/layout.py"} <= set(names)
+    assert {"vlmerge/precompute/features.py", "vlmerge/analysis/run.py", "vlmerge/layout.py",
+            "vlmerge/analysis/vendor/plotly-cartesian.min.js", "vlmerge/analysis/vendor/LICENSE-plotly.js"} <= set(names)
     top_level = zipfile.ZipFile(wheel).read("vlmerge-0.1.0.dist-info/top_level.txt").decode().split()
     assert top_level == ["vlmerge"]
 

@@ -459,6 +459,10 @@ class AnalysisConfig(_Section):
     alpha: float = Field(0.5, description="the alpha of the distance-against-drop figures")
     bootstrap: int = Field(1000, ge=0, description="bootstrap resamples of the per-item scores (0: no intervals)")
     seed: int = 0
+    figures: Literal["png", "interactive", "both"] = Field(
+        "both", description="png: PNGs under figures/, embedded in report.html; interactive: report.html draws one "
+                            "interactive view per figure kind, no PNGs; both: the interactive views, and the PNGs "
+                            "under figures/ for papers")
 
 
 class ComputeConfig(_Section):
