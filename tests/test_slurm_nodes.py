@@ -187,9 +187,13 @@ def test_a_results_folder_shared_by_both_nodes_holds_each_item_once(two_nodes, t
     submit(root, f"--array={twice}", *sweep)  # a requeue overlapping the running task: the same items twice
     time.sleep(rng.uniform(0, 8))
     submit(root, *compaction)
+    # A task killed at a random point of its run (a pending array task cannot take a signal: Slurm
+    # would cancel it with the array's other pending tasks), then submitted again, as a requeue does.
     killed = rng.randrange(n)
-    time.sleep(rng.uniform(0, 8))
-    subprocess.run(["scancel", "--signal=KILL", "--full", f"{array}_{killed}"], env=slurm_env(), check=True)
+    task = f"{array}_{killed}"
+    wait_until(lambda: job_state(task) in ("RUNNING", "COMPLETED", "FAILED"), 600, f"array task {task} to start")
+    time.sleep(rng.uniform(0, 6))
+    subprocess.run(["scancel", "--signal=KILL", "--full", task], env=slurm_env(), check=True)
     submit(root, f"--array={killed}", *sweep)
     time.sleep(rng.uniform(0, 8))
     submit(root, *compaction)
