@@ -85,10 +85,10 @@ def test_a_store_of_another_grid_is_refused(grid_root):
     with pytest.raises(VlmergeError, match="exists and was made from other inputs"):
         precompute(load_config(None, [f"paths.root={cfg.root}", *SMALL_WORLD, "features.num_workers=0"]),
                    progress=False)
-    # The small world's grid-1 store, with the encoder path it was made with: taken as it is, refused for grid 2
+    # The small world's grid-1 store, copied from its root into this one, whose encoder sits at the same
+    # place under the root (fingerprints are root-relative): taken as it is, refused for grid 2
     single = shutil.copy(single_store, cfg.root / "features" / "single.h5")
-    same = [f"paths.root={cfg.root}", *SMALL_WORLD, "features.num_workers=0", "features.name=single",
-            f"features.encoder={single_store.parents[1] / 'demo' / 'dinov2-tiny'}"]
+    same = [f"paths.root={cfg.root}", *SMALL_WORLD, "features.num_workers=0", "features.name=single"]
     assert precompute(load_config(None, same), progress=False) == single
     with pytest.raises(VlmergeError, match="exists and was made from other inputs"):
         precompute(load_config(None, [*same, "features.grid=2"]), progress=False)
