@@ -351,11 +351,7 @@ def harness_command(cfg: Config, model: Path | torch.nn.Module, tasks: Sequence[
     its tokenizer, and the feature store for a multimodal one: the sweep's merges), scored by the
     Scorer (vlmerge.evaluate.harness); lm-eval's results and samples to out/harness/, our rows (task
     `harness/<task>`) to the Parquet files of `vlmerge eval`. Returns lm-eval's results dict."""
-    try:
-        from vlmerge.evaluate.harness import VlmergeLM, harness_results, run_tasks, write_harness
-    except ModuleNotFoundError as e:  # lm-eval is an extra: `pip install .` alone leaves it out
-        raise VlmergeError(f"--harness needs lm-eval, which is not installed here (no module {e.name!r}): "
-                           "pip install 'vlmerge[harness]', or make setup") from e
+    from vlmerge.evaluate.harness import VlmergeLM, harness_results, run_tasks, write_harness
 
     # A model held in memory is named by its key, or has none to compare
     name = str(model.resolve()) if isinstance(model, Path) else json.dumps(dataclasses.asdict(key or ModelKey()))
