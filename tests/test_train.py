@@ -362,6 +362,23 @@ def test_a_second_training_of_a_run_is_refused_in_one_line_and_a_dead_ones_lock_
     assert not lock.exists()
 
 
+def test_a_finished_run_is_known_as_such_while_another_holds_its_lock(finished_text_run):
+    # Sung et al.'s study makes sure of a shared seed run from several array tasks at once, on
+    # several nodes: each must see it trained without taking the lock another one holds.
+    from vlmerge.layout import run_lock
+    from vlmerge.locks import hold
+    from vlmerge.train.loop import finished
+
+    def cfg(*extra: str):
+        return load_config(None, [f"paths.root={finished_text_run}", *SMALL_WORLD, *FAST_TRAIN, *extra])
+
+    with hold(run_lock(finished_text_run / "runs/demo/text"), "train --run text"):
+        assert finished(cfg("train.epochs=1"), "text")
+        assert not finished(cfg("train.epochs=2"), "text")  # more epochs: not finished
+        assert not finished(cfg("train.epochs=1", "train.lr=0.5"), "text")  # other settings: not this run
+    assert not finished(cfg(), "multimodal")  # never started
+
+
 def test_a_stale_extension_build_lock_does_not_hang_training(root, tmp_path):
     # What a training killed while DeepSpeed compiled its shared-memory op leaves: torch's lock file,
     # naming no process, on which every later build waited forever.

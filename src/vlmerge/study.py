@@ -144,10 +144,13 @@ def check_finetune_tasks(cfg: Config) -> None:
 def train_seed(base: Config, sub: Config, k: int, progress: bool) -> None:
     """The agnostic seed run of K_seed epochs, trained once (in the `all` experiment) and linked
     into the other variants' experiments: it does not depend on the variant."""
-    from vlmerge.train.loop import train
+    from vlmerge.train.loop import finished, train
 
     canonical = expert_config(base, "all", k)
-    train(canonical, "seed", progress=progress, job=launch.slurm_job())
+    # The training array trained it; the settings of this K_seed (array tasks on several nodes at once)
+    # only check, without the run's lock, which one of them would hold while the others were refused.
+    if not finished(canonical, "seed"):
+        train(canonical, "seed", progress=progress, job=launch.slurm_job())
     here, there = sub.layout.run_dir("seed"), canonical.layout.run_dir("seed")
     if here != there and not here.exists():
         link_inside(there, here)

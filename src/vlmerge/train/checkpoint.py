@@ -167,16 +167,23 @@ class StateStore:
         for old in tags[: -self.keep]:
             shutil.rmtree(self.root / old, ignore_errors=True)
 
-    def load(self, engine) -> TrainState | None:
-        """Restore the engine from the newest complete state; None when there is none."""
+    def position(self) -> TrainState | None:
+        """Where the newest complete state stands; None when there is none."""
         tag = self.latest()
         if tag is None:
             return None
-        folder = self.root / tag
+        path = self.root / tag / STATE_POSITION
         try:
-            state = TrainState(**read_json(folder / STATE_POSITION))
+            return TrainState(**read_json(path))
         except (OSError, ValueError, TypeError) as e:
-            raise VlmergeError(f"{folder / STATE_POSITION}: expected the run's position as JSON ({e})") from None
+            raise VlmergeError(f"{path}: expected the run's position as JSON ({e})") from None
+
+    def load(self, engine) -> TrainState | None:
+        """Restore the engine from the newest complete state; None when there is none."""
+        state = self.position()
+        if state is None:
+            return None
+        folder = self.root / self.latest()
         saved = load_state(folder, STATE_ENGINE)
         if not isinstance(saved, dict) or not isinstance(saved.get("world"), int):
             raise VlmergeError(f"{folder / STATE_ENGINE}: expected the engine state that vlmerge writes")

@@ -70,6 +70,20 @@ def _run_fingerprint(cfg: Config, run: str) -> str:
                         cfg.runs.seed_pretraining, data, *features, cfg.tokenizer.identity()])
 
 
+def same_settings(cfg: Config, run: str) -> bool:
+    """Whether the run folder, if started, was started with these settings (`run.json`)."""
+    marker = cfg.layout.run_dir(run) / "run.json"
+    return not marker.is_file() or read_json(marker)["fingerprint"] == _run_fingerprint(cfg, run)
+
+
+def finished(cfg: Config, run: str) -> bool:
+    """Whether the run has trained every epoch under these settings: its newest state says so (no lock
+    taken: for orchestration that trains a shared run if need be, from several tasks at once)."""
+    state = StateStore(cfg.layout.run_dir(run), 1, 0).position()
+    return state is not None and state.epoch >= (getattr(cfg.runs, run).epochs or cfg.train.epochs) \
+        and same_settings(cfg, run)
+
+
 def check_request(cfg: Config, run: str) -> None:
     """What can be refused before a run's folder is touched: the run's name, its settings."""
     if run not in RUN_NAMES:
@@ -112,9 +126,7 @@ class Trainer:
         self.replica_digests: list[str] = []
 
     def _check_run_dir(self) -> None:
-        marker = self.run_dir / "run.json"
-        fp = _run_fingerprint(self.cfg, self.run)
-        if marker.is_file() and read_json(marker)["fingerprint"] != fp:
+        if not same_settings(self.cfg, self.run):
             raise VlmergeError(
                 f"{self.run_dir}: this run was started with other settings; set another experiment name or remove it"
             )
